@@ -122,7 +122,9 @@ class ModelConfig:
         }
         c["total"] = sum(c.values())
         # activated per token: everything except the routed experts a token does not visit
-        c["activated"] = c["total"] - self.n_moe_layers * (self.n_routed_experts - self.n_activated_experts) * expert
+        c["activated"] = (
+            c["total"] - self.n_moe_layers * (self.n_routed_experts - self.n_activated_experts) * expert
+        )
         # one MTP module: enorm, hnorm, eh_proj, a MoE block, shared_head.norm (embedding/head shared)
         mtp_block = attn + layer_norms + moe_routed + moe_shared + gate
         c["mtp"] = self.n_mtp_layers * (2 * d + 2 * d * d + mtp_block + d)
@@ -295,7 +297,13 @@ def _validate(c: ModelConfig) -> None:
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             fail(name, "must be a positive integer")
-    for name in ("n_dense_layers", "n_routed_experts", "n_shared_experts", "n_mtp_layers", "n_activated_experts"):
+    for name in (
+        "n_dense_layers",
+        "n_routed_experts",
+        "n_shared_experts",
+        "n_mtp_layers",
+        "n_activated_experts",
+    ):
         v = getattr(c, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             fail(name, "must be a non-negative integer")
@@ -340,27 +348,81 @@ def _validate(c: ModelConfig) -> None:
 PRESETS: dict[str, ModelConfig] = {
     # a toy for unit tests: every mechanism present (q_lora, groups, dense + MoE layers, MTP)
     "tiny": ModelConfig(
-        vocab_size=512, dim=64, n_layers=3, n_dense_layers=1, inter_dim=128, n_heads=4,
-        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        moe_inter_dim=32, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
-        n_expert_groups=4, n_limited_groups=2, route_scale=2.5, n_mtp_layers=1,
-        max_seq_len=256, original_seq_len=256, init_std=0.02,
+        vocab_size=512,
+        dim=64,
+        n_layers=3,
+        n_dense_layers=1,
+        inter_dim=128,
+        n_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        moe_inter_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        route_scale=2.5,
+        n_mtp_layers=1,
+        max_seq_len=256,
+        original_seq_len=256,
+        init_std=0.02,
     ),  # fmt: skip
     # ~14M parameters: trains on a laptop CPU in minutes (the `make demo` model)
     "small": ModelConfig(
-        vocab_size=8192, dim=256, n_layers=6, n_dense_layers=1, inter_dim=768, n_heads=4,
-        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        moe_inter_dim=128, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
-        n_expert_groups=4, n_limited_groups=2, route_scale=2.5, n_mtp_layers=1,
-        max_seq_len=1024, original_seq_len=1024, init_std=0.02,
+        vocab_size=8192,
+        dim=256,
+        n_layers=6,
+        n_dense_layers=1,
+        inter_dim=768,
+        n_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        moe_inter_dim=128,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        n_activated_experts=4,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        route_scale=2.5,
+        n_mtp_layers=1,
+        max_seq_len=1024,
+        original_seq_len=1024,
+        init_std=0.02,
     ),  # fmt: skip
     # the shapes of DeepSeek-V2-Lite (15.7B total, 2.4B activated) with its V2 softmax gate
     "16b": ModelConfig(
-        vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1, inter_dim=10944, n_heads=16,
-        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        moe_inter_dim=1408, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
-        n_expert_groups=1, n_limited_groups=1, score_func="softmax", route_scale=1.0, n_mtp_layers=0,
-        max_seq_len=163840, original_seq_len=4096, rope_factor=40.0, mscale=0.707, init_std=0.006,
+        vocab_size=102400,
+        dim=2048,
+        n_layers=27,
+        n_dense_layers=1,
+        inter_dim=10944,
+        n_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        moe_inter_dim=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        n_activated_experts=6,
+        n_expert_groups=1,
+        n_limited_groups=1,
+        score_func="softmax",
+        route_scale=1.0,
+        n_mtp_layers=0,
+        max_seq_len=163840,
+        original_seq_len=4096,
+        rope_factor=40.0,
+        mscale=0.707,
+        init_std=0.006,
     ),  # fmt: skip
     # the official DeepSeek-V3 configuration (config_671B.json)
     "671b": ModelConfig(),

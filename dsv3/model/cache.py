@@ -39,7 +39,9 @@ class LatentCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T = positions.shape
         if int(positions.max()) >= self.data.shape[2]:
-            raise ValueError(f"positions: {int(positions.max())} is beyond the cache length {self.data.shape[2]}")
+            raise ValueError(
+                f"positions: {int(positions.max())} is beyond the cache length {self.data.shape[2]}"
+            )
         layer = self.data[layer_id, :B]
         idx = positions[..., None].expand(B, T, layer.shape[-1])
         layer.scatter_(1, idx, torch.cat([kv, pe], dim=-1).to(layer.dtype))

@@ -36,7 +36,9 @@ class Gate(nn.Module):
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+        )
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # The bias moves in steps of gamma = 1e-3: casting it to BF16 with the model would erase them.
@@ -115,7 +117,9 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k:
     T = scores.shape[0] // batch
     probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, T, E).mean(dim=1)  # (B, E)
     hits = torch.zeros(batch, E, device=scores.device, dtype=scores.dtype)
-    hits.scatter_add_(1, indices.view(batch, T * top_k), torch.ones_like(indices, dtype=scores.dtype).view(batch, -1))
+    hits.scatter_add_(
+        1, indices.view(batch, T * top_k), torch.ones_like(indices, dtype=scores.dtype).view(batch, -1)
+    )
     f = hits * (E / (top_k * T))
     return (f * probs).sum(dim=-1).mean()
 
@@ -132,7 +136,9 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts > 0 else None
         )
-        self.register_buffer("last_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "last_counts", torch.zeros(cfg.n_routed_experts, dtype=torch.long), persistent=False
+        )
         self.balance_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,9 @@ from dsv3.model.mtp import MTPModule
 from dsv3.model.rope import Rotary
 
 IGNORE_INDEX = -100
-ABSORB_MAX_TOKENS = 8  # with a cache, chunks up to this many tokens (decode, spec verify) use the absorbed path
+ABSORB_MAX_TOKENS = (
+    8  # with a cache, chunks up to this many tokens (decode, spec verify) use the absorbed path
+)
 
 
 class Block(nn.Module):

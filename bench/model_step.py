@@ -1,0 +1,122 @@
+"""Forward+backward throughput of the `small` preset: dsv3 against transformers' DeepseekV3ForCausalLM.
+
+Both models hold identical weights (dsv3 saves, transformers loads) and see the same batch; both
+run the same computation: main-model logits and next-token cross-entropy, then backward. transformers
+runs in two settings: eager (its reference kernels) and its fastest available (SDPA attention,
+grouped_mm experts). dsv3's full V3 training loss (with the MTP module and the balance loss) is
+timed as an extra row. MFU is against the dense matmul throughput measured in the same run.
+
+    python bench/model_step.py                     # fp32 and bf16, batch 8 x 256
+    python bench/model_step.py --dtypes fp32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from dsv3 import ModelConfig, Transformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
+    """Dense n^3 matmul FLOP/s on this machine, now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x activated matmul parameters (embedding lookup excluded) + causal attention (avg context T/2)."""
+    c = cfg.param_counts()
+    dense = c["activated"] - c["embedding"] - c["norms"]
+    attn = 6 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return 6 * dense + attn
+
+
+def time_steps(step, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--preset", default="small")
+    args = ap.parse_args()
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(args.preset)
+    base = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    tokens = args.batch * args.seq
+    flops_tok = train_flops_per_token(cfg, args.seq)
+    print(f"preset {args.preset}, batch {args.batch} x {args.seq}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    header = f"{'dtype':<5} {'implementation':<38} {'tokens/s':>9}"
+    print(f"{header} {'vs HF eager':>11} {'vs HF fast':>10} {'MFU':>7}")
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+        for name in args.dtypes.split(","):
+            dtype = DTYPES[name]
+            peak = matmul_peak(dtype)
+            ours = Transformer.from_pretrained(d, dtype=dtype).train()
+            rows: dict[str, float] = {}
+
+            def ours_full(model=ours):
+                model.loss(ids).total.backward()
+
+            hf_models = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for label, attn, experts in (("eager", "eager", "eager"), ("fast", "sdpa", "grouped_mm")):
+                    hf_models[label] = transformers.DeepseekV3ForCausalLM.from_pretrained(
+                        d, dtype=dtype, attn_implementation=attn, experts_implementation=experts
+                    ).train()
+
+            def main_ce(model, hf: bool):
+                def run():
+                    logits = model(inputs).logits if hf else model(inputs)
+                    F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).backward()
+
+                return run
+
+            runs = [
+                ("transformers eager (eager attn/experts)", main_ce(hf_models["eager"], hf=True)),
+                ("transformers fast (sdpa, grouped_mm)", main_ce(hf_models["fast"], hf=True)),
+                ("dsv3 (same loss: main CE)", main_ce(ours, hf=False)),
+                ("dsv3 full V3 loss (+MTP, +balance)", ours_full),
+            ]
+            for label, step in runs:
+                rows[label] = tokens / time_steps(step, args.steps, args.warmup)
+            hf_e, hf_f = rows[runs[0][0]], rows[runs[1][0]]
+            for label, tps in rows.items():
+                mfu = tps * flops_tok / peak
+                print(
+                    f"{name:<5} {label:<38} {tps:>9.0f} {tps / hf_e:>10.2f}x {tps / hf_f:>9.2f}x {mfu:>6.1%}"
+                )
+            print(f"{name:<5} dense matmul peak measured now: {peak / 1e9:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Checkpoints in the official DeepSeek-V3 Hugging Face layout (DESIGN §3.7).
+
+Keys are `model.`-prefixed module names, `lm_head.weight` for the head, routed experts one per key
+(`mlp.experts.{j}.{gate,up,down}_proj.weight`, [out, in]; dsv3 keeps them fused as [E, in, out]),
+and MTP module k (k = 1..D) at layer index n_layers + k - 1 with its extra `enorm`, `hnorm`,
+`eh_proj`, `shared_head.norm`, plus copies of the shared `embed_tokens` and `shared_head.head`.
+FP8 checkpoints store `float8_e4m3fn` weights with `<name>.weight_scale_inv` [ceil(out/128),
+ceil(in/128)]; they are dequantised block by block on load.
+
+Loading builds the model on the meta device and fills it tensor by tensor, so peak memory is the
+model plus one tensor; `convert_fp8_to_bf16` works shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dsv3.config import ModelConfig
+from dsv3.model.transformer import Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
+_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not match the model: the message names the keys and shapes."""
+
+
+# ---- key mapping ---------------------------------------------------------------------------------
+def _hf_prefix(name: str, n_layers: int) -> str:
+    """Our module path -> the HF key prefix (without the expert split)."""
+    if name.startswith("lm_head."):
+        return name
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if m:
+        k, rest = int(m.group(1)), m.group(2)
+        rest = rest[len("block.") :] if rest.startswith("block.") else rest
+        return f"model.layers.{n_layers + k}.{rest}"
+    return "model." + name
+
+
+def hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF key, tensor) for every weight, experts split per expert, MTP copies included."""
+    cfg = model.config
+    for name, t in model.state_dict().items():
+        prefix = _hf_prefix(name, cfg.n_layers)
+        short = name.rsplit(".", 1)[-1]
+        if ".mlp.experts." in name and short in _EXPERT_NAMES:
+            base = prefix.rsplit(".", 1)[0]
+            for j in range(t.shape[0]):
+                yield f"{base}.{j}.{_EXPERT_NAMES[short]}.weight", t[j].T  # [in, out] -> [out, in]
+        else:
+            yield prefix, t
+    for k in range(cfg.n_mtp_layers):
+        yield f"model.layers.{cfg.n_layers + k}.embed_tokens.weight", model.embed_tokens.weight.detach()
+        yield f"model.layers.{cfg.n_layers + k}.shared_head.head.weight", model.lm_head.weight.detach()
+
+
+def _our_target(hf_key: str, n_layers: int) -> tuple[str | None, int | None]:
+    """HF key -> (our state-dict key, expert index or None). (None, None): a shared MTP copy."""
+    expert = None
+    m = _EXPERT_RE.match(hf_key)
+    if m:
+        hf_key = f"{m.group(1)}.{ {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}[m.group(3)] }"
+        expert = int(m.group(2))
+    if hf_key == "lm_head.weight":
+        return hf_key, None
+    m = _LAYER_RE.match(hf_key)
+    if m and int(m.group(1)) >= n_layers:
+        k, rest = int(m.group(1)) - n_layers, m.group(2)
+        if rest in _MTP_SHARED:
+            return None, None
+        if not rest.startswith(_MTP_OWN):
+            rest = "block." + rest
+        return f"mtp.{k}.{rest}", expert
+    if not hf_key.startswith("model."):
+        return f"<unknown>{hf_key}", None
+    return hf_key[len("model.") :], expert
+
+
+# ---- reading -------------------------------------------------------------------------------------
+class _ShardReader:
+    """Opens the shards of a checkpoint lazily; finds any key (weights and their FP8 scales)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if (path / INDEX_FILE).exists():
+            index = json.loads((path / INDEX_FILE).read_text())
+            self.where: dict[str, str] = index["weight_map"]
+        elif (path / SINGLE_FILE).exists():
+            with safe_open(path / SINGLE_FILE, framework="pt") as f:
+                self.where = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        self._open: dict[str, object] = {}
+
+    def files(self) -> list[str]:
+        return sorted(set(self.where.values()))
+
+    def handle(self, file: str):
+        if file not in self._open:
+            if not (self.path / file).exists():
+                raise CheckpointError(f"{self.path / file}: listed in {INDEX_FILE} but missing")
+            self._open[file] = safe_open(self.path / file, framework="pt")
+        return self._open[file]
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor under `key`, FP8 weights dequantised with their scale (to `dtype` if given)."""
+        t = self.handle(self.where[key]).get_tensor(key)
+        if t.dtype == torch.float8_e4m3fn:
+            scale_key = key + SCALE_SUFFIX
+            if scale_key not in self.where:
+                raise CheckpointError(f"{key}: float8 weight without {scale_key}")
+            from dsv3.fp8.quant import dequantize_blocks
+
+            scale = self.handle(self.where[scale_key]).get_tensor(scale_key)
+            t = dequantize_blocks(t, scale.float(), dtype=torch.float32)
+        return t if dtype is None else t.to(dtype)
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> Transformer:
+    """Build a Transformer from a checkpoint directory (config.json + safetensors, maybe sharded,
+    BF16/FP32 or FP8 with block scales). Missing, unexpected or mis-shaped keys raise
+    CheckpointError naming them; absent MTP weights drop the MTP modules with a warning."""
+    path = Path(path)
+    cfg = ModelConfig.from_hf(path)
+    reader = _ShardReader(path)
+    weight_keys = [k for k in reader.where if not k.endswith(SCALE_SUFFIX)]
+    mtp_present = any(
+        _LAYER_RE.match(k) and int(_LAYER_RE.match(k).group(1)) >= cfg.n_layers for k in weight_keys
+    )
+    if cfg.n_mtp_layers and not mtp_present:
+        warnings.warn(
+            f"{path}: config has {cfg.n_mtp_layers} MTP layer(s) but no MTP weights; dropping MTP",
+            stacklevel=2,
+        )
+        cfg = cfg.replace(n_mtp_layers=0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    params = model.state_dict()
+    loaded: set[tuple[str, int | None]] = set()
+    unexpected, mismatched = [], []
+    with torch.no_grad():
+        for key in tqdm(weight_keys, desc=f"loading {path.name}", disable=len(weight_keys) < 2000, unit="t"):
+            ours, expert = _our_target(key, cfg.n_layers)
+            if ours is None:
+                continue  # the MTP copy of a shared embedding / head
+            if ours not in params:
+                unexpected.append(key)
+                continue
+            dst = params[ours] if expert is None else params[ours][expert].T
+            if expert is not None and expert >= params[ours].shape[0]:
+                unexpected.append(key)
+                continue
+            src = reader.get(key)
+            if tuple(src.shape) != tuple(dst.shape):
+                mismatched.append(f"{key}: checkpoint {tuple(src.shape)} vs model {tuple(dst.shape)}")
+                continue
+            dst.copy_(src)
+            loaded.add((ours, expert))
+    expected = _expected_targets(model)
+    missing = sorted(k for k in expected if k not in loaded)
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched[:10]))
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected)[:10])}")
+    if missing:
+        names = [k if e is None else f"{k}[expert {e}]" for k, e in missing[:10]]
+        problems.append(f"missing keys ({len(missing)}): {', '.join(names)}")
+    if problems and (strict or mismatched):
+        raise CheckpointError(f"{path}: " + " | ".join(problems))
+    if problems:
+        warnings.warn(f"{path}: " + " | ".join(problems), stacklevel=2)
+    model.reset_buffers()
+    for moe in model.moe_layers():
+        moe.last_counts.zero_()
+    return model
+
+
+def _expected_targets(model: Transformer) -> set[tuple[str, int | None]]:
+    out: set[tuple[str, int | None]] = set()
+    for name, t in model.state_dict().items():
+        if ".mlp.experts." in name and name.rsplit(".", 1)[-1] in _EXPERT_NAMES:
+            out.update((name, j) for j in range(t.shape[0]))
+        else:
+            out.add((name, None))
+    return out
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _write_shards(
+    tensors: list[tuple[str, torch.Tensor]], path: Path, max_shard_bytes: int, desc: str | None = None
+) -> None:
+    """Group tensors into shards of at most max_shard_bytes, write them atomically, plus the index."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, t))
+        size += nbytes
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, shard in tqdm(
+        list(zip(names, shards)), desc=desc, disable=desc is None or n == 1, unit="shard"
+    ):
+        _atomic_save({k: t.contiguous() for k, t in shard}, path / name)
+        weight_map.update({k: name for k, _ in shard})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for _, t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+    elif (path / INDEX_FILE).exists():
+        (path / INDEX_FILE).unlink()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _atomic_write_text(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def save_pretrained(
+    model: Transformer, path: str | Path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
+) -> None:
+    """Write config.json and the weights in the official layout (sharded above max_shard_bytes)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = []
+    for key, t in hf_state_dict(model):
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not key.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        tensors.append((key, t.clone() if _is_mtp_copy(key, model.config.n_layers) else t))
+    hf = model.config.to_hf()
+    hf.pop("quantization_config", None)
+    hf["torch_dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
+    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2))
+    _write_shards(tensors, path, max_shard_bytes)
+
+
+def _is_mtp_copy(key: str, n_layers: int) -> bool:
+    """The MTP layers' copies of the shared embedding/head (safetensors refuses shared storage)."""
+    m = _LAYER_RE.match(key)
+    return bool(m) and int(m.group(1)) >= n_layers and m.group(2) in _MTP_SHARED
+
+
+# ---- FP8 -> BF16 conversion ----------------------------------------------------------------------
+def convert_fp8_to_bf16(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Dequantise an FP8 checkpoint shard by shard (never the whole model in memory) into `dst`,
+    keeping shard names and key names, dropping the scales and `quantization_config`."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"dst: must differ from src ({src})")
+    reader = _ShardReader(src)
+    cfg = json.loads((src / "config.json").read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for file in tqdm(reader.files(), desc="fp8 -> bf16", unit="shard"):
+        keys = [k for k, f in reader.where.items() if f == file and not k.endswith(SCALE_SUFFIX)]
+        out = {}
+        for k in keys:
+            t = reader.get(k)
+            out[k] = t.to(dtype) if t.is_floating_point() and not k.endswith("e_score_correction_bias") else t
+        _atomic_save(out, dst / file)
+        weight_map.update(dict.fromkeys(out, file))
+        total += sum(t.numel() * t.element_size() for t in out.values())
+        del out
+    if (src / INDEX_FILE).exists():
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(dst / INDEX_FILE, json.dumps(index, indent=2))
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _atomic_write_text(dst / "config.json", json.dumps(cfg, indent=2))
+    for extra in src.iterdir():  # tokenizer files, generation config, ...
+        if (
+            extra.is_file()
+            and extra.suffix != ".safetensors"
+            and extra.name not in ("config.json", INDEX_FILE)
+        ):
+            shutil.copy2(extra, dst / extra.name)

@@ -1,0 +1,105 @@
+"""`dsv3` command line: one sub-command per job; each lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def print_param_counts(cfg, name: str = "") -> None:
+    c = cfg.param_counts()
+    print(f"parameters{f' of {name}' if name else ''}:")
+    for key in (
+        "embedding",
+        "head",
+        "attention",
+        "dense_mlp",
+        "routed_experts",
+        "shared_experts",
+        "gates",
+        "norms",
+    ):
+        print(f"  {key:<16} {_fmt(c[key]):>10}")
+    print(f"  {'total':<16} {_fmt(c['total']):>10}   (main model)")
+    print(f"  {'activated':<16} {_fmt(c['activated']):>10}   (per token)")
+    print(f"  {'mtp':<16} {_fmt(c['mtp']):>10}   ({cfg.n_mtp_layers} module(s), embedding and head shared)")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dsv3 import ModelConfig
+
+    cfg = ModelConfig.from_hf(args.ckpt) if args.ckpt else ModelConfig.from_preset(args.preset)
+    print_param_counts(cfg, args.ckpt or args.preset)
+    print(f"KV cache: {cfg.kv_cache_dim} values per token and layer, "
+          f"{(cfg.n_layers) * cfg.kv_cache_dim * 2 / 1024:.1f} KiB per token in BF16")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.infer.reference import greedy_generate
+
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig.from_preset(args.preset)
+    print_param_counts(cfg, args.preset)
+    t0 = time.perf_counter()
+    model = Transformer(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 8))
+    out = greedy_generate(model, prompt, args.tokens)
+    dt = time.perf_counter() - t0
+    print(f"prompt ids:    {prompt[0].tolist()}")
+    print(f"greedy tokens: {out[0].tolist()}   (random weights; {dt:.2f}s incl. init)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dsv3.checkpoint import convert_fp8_to_bf16
+
+    if not args.fp8_to_bf16:
+        print("convert: say what to convert, e.g. --fp8-to-bf16 SRC DST", file=sys.stderr)
+        return 2
+    convert_fp8_to_bf16(args.src, args.dst)
+    print(f"wrote a BF16 copy of {args.src} to {args.dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3", description="The DeepSeek-V3 system in PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="the main job on its embedded default")
+    s.add_argument("--preset", default="small")
+    s.add_argument("--tokens", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("info", help="parameter counts and cache size of a preset or checkpoint")
+    s.add_argument("--preset", default="small")
+    s.add_argument("--ckpt", help="checkpoint directory (reads its config.json)")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="checkpoint conversions")
+    s.add_argument("--fp8-to-bf16", action="store_true", help="dequantise an official FP8 checkpoint")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

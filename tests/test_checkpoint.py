@@ -1,0 +1,165 @@
+"""Checkpoints in the official layout: round trips, shards, FP8 blocks, conversion, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import CheckpointError, convert_fp8_to_bf16, hf_state_dict
+
+
+def _same_weights(a: Transformer, b: Transformer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_official_key_layout(tiny):
+    keys = dict(hf_state_dict(Transformer(tiny)))
+    L = tiny.n_layers
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
+    assert keys["model.layers.1.mlp.experts.7.down_proj.weight"].shape == (tiny.dim, tiny.moe_inter_dim)
+    assert keys["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert "model.layers.0.mlp.gate_proj.weight" in keys  # the dense layer
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"):
+        assert f"model.layers.{L}.{name}.weight" in keys  # MTP module 1 at layer n_layers
+    assert f"model.layers.{L}.self_attn.kv_b_proj.weight" in keys
+    assert "lm_head.weight" in keys and "model.norm.weight" in keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip(tmp_path, tiny, dtype):
+    model = Transformer(tiny).to(dtype)
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    model.save_pretrained(tmp_path)
+    loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+    assert _same_weights(model, loaded)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1 and cfg["torch_dtype"] == str(dtype)[6:]
+
+
+def test_sharded_checkpoint_with_index(tmp_path, tiny):
+    model = Transformer(tiny)
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((tmp_path / s).exists() for s in shards)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert _same_weights(model, Transformer.from_pretrained(tmp_path))
+
+
+def _rewrite(path, fn):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path, tiny):
+    Transformer(tiny).save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.pop("model.layers.2.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): layers.2.mlp.experts.w3\[expert 3\]"):
+        Transformer.from_pretrained(tmp_path)
+    Transformer(tiny).save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys \(1\): model.layers.0.self_attn.extra.weight"
+    ):
+        Transformer.from_pretrained(tmp_path)
+    Transformer(tiny).save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.zeros(3)}))
+    with pytest.raises(CheckpointError, match=r"model.norm.weight: checkpoint \(3,\) vs model \(64,\)"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_shard_and_no_weights(tmp_path, tiny):
+    with pytest.raises(Exception, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    Transformer(tiny).save_pretrained(tmp_path, max_shard_bytes=200_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="listed in model.safetensors.index.json but missing"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_checkpoint_without_mtp_weights_drops_mtp(tmp_path, tiny):
+    Transformer(tiny).save_pretrained(tmp_path)
+    _rewrite(
+        tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith(f"model.layers.{tiny.n_layers}.")]
+    )
+    with pytest.warns(UserWarning, match="no MTP weights"):
+        model = Transformer.from_pretrained(tmp_path)
+    assert model.config.n_mtp_layers == 0 and len(model.mtp) == 0
+
+
+# ---- FP8 checkpoints ----------------------------------------------------------------------------
+def _quantize_128(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test's own 128x128 block quantiser: scale_inv = amax / 448 per (partial) block."""
+    N, K = w.shape
+    rows, cols = -(-N // 128), -(-K // 128)
+    q = torch.empty(N, K, dtype=torch.float8_e4m3fn)
+    s = torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            blk = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].float()
+            s[i, j] = blk.abs().max().clamp(min=1e-12) / 448.0
+            q[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (blk / s[i, j]).clamp(-448, 448).to(q.dtype)
+    return q, s
+
+
+def _to_fp8_checkpoint(path) -> dict[str, torch.Tensor]:
+    """Quantise every 2-D projection weight like the official release; returns the reference dequant."""
+    tensors = load_file(path / "model.safetensors")
+    reference = {}
+    for k in list(tensors):
+        if k.endswith("proj.weight") or k.endswith("proj_with_mqa.weight"):
+            q, s = _quantize_128(tensors[k])
+            tensors[k], tensors[k + "_scale_inv"] = q, s
+            # dequantise element by element from the scale of the element's block
+            rows = torch.arange(q.shape[0]) // 128
+            cols = torch.arange(q.shape[1]) // 128
+            reference[k] = q.float() * s[rows][:, cols]
+    save_file(tensors, path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg))
+    return reference
+
+
+@pytest.fixture
+def fp8_cfg(tiny) -> ModelConfig:
+    # kv_a_proj_with_mqa is [576, 64]: 576 rows -> 5 scale rows, the last block partial (DESIGN §3.7)
+    return tiny.replace(kv_lora_rank=512, qk_rope_head_dim=64, dim=160, inter_dim=200)
+
+
+def test_fp8_checkpoint_dequantises_edge_blocks(tmp_path, fp8_cfg):
+    Transformer(fp8_cfg).save_pretrained(tmp_path)
+    reference = _to_fp8_checkpoint(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv").shape == (5, 2)
+    model = Transformer.from_pretrained(tmp_path)
+    got = dict(hf_state_dict(model))
+    for k, want in reference.items():
+        assert torch.equal(got[k].float(), want), k
+    assert model.config.extra["quantization_config"]["fmt"] == "e4m3"
+
+
+def test_convert_fp8_to_bf16(tmp_path, fp8_cfg):
+    src, dst = tmp_path / "fp8", tmp_path / "bf16"
+    Transformer(fp8_cfg).save_pretrained(src)
+    reference = _to_fp8_checkpoint(src)
+    (src / "tokenizer.json").write_text("{}")
+    convert_fp8_to_bf16(src, dst)
+    out = load_file(dst / "model.safetensors")
+    assert not any(k.endswith("_scale_inv") for k in out)
+    for k, want in reference.items():
+        assert out[k].dtype == torch.bfloat16 and torch.equal(out[k], want.to(torch.bfloat16)), k
+    assert out["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert "quantization_config" not in json.loads((dst / "config.json").read_text())
+    assert (dst / "tokenizer.json").exists()
+    Transformer.from_pretrained(dst, dtype=torch.bfloat16)  # loads as an ordinary BF16 checkpoint
+    with pytest.raises(CheckpointError, match="must differ"):
+        convert_fp8_to_bf16(src, src)
