@@ -1,0 +1,146 @@
+"""Packing, sharding and resumable batching of tokenized documents (report §4.1, DESIGN §6).
+
+Packing: each epoch the documents of the training split are shuffled (a permutation seeded by
+(seed, epoch)) and concatenated into one token stream, which is cut into consecutive,
+non-overlapping sequences of `seq_len + 1` tokens: inputs are `seq[:-1]`, labels `seq[1:]`.
+Sequences cross document boundaries freely (no cross-sample attention mask, §4.1); the bos/eos of
+each document mark the boundaries. Nothing is padded; the stream's tail that does not fill a
+sequence is dropped for that epoch (a different tail each epoch, since the order changes).
+
+The stream is never materialised: with `cum` = prefix sums of the shuffled document lengths,
+stream position p belongs to shuffled document d = searchsorted(cum, p) and sits at
+`offsets[perm[d]] + p - cum[d]` in the flat token array, so a batch is one vectorised gather and
+memory stays O(documents) however large the corpus.
+
+Sharding (data parallelism): global sequence g of an epoch goes to rank g % world_size, and every
+rank gets the same number of sequences per epoch (the last `n % world_size` are dropped), so the
+ranks see disjoint data and stay in step.
+
+Resuming: the state is (epoch, position within the rank's shard of that epoch); the order is a pure
+function of (seed, epoch), so a loader restored from `state_dict()` yields exactly the batches the
+uninterrupted one would have, whatever batch sizes are requested (the trainer ramps them, §4.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsv3.data.dataset import TokenizedSplit
+
+
+class Packing:
+    """The packed order of one epoch: which tokens form global sequence g."""
+
+    def __init__(self, split: TokenizedSplit, seq_len: int, order: np.ndarray) -> None:
+        self.split, self.width, self.order = split, seq_len + 1, order
+        lengths = np.diff(split.offsets)[order]
+        self.cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # [D + 1]
+        self.n_sequences = int(self.cum[-1]) // self.width
+
+    def gather(self, seq_ids: np.ndarray) -> np.ndarray:
+        """Tokens of global sequences `seq_ids` ([B]) as int64 [B, seq_len + 1]."""
+        pos = seq_ids[:, None] * self.width + np.arange(self.width)  # [B, W] stream positions
+        d = np.searchsorted(self.cum, pos, side="right") - 1  # [B, W] index into the shuffled order
+        src = self.split.offsets[self.order[d]] + (pos - self.cum[d])
+        return np.asarray(self.split.tokens[src.ravel()], dtype=np.int64).reshape(pos.shape)
+
+
+class PackedLoader:
+    """Shuffled, packed, sharded training batches with a resumable position."""
+
+    def __init__(
+        self, split: TokenizedSplit, seq_len: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len: must be positive, got {seq_len}")
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0  # position: sequences of this epoch already served (per rank)
+        self._packing: Packing | None = None
+        if self.per_rank < 1:
+            raise ValueError(
+                f"the training split has {len(split)} tokens: too few for one sequence of seq_len + 1 = "
+                f"{seq_len + 1} tokens per rank ({world_size} ranks); use more data or a shorter seq_len"
+            )
+
+    @property
+    def per_rank(self) -> int:
+        """Sequences each rank gets per epoch (same every epoch: the total token count is fixed)."""
+        return (len(self.split) // (self.seq_len + 1)) // self.world_size
+
+    def _epoch_packing(self) -> Packing:
+        if self._packing is None:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.split.n_docs)
+            self._packing = Packing(self.split, self.seq_len, order)
+        return self._packing
+
+    def next_batch(self, batch_size: int) -> torch.Tensor:
+        """The next `batch_size` sequences of this rank: LongTensor [batch_size, seq_len + 1]."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be positive, got {batch_size}")
+        rows = []
+        while batch_size > 0:
+            take = min(batch_size, self.per_rank - self.position)
+            local = np.arange(self.position, self.position + take, dtype=np.int64)
+            rows.append(self._epoch_packing().gather(local * self.world_size + self.rank))
+            self.position += take
+            batch_size -= take
+            if self.position == self.per_rank:  # epoch done: next one has a fresh shuffle
+                self.epoch, self.position, self._packing = self.epoch + 1, 0, None
+        return torch.from_numpy(np.concatenate(rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "n_tokens": len(self.split),
+            "n_docs": self.split.n_docs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` left off; the data and settings must be the same."""
+        for name in ("seq_len", "seed", "world_size", "n_tokens", "n_docs"):
+            mine = self.state_dict()[name]
+            if state[name] != mine:
+                raise ValueError(f"loader state: {name} was {state[name]} when saved, is {mine} now")
+        if not 0 <= state["position"] < self.per_rank:
+            raise ValueError(f"loader state: position {state['position']} outside [0, {self.per_rank})")
+        self.epoch, self.position, self._packing = int(state["epoch"]), int(state["position"]), None
+
+
+def val_batches(
+    split: TokenizedSplit,
+    seq_len: int,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """The validation split, packed in stored order (no shuffle), sharded like training.
+
+    Yields LongTensor [<= batch_size, seq_len + 1]; the last batch may be smaller. Every rank
+    yields the same number of batches, so per-batch all-reduces line up.
+    """
+    packing = Packing(split, seq_len, np.arange(split.n_docs))
+    per_rank = packing.n_sequences // world_size
+    if per_rank < 1:
+        raise ValueError(
+            f"the validation split has {len(split)} tokens: too few for one sequence of {seq_len + 1} "
+            f"tokens per rank ({world_size} ranks); raise val_fraction or lower seq_len"
+        )
+    local = np.arange(per_rank, dtype=np.int64) * world_size + rank
+    for i, start in enumerate(range(0, per_rank, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield torch.from_numpy(packing.gather(local[start : start + batch_size]))
