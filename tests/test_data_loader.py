@@ -114,6 +114,10 @@ def test_state_mismatch_is_rejected():
         PackedLoader(split, L + 1).load_state_dict(state)
     with pytest.raises(ValueError, match="n_tokens"):
         PackedLoader(make_split(seed=1), L).load_state_dict(state)
+    same_shape = make_split()
+    same_shape.tokens = same_shape.tokens[::-1].copy()  # other tokens, same sizes
+    with pytest.raises(ValueError, match="layout"):
+        PackedLoader(same_shape, L).load_state_dict(state)
 
 
 def test_seed_changes_order():

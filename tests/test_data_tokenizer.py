@@ -89,6 +89,22 @@ def test_load_errors(tmp_path):
         Tokenizer.load(tmp_path / "bad.json")
 
 
+def test_load_other_bos_eos_from_config(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    hf = HFTokenizer(models.BPE())
+    hf.add_special_tokens(["<pad>", "<s>", "</s>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match="begin"):
+        Tokenizer.load(tmp_path)  # no config: DeepSeek's bos string is required and absent
+    cfg = {"bos_token": {"content": "<s>"}, "eos_token": "</s>"}  # both spellings transformers uses
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = Tokenizer.load(tmp_path)
+    assert (loaded.bos_id, loaded.eos_id, loaded.fim_begin_id) == (1, 2, None)
+    assert loaded.apply_chat_template([], add_generation_prompt=False, tokenize=False) == "<s>"
+
+
 def test_token_bytes_count_utf8_exactly(tok):
     table = tok.token_bytes()
     assert table.shape == (tok.vocab_size,)

@@ -13,8 +13,9 @@
 
 Every file is written atomically (temporary file, then rename) and `meta.json` is written last, so
 a directory with `meta.json` is complete. Several ranks may prepare at once: they write identical
-bytes and the last rename wins. The per-document random generator is seeded with (seed, name), so
-the result does not depend on document order.
+bytes and the last rename wins (cheaper: rank 0 prepares, a barrier, then the others hit the
+cache). The per-document random generator is seeded with (seed, name), so the result does not
+depend on document order.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def tokenize_documents(
     )
     for d in docs:
         bar.update(len(d.text))
-        rng = np.random.default_rng([seed, int.from_bytes(_digest(d.name).encode()[:8], "little")])
+        rng = np.random.default_rng([seed, int(_digest(d.name)[:16], 16)])
         ids = np.asarray(document_ids(tok, d.text, rng, fim), dtype=dtype)
         if splitter is not None:
             ids = splitter(ids, split_punct_rate, rng)

@@ -23,6 +23,7 @@ uninterrupted one would have, whatever batch sizes are requested (the trainer ra
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,12 +106,20 @@ class PackedLoader:
             "world_size": self.world_size,
             "n_tokens": len(self.split),
             "n_docs": self.split.n_docs,
+            "layout": self._layout_hash(),
         }
+
+    def _layout_hash(self) -> str:
+        """A cheap fingerprint of the split (document lengths and a few tokens), checked on resume."""
+        h = hashlib.sha256(np.ascontiguousarray(self.split.offsets, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.split.tokens[:: max(1, len(self.split) // 4096)], dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` left off; the data and settings must be the same."""
-        for name in ("seq_len", "seed", "world_size", "n_tokens", "n_docs"):
-            mine = self.state_dict()[name]
+        now = self.state_dict()
+        for name in ("seq_len", "seed", "world_size", "n_tokens", "n_docs", "layout"):
+            mine = now[name]
             if state[name] != mine:
                 raise ValueError(f"loader state: {name} was {state[name]} when saved, is {mine} now")
         if not 0 <= state["position"] < self.per_rank:

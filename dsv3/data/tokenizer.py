@@ -62,14 +62,15 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A Hugging Face `tokenizers.Tokenizer` plus the special ids the rest of dsv3 needs."""
 
-    def __init__(self, hf: HFTokenizer) -> None:
+    def __init__(self, hf: HFTokenizer, *, bos_token: str = BOS, eos_token: str = EOS) -> None:
         self.hf = hf
-        ids = {s: hf.token_to_id(s) for s in (*SPECIAL_TOKENS, USER, ASSISTANT)}
-        for s in (BOS, EOS):
+        ids = {s: hf.token_to_id(s) for s in (*SPECIAL_TOKENS, USER, ASSISTANT, bos_token, eos_token)}
+        for s in (bos_token, eos_token):
             if ids[s] is None:
                 raise TokenizerError(f"tokenizer has no {s!r} token (required for bos/eos)")
-        self.bos_id: int = ids[BOS]
-        self.eos_id: int = ids[EOS]
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id: int = ids[bos_token]
+        self.eos_id: int = ids[eos_token]
         self.fim_hole_id: int | None = ids[FIM_HOLE]
         self.fim_begin_id: int | None = ids[FIM_BEGIN]
         self.fim_end_id: int | None = ids[FIM_END]
@@ -79,7 +80,10 @@ class Tokenizer:
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool = True) -> Tokenizer:
-        """Train a byte-level BPE with `vocab_size` entries (the 5 special tokens included)."""
+        """Train a byte-level BPE of at most `vocab_size` entries (the 5 special tokens included).
+
+        The size is reached unless the corpus runs out of pairs to merge (only for tiny corpora).
+        """
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise TokenizerError(f"vocab_size: must be >= {256 + len(SPECIAL_TOKENS)} (256 bytes + specials)")
         hf = HFTokenizer(models.BPE())
@@ -104,17 +108,35 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a `tokenizer.json`, or a directory holding one (e.g. a checkpoint directory)."""
+        """Load a `tokenizer.json`, or a directory holding one (e.g. a checkpoint directory).
+
+        bos/eos are the DeepSeek strings unless a `tokenizer_config.json` beside the file names
+        others (`bos_token`, `eos_token`, as transformers writes them), e.g. `<s>` and `</s>`.
+        """
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise TokenizerError(f"{file}: no such tokenizer file")
+        names = {"bos_token": BOS, "eos_token": EOS}
+        config = file.parent / "tokenizer_config.json"
+        if config.is_file():
+            try:
+                found = json.loads(config.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{config}: not valid JSON ({e})") from e
+            for key in names:
+                value = found.get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str):
+                    names[key] = value
         try:
-            return cls(HFTokenizer.from_file(str(file)))
-        except TokenizerError as e:
-            raise TokenizerError(f"{file}: {e}") from e
+            hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises plain Exceptions for malformed files
             raise TokenizerError(f"{file}: not a valid tokenizer.json ({e})") from e
+        try:
+            return cls(hf, **names)
+        except TokenizerError as e:
+            raise TokenizerError(f"{file}: {e}") from e
 
     @classmethod
     def official(cls, cache: str | Path | None = None) -> Tokenizer:
@@ -128,9 +150,9 @@ class Tokenizer:
             f.write(self.hf.to_str(pretty=False))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": EOS,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.eos_token,
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
@@ -186,7 +208,7 @@ class Tokenizer:
         so a special-token string typed by a user cannot inject a control token.
         """
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts: list[tuple[str, int | None]] = [(BOS, self.bos_id), (system, None)]
+        parts: list[tuple[str, int | None]] = [(self.bos_token, self.bos_id), (system, None)]
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if not isinstance(content, str):
@@ -194,7 +216,7 @@ class Tokenizer:
             if role == "user":
                 parts += [(USER, self.user_id), (content, None)]
             elif role == "assistant":
-                parts += [(ASSISTANT, self.assistant_id), (content, None), (EOS, self.eos_id)]
+                parts += [(ASSISTANT, self.assistant_id), (content, None), (self.eos_token, self.eos_id)]
             elif role != "system":
                 raise TokenizerError(f"messages[{i}].role: must be system, user or assistant; got {role!r}")
         if add_generation_prompt:
