@@ -35,7 +35,7 @@ from dsv3.data.fetch import atomic_write, cache_dir
 from dsv3.data.fim import FIMConfig, document_ids
 from dsv3.data.tokenizer import PunctNewlineSplitter, Tokenizer, train_or_load
 
-FORMAT_VERSION = 1  # bump when the tokenized layout or the FIM/splitting rules change
+FORMAT_VERSION = 2  # bump when the tokenized layout or the FIM/splitting rules change
 
 
 @dataclass(frozen=True)
