@@ -207,7 +207,7 @@ class Tokenizer:
         official one does) and spelled out as text otherwise. Message contents are encoded as text,
         so a special-token string typed by a user cannot inject a control token.
         """
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        system = "\n\n".join(str(m.get("content")) for m in messages if m.get("role") == "system")
         parts: list[tuple[str, int | None]] = [(self.bos_token, self.bos_id), (system, None)]
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
