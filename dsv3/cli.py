@@ -73,6 +73,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# Sub-commands that parse their own arguments: name -> (module, function, help).
+DELEGATED = {
+    "train": ("dsv3.train.cli", "train_main", "train with the V3 recipe (see dsv3 train -h)"),
+    "eval": ("dsv3.train.cli", "eval_main", "evaluate a training checkpoint"),
+    "plot": ("dsv3.train.cli", "plot_main", "PNG plots of a training run"),
+    "pipeline-plan": ("dsv3.parallel.plan", "pipeline_plan_main", "pipeline schedule timelines and bubbles"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="The DeepSeek-V3 system in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,10 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("dst")
     s.set_defaults(fn=cmd_convert)
+    for name, (_, _, help_) in DELEGATED.items():
+        sub.add_parser(name, help=help_, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, fn, _ = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), fn)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

@@ -1,0 +1,121 @@
+"""`dsv3 train`, `dsv3 eval` and `dsv3 plot` (also `python -m dsv3.train`, e.g. under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from dsv3.config import ConfigError
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsv3 train",
+        description="Train a DeepSeek-V3-architecture model with the V3 recipe. Any TrainConfig field can "
+        "be set as key=value (model fields as model.<field>=value).",
+    )
+    p.add_argument("--preset", help="model preset (tiny, small, 16b, 671b)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"])
+    p.add_argument("--data", help="text/jsonl/parquet file or directory (default: the bundled corpus)")
+    p.add_argument("--out", help="run directory (logs, checkpoints, plots)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    from dsv3.train.config import TrainConfig
+
+    values = TrainConfig.from_file(args.config) if args.config else {}
+    for name in ("preset", "steps", "precision", "data", "out"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return TrainConfig.build(values, args.overrides)
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE set), join the process group; backend from the device."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = _train_parser().parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except ConfigError as e:
+        print(f"dsv3 train: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _init_distributed()
+    from dsv3.train.loop import Trainer, TrainingDiverged
+
+    trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet)
+    if trainer.resumed_from:
+        print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+    print(
+        f"precision: {trainer.precision} ({trainer.precision_reason}); "
+        f"{trainer.model.num_params():,} parameters"
+    )
+    try:
+        result = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"dsv3 train: {e}", file=sys.stderr)
+        return 1
+    if trainer.rank == 0:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="dsv3 eval", description="Validation loss, bits per byte, MaxVio_global."
+    )
+    p.add_argument("--ckpt", required=True, help="a checkpoint directory (run/checkpoints/step_...)")
+    p.add_argument("--data", help="evaluate on other data (default: the run's validation split)")
+    p.add_argument("--batches", type=int, default=50)
+    args = p.parse_args(argv)
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.loop import Trainer
+
+    ckpt = Path(args.ckpt)
+    state_file = ckpt / "trainer.json"
+    if not state_file.exists():
+        print(f"dsv3 eval: {state_file} not found; --ckpt must be a training checkpoint", file=sys.stderr)
+        return 2
+    saved = json.loads(state_file.read_text())["config"]
+    saved.update(eval_batches=args.batches, tokenizer=str(ckpt), tensorboard=False)
+    if args.data:
+        saved["data"] = args.data
+    cfg = TrainConfig.build(saved)
+    trainer = Trainer.for_checkpoint(cfg, ckpt)
+    print(json.dumps(trainer.evaluate(), indent=2))
+    return 0
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dsv3 plot", description="PNG plots of a training run.")
+    p.add_argument("run", help="run directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="where to write the PNGs (default: RUN/plots)")
+    args = p.parse_args(argv)
+    from dsv3.train.plot import plot_run
+
+    for path in plot_run(args.run, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

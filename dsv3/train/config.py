@@ -1,0 +1,176 @@
+"""TrainConfig: the V3 recipe (§4.2, DESIGN §7) scaled down by configuration, validated.
+
+Schedules are defined on the fraction of training done, with the paper's token fractions as
+defaults: of 14.8T tokens, the learning rate is constant until 10T, decays (cosine) until 14.3T,
+then holds 2.2e-5 for 333B and 7.3e-6 for the last 167B; gamma = 0.001 until 14.3T then 0;
+lambda = 0.3 until 10T then 0.1; the batch ramps 3072 -> 15360 sequences over the first 469B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsv3 import paper
+from dsv3.config import ConfigError
+
+_T = 14.8e12  # total pre-training tokens of V3, to turn the paper's milestones into fractions
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model and run
+    preset: str = "small"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (model.<field>=value)
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    out: str = "runs/small"
+    # batch: global batch in sequences ramps from batch_start to batch_end over the first ramp fraction
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per forward; global batch / (micro_batch x ranks) = accumulation
+    batch_start: int = 8
+    batch_end: int = 8
+    batch_ramp: float = 469e9 / _T
+    # optimiser (§4.2): AdamW (0.9, 0.95), weight decay 0.1 (not on norms), clipping 1.0
+    lr: float = paper.PEAK_LR
+    warmup_steps: int | None = None  # None: 2% of the steps
+    lr_constant_until: float = 10e12 / _T
+    lr_decay_until: float = 14.3e12 / _T
+    lr_tail_from: float = (14.3e12 + 333e9) / _T
+    final_lr_ratio: float = paper.FINAL_LR / paper.PEAK_LR  # 2.2e-5 / 2.2e-4
+    tail_lr_ratio: float = paper.TAIL_LR / paper.PEAK_LR  # 7.3e-6 / 2.2e-4
+    betas: tuple[float, float] = paper.ADAMW_BETAS
+    eps: float = 1e-8
+    weight_decay: float = paper.WEIGHT_DECAY
+    grad_clip: float = paper.GRAD_CLIP
+    # load balance (§2.1.2) and MTP (§2.2)
+    gamma: float = paper.BIAS_UPDATE_SPEED
+    gamma_until: float = 14.3e12 / _T
+    alpha: float = paper.BALANCE_LOSS_ALPHA
+    mtp_lambda: float = paper.MTP_LAMBDA_EARLY
+    mtp_lambda_late: float = paper.MTP_LAMBDA_LATE
+    mtp_lambda_until: float = 10e12 / _T
+    # numerics and memory
+    precision: str = "auto"  # auto | fp32 | bf16 | fp8; auto picks bf16 only where BF16 matmul is fast
+    recompute: bool = False  # activation checkpointing of every block
+    # data (DESIGN §6)
+    data: str | None = None  # a file or directory of text/jsonl/parquet; None: the bundled corpus
+    tokenizer: str | None = None  # an existing tokenizer.json; None: train one
+    fim_rate: float = paper.FIM_RATE
+    val_fraction: float = 0.02
+    max_corpus_bytes: int | None = None  # None: the data module's default cap
+    # logging, evaluation, checkpoints
+    log_every: int = 1
+    eval_every: int = 100
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.02 * self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- construction from files and key=value overrides ------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict[str, Any]:
+        """Read a JSON or TOML config file into a dict of fields (validated when applied)."""
+        path = Path(path)
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                return tomllib.loads(text)
+            return json.loads(text)
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot parse ({e})") from e
+
+    @classmethod
+    def build(cls, values: dict[str, Any] | None = None, overrides: list[str] = ()) -> TrainConfig:
+        """Fields from `values`, then `key=value` overrides (model fields as model.<name>=value)."""
+        values = dict(values or {})
+        model = dict(values.pop("model", {}) or {})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown training field")
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+            key, raw = item.split("=", 1)
+            if key.startswith("model."):
+                model[key[len("model.") :]] = _parse_value(raw)
+            else:
+                values[key] = _coerce(key, raw)
+        return cls(**values, model=model)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _coerce(key: str, raw: str) -> Any:
+    hints = typing.get_type_hints(TrainConfig)
+    if key not in hints:
+        raise ConfigError(f"{key}: unknown training field")
+    value = _parse_value(raw)
+    if hints[key] is str or (isinstance(value, (int, float)) and hints[key] == (str | None)):
+        return raw
+    return value
+
+
+def _validate(c: TrainConfig) -> None:
+    def fail(name: str, msg: str) -> None:
+        raise ConfigError(f"{name}: {msg} (got {getattr(c, name)!r})")
+
+    for name in ("steps", "seq_len", "micro_batch", "batch_start", "batch_end", "log_every", "eval_every",
+                 "eval_batches", "ckpt_every", "keep_last", "max_bad_steps"):  # fmt: skip
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            fail(name, "must be a positive integer")
+    for name in ("lr", "eps", "grad_clip"):
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or not v > 0:
+            fail(name, "must be a positive number")
+    for name in ("weight_decay", "gamma", "alpha", "mtp_lambda", "mtp_lambda_late", "final_lr_ratio",
+                 "tail_lr_ratio"):  # fmt: skip
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or v < 0:
+            fail(name, "must be a non-negative number")
+    for name in ("batch_ramp", "lr_constant_until", "lr_decay_until", "lr_tail_from", "gamma_until",
+                 "mtp_lambda_until", "fim_rate"):  # fmt: skip
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            fail(name, "must be a fraction in [0, 1]")
+    if not 0 < c.val_fraction < 1:
+        fail("val_fraction", "must be in (0, 1)")
+    if not c.lr_constant_until <= c.lr_decay_until <= c.lr_tail_from:
+        fail("lr_decay_until", "need lr_constant_until <= lr_decay_until <= lr_tail_from")
+    if c.warmup_steps is not None and (not isinstance(c.warmup_steps, int) or c.warmup_steps < 0):
+        fail("warmup_steps", "must be a non-negative integer")
+    if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
+        fail("betas", "must be two numbers in [0, 1)")
+    if c.precision not in ("auto", "fp32", "bf16", "fp8"):
+        fail("precision", "must be one of auto, fp32, bf16, fp8")
+    for name in ("batch_start", "batch_end"):
+        if getattr(c, name) % c.micro_batch:
+            fail(name, f"must be a multiple of micro_batch ({c.micro_batch})")
+    if not isinstance(c.model, dict):
+        fail("model", "must be a mapping of ModelConfig overrides")

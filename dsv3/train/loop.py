@@ -1,0 +1,325 @@
+"""The training loop: the V3 recipe (§4.2) on the single-device model, data-parallel ready.
+
+Per optimizer step: the global batch (ramped) is split into micro-batches; each runs the full V3
+loss (main CE + lambda x MTP CE + alpha x balance loss) and accumulates gradients and per-expert
+counts; then the gradients are clipped and applied (AdamW, no decay on norms), and every MoE
+layer's routing bias moves by gamma x sign(mean - count) from the counts of the whole step, so a
+batch's routing only ever depends on earlier batches. A non-finite loss or gradient skips the step;
+`max_bad_steps` in a row stop the run with a checkpoint of the last good state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.data.dataset import DataConfig, Dataset, prepare_data
+from dsv3.data.loader import PackedLoader, val_batches
+from dsv3.model.moe import MoE
+from dsv3.train import schedules
+from dsv3.train.config import TrainConfig
+from dsv3.train.log import RunLog
+from dsv3.train.metrics import matmul_peak as measure_peak
+from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
+from dsv3.train.state import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    main: float
+    mtp: float
+    balance: float
+    grad_norm: float
+    skipped: bool
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices, none on norms (the gate bias is a buffer, not a param)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith("norm.weight") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_recompute(model: Transformer) -> None:
+    """Activation checkpointing of every block (main and MTP), applied from outside the model."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.layers) + [m.block for m in model.mtp]
+    for block in blocks:
+        inner = block.forward
+        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dataset: Dataset | None = None,
+        resume: bool = False,
+        show_progress: bool = True,
+        checkpoint: str | Path | None = None,
+    ) -> None:
+        """Fresh run, or with `resume` the newest valid checkpoint of cfg.out, or `checkpoint`."""
+        self.cfg, self.show = cfg, show_progress
+        self.rank, self.world = _dist()
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None
+        self.resumed_from = ckpt
+        self.precision, self.precision_reason = pick_precision(cfg.precision)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        torch.manual_seed(cfg.seed)
+
+        if dataset is None:
+            dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
+        self.data = dataset
+        if ckpt is not None:
+            self.model = Transformer.from_pretrained(ckpt, dtype=dtype)
+        else:
+            self.model = Transformer(self.model_config(dataset)).to(dtype)
+        self.model_cfg = self.model.config
+        if self.precision == "fp8":
+            from dsv3.fp8 import convert
+
+            convert(self.model)
+        if cfg.recompute:
+            apply_recompute(self.model)
+        self.optimizer = self._build_optimizer()
+        self.loader = PackedLoader(
+            dataset.train, cfg.seq_len, seed=cfg.seed, rank=self.rank, world_size=self.world
+        )
+        self.step, self.bad_steps, self.tokens_seen, self.skipped_total = 0, 0, 0, 0
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.optimizer)
+            if state.get("dataset_key") != dataset.key:
+                raise RuntimeError(
+                    f"{ckpt}: trained on other data (dataset key differs); resume with the same data"
+                )
+            self.loader.load_state_dict(state["loader"])
+            self.step, self.bad_steps = state["step"], state["bad_steps"]
+            self.tokens_seen, self.skipped_total = state["tokens_seen"], state["skipped_total"]
+        self.flops_per_token = train_flops_per_token(self.model_cfg, cfg.seq_len)
+        self.peak = measure_peak(dtype)
+        self.main_moe = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        self._token_bytes = dataset.tokenizer.token_bytes()
+
+    @classmethod
+    def for_checkpoint(cls, cfg: TrainConfig, path: str | Path) -> Trainer:
+        """The state of one checkpoint (e.g. to evaluate it), without a progress bar."""
+        return cls(cfg, checkpoint=path, show_progress=False)
+
+    # ---- set-up helpers ---------------------------------------------------------------------------
+    def data_config(self, tokenizer: str | None = None) -> DataConfig:
+        vocab = self.cfg.model.get("vocab_size", ModelConfig.from_preset(self.cfg.preset).vocab_size)
+        return DataConfig(
+            data=self.cfg.data, tokenizer=tokenizer, vocab_size=vocab, val_fraction=self.cfg.val_fraction,
+            seed=self.cfg.seed, max_bytes=self.cfg.max_corpus_bytes, fim_rate=self.cfg.fim_rate,
+            progress=self.show,
+        )  # fmt: skip
+
+    def model_config(self, dataset: Dataset) -> ModelConfig:
+        overrides = dict(self.cfg.model)
+        tok = dataset.tokenizer
+        overrides.setdefault("vocab_size", tok.vocab_size)
+        overrides.setdefault("bos_token_id", tok.bos_id)
+        overrides.setdefault("eos_token_id", tok.eos_id)
+        cfg = ModelConfig.from_preset(self.cfg.preset, **overrides)
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}"
+            )
+        return cfg
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        kw = dict(lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps)
+        if self.precision == "fp32":
+            return torch.optim.AdamW(groups, foreach=True, **kw)
+        from dsv3.optim import MixedPrecisionAdamW  # FP32 master weights, BF16 moments (§3.3)
+
+        return MixedPrecisionAdamW(groups, **kw)
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        cfg, model = self.cfg, self.model
+        model.train()
+        step = self.step
+        batch = schedules.global_batch(cfg, step, self.world)
+        accum = batch // (cfg.micro_batch * self.world)
+        lam, gamma = schedules.mtp_weight(cfg, step), schedules.bias_update_speed(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = schedules.learning_rate(cfg, step)
+        moe_layers = model.moe_layers()
+        counts = [torch.zeros_like(m.last_counts) for m in moe_layers]
+        parts = torch.zeros(4, dtype=torch.float64)  # total, main, mtp, balance
+        for _ in range(accum):
+            out = model.loss(self.loader.next_batch(cfg.micro_batch), mtp_lambda=lam, balance_alpha=cfg.alpha)
+            (out.total / accum).backward()
+            parts += torch.stack(
+                [out.total.detach(), out.main.detach(), out.mtp.detach(), out.balance.detach()]
+            )
+            for c, m in zip(counts, moe_layers):
+                c += m.last_counts
+        parts /= accum
+        if self.world > 1:
+            self._all_reduce_grads(parts, counts)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        skipped = not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped_total += 1
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            model.update_expert_bias(gamma, counts)
+            self.bad_steps = 0
+        self.last_counts = counts
+        self.step += 1
+        self.tokens_seen += batch * cfg.seq_len
+        p = parts.tolist()
+        return StepResult(p[0], p[1], p[2], p[3], grad_norm, skipped)
+
+    def _all_reduce_grads(self, parts: torch.Tensor, counts: list[torch.Tensor]) -> None:
+        """Plain data parallelism: average gradients and loss parts, sum expert counts."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        dist.all_reduce(parts, op=dist.ReduceOp.AVG)
+        for c in counts:
+            dist.all_reduce(c)
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (main and MTP), bits per byte, MaxVio_global over the evaluated set."""
+        model, cfg = self.model, self.cfg
+        model.eval()
+        main_nats = mtp_nats = 0.0
+        n_tokens = n_bytes = 0
+        counts = [torch.zeros_like(m.last_counts) for m in self.main_moe]
+        batches = val_batches(
+            self.data.val, cfg.seq_len, cfg.micro_batch, rank=self.rank, world_size=self.world,
+            max_batches=cfg.eval_batches,
+        )  # fmt: skip
+        for batch in batches:
+            out = model.loss(batch, mtp_lambda=0.0, balance_alpha=0.0)
+            labels = batch[:, 1:]
+            n = labels.numel()
+            main_nats += float(out.main) * n
+            mtp_nats += float(out.mtp) * n
+            n_tokens += n
+            n_bytes += int(self._token_bytes[labels.numpy().astype(np.int64)].sum())
+            for c, m in zip(counts, self.main_moe):
+                c += m.last_counts
+        totals = torch.tensor([main_nats, mtp_nats, n_tokens, n_bytes], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(totals)
+            for c in counts:
+                dist.all_reduce(c)
+        main_nats, mtp_nats, n_tokens, n_bytes = totals.tolist()
+        self.val_counts = counts
+        loss = main_nats / n_tokens
+        return {
+            "val_loss": loss,
+            "val_mtp_loss": mtp_nats / n_tokens,
+            "bits_per_byte": main_nats / math.log(2) / max(n_bytes, 1),
+            "maxvio_global": mean_max_violation(counts),
+            "tokens": int(n_tokens),
+        }
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        state = {
+            "step": self.step, "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen,
+            "skipped_total": self.skipped_total, "loader": self.loader.state_dict(),
+            "dataset_key": self.data.key, "precision": self.precision, "config": self.cfg.to_dict(),
+        }  # fmt: skip
+        return save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.data.tokenizer,
+            self.cfg.keep_last,
+        )
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train to cfg.steps with logging, periodic evaluation and checkpoints; returns the last eval."""
+        cfg = self.cfg
+        log = RunLog(
+            self.out, cfg.steps, self.step, cfg.tensorboard and self.rank == 0, self.show and self.rank == 0
+        )
+        if self.step == 0 and self.rank == 0:
+            log.write("run", 0, {"precision": self.precision, "precision_reason": self.precision_reason,
+                                 "params": self.model.num_params(), **self.data.stats})  # fmt: skip
+        last_eval: dict[str, float] = {}
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                r = self.train_step()
+                dt = time.perf_counter() - t0
+                tokens = schedules.global_batch(cfg, self.step - 1, self.world) * cfg.seq_len
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or r.skipped):
+                    values = {
+                        "loss": r.loss, "main_loss": r.main, "mtp_loss": r.mtp, "balance_loss": r.balance,
+                        "lr": schedules.learning_rate(cfg, self.step - 1), "grad_norm": r.grad_norm,
+                        "tokens_per_s": tokens / dt, "mfu": tokens / dt * self.flops_per_token / self.peak,
+                        "maxvio_batch": mean_max_violation(self.last_counts[: len(self.main_moe)]),
+                        "batch": tokens // cfg.seq_len, "tokens_seen": self.tokens_seen, "skipped": r.skipped,
+                    }  # fmt: skip
+                    log.write("train", self.step, values)
+                    log.progress(self.step, {"loss": f"{r.main:.3f}", "tok/s": f"{tokens / dt:.0f}"})
+                if r.skipped:
+                    log.message(
+                        f"step {self.step}: non-finite loss or gradient, step skipped "
+                        f"({self.bad_steps} in a row)"
+                    )
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        path = self.save()
+                        raise TrainingDiverged(
+                            f"{self.bad_steps} consecutive non-finite steps at step {self.step}; "
+                            f"the last good state is saved in {path}. "
+                            "Lower the learning rate or check the data."
+                        )
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last_eval = self.evaluate()
+                    if self.rank == 0:
+                        log.write("eval", self.step, last_eval)
+                        log.expert_load(self.step, [c.tolist() for c in self.val_counts])
+                        log.message(f"step {self.step}: val loss {last_eval['val_loss']:.3f}, "
+                                    f"bpb {last_eval['bits_per_byte']:.3f}, "
+                                    f"MaxVio {last_eval['maxvio_global']:.3f}")  # fmt: skip
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            path = self.save()
+            log.message(f"interrupted at step {self.step}; saved {path}; continue with --resume")
+            raise
+        finally:
+            log.close()
+        return last_eval

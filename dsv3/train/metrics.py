@@ -1,0 +1,60 @@
+"""Training measurements: load-balance violation (MaxVio), FLOPs per token, matmul peak for MFU."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dsv3.config import ModelConfig
+
+
+def max_violation(counts: torch.Tensor) -> float:
+    """MaxVio = (max_i load_i - mean load) / mean load, for counts [E] (Wang et al. 2024, §3.5)."""
+    c = counts.double()
+    mean = c.mean()
+    return 0.0 if mean == 0 else float((c.max() - mean) / mean)
+
+
+def mean_max_violation(per_layer: list[torch.Tensor]) -> float:
+    """MaxVio averaged over layers (MaxVio_batch for one batch, MaxVio_global for a whole set)."""
+    return sum(max_violation(c) for c in per_layer) / max(len(per_layer), 1)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool = True) -> float:
+    """Model FLOPs of forward + backward per token: 6 x activated matmul parameters (the embedding is
+    a lookup, not a matmul) plus causal attention scores and values over an average context of T/2;
+    each MTP module adds its projection, its block and one more pass through the shared head."""
+    c = cfg.param_counts()
+    matmul = c["activated"] - c["embedding"] - c["norms"]
+    attn_layers = cfg.n_layers
+    if with_mtp and cfg.n_mtp_layers:
+        expert = 3 * cfg.dim * cfg.moe_inter_dim
+        per_module = c["mtp"] // cfg.n_mtp_layers - (cfg.n_routed_experts - cfg.n_activated_experts) * expert
+        matmul += cfg.n_mtp_layers * (per_module + c["head"])
+        attn_layers += cfg.n_mtp_layers
+    attn = 6 * attn_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return 6 * matmul + attn
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8) -> float:
+    """Dense n^3 matmul FLOP/s measured now on this machine (the MFU denominator)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def pick_precision(requested: str) -> tuple[str, str]:
+    """Resolve `auto`: BF16 only where BF16 matmul is at least half as fast as FP32 (CPUs without
+    BF16 units run it ~100x slower). Returns (precision, reason)."""
+    if requested != "auto":
+        return requested, "requested"
+    if torch.cuda.is_available():
+        return "bf16", "GPU"
+    fp32, bf16 = matmul_peak(torch.float32, 512, 4), matmul_peak(torch.bfloat16, 512, 4)
+    if bf16 >= 0.5 * fp32:
+        return "bf16", f"BF16 matmul {bf16 / 1e9:.0f} GF/s vs FP32 {fp32 / 1e9:.0f} GF/s"
+    return "fp32", f"BF16 matmul {bf16 / 1e9:.1f} GF/s is slow here (FP32 {fp32 / 1e9:.0f} GF/s)"

@@ -1,0 +1,162 @@
+"""Resumable training state: atomic, verified, pruned checkpoints.
+
+A checkpoint is a directory `step_00000100/` holding the model in the official HF layout
+(config.json + safetensors: loadable as-is by `Transformer.from_pretrained`, the inference engine
+and transformers), the tokenizer, `optimizer.pt`, `rng.pt`, `trainer.json` (step, loader position,
+schedules' inputs, the training config) and, written last, `manifest.json` with the size and SHA-256
+of every file. It is written into a hidden temporary directory that is renamed into place only when
+complete, so a crash (even kill -9) mid-write leaves the previous checkpoint untouched; on resume,
+a checkpoint whose files do not match its manifest is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+PREFIX = "step_"
+
+
+class TrainCheckpointError(RuntimeError):
+    """A training checkpoint is incomplete or corrupt; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer: Any | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep_last` ones."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+    _pause_for_tests()
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _pause_for_tests() -> None:
+    # Lets the crash test kill the writer mid-checkpoint at a known point.
+    delay = os.environ.get("DSV3_TEST_CKPT_PAUSE")
+    if delay:
+        marker = os.environ.get("DSV3_TEST_CKPT_MARKER")
+        if marker:
+            Path(marker).write_text("writing")
+        time.sleep(float(delay))
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Completed checkpoint directories (renamed into place), oldest first."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise TrainCheckpointError unless every file matches the manifest (size, then SHA-256)."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        raise TrainCheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise TrainCheckpointError(f"{path / MANIFEST}: unreadable ({e})") from e
+    for name, want in manifest.items():
+        f = path / name
+        if not f.exists():
+            raise TrainCheckpointError(f"{f}: missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise TrainCheckpointError(f"{f}: truncated or altered ({size} bytes, expected {want['bytes']})")
+        if _sha256(f) != want["sha256"]:
+            raise TrainCheckpointError(f"{f}: corrupt (SHA-256 does not match the manifest)")
+
+
+def latest_valid_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is reported in a warning."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except TrainCheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Verify `path`, restore the optimizer and RNG state; return the trainer state. (The model is
+    loaded by `Transformer.from_pretrained(path)` before the optimizer is built.)"""
+    path = Path(path)
+    verify_checkpoint(path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "trainer.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
