@@ -239,13 +239,20 @@ def _read_parquet(path: Path) -> list[Document]:
 def split_documents(
     docs: Iterable[Document], val_fraction: float, seed: int
 ) -> tuple[list[Document], list[Document]]:
-    """Hold out about `val_fraction` of each source's documents, chosen by a seeded hash of the name."""
+    """Hold out about `val_fraction` of each source's documents, chosen by a seeded hash of the name.
+
+    Sources with a single document (e.g. a directory of one-document text files) are pooled, so
+    that they too contribute validation documents."""
     if not 0 <= val_fraction < 1:
         raise CorpusError(f"val_fraction: must be in [0, 1), got {val_fraction}")
     docs = list(docs)
     by_source: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
         by_source.setdefault(d.source, []).append(i)
+    singles = [idx[0] for idx in by_source.values() if len(idx) == 1]
+    by_source = {k: v for k, v in by_source.items() if len(v) > 1}
+    if singles:
+        by_source["\0single-document sources"] = singles
     held = set()
     for idx in by_source.values():
         n_val = round(val_fraction * len(idx))

@@ -106,7 +106,9 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     stats["tokenizer_s"] = time.perf_counter() - t0
     stats["tokenizer"] = note
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("data", "tokenizer", "cache", "progress")}
+    # the tokenizer enters the key by its hash; vocab_size only matters when one is trained
+    skip = ("data", "tokenizer", "cache", "progress", "vocab_size")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     tok_hash = hashlib.sha256(tok.hf.to_str(pretty=False).encode()).hexdigest()
     key = _digest(fingerprint, tok_hash, json.dumps(settings, sort_keys=True), FORMAT_VERSION)
     out = root / "tokenized" / key

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
@@ -30,6 +29,7 @@ from dsv3.train.log import RunLog
 from dsv3.train.metrics import matmul_peak as measure_peak
 from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.state import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.strategy import Strategy
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,12 +44,6 @@ class StepResult:
     balance: float
     grad_norm: float
     skipped: bool
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -78,10 +72,13 @@ class Trainer:
         resume: bool = False,
         show_progress: bool = True,
         checkpoint: str | Path | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
-        """Fresh run, or with `resume` the newest valid checkpoint of cfg.out, or `checkpoint`."""
+        """Fresh run, or with `resume` the newest valid checkpoint of cfg.out, or `checkpoint`.
+        `strategy` spreads the step over processes (default: one process or plain data parallel)."""
         self.cfg, self.show = cfg, show_progress
-        self.rank, self.world = _dist()
+        self.strategy = strategy or Strategy()
+        self.rank, self.world = self.strategy.rank, self.strategy.world
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None
@@ -104,13 +101,16 @@ class Trainer:
             convert(self.model)
         if cfg.recompute:
             apply_recompute(self.model)
+        self.model = self.strategy.parallelize(self.model)
         self.optimizer = self._build_optimizer()
+        self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
         self.loader = PackedLoader(
-            dataset.train, cfg.seq_len, seed=cfg.seed, rank=self.rank, world_size=self.world
+            dataset.train, cfg.seq_len, seed=cfg.seed, rank=self.data_rank, world_size=self.data_world
         )
         self.step, self.bad_steps, self.tokens_seen, self.skipped_total = 0, 0, 0, 0
         if ckpt is not None:
-            state = load_checkpoint(ckpt, self.optimizer)
+            state, optimizer_state = load_checkpoint(ckpt)
+            self.strategy.load_optimizer_state(self.optimizer, optimizer_state)
             if state.get("dataset_key") != dataset.key:
                 raise RuntimeError(
                     f"{ckpt}: trained on other data (dataset key differs); resume with the same data"
@@ -151,20 +151,22 @@ class Trainer:
         return cfg
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.model, self.cfg.weight_decay)
         kw = dict(lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps)
         if self.precision == "fp32":
-            return torch.optim.AdamW(groups, foreach=True, **kw)
-        from dsv3.optim import MixedPrecisionAdamW  # FP32 master weights, BF16 moments (§3.3)
+            make = lambda groups: torch.optim.AdamW(groups, foreach=True, **kw)
+        else:
+            from dsv3.optim import MixedPrecisionAdamW  # FP32 master weights, BF16 moments (§3.3)
 
-        return MixedPrecisionAdamW(groups, **kw)
+            make = lambda groups: MixedPrecisionAdamW(groups, **kw)
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        return self.strategy.build_optimizer(self.model, make, groups)
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> StepResult:
         cfg, model = self.cfg, self.model
         model.train()
         step = self.step
-        batch = schedules.global_batch(cfg, step, self.world)
+        batch = schedules.global_batch(cfg, step, self.data_world)
         accum = batch // (cfg.micro_batch * self.world)
         lam, gamma = schedules.mtp_weight(cfg, step), schedules.bias_update_speed(cfg, step)
         for group in self.optimizer.param_groups:
@@ -181,9 +183,11 @@ class Trainer:
             for c, m in zip(counts, moe_layers):
                 c += m.last_counts
         parts /= accum
-        if self.world > 1:
-            self._all_reduce_grads(parts, counts)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        self.strategy.reduce_gradients(model)
+        self.strategy.reduce_mean(parts)
+        for c in counts:  # the bias update must see the whole global batch
+            self.strategy.reduce_sum(c)
+        grad_norm = self.strategy.clip_grad_norm(model, cfg.grad_clip)
         skipped = not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -200,15 +204,6 @@ class Trainer:
         p = parts.tolist()
         return StepResult(p[0], p[1], p[2], p[3], grad_norm, skipped)
 
-    def _all_reduce_grads(self, parts: torch.Tensor, counts: list[torch.Tensor]) -> None:
-        """Plain data parallelism: average gradients and loss parts, sum expert counts."""
-        for p in self.model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        dist.all_reduce(parts, op=dist.ReduceOp.AVG)
-        for c in counts:
-            dist.all_reduce(c)
-
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -219,7 +214,7 @@ class Trainer:
         n_tokens = n_bytes = 0
         counts = [torch.zeros_like(m.last_counts) for m in self.main_moe]
         batches = val_batches(
-            self.data.val, cfg.seq_len, cfg.micro_batch, rank=self.rank, world_size=self.world,
+            self.data.val, cfg.seq_len, cfg.micro_batch, rank=self.data_rank, world_size=self.data_world,
             max_batches=cfg.eval_batches,
         )  # fmt: skip
         for batch in batches:
@@ -232,11 +227,11 @@ class Trainer:
             n_bytes += int(self._token_bytes[labels.numpy().astype(np.int64)].sum())
             for c, m in zip(counts, self.main_moe):
                 c += m.last_counts
-        totals = torch.tensor([main_nats, mtp_nats, n_tokens, n_bytes], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(totals)
-            for c in counts:
-                dist.all_reduce(c)
+        totals = self.strategy.reduce_sum(
+            torch.tensor([main_nats, mtp_nats, n_tokens, n_bytes], dtype=torch.float64)
+        )
+        for c in counts:
+            self.strategy.reduce_sum(c)
         main_nats, mtp_nats, n_tokens, n_bytes = totals.tolist()
         self.val_counts = counts
         loss = main_nats / n_tokens
@@ -250,7 +245,10 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path | None:
-        if self.rank != 0:
+        """Write a checkpoint (every rank takes part in gathering; the main rank writes)."""
+        model = self.strategy.full_model(self.model)
+        optimizer_state = self.strategy.optimizer_state(self.optimizer)
+        if not self.strategy.is_main:
             return None
         state = {
             "step": self.step, "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen,
@@ -260,8 +258,8 @@ class Trainer:
         return save_checkpoint(
             self.ckpt_root,
             self.step,
-            self.model,
-            self.optimizer,
+            model,
+            optimizer_state,
             state,
             self.data.tokenizer,
             self.cfg.keep_last,
@@ -272,9 +270,13 @@ class Trainer:
         """Train to cfg.steps with logging, periodic evaluation and checkpoints; returns the last eval."""
         cfg = self.cfg
         log = RunLog(
-            self.out, cfg.steps, self.step, cfg.tensorboard and self.rank == 0, self.show and self.rank == 0
+            self.out,
+            cfg.steps,
+            self.step,
+            cfg.tensorboard and self.strategy.is_main,
+            self.show and self.strategy.is_main,
         )
-        if self.step == 0 and self.rank == 0:
+        if self.step == 0 and self.strategy.is_main:
             log.write("run", 0, {"precision": self.precision, "precision_reason": self.precision_reason,
                                  "params": self.model.num_params(), **self.data.stats})  # fmt: skip
         last_eval: dict[str, float] = {}
@@ -283,8 +285,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 r = self.train_step()
                 dt = time.perf_counter() - t0
-                tokens = schedules.global_batch(cfg, self.step - 1, self.world) * cfg.seq_len
-                if self.rank == 0 and (self.step % cfg.log_every == 0 or r.skipped):
+                tokens = schedules.global_batch(cfg, self.step - 1, self.data_world) * cfg.seq_len
+                if self.strategy.is_main and (self.step % cfg.log_every == 0 or r.skipped):
                     values = {
                         "loss": r.loss, "main_loss": r.main, "mtp_loss": r.mtp, "balance_loss": r.balance,
                         "lr": schedules.learning_rate(cfg, self.step - 1), "grad_norm": r.grad_norm,
@@ -308,7 +310,7 @@ class Trainer:
                         )
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     last_eval = self.evaluate()
-                    if self.rank == 0:
+                    if self.strategy.is_main:
                         log.write("eval", self.step, last_eval)
                         log.expert_load(self.step, [c.tolist() for c in self.val_counts])
                         log.message(f"step {self.step}: val loss {last_eval['val_loss']:.3f}, "

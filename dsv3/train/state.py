@@ -50,7 +50,7 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     tokenizer: Any | None = None,
     keep_last: int = 2,
@@ -65,7 +65,7 @@ def save_checkpoint(
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
     _pause_for_tests()
@@ -134,14 +134,14 @@ def latest_valid_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Verify `path`, restore the optimizer and RNG state; return the trainer state. (The model is
-    loaded by `Transformer.from_pretrained(path)` before the optimizer is built.)"""
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify `path` and restore the RNG state; return (trainer state, optimizer state). The model
+    is loaded by `Transformer.from_pretrained(path)` before the optimizer is built."""
     path = Path(path)
     verify_checkpoint(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer.json").read_text())
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    return json.loads((path / "trainer.json").read_text()), optimizer_state
 
 
 def _rng_state() -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""How a training step is spread over processes: the trainer's one seam for parallelism.
+
+The trainer builds a single-device model and hands it to a Strategy, which may change it (swap MoE
+layers for expert-parallel ones), owns the optimizer (sharded for ZeRO-1), reduces gradients and
+statistics across ranks, and turns sharded state into the rank-independent form checkpoints hold.
+`Strategy` here is one process or plain data parallelism over every rank of the default group;
+`dsv3.parallel` provides expert parallelism and ZeRO-1 behind the same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Strategy:
+    """One process, or data parallelism over every rank (gradients averaged by all-reduce)."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank() if _initialized() else 0
+        self.world = dist.get_world_size() if _initialized() else 1
+
+    # which shard of the data this rank reads
+    @property
+    def data_rank(self) -> int:
+        return self.rank
+
+    @property
+    def data_world(self) -> int:
+        return self.world
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes logs and checkpoints."""
+        return self.rank == 0
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def build_optimizer(
+        self, model: nn.Module, make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer], groups
+    ) -> torch.optim.Optimizer:
+        return make(groups)
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        if self.world > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
+        """Clip the (global) gradient norm; returns it before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        return t
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank that saw different tokens (for expert counts and eval totals)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def full_model(self, model: nn.Module) -> nn.Module:
+        """A single-device model with every weight (for saving in the HF layout), on the main rank."""
+        return model
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state in a rank-independent form (what the checkpoint holds)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)

@@ -1,0 +1,197 @@
+"""The trainer: schedules, resumption equal to an uninterrupted run, crash-safe checkpoints."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import ConfigError
+from dsv3.data.dataset import DataConfig, prepare_data
+from dsv3.train import TrainConfig, Trainer, TrainingDiverged
+from dsv3.train import schedules as S
+from dsv3.train.state import (
+    TrainCheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
+
+WORDS = "the model routes every token to experts while the cache keeps latent keys and values".split()
+
+
+def _write_corpus(root: Path) -> Path:
+    data = root / "corpus"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for d in range(40):
+        n = 60 + d * 3
+        idx = torch.randint(0, len(WORDS), (n,), generator=g).tolist()
+        (data / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in idx) + ".\n")
+    return data
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = _write_corpus(root)
+    cfg = DataConfig(
+        data=str(data), vocab_size=300, val_fraction=0.1, cache=str(root / "cache"), progress=False
+    )
+    return str(data), str(root / "cache"), prepare_data(cfg)
+
+
+def _cfg(out, data, **kw) -> TrainConfig:
+    base = dict(
+        preset="tiny", steps=20, out=str(out), data=data, seq_len=32, micro_batch=2, batch_start=2, batch_end=4,
+        batch_ramp=0.5, lr=3e-3, warmup_steps=3, eval_every=10, eval_batches=2, ckpt_every=10, keep_last=3,
+        precision="fp32", tensorboard=False, val_fraction=0.1,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+def test_learning_rate_schedule_shape():
+    cfg = TrainConfig(steps=1000, lr=1e-3, warmup_steps=10, lr_constant_until=0.6, lr_decay_until=0.9,
+                      lr_tail_from=0.95, final_lr_ratio=0.1, tail_lr_ratio=0.03)  # fmt: skip
+    lr = [S.learning_rate(cfg, s) for s in range(1000)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # linear warm-up
+    assert all(x == pytest.approx(1e-3) for x in lr[10:600])  # constant
+    assert lr[750] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # cosine midpoint
+    assert all(a >= b for a, b in zip(lr[600:900], lr[601:900]))  # monotone decay
+    assert all(x == pytest.approx(1e-4) for x in lr[900:950]) and lr[999] == pytest.approx(3e-5)
+
+
+def test_paper_schedule_fractions():
+    cfg = TrainConfig(steps=14800, lr=2.2e-4)  # one step per billion tokens of V3's 14.8T
+    assert S.learning_rate(cfg, 9_999) == pytest.approx(2.2e-4)  # constant until 10T
+    assert S.learning_rate(cfg, 14_310) == pytest.approx(2.2e-5)  # 2.2e-5 after the decay to 14.3T
+    assert S.learning_rate(cfg, 14_700) == pytest.approx(7.3e-6)  # the last 167B tokens
+    assert S.bias_update_speed(cfg, 14_299) == 0.001 and S.bias_update_speed(cfg, 14_301) == 0.0
+    assert S.mtp_weight(cfg, 9_999) == 0.3 and S.mtp_weight(cfg, 10_001) == 0.1
+    assert S.global_batch(cfg.replace(batch_start=3072, batch_end=15360, micro_batch=1024), 0) == 3072
+    assert S.global_batch(cfg.replace(batch_start=3072, batch_end=15360, micro_batch=1024), 470) == 15360
+
+
+def test_batch_ramp_rounds_to_micro_batch_times_ranks():
+    cfg = TrainConfig(steps=100, micro_batch=4, batch_start=8, batch_end=32, batch_ramp=0.5)
+    sizes = [S.global_batch(cfg, s, ranks=2) for s in range(100)]
+    assert sizes[0] == 8 and sizes[50] == 32 and sizes[99] == 32
+    assert all(b % 8 == 0 for b in sizes) and sizes == sorted(sizes)
+
+
+def test_bad_config_values_name_the_field():
+    for kw, field in [({"steps": 0}, "steps"), ({"precision": "fp16"}, "precision"), ({"lr": -1.0}, "lr"),
+                      ({"batch_start": 6, "micro_batch": 4}, "batch_start"), ({"fim_rate": 1.5}, "fim_rate"),
+                      ({"betas": (0.9, 1.2)}, "betas"), ({"lr_constant_until": 0.99}, "lr_decay_until")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"^{field}:"):
+            TrainConfig(**kw)
+    with pytest.raises(ConfigError, match="^nope: unknown"):
+        TrainConfig.build({}, ["nope=1"])
+    cfg = TrainConfig.build({"steps": 5}, ["lr=0.01", "model.n_layers=2", "out=runs/x"])
+    assert cfg.lr == 0.01 and cfg.model == {"n_layers": 2} and cfg.out == "runs/x"
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def test_training_reduces_loss_and_moves_biases(tmp_path, small_data):
+    data, cache, ds = small_data
+    trainer = Trainer(_cfg(tmp_path / "run", data, steps=30, gamma=0.01), dataset=ds, show_progress=False)
+    bias0 = [m.gate.e_score_correction_bias.clone() for m in trainer.model.moe_layers()]
+    result = trainer.fit()
+    losses = _losses(tmp_path / "run")
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert all(
+        not torch.equal(a, m.gate.e_score_correction_bias) for a, m in zip(bias0, trainer.model.moe_layers())
+    )
+    assert result["val_loss"] < math.log(ds.tokenizer.vocab_size)
+    assert {"val_loss", "bits_per_byte", "maxvio_global"} <= result.keys()
+    rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "maxvio_batch"} <= rec[
+        -2
+    ].keys()
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, small_data):
+    data, cache, ds = small_data
+    full = Trainer(_cfg(tmp_path / "full", data), dataset=ds, show_progress=False)
+    full.fit()
+    first = Trainer(_cfg(tmp_path / "split", data, steps=20), dataset=ds, show_progress=False)
+    first.cfg = first.cfg.replace(steps=20)
+    # stop after step 10 (the checkpoint), as a killed run would
+    while first.step < 10:
+        first.train_step()
+    first.save()
+    resumed = Trainer(_cfg(tmp_path / "split", data), dataset=ds, resume=True, show_progress=False)
+    assert resumed.step == 10
+    resumed.fit()
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert len(a) == 20 and len(b) == 10
+    assert a[10:] == b  # bit-identical: same data, same state, same RNG
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, small_data):
+    data, cache, ds = small_data
+    trainer = Trainer(_cfg(tmp_path / "nan", data, max_bad_steps=3), dataset=ds, show_progress=False)
+    trainer.train_step()
+    good = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("nan")
+    good["lm_head.weight"][0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+        trainer.fit()
+    assert trainer.skipped_total == 3
+    for k, v in trainer.model.state_dict().items():  # no update was applied
+        if v.is_floating_point():
+            assert torch.equal(torch.nan_to_num(v), torch.nan_to_num(good[k])), k
+    assert latest_valid_checkpoint(tmp_path / "nan" / "checkpoints") is not None
+
+
+def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path, small_data):
+    data, cache, ds = small_data
+    Trainer(_cfg(tmp_path / "t", data), dataset=ds, show_progress=False).fit()
+    ckpts = list_checkpoints(tmp_path / "t" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000010", "step_00000020"]
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(TrainCheckpointError, match=r"model.safetensors: truncated or altered \(1000 bytes"):
+        verify_checkpoint(ckpts[-1])
+    with pytest.warns(UserWarning, match="truncated"):
+        assert latest_valid_checkpoint(tmp_path / "t" / "checkpoints") == ckpts[0]
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, small_data):
+    data, cache, ds = small_data
+    out = tmp_path / "kill"
+    Trainer(_cfg(out, data, steps=10), dataset=ds, show_progress=False).fit()  # step_10 exists
+    marker = tmp_path / "writing"
+    env = dict(os.environ, DSV3_TEST_CKPT_PAUSE="60", DSV3_TEST_CKPT_MARKER=str(marker), DSV3_CACHE=cache)
+    cmd = [sys.executable, "-m", "dsv3.train", "--resume", "--quiet", "--preset", "tiny", "--steps", "20",
+           "--out", str(out), "--data", data, "seq_len=32", "micro_batch=2", "batch_start=2", "batch_end=4",
+           "batch_ramp=0.5", "lr=0.003", "warmup_steps=3", "eval_every=10", "eval_batches=2", "ckpt_every=10",
+           "precision=fp32", "tensorboard=false", "val_fraction=0.1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the writer never reached the checkpoint"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-write: files of step 20 exist only in the temporary dir
+    proc.wait(timeout=30)
+    root = out / "checkpoints"
+    assert any(p.name.endswith(".tmp") for p in root.iterdir())
+    assert latest_valid_checkpoint(root).name == "step_00000010"
+    resumed = Trainer(_cfg(out, data), dataset=ds, resume=True, show_progress=False)
+    assert resumed.step == 10
