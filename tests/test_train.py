@@ -49,7 +49,8 @@ def small_data(tmp_path_factory):
 
 def _cfg(out, data, **kw) -> TrainConfig:
     base = dict(
-        preset="tiny", steps=20, out=str(out), data=data, seq_len=32, micro_batch=2, batch_start=2, batch_end=4,
+        preset="tiny", steps=20, out=str(out), data=data, seq_len=32, micro_batch=2, batch_start=2,
+        batch_end=4,
         batch_ramp=0.5, lr=3e-3, warmup_steps=3, eval_every=10, eval_batches=2, ckpt_every=10, keep_last=3,
         precision="fp32", tensorboard=False, val_fraction=0.1,
     )  # fmt: skip
@@ -95,7 +96,8 @@ def test_batch_ramp_rounds_to_micro_batch_times_ranks():
 def test_bad_config_values_name_the_field():
     for kw, field in [({"steps": 0}, "steps"), ({"precision": "fp16"}, "precision"), ({"lr": -1.0}, "lr"),
                       ({"batch_start": 6, "micro_batch": 4}, "batch_start"), ({"fim_rate": 1.5}, "fim_rate"),
-                      ({"betas": (0.9, 1.2)}, "betas"), ({"lr_constant_until": 0.99}, "lr_decay_until")]:  # fmt: skip
+                      ({"betas": (0.9, 1.2)}, "betas"),
+                      ({"lr_constant_until": 0.99}, "lr_decay_until")]:  # fmt: skip
         with pytest.raises(ConfigError, match=rf"^{field}:"):
             TrainConfig(**kw)
     with pytest.raises(ConfigError, match="^nope: unknown"):
