@@ -27,6 +27,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--ep", type=int, help="expert-parallel size (under torchrun; same as parallel.ep=N)")
+    p.add_argument("--dp", type=int, help="data-parallel size (under torchrun; same as parallel.dp=N)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
@@ -39,7 +41,9 @@ def build_config(args: argparse.Namespace):
     for name in ("preset", "steps", "precision", "data", "out"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    return TrainConfig.build(values, args.overrides)
+    overrides = list(args.overrides)
+    overrides += [f"parallel.{k}={getattr(args, k)}" for k in ("ep", "dp") if getattr(args, k) is not None]
+    return TrainConfig.build(values, overrides)
 
 
 def _init_distributed() -> None:

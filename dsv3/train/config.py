@@ -26,6 +26,7 @@ class TrainConfig:
     # model and run
     preset: str = "small"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (model.<field>=value)
+    parallel: dict[str, Any] = field(default_factory=dict)  # dsv3.parallel settings (parallel.<key>=value)
     steps: int = 1000  # optimizer steps
     seed: int = 0
     out: str = "runs/small"
@@ -105,6 +106,7 @@ class TrainConfig:
         """Fields from `values`, then `key=value` overrides (model fields as model.<name>=value)."""
         values = dict(values or {})
         model = dict(values.pop("model", {}) or {})
+        parallel = dict(values.pop("parallel", {}) or {})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"{sorted(unknown)[0]}: unknown training field")
@@ -114,9 +116,11 @@ class TrainConfig:
             key, raw = item.split("=", 1)
             if key.startswith("model."):
                 model[key[len("model.") :]] = _parse_value(raw)
+            elif key.startswith("parallel."):
+                parallel[key[len("parallel.") :]] = _parse_value(raw)
             else:
                 values[key] = _coerce(key, raw)
-        return cls(**values, model=model)
+        return cls(**values, model=model, parallel=parallel)
 
 
 def _parse_value(raw: str) -> Any:
@@ -174,3 +178,5 @@ def _validate(c: TrainConfig) -> None:
             fail(name, f"must be a multiple of micro_batch ({c.micro_batch})")
     if not isinstance(c.model, dict):
         fail("model", "must be a mapping of ModelConfig overrides")
+    if not isinstance(c.parallel, dict):
+        fail("parallel", "must be a mapping of parallelism settings")

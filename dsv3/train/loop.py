@@ -77,6 +77,10 @@ class Trainer:
         """Fresh run, or with `resume` the newest valid checkpoint of cfg.out, or `checkpoint`.
         `strategy` spreads the step over processes (default: one process or plain data parallel)."""
         self.cfg, self.show = cfg, show_progress
+        if strategy is None and cfg.parallel:
+            from dsv3.parallel.strategy import build_strategy  # expert parallel, ZeRO-1 (DESIGN §5)
+
+            strategy = build_strategy(**cfg.parallel)
         self.strategy = strategy or Strategy()
         self.rank, self.world = self.strategy.rank, self.strategy.world
         self.out = Path(cfg.out)
