@@ -154,7 +154,8 @@ def select_active(
     heapq.heapify(heap)
     while heap and room.sum() > 0:
         _, e = heapq.heappop(heap)
-        free = [s for s in hosts[e] if not active[s] and room[s // H] > 0]
+        busy = {t // H for t in hosts[e] if active[t]}  # never two active replicas on one GPU
+        free = [s for s in hosts[e] if not active[s] and room[s // H] > 0 and s // H not in busy]
         if free:
             activate(e, min(free, key=lambda s: gpu_load[s // H]))
             heapq.heappush(heap, (-w[e] / n_active[e], e))
@@ -183,10 +184,14 @@ def split_tokens(
     expert = phy2log.numpy()[slots]
     gpu = slots // (phy2log.shape[0] // num_gpus)
     w = load.double().numpy()
-    counts = np.bincount(expert, minlength=w.shape[0])
-    share = w[expert] / counts[expert]  # start from the even split
+    # two active slots of one expert on one GPU act as one: the second gets no tokens
+    _, first = np.unique(expert * num_gpus + gpu, return_index=True)
+    lead = np.zeros(len(slots), dtype=bool)
+    lead[first] = True
+    counts = np.bincount(expert[lead], minlength=w.shape[0])
+    share = np.where(lead, w[expert] / np.maximum(counts[expert], 1), 0.0)  # start from the even split
     gpu_load = np.bincount(gpu, weights=share, minlength=num_gpus)
-    multi = [np.nonzero(expert == e)[0] for e in np.nonzero(counts > 1)[0]]
+    multi = [np.nonzero((expert == e) & lead)[0] for e in np.nonzero(counts > 1)[0]]
     for _ in range(sweeps if multi else 0):
         moved = 0.0
         for idx in multi:
@@ -202,7 +207,7 @@ def split_tokens(
     # largest remainders: each expert gets back exactly its tokens
     short = w.astype(np.int64) - np.bincount(expert, weights=quota, minlength=w.shape[0]).astype(np.int64)
     for e in np.nonzero(short > 0)[0]:
-        idx = np.nonzero(expert == e)[0]
+        idx = np.nonzero((expert == e) & lead)[0]
         top = idx[np.argsort(-(share[idx] - quota[idx]), kind="stable")[: short[e]]]
         quota[top] += 1
     out = torch.zeros(phy2log.shape[0], dtype=torch.long)
