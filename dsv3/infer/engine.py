@@ -1,0 +1,289 @@
+"""The single-process inference engine: continuous batching over the paged latent cache (DESIGN §8).
+
+`add_request` queues a prompt (token ids); each `step` asks the scheduler for work and runs it:
+- decodes as ONE batched forward [B, 1] (or [B, 1 + k] verifying k MTP drafts) on the absorbed MLA
+  path, every row with its own positions and context length;
+- each prefill chunk as its own [1, C] forward on the naive path, writing the latent cache.
+Separate forwards rather than one padded batch: padding would cost up to B x C wasted tokens and
+MoE routes each token independently (no capacity, no dropping), so splitting a step into forwards
+changes no output. Then the sampled tokens are appended, stop conditions checked (eos / stop
+tokens, stop strings, max_tokens, the model's length) and finished sequences free their blocks.
+With speculative decoding the MTP module then drafts the next tokens of every row (see
+dsv3.infer.speculative).
+
+Shapes: B decode rows, C chunk length, K drafts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.infer.paged_cache import PagedLatentCache, cache_bytes_per_token
+from dsv3.infer.runner import ModelRunner
+from dsv3.infer.sampling import SamplingParams, logprob_entries, sample
+from dsv3.infer.scheduler import Scheduler, Sequence
+from dsv3.infer.speculative import SpecStats, propose, verify
+from dsv3.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per cache block
+    num_blocks: int | None = None  # cache blocks; None: as many as `cache_memory` bytes hold
+    cache_memory: int = 256 * 2**20  # bytes of KV cache when num_blocks is None
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # tokens per step: the prefill chunk budget
+    speculative: bool = False  # MTP drafts verified by the main model
+    num_speculative_tokens: int = 1  # drafts per step (V3 has one MTP module; more reuse it)
+    max_model_len: int | None = None  # prompt + output tokens at most; None: the model's max_seq_len
+    seed: int = 0  # seeds the generators of requests without their own seed
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks: must be positive or None, got {self.num_blocks}")
+        if self.speculative and self.max_num_batched_tokens < self.num_speculative_tokens + 1:
+            raise ValueError(
+                "max_num_batched_tokens: must hold one verification (num_speculative_tokens + 1)"
+            )
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated so far
+    finished: bool
+    finish_reason: str | None = None  # "stop" or "length"
+    text: str | None = None  # set when the engine has a tokenizer
+    logprobs: list[dict[int, float]] | None = None  # per token: {token: logprob} (raw distribution)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0  # tokens emitted by decode steps
+    mixed_steps: int = 0  # steps with both prefill chunks and decodes
+    max_running: int = 0
+    max_waiting_while_running: int = 0  # requests that waited while others ran (admission control)
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(), tokenizer=None) -> None:
+        cfg = model.config
+        self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
+        self.k = config.num_speculative_tokens if config.speculative else 0
+        if self.k and len(model.mtp) == 0:
+            raise ValueError("speculative: the model has no MTP module (num_nextn_predict_layers = 0)")
+        param = next(model.parameters())
+        n_layers = cfg.n_layers + (1 if self.k else 0)  # MTP module 1 caches only when drafting
+        num_blocks = config.num_blocks
+        if num_blocks is None:
+            per_block = n_layers * cfg.kv_cache_dim * param.element_size() * config.block_size
+            num_blocks = max(1, config.cache_memory // per_block)
+        self.cache = PagedLatentCache(cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device)
+        self.runner = ModelRunner(model, self.cache)
+        self.scheduler = Scheduler(
+            self.cache.allocator,
+            config.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.k,
+        )
+        self.max_model_len = config.max_model_len or cfg.max_seq_len
+        self.eos = {cfg.eos_token_id} | ({tokenizer.eos_id} if tokenizer is not None else set())
+        self.stats = EngineStats()
+        self.spec_stats = SpecStats(self.k)
+        self._ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token
+
+    def formula_bytes_per_token(self) -> int:
+        return cache_bytes_per_token(self.model.config, self.cache.data.dtype, with_mtp=bool(self.k))
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("prompt: must hold at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt)} tokens, the model takes at most {self.max_model_len - 1}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
+        self.scheduler.check_fits(len(prompt), max_tokens)
+        seed = (
+            params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+        )
+        rid = request_id if request_id is not None else str(next(self._ids))
+        seq = Sequence(rid, list(prompt), params, torch.Generator().manual_seed(seed))
+        seq.logprobs = [] if params.logprobs is not None else None
+        self.scheduler.add(seq)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the state of every request that received tokens."""
+        batch = self.scheduler.schedule()
+        self._count(batch)
+        emitted: dict[int, tuple[Sequence, list[int], torch.Tensor]] = {}  # id(seq) -> tokens, logits
+        verified = None
+        if batch.decodes and self.k:
+            verified = self._verify(batch.decodes, emitted)
+        elif batch.decodes:
+            seqs = batch.decodes
+            h = self.runner.hidden(seqs, [[s.tokens[-1]] for s in seqs], [s.num_computed for s in seqs], True)
+            logits = self.runner.logits(h[:, -1])  # (B, V)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            for i, s in enumerate(seqs):
+                s.num_computed += 1
+                emitted[id(s)] = (s, [tokens[i]], logits[i : i + 1])
+        final = []
+        for seqs, start, end in _group_chunks(batch.prefills):
+            rows = [s.tokens[a:b] for s, a, b in zip(seqs, start, end)]
+            h = self.runner.hidden(seqs, rows, start, absorb=False)  # (G, C, D)
+            for s, b in zip(seqs, end):
+                s.num_computed = b
+            if end[0] < seqs[0].num_tokens:  # not the prompt's last chunk: nothing to sample
+                if self.k:  # MTP keeps up with the prompt: its inputs t_{i+1} are all known
+                    self._mtp_prefill(seqs, h, start, end, draft=False)
+                continue
+            logits = self.runner.logits(h[:, -1])  # (G, V)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+            for i, s in enumerate(seqs):
+                emitted[id(s)] = (s, tokens[i : i + 1], logits[i : i + 1])
+            final.append((seqs, h, start, end))
+        outputs = [self._commit(seq, tokens, logits) for seq, tokens, logits in emitted.values()]
+        if verified is not None:
+            self._draft_after_verify(*verified)
+        for seqs, h, start, end in final:
+            live = [i for i, s in enumerate(seqs) if not s.finished]
+            if self.k and live:
+                pick = [seqs[i] for i in live]
+                self._mtp_prefill(pick, h[live], [start[i] for i in live], [end[i] for i in live], draft=True)
+        return outputs
+
+    def _count(self, batch) -> None:
+        st = self.stats
+        st.steps += 1
+        st.prefill_tokens += sum(e - s for _, s, e in batch.prefills)
+        st.mixed_steps += bool(batch.prefills and batch.decodes)
+        st.max_running = max(st.max_running, len(self.scheduler.running))
+        if self.scheduler.running:
+            st.max_waiting_while_running = max(st.max_waiting_while_running, len(self.scheduler.waiting))
+
+    # ---- speculative ------------------------------------------------------------------------------
+    def _verify(self, seqs: list[Sequence], emitted: dict) -> tuple:
+        """One [B, K + 1] forward over [last token, drafts]; accept; return what drafting needs."""
+        m = [s.num_computed for s in seqs]
+        h = self.runner.hidden(seqs, [[s.tokens[-1], *s.drafts] for s in seqs], m, absorb=True)  # (B, K+1, D)
+        logits = self.runner.logits(h)  # (B, K + 1, V)
+        new = verify(logits, seqs)
+        for i, s in enumerate(seqs):
+            a = len(new[i]) - 1
+            self.spec_stats.record(a)
+            s.num_computed = m[i] + a + 1  # t_m and the accepted drafts now have valid KV
+            emitted[id(s)] = (s, new[i], logits[i, : a + 1])
+        return seqs, h, m, new
+
+    def _draft_after_verify(
+        self, seqs: list[Sequence], h: torch.Tensor, m: list[int], new: list[list[int]]
+    ) -> None:
+        """MTP over the verified positions m..m+K (tokens one ahead: the emitted ones, then filler
+        that only provisional positions see); each row drafts from its last valid position m + a."""
+        live = [i for i, s in enumerate(seqs) if not s.finished]
+        if not live:
+            return
+        rows = [seqs[i] for i in live]
+        nxt = [new[i] + [new[i][-1]] * (self.k + 1 - len(new[i])) for i in live]
+        propose(
+            self.runner, rows, h[live], nxt, [m[i] for i in live], [len(new[i]) - 1 for i in live], self.k
+        )
+        for s in rows:
+            s.mtp_computed = s.num_computed
+
+    def _mtp_prefill(
+        self, seqs: list[Sequence], h: torch.Tensor, start: list[int], end: list[int], draft: bool
+    ):
+        """MTP over a prefilled chunk (tokens one ahead); after the last chunk, draft from its end."""
+        nxt = [s.tokens[a + 1 : b + 1] for s, a, b in zip(seqs, start, end)]
+        if draft:
+            propose(self.runner, seqs, h, nxt, start, [b - a - 1 for a, b in zip(start, end)], self.k)
+        else:
+            self.runner.mtp_hidden(seqs, h, nxt, start, absorb=False)
+        for s, b in zip(seqs, end):
+            s.mtp_computed = b
+
+    # ---- commit -----------------------------------------------------------------------------------
+    def _commit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor) -> RequestOutput:
+        """Append tokens one by one until a stop condition; logits [len(tokens), V] for logprobs."""
+        p = seq.params
+        entries = logprob_entries(logits, torch.tensor(tokens), [p.logprobs] * len(tokens))
+        for t, entry in zip(tokens, entries):
+            seq.tokens.append(t)
+            if seq.logprobs is not None:
+                seq.logprobs.append(entry)
+            self.stats.decode_tokens += 1
+            reason = self._stop_reason(seq, t)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                break
+        if seq.finished and self.tokenizer is not None:
+            ids = seq.output_ids
+            if ids and seq.finish_reason == "stop" and (ids[-1] in self.eos or ids[-1] in p.stop_token_ids):
+                ids = ids[:-1]  # the end token is not part of the text
+            seq.text = self.tokenizer.decode(ids)
+            if seq.stop_text_len is not None:
+                seq.text = seq.text[: seq.stop_text_len]
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt,
+            seq.output_ids,
+            seq.finished,
+            seq.finish_reason,
+            seq.text,
+            seq.logprobs,
+        )
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop:
+            text = self.tokenizer.decode(seq.output_ids)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                seq.stop_text_len = min(hits)
+                return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+
+def _group_chunks(prefills: list[tuple[Sequence, int, int]]):
+    """Prefill chunks of equal length that all end (or all do not end) their prompt run as one
+    [G, C] forward: yields (seqs, starts, ends)."""
+    groups: dict[tuple[int, bool], list[tuple[Sequence, int, int]]] = {}
+    for seq, a, b in prefills:
+        groups.setdefault((b - a, b == seq.num_tokens), []).append((seq, a, b))
+    for chunk in groups.values():
+        seqs, starts, ends = zip(*chunk)
+        yield list(seqs), list(starts), list(ends)

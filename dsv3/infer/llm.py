@@ -1,0 +1,121 @@
+"""The offline API, in the style users know from vLLM:
+
+    from dsv3.infer import LLM, SamplingParams
+    llm = LLM("path/to/ckpt")                                  # config.json + safetensors (+ tokenizer.json)
+    outs = llm.generate(["def fib(n):", [0, 17, 42]], SamplingParams(temperature=0, max_tokens=32))
+    middle = llm.complete(prefix="def add(a, b):\\n    return ", suffix="\\n")   # FIM, DESIGN §6
+
+Prompts are strings (needs a tokenizer) or token-id lists (always accepted). Strings are encoded as
+they are, without bos: a document in training starts with bos, so pass it yourself, or use `chat`
+and `complete`, which build the training-time layouts (the chat format and PSM FIM of DESIGN §6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
+from dsv3.infer.sampling import SamplingParams
+from dsv3.model.transformer import Transformer
+
+Prompt = str | list[int]
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer.json of a checkpoint directory, or None if it has none."""
+    if not (Path(path) / "tokenizer.json").exists():
+        return None
+    from dsv3.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | Transformer,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        tokenizer=None,
+        speculative: bool = False,
+        **engine_options,
+    ) -> None:
+        """model: a checkpoint directory (official HF layout, BF16/FP32 or FP8 + weight_scale_inv,
+        dequantised to `dtype` on load) or a Transformer. engine_options: fields of EngineConfig."""
+        if isinstance(model, Transformer):
+            self.model = model
+        else:
+            self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        self.tokenizer = tokenizer
+        self.engine = Engine(self.model, EngineConfig(speculative=speculative, **engine_options), tokenizer)
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"prompts[{index}]: a string prompt needs a tokenizer (no tokenizer.json in the "
+                    "checkpoint); pass token ids instead"
+                )
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompts[{index}]: expected a string or a list of token ids")
+        return list(prompt)
+
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(f"{what}: needs a tokenizer (no tokenizer.json in the checkpoint)")
+        return self.tokenizer
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_update: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (batched continuously); outputs in prompt order.
+        on_update(output) is called whenever a request receives tokens (streaming)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = params or SamplingParams()
+        plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [
+            self.engine.add_request(self.encode(p, i), sp) for i, (p, sp) in enumerate(zip(prompts, plist))
+        ]
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if on_update is not None:
+                    on_update(out)
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def chat(
+        self, messages: list[dict[str, str]], params: SamplingParams | None = None, on_update=None
+    ) -> RequestOutput:
+        """One assistant turn in the chat format of the released chat models (DESIGN §6)."""
+        tok = self._require_tokenizer("chat")
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate([prompt], params, on_update)[0]
+
+    def complete(self, prefix: str, suffix: str, params: SamplingParams | None = None) -> str:
+        """Fill in the middle: PSM layout `<bos><｜fim▁begin｜>prefix<｜fim▁hole｜>suffix<｜fim▁end｜>`;
+        the model writes the middle and ends it with eos (DESIGN §6)."""
+        from dsv3.data.fim import fim_prompt
+
+        tok = self._require_tokenizer("complete")
+        params = params or SamplingParams(temperature=0.0, max_tokens=64)
+        out = self.generate([fim_prompt(tok, prefix, suffix)], params)[0]
+        return out.text if out.text is not None else tok.decode(out.token_ids)
+
+    @property
+    def spec_stats(self):
+        return self.engine.spec_stats

@@ -1,0 +1,164 @@
+"""The paged latent KV cache of the engine: MLA's cache protocol over fixed-size blocks (DESIGN §3.2).
+
+MLA caches, per token and layer, only the normalised latent c_kv and the rotated shared rope key:
+kv_lora_rank + qk_rope_head_dim values (576 for V3; naive MHA caching would be 128 x (192 + 128)).
+Storage here is one pool per layer of `num_blocks * block_size` such rows. A sequence owns a list
+of blocks (its block table); the token at position p lives in row
+`block_table[p // block_size] * block_size + p % block_size` of every layer. All layers, main
+blocks and MTP blocks alike, share one block table, so a block holds `block_size` tokens of every
+layer and the bytes per token are `layers * (R + P) * element_size` (`cache_bytes_per_token`).
+
+Per forward the engine binds a `CacheContext` (the one per-step context object): where each new
+token is written (`slots`, -1 for padding, which is never written) and which rows to gather as the
+keys of each sequence (`gather`, with `key_positions` = -1 for slots past a sequence's length).
+Attention then sees exactly the `LatentKVCache.update` contract of `dsv3.model.attention`.
+`key_positions` stop at the context length given by the engine, not at the highest slot ever
+written: speculative decoding writes draft tokens and rolls back by simply passing a shorter length.
+
+Shapes: L layers, N slots (num_blocks * block_size), W = R + P cache width, B rows, T new tokens
+per row, S key positions (longest context of the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.config import ModelConfig
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, with_mtp: bool = True) -> int:
+    """Cache bytes of one token over all layers: layers * (kv_lora_rank + qk_rope_head_dim) * size."""
+    layers = cfg.n_layers + (cfg.n_mtp_layers if with_mtp else 0)
+    return layers * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class BlockAllocator:
+    """Free-block accounting: a LIFO free list (recently freed blocks are reused first)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks: must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"allocate: {n} blocks requested, {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+        if len(self._free) > self.num_blocks:
+            raise RuntimeError("free: more blocks returned than allocated (double free)")
+
+
+@dataclass
+class CacheContext:
+    """Where one forward writes and reads, row by row (built by `make_context`)."""
+
+    slots: torch.Tensor  # [B, T] row of the pool each new token goes to; -1: padding, not written
+    gather: torch.Tensor  # [B, S] pool row of key position s of each sequence (0 past its length)
+    key_positions: torch.Tensor  # [B, S] s, or -1 past the sequence's context length
+
+
+def make_context(
+    block_tables: list[list[int]],
+    positions: torch.Tensor,
+    context_lens: list[int],
+    block_size: int,
+    valid: torch.Tensor | None = None,
+) -> CacheContext:
+    """block_tables (one list of block ids per row), positions [B, T] of the new tokens,
+    context_lens (keys visible to the row after this forward), valid [B, T] (False: padding)."""
+    device = positions.device
+    B = len(block_tables)
+    width = max(1, max(len(t) for t in block_tables))
+    table = torch.zeros(B, width, dtype=torch.long)
+    for i, t in enumerate(block_tables):
+        table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    table = table.to(device)
+    lens = torch.tensor(context_lens, dtype=torch.long, device=device)
+    if int(lens.max()) > width * block_size or int(positions.max()) >= width * block_size:
+        raise ValueError(f"context_lens/positions: beyond the {width} blocks of the block tables")
+    pos = positions.clamp(min=0)
+    slots = table.gather(1, pos // block_size) * block_size + pos % block_size  # (B, T)
+    if valid is not None:
+        slots = slots.masked_fill(~valid, -1)
+    s = torch.arange(int(lens.max()), device=device)  # (S,)
+    inside = s[None, :] < lens[:, None]  # (B, S)
+    gather = table[:, s // block_size] * block_size + s % block_size  # (B, S)
+    return CacheContext(
+        slots=slots,
+        gather=gather.masked_fill(~inside, 0),
+        key_positions=s.expand(B, -1).masked_fill(~inside, -1),
+    )
+
+
+class PagedLatentCache:
+    """`n_layers` pools of `num_blocks * block_size` latent rows; implements `LatentKVCache`."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        n_layers: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size: must be positive, got {block_size}")
+        self.block_size = block_size
+        self.rank = cfg.kv_lora_rank
+        n = cfg.n_layers + cfg.n_mtp_layers if n_layers is None else n_layers
+        self.data = torch.zeros(n, num_blocks * block_size, cfg.kv_cache_dim, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.context: CacheContext | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes over all cached layers (measured from the storage itself)."""
+        n_layers, _, width = self.data.shape
+        return n_layers * width * self.data.element_size()
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def bind(self, context: CacheContext) -> PagedLatentCache:
+        """Set where the next forward writes and reads; returns self (pass it as the model's cache)."""
+        self.context = context
+        return self
+
+    def update(
+        self, layer_id: int, kv: torch.Tensor, pe: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write kv [B, T, R] and pe [B, T, P] at the bound slots; return the keys of each row
+        (kv [B, S, R], pe [B, S, P], key_positions [B, S])."""
+        ctx = self.context
+        if ctx is None:
+            raise RuntimeError("update: no CacheContext bound; call bind(make_context(...)) first")
+        if ctx.slots.shape != positions.shape:
+            raise ValueError(
+                f"positions: shape {tuple(positions.shape)} != bound slots {tuple(ctx.slots.shape)}"
+            )
+        pool = self.data[layer_id]  # (N, W)
+        new = torch.cat([kv, pe], dim=-1).to(pool.dtype).flatten(0, 1)  # (B*T, W)
+        slots = ctx.slots.flatten()
+        keep = slots >= 0
+        if bool(keep.all()):
+            pool.index_copy_(0, slots, new)
+        else:
+            pool.index_copy_(0, slots[keep], new[keep])
+        keys = pool[ctx.gather]  # (B, S, W)
+        return keys[..., : self.rank], keys[..., self.rank :], ctx.key_positions

@@ -1,0 +1,71 @@
+"""Runs the model on rows of sequences over the paged latent cache.
+
+The model is used as written (dsv3.model): the runner only builds the `CacheContext` of a forward
+(block tables, positions, context lengths) and picks the MLA path: the naive path for prefill
+chunks (per-head K/V materialised once for the chunk, efficient for many queries) and the absorbed
+path for decode and speculative verification (a few queries attend straight over the latents).
+Logits are computed only for the positions that are sampled: the output head over a long prefill
+chunk would cost as much as a layer.
+
+Shapes: B rows, T tokens per row, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from dsv3.infer.paged_cache import PagedLatentCache, make_context
+from dsv3.infer.scheduler import Sequence
+from dsv3.model.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedLatentCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = next(model.parameters()).device
+
+    def _bind(
+        self, seqs: Seq[Sequence], positions: torch.Tensor, context_lens: list[int]
+    ) -> PagedLatentCache:
+        ctx = make_context([s.block_table for s in seqs], positions, context_lens, self.cache.block_size)
+        return self.cache.bind(ctx)
+
+    def tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def hidden(
+        self, seqs: Seq[Sequence], tokens: list[list[int]], start: list[int], absorb: bool
+    ) -> torch.Tensor:
+        """Main model on tokens [B, T] placed at positions start[b] + 0..T-1 -> final hidden [B, T, D]."""
+        ids = self.tensor(tokens)
+        positions = self.tensor(start)[:, None] + torch.arange(ids.shape[1], device=self.device)
+        lens = [s + ids.shape[1] for s in start]
+        return self.model.hidden_states(ids, positions, self._bind(seqs, positions, lens), absorb)
+
+    @torch.no_grad()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h)
+
+    @torch.no_grad()
+    def mtp_hidden(
+        self,
+        seqs: Seq[Sequence],
+        h_prev: torch.Tensor,
+        tokens: list[list[int]],
+        start: list[int],
+        absorb: bool,
+    ) -> torch.Tensor:
+        """MTP module 1 at positions start[b] + 0..T-1: h_prev [B, T, D] and the tokens one ahead
+        [B, T] -> h^1 [B, T, D] (before its output norm)."""
+        ids = self.tensor(tokens)
+        positions = self.tensor(start)[:, None] + torch.arange(ids.shape[1], device=self.device)
+        lens = [s + ids.shape[1] for s in start]
+        return self.model.mtp_hidden(1, h_prev, ids, positions, self._bind(seqs, positions, lens), absorb)
+
+    @torch.no_grad()
+    def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.mtp_logits(1, h)

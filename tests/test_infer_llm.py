@@ -1,0 +1,148 @@
+"""The offline API and the command lines on real checkpoint directories: string and token-id prompts,
+the FIM and chat layouts (DESIGN §6), FP8 checkpoints, `dsv3 generate | chat | complete`."""
+
+import io
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsv3 import Transformer
+from dsv3.data.tokenizer import Tokenizer
+from dsv3.fp8.quant import dequantize_blocks, quantize_blocks
+from dsv3.infer import LLM, SamplingParams
+from dsv3.infer.cli import chat_main, complete_main, generate_main
+from dsv3.infer.reference import greedy_generate
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "To be, or not to be: that is the question.\n"] * 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny model saved in the official layout with a trained 300-entry tokenizer beside it."""
+    from dsv3 import ModelConfig
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt")
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(path)
+    Tokenizer.train(TEXTS, 300, show_progress=False).save(path)
+    return path
+
+
+def test_string_and_token_prompts_agree_with_the_reference(ckpt):
+    llm = LLM(ckpt, max_num_batched_tokens=8)
+    tok = llm.tokenizer
+    text = "def add(a, b):"
+    ids = [tok.bos_id, *tok.encode(text)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    by_ids, by_text = llm.generate([ids, tok.decode(ids)], params)
+    ref = greedy_generate(llm.model, torch.tensor([ids]), 8)[0].tolist()
+    assert by_ids.token_ids == by_text.token_ids == ref
+    assert by_ids.text == tok.decode(ref)
+
+
+def test_fim_layout_and_complete(ckpt, monkeypatch):
+    llm = LLM(ckpt)
+    tok = llm.tokenizer
+    seen = []
+    add = llm.engine.add_request
+    monkeypatch.setattr(
+        llm.engine, "add_request", lambda p, params, rid=None: seen.append(p) or add(p, params)
+    )
+    prefix, suffix = "def add(a, b):\n    return ", "\n"
+    middle = llm.complete(prefix, suffix, SamplingParams(temperature=0.0, max_tokens=6))
+    # PSM: <bos> <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>, the model writes the middle
+    expected = [
+        tok.bos_id,
+        tok.fim_begin_id,
+        *tok.encode(prefix),
+        tok.fim_hole_id,
+        *tok.encode(suffix),
+        tok.fim_end_id,
+    ]
+    assert seen == [expected]
+    ref = greedy_generate(llm.model, torch.tensor([expected]), 6)[0].tolist()
+    if tok.eos_id in ref:
+        ref = ref[: ref.index(tok.eos_id)]
+    assert middle == tok.decode(ref)
+
+
+def test_chat_uses_the_chat_format(ckpt, monkeypatch):
+    llm = LLM(ckpt)
+    seen = []
+    add = llm.engine.add_request
+    monkeypatch.setattr(
+        llm.engine, "add_request", lambda p, params, rid=None: seen.append(p) or add(p, params)
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3))
+    assert seen == [llm.tokenizer.apply_chat_template(messages)]
+
+
+def test_token_prompts_without_tokenizer_and_clear_error_for_strings(tmp_path, tiny):
+    Transformer(tiny).save_pretrained(tmp_path)
+    llm = LLM(tmp_path)
+    assert llm.tokenizer is None
+    out = llm.generate([[0, 5, 9]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert out.token_ids == greedy_generate(llm.model, torch.tensor([[0, 5, 9]]), 4)[0].tolist()
+    with pytest.raises(ValueError, match=r"prompts\[0\].*tokenizer"):
+        llm.generate(["hello"])
+
+
+def test_fp8_checkpoint_generates_like_its_dequantised_weights(tmp_path, tiny):
+    """Official FP8 layout: e4m3 weights + weight_scale_inv per 128x128 block, dequantised on load."""
+    Transformer(tiny).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for k in list(tensors):
+        if k.endswith(("proj.weight", "proj_with_mqa.weight")):
+            w, scale = quantize_blocks(tensors[k])
+            tensors[k], tensors[k + "_scale_inv"] = w.contiguous(), scale.contiguous()
+    save_file(tensors, tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    llm = LLM(tmp_path, speculative=True)
+    key = "model.layers.0.self_attn.q_b_proj.weight"
+    dequant = dequantize_blocks(tensors[key], tensors[key + "_scale_inv"])
+    assert torch.equal(llm.model.layers[0].self_attn.q_b_proj.weight, dequant)  # dequantised on load
+    prompt = [0, 7, 3, 11]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert out.token_ids == greedy_generate(llm.model, torch.tensor([prompt]), 6)[0].tolist()
+
+
+def test_cli_generate_chat_complete(ckpt, tmp_path):
+    out = io.StringIO()
+    assert (
+        generate_main(["--ckpt", str(ckpt), "--ids", "0,5,9", "--max-tokens", "3", "--stats"], out=out) == 0
+    )
+    assert "0 5 9 ->" in out.getvalue() and "tokens/s" in out.getvalue()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\nTo be\n")
+    out = io.StringIO()
+    assert (
+        generate_main(
+            ["--ckpt", str(ckpt), "--input-file", str(prompts), "--max-tokens", "3", "--speculative"], out=out
+        )
+        == 0
+    )
+    assert out.getvalue().count("-" * 40) == 2
+    out = io.StringIO()
+    stdin = io.StringIO("hello\n/clear\nhi again\n/exit\n")
+    assert chat_main(["--ckpt", str(ckpt), "--max-tokens", "4", "--seed", "1"], stdin=stdin, out=out) == 0
+    assert out.getvalue().count(">>> ") == 4 and "(conversation cleared)" in out.getvalue()
+    out = io.StringIO()
+    assert (
+        complete_main(
+            ["--ckpt", str(ckpt), "--prefix", "def f(", "--suffix", ")\n", "--max-tokens", "3"], out=out
+        )
+        == 0
+    )
