@@ -31,6 +31,13 @@ What this implementation changes, and why:
     with an item of another when that lowers the larger of the two loads. Greedy LPT packing with
     equal pack sizes is a few percent off the optimum when items are coarse (9 per GPU in
     prefill); the swaps close most of it for the cost of a few vectorised iterations.
+  - Group search (step 1): packing groups by their summed load ignores that a node's GPUs can
+    only be as even as its hottest experts allow. When the partitions of groups into nodes are few
+    (V3: 8 groups on 4 nodes -> 105), every possible node is planned with steps (2)-(3) and each
+    layer takes the partition whose worst node has the lightest max GPU.
+  - Replica-count search: step (2) minimises the largest replica, not the largest GPU; with coarse
+    items they differ. A few rounds try moving one replica from a multi-replica expert on the
+    heaviest GPU to one of the next experts the greedy would replicate, re-pack, keep improvements.
   - Policy "auto" falls back to global when groups do not divide over nodes (as DESIGN §8 says);
     asking for "hierarchical" explicitly then fails with a message instead.
   - Everything is vectorised over layers (and nodes): planning 58 layers x 256 experts x 320 slots
