@@ -63,7 +63,7 @@ def test_padding_is_never_written_and_rollback_hides_stale_slots(tiny):
     cache.bind(make_context([[2]], pos, [2], 4, valid=valid))
     before = cache.data.clone()
     k, p, key_pos = cache.update(0, kv, pe, pos)
-    written = (cache.data != before).any(dim=-1)[0]  # (N,)
+    written = (cache.data != before).any(dim=-1)[0, :-1]  # (N,): the block rows, not the spare row
     assert written.nonzero().flatten().tolist() == [8, 9]  # block 2, slots 0 and 1 only
     assert key_pos.tolist() == [[0, 1]]
     assert torch.equal(k[0], kv[0, :2]) and torch.equal(p[0], pe[0, :2])
@@ -83,6 +83,22 @@ def test_bytes_per_token_equals_formula(tiny):
     # DESIGN §3.2: 61 x 576 = 35,136 values per token, ~68.6 KiB in BF16
     assert cache_bytes_per_token(v3, torch.bfloat16, with_mtp=False) == 35136 * 2
     assert abs(35136 * 2 / 1024 - 68.6) < 0.05
+
+
+def test_decode_moe_equals_the_model_moe(tiny):
+    """The fast path's small-batch routed experts (gathered weights) against the grouped GEMM."""
+    from dsv3.infer.fast import DecodeMoE, swap_moe
+    from dsv3.model.moe import MoE
+
+    model = _model(tiny)
+    small, big = torch.randn(2, 5, tiny.dim), torch.randn(8, 9, tiny.dim)  # 20 and 144 token-expert pairs
+    moe = model.moe_layers()[0]
+    with torch.no_grad():
+        refs = moe(small), moe(big)
+        swap_moe(model)
+        assert isinstance(moe, DecodeMoE) and isinstance(moe, MoE)
+        for x, ref in zip((small, big), refs):
+            assert (moe(x) - ref).abs().max() <= 1e-5
 
 
 def test_block_allocator_accounting():

@@ -40,6 +40,7 @@ class EngineConfig:
     num_speculative_tokens: int = 1  # drafts per step (V3 has one MTP module; more reuse it)
     max_model_len: int | None = None  # prompt + output tokens at most; None: the model's max_seq_len
     seed: int = 0  # seeds the generators of requests without their own seed
+    compile: bool = False  # decode fast path: small-batch MoE swap + torch.compile (minutes to compile)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
@@ -89,7 +90,7 @@ class Engine:
             per_block = n_layers * cfg.kv_cache_dim * param.element_size() * config.block_size
             num_blocks = max(1, config.cache_memory // per_block)
         self.cache = PagedLatentCache(cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, compile=config.compile)
         self.scheduler = Scheduler(
             self.cache.allocator,
             config.block_size,

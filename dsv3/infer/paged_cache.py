@@ -9,14 +9,14 @@ blocks and MTP blocks alike, share one block table, so a block holds `block_size
 layer and the bytes per token are `layers * (R + P) * element_size` (`cache_bytes_per_token`).
 
 Per forward the engine binds a `CacheContext` (the one per-step context object): where each new
-token is written (`slots`, -1 for padding, which is never written) and which rows to gather as the
+token is written (`slots`; -1 for padding, which never reaches a block) and which rows to gather as the
 keys of each sequence (`gather`, with `key_positions` = -1 for slots past a sequence's length).
 Attention then sees exactly the `LatentKVCache.update` contract of `dsv3.model.attention`.
 `key_positions` stop at the context length given by the engine, not at the highest slot ever
 written: speculative decoding writes draft tokens and rolls back by simply passing a shorter length.
 
-Shapes: L layers, N slots (num_blocks * block_size), W = R + P cache width, B rows, T new tokens
-per row, S key positions (longest context of the batch).
+Shapes: L layers, N slots (num_blocks * block_size, plus one spare row for padding), W = R + P
+cache width, B rows, T new tokens per row, S key positions (longest context of the batch).
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ class PagedLatentCache:
         self.block_size = block_size
         self.rank = cfg.kv_lora_rank
         n = cfg.n_layers + cfg.n_mtp_layers if n_layers is None else n_layers
-        self.data = torch.zeros(n, num_blocks * block_size, cfg.kv_cache_dim, dtype=dtype, device=device)
+        # one spare row after the blocks takes the writes of padding tokens
+        self.data = torch.zeros(n, num_blocks * block_size + 1, cfg.kv_cache_dim, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
         self.context: CacheContext | None = None
 
@@ -152,13 +153,10 @@ class PagedLatentCache:
             raise ValueError(
                 f"positions: shape {tuple(positions.shape)} != bound slots {tuple(ctx.slots.shape)}"
             )
-        pool = self.data[layer_id]  # (N, W)
+        pool = self.data[layer_id]  # (N + 1, W)
         new = torch.cat([kv, pe], dim=-1).to(pool.dtype).flatten(0, 1)  # (B*T, W)
         slots = ctx.slots.flatten()
-        keep = slots >= 0
-        if bool(keep.all()):
-            pool.index_copy_(0, slots, new)
-        else:
-            pool.index_copy_(0, slots[keep], new[keep])
+        # padding goes to the spare last row, never read: no data-dependent branch, so it compiles
+        pool.index_copy_(0, torch.where(slots >= 0, slots, pool.shape[0] - 1), new)
         keys = pool[ctx.gather]  # (B, S, W)
         return keys[..., : self.rank], keys[..., self.rank :], ctx.key_positions

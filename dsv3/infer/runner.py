@@ -22,10 +22,15 @@ from dsv3.model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache) -> None:
+    def __init__(self, model: Transformer, cache: PagedLatentCache, compile: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
+        self.decode_forward = model.hidden_states
+        if compile:  # the decode fast path (dsv3.infer.fast); prefill stays eager
+            from dsv3.infer.fast import compiled_decode, swap_moe
+
+            self.decode_forward = compiled_decode(swap_moe(model))
 
     def _bind(
         self, seqs: Seq[Sequence], positions: torch.Tensor, context_lens: list[int]
@@ -44,7 +49,8 @@ class ModelRunner:
         ids = self.tensor(tokens)
         positions = self.tensor(start)[:, None] + torch.arange(ids.shape[1], device=self.device)
         lens = [s + ids.shape[1] for s in start]
-        return self.model.hidden_states(ids, positions, self._bind(seqs, positions, lens), absorb)
+        forward = self.decode_forward if absorb else self.model.hidden_states
+        return forward(ids, positions, self._bind(seqs, positions, lens), absorb)
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""Decode throughput of the dsv3 engine against transformers' `generate()`, MTP speculative decoding,
+and KV-cache bytes per token (DESIGN §3.2, §3.6, §8).
+
+Both sides hold identical weights (dsv3 saves the checkpoint, transformers loads it) and decode the
+same random prompts greedily for the same number of new tokens (eos ignored); time covers prefill
+and decode, as a user of either would see it. transformers runs its fastest implementation (SDPA
+attention, grouped_mm experts) with its default dynamic KV cache. Measurements alternate between
+the two sides and report medians, because the machine is shared; FP32 throughout (this CPU has no
+BF16 units, a BF16 matmul is ~100x slower).
+
+    python bench/decode.py                          # random `small` model saved to a temp dir
+    python bench/decode.py --ckpt DIR               # e.g. the model `make demo` trains
+    python bench/decode.py --batches 1 --repeats 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.infer.llm import LLM
+from dsv3.infer.paged_cache import cache_bytes_per_token
+from dsv3.infer.sampling import SamplingParams
+
+
+def time_dsv3(llm: LLM, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return time.perf_counter() - t, [o.token_ids for o in outs]
+
+
+def time_hf(hf, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor(prompts)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return time.perf_counter() - t, out[:, ids.shape[1] :].tolist()
+
+
+def hf_cache_bytes_per_token(hf, vocab: int, n: int = 32) -> int:
+    """Bytes of transformers' KV cache after a forward over n tokens, divided by n."""
+    with torch.no_grad():
+        cache = hf(torch.randint(0, vocab, (1, n)), use_cache=True).past_key_values
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            total += t.numel() * t.element_size()
+    return total // n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="checkpoint directory; default: a random `small` model in a temp dir")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64, help="new tokens per sequence")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--spec-k", default="1,2", help="speculative tokens to try (MTP drafts per step)")
+    ap.add_argument("--spec-batches", default="1,16")
+    args = ap.parse_args()
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.ckpt
+        if path is None:
+            Transformer(ModelConfig.from_preset("small")).save_pretrained(tmp)
+            path = tmp
+        cfg = ModelConfig.from_hf(path)
+        what = args.ckpt or "a RANDOMLY INITIALISED `small` model (pass --ckpt for a trained one)"
+        print(f"model: {what}; fp32, {args.threads} thread(s), torch {torch.__version__}, "
+              f"transformers {transformers.__version__}")  # fmt: skip
+        print(
+            f"prompts {args.prompt_len} tokens, {args.new} new tokens each, greedy; medians of {args.repeats}"
+        )
+        llm = LLM(path, max_num_seqs=max(64, *map(int, args.batches.split(","))), max_num_batched_tokens=8192)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
+            ).eval()
+
+        print("\n| batch | dsv3 tok/s | transformers tok/s | ratio | same greedy tokens |")
+        print("|---:|---:|---:|---:|---:|")
+        for B in map(int, args.batches.split(",")):
+            prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+            time_dsv3(llm, prompts[:1], 4)  # warm-up
+            time_hf(hf, prompts[:1], 4)
+            ours, theirs = [], []
+            for _ in range(args.repeats):  # alternate: both sides see the same machine load
+                dt, out_d = time_dsv3(llm, prompts, args.new)
+                ours.append(B * args.new / dt)
+                dt, out_h = time_hf(hf, prompts, args.new)
+                theirs.append(B * args.new / dt)
+            same = sum(a == b for a, b in zip(out_d, out_h))
+            o, t = statistics.median(ours), statistics.median(theirs)
+            spread = f"(dsv3 {min(ours):.0f}-{max(ours):.0f}, tf {min(theirs):.0f}-{max(theirs):.0f})"
+            print(f"| {B} | {o:.0f} | {t:.0f} | {o / t:.2f}x | {same}/{B} | {spread}")
+
+        if cfg.n_mtp_layers:
+            head = (
+                "| batch | drafts k | plain tok/s | speculative tok/s | speed-up | acceptance per position |"
+            )
+            print(f"\n{head} accept length |")
+            print("|---:|---:|---:|---:|---:|---|---:|")
+            for B in map(int, args.spec_batches.split(",")):
+                prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+                for k in map(int, args.spec_k.split(",")):
+                    spec = LLM(
+                        llm.model, speculative=True, num_speculative_tokens=k, max_num_batched_tokens=8192
+                    )
+                    time_dsv3(spec, prompts[:1], 4)
+                    spec.engine.spec_stats.__init__(k)  # count the measured runs only
+                    plain, fast = [], []
+                    for _ in range(args.repeats):
+                        dt, ref = time_dsv3(llm, prompts, args.new)
+                        plain.append(B * args.new / dt)
+                        dt, got = time_dsv3(spec, prompts, args.new)
+                        fast.append(B * args.new / dt)
+                        assert got == ref, "speculative greedy output differs from plain greedy"
+                    p, f = statistics.median(plain), statistics.median(fast)
+                    st = spec.spec_stats
+                    rates = ", ".join(f"{r:.0%}" for r in st.acceptance_rates)
+                    row = f"| {B} | {k} | {p:.0f} | {f:.0f} | {f / p:.2f}x | {rates} |"
+                    print(f"{row} {st.mean_accept_length:.2f} |")
+
+        ours_b = llm.engine.bytes_per_token
+        hf_b = hf_cache_bytes_per_token(hf, cfg.vocab_size)
+        v3 = ModelConfig.from_preset("671b")
+        mla = cache_bytes_per_token(v3, torch.bfloat16, with_mtp=False)
+        mha = v3.n_layers * v3.n_heads * (v3.qk_head_dim + v3.v_head_dim) * 2
+        print("\n| KV cache bytes per token | dsv3 (latent) | transformers | ratio |")
+        print("|---|---:|---:|---:|")
+        print(f"| this model, fp32, measured | {ours_b:,} | {hf_b:,} | {hf_b / ours_b:.1f}x |")
+        label = "671b, bf16, formula (61 x 576 vs 61 x 128 x (192 + 128))"
+        print(f"| {label} | {mla:,} | {mha:,} | {mha / mla:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
