@@ -84,21 +84,26 @@ def _cast_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(E4M3).float()  # every byte's value (incl. NaN)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to FP32. E4M3 on CPU goes through a 256-entry table: ~2.5x faster than `.float()` there."""
+    if x.dtype != E4M3 or x.device.type != "cpu":
+        return x.float()
+    codes = x.view(torch.uint8).reshape(-1).int()
+    return _E4M3_VALUES.index_select(0, codes).view(x.shape)
+
+
 # ---- 1x128 tiles along the last dimension (activations, activation gradients) ---------------------------
-def tile_amax(x: torch.Tensor, tile: int = TILE) -> torch.Tensor:
-    """x [..., K] -> max |x| per tile [..., ceil(K/tile)] (FP32)."""
-    xp = _pad_to(x, -1, tile)
-    return xp.unflatten(-1, (-1, tile)).abs().amax(dim=-1).float()  # (..., Kt, tile) -> (..., Kt)
-
-
 def quantize_tiles(
     x: torch.Tensor, tile: int = TILE, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (x_fp8 [..., K] E4M3, scale [..., ceil(K/tile)] FP32), one scale per 1 x tile."""
     K = x.shape[-1]
-    scale = scale_from_amax(tile_amax(x, tile), pow2=pow2)
     xp = _pad_to(x.float(), -1, tile).unflatten(-1, (-1, tile))  # (..., Kt, tile)
-    x_fp8 = _cast_e4m3(xp / scale[..., None]).flatten(-2)[..., :K]
+    scale = scale_from_amax(xp.abs().amax(dim=-1), pow2=pow2)  # (..., Kt)
+    x_fp8 = _unpad(_cast_e4m3(xp / scale[..., None]).flatten(-2), K)
     return x_fp8, scale
 
 
@@ -107,8 +112,8 @@ def dequantize_tiles(
 ) -> torch.Tensor:
     """Inverse of `quantize_tiles`: x_q [..., K] (E4M3, or E5M6 values held in FP16), scale [..., Kt]."""
     K = x_q.shape[-1]
-    xp = _pad_to(x_q.float(), -1, tile).unflatten(-1, (-1, tile))  # (..., Kt, tile)
-    return (xp * scale[..., None].float()).flatten(-2)[..., :K].to(dtype)
+    xp = _pad_to(to_float(x_q), -1, tile).unflatten(-1, (-1, tile))  # (..., Kt, tile)
+    return _unpad((xp * scale[..., None].float()).flatten(-2), K).to(dtype)
 
 
 # ---- 128x128 blocks over the last two dimensions (weights) --------------------------------------------
@@ -119,7 +124,16 @@ def _blocked(w: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _unblocked(wb: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    return wb.flatten(-2).flatten(-3, -2)[..., :N, :K]
+    return _unpad(wb.flatten(-2).flatten(-3, -2), N, K)
+
+
+def _unpad(x: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """Crop the trailing dims of a padded tensor to `sizes`; a copy when cropped, so that a cached
+    result does not keep the padded buffer alive."""
+    if tuple(x.shape[-len(sizes) :]) == sizes:
+        return x
+    index = (..., *(slice(0, n) for n in sizes))
+    return x[index].contiguous()
 
 
 def quantize_blocks(
@@ -147,7 +161,7 @@ def dequantize_blocks(
             f"scale: shape {tuple(scale.shape)} does not match weight {tuple(w_fp8.shape)} with "
             f"{block_size}x{block_size} blocks (expected [..., {expected[0]}, {expected[1]}])"
         )
-    wb = _blocked(w_fp8.float(), block_size) * scale.float()[..., :, None, :, None]
+    wb = _blocked(to_float(w_fp8), block_size) * scale.float()[..., :, None, :, None]
     return _unblocked(wb, N, K).to(dtype)
 
 
@@ -171,6 +185,6 @@ def quantize_tiles_e5m6(x: torch.Tensor, tile: int = TILE) -> tuple[torch.Tensor
     The scales are the power-of-2 E4M3 tile scales of the same tensor, so the forward E4M3 operand
     and the cached E5M6 copy share one scale (values <= 448 here, far inside E5M6's range)."""
     K = x.shape[-1]
-    scale = scale_from_amax(tile_amax(x, tile), pow2=True)
     xp = _pad_to(x.float(), -1, tile).unflatten(-1, (-1, tile))  # (..., Kt, tile)
-    return round_to_e5m6(xp / scale[..., None]).flatten(-2)[..., :K], scale
+    scale = scale_from_amax(xp.abs().amax(dim=-1), pow2=True)  # (..., Kt)
+    return _unpad(round_to_e5m6(xp / scale[..., None]).flatten(-2), K), scale
