@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-
-import torch
 
 
 def _fmt(n: float) -> str:
@@ -45,23 +42,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from dsv3 import ModelConfig, Transformer
-    from dsv3.infer.reference import greedy_generate
-
-    torch.manual_seed(args.seed)
-    cfg = ModelConfig.from_preset(args.preset)
-    print_param_counts(cfg, args.preset)
-    t0 = time.perf_counter()
-    model = Transformer(cfg).eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, 8))
-    out = greedy_generate(model, prompt, args.tokens)
-    dt = time.perf_counter() - t0
-    print(f"prompt ids:    {prompt[0].tolist()}")
-    print(f"greedy tokens: {out[0].tolist()}   (random weights; {dt:.2f}s incl. init)")
-    return 0
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from dsv3.checkpoint import convert_fp8_to_bf16
 
@@ -75,22 +55,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # Sub-commands that parse their own arguments: name -> (module, function, help).
 DELEGATED = {
+    "demo": ("dsv3.demo", "main", "the main job: train `small` on the bundled corpus, evaluate, sample"),
     "train": ("dsv3.train.cli", "train_main", "train with the V3 recipe (see dsv3 train -h)"),
     "eval": ("dsv3.train.cli", "eval_main", "evaluate a training checkpoint"),
     "plot": ("dsv3.train.cli", "plot_main", "PNG plots of a training run"),
     "pipeline-plan": ("dsv3.parallel.plan", "pipeline_plan_main", "pipeline schedule timelines and bubbles"),
 }
+# `dsv3 plan <what>`: planners.
+PLANNERS = {"eplb": ("dsv3.infer.eplb.report", "plan_eplb_main")}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsv3", description="The DeepSeek-V3 system in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("demo", help="the main job on its embedded default")
-    s.add_argument("--preset", default="small")
-    s.add_argument("--tokens", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("info", help="parameter counts and cache size of a preset or checkpoint")
     s.add_argument("--preset", default="small")
@@ -104,16 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_convert)
     for name, (_, _, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
+    sub.add_parser("plan", help="planners: `dsv3 plan eplb ...` (expert placement with redundant experts)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        import importlib
+    import importlib
 
+    if argv and argv[0] in DELEGATED:
         module, fn, _ = DELEGATED[argv[0]]
         return getattr(importlib.import_module(module), fn)(argv[1:])
+    if argv and argv[0] == "plan":
+        if len(argv) < 2 or argv[1] not in PLANNERS:
+            print(f"usage: dsv3 plan {{{','.join(PLANNERS)}}} ...", file=sys.stderr)
+            return 2
+        module, fn = PLANNERS[argv[1]]
+        return getattr(importlib.import_module(module), fn)(argv[2:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
