@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--spec-k", default="1,2", help="speculative tokens to try (MTP drafts per step)")
     ap.add_argument("--spec-batches", default="1,16")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode path")
     args = ap.parse_args()
     import transformers
 
@@ -96,22 +97,38 @@ def main() -> None:
                 path, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
             ).eval()
 
-        print("\n| batch | dsv3 tok/s | transformers tok/s | ratio | same greedy tokens |")
-        print("|---:|---:|---:|---:|---:|")
+        fast = None
+        if not args.no_compile:  # its own copy of the weights: `compile` swaps the MoE in place
+            fast = LLM(
+                path, compile=True, max_num_seqs=llm.engine.config.max_num_seqs, max_num_batched_tokens=8192
+            )
+        print("\n| batch | dsv3 eager tok/s | dsv3 compiled tok/s | transformers tok/s | eager / tf "
+              "| compiled / tf | same greedy tokens (eager, compiled) |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for B in map(int, args.batches.split(",")):
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
-            time_dsv3(llm, prompts[:1], 4)  # warm-up
-            time_hf(hf, prompts[:1], 4)
-            ours, theirs = [], []
-            for _ in range(args.repeats):  # alternate: both sides see the same machine load
-                dt, out_d = time_dsv3(llm, prompts, args.new)
-                ours.append(B * args.new / dt)
+            t = time.perf_counter()
+            for side in (llm, fast):  # warm-up (compiles the decode graph for this batch shape)
+                if side is not None:
+                    time_dsv3(side, prompts, 4)
+            time_hf(hf, prompts, 4)
+            warm = time.perf_counter() - t
+            rates: dict[str, list[float]] = {"eager": [], "compiled": [], "tf": []}
+            for _ in range(args.repeats):  # alternate: all sides see the same machine load
+                dt, out_e = time_dsv3(llm, prompts, args.new)
+                rates["eager"].append(B * args.new / dt)
+                if fast is not None:
+                    dt, out_c = time_dsv3(fast, prompts, args.new)
+                    rates["compiled"].append(B * args.new / dt)
                 dt, out_h = time_hf(hf, prompts, args.new)
-                theirs.append(B * args.new / dt)
-            same = sum(a == b for a, b in zip(out_d, out_h))
-            o, t = statistics.median(ours), statistics.median(theirs)
-            spread = f"(dsv3 {min(ours):.0f}-{max(ours):.0f}, tf {min(theirs):.0f}-{max(theirs):.0f})"
-            print(f"| {B} | {o:.0f} | {t:.0f} | {o / t:.2f}x | {same}/{B} | {spread}")
+                rates["tf"].append(B * args.new / dt)
+            med = {k: statistics.median(v) if v else float("nan") for k, v in rates.items()}
+            same_e = sum(a == b for a, b in zip(out_e, out_h))
+            same_c = sum(a == b for a, b in zip(out_c, out_h)) if fast is not None else "-"
+            spread = ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items() if v)
+            ratios = f"{med['eager'] / med['tf']:.2f}x | {med['compiled'] / med['tf']:.2f}x"
+            print(f"| {B} | {med['eager']:.0f} | {med['compiled']:.0f} | {med['tf']:.0f} | {ratios} | "
+                  f"{same_e}/{B}, {same_c}/{B} |  range: {spread}; warm-up {warm:.0f}s")  # fmt: skip
 
         if cfg.n_mtp_layers:
             head = (

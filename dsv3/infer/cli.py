@@ -31,6 +31,7 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> 
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--num-speculative-tokens", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.add_argument("--stats", action="store_true", help="print throughput and speculative acceptance")
 
 
@@ -43,6 +44,7 @@ def _llm(args: argparse.Namespace):
         device=args.device,
         speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens,
+        compile=args.compile,
     )
 
 

@@ -144,6 +144,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the state of every request that received tokens."""
         batch = self.scheduler.schedule()
+        if not batch.decodes and not batch.prefills and self.scheduler.has_unfinished():
+            raise RuntimeError("step: requests are queued but none could be scheduled (cache too small?)")
         self._count(batch)
         emitted: dict[int, tuple[Sequence, list[int], torch.Tensor]] = {}  # id(seq) -> tokens, logits
         verified = None

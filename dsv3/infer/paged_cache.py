@@ -101,6 +101,12 @@ def make_context(
     )
 
 
+@torch.compiler.disable  # compiled, an in-place write into a graph input copies the whole pool back
+def _write(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """pool [N + 1, W] <- new [M, W] at slots [M]; padding (-1) goes to the spare last row."""
+    pool.index_copy_(0, torch.where(slots >= 0, slots, pool.shape[0] - 1), new)
+
+
 class PagedLatentCache:
     """`n_layers` pools of `num_blocks * block_size` latent rows; implements `LatentKVCache`."""
 
@@ -155,8 +161,6 @@ class PagedLatentCache:
             )
         pool = self.data[layer_id]  # (N + 1, W)
         new = torch.cat([kv, pe], dim=-1).to(pool.dtype).flatten(0, 1)  # (B*T, W)
-        slots = ctx.slots.flatten()
-        # padding goes to the spare last row, never read: no data-dependent branch, so it compiles
-        pool.index_copy_(0, torch.where(slots >= 0, slots, pool.shape[0] - 1), new)
+        _write(pool, ctx.slots.flatten(), new)
         keys = pool[ctx.gather]  # (B, S, W)
         return keys[..., : self.rank], keys[..., self.rank :], ctx.key_positions
