@@ -62,6 +62,21 @@ def hf_cache_bytes_per_token(hf, vocab: int, n: int = 32) -> int:
     return total // n
 
 
+@torch.no_grad()
+def make_synthetic_drafter(model: Transformer, scale: float = 0.3) -> None:
+    """NOT a trained model: shrink every block's output so the residual stream is dominated by the
+    current token's embedding, and make MTP's eh_proj pass the embedding through. Then the MTP module
+    at i (reading t_{i+1}) mostly predicts what the main model predicts at i+1: high acceptance, to
+    show what speculative decoding buys at a given acceptance rate."""
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
+            p.mul_(scale)
+    dim = model.config.dim
+    for mtp in model.mtp:
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :dim] = torch.eye(dim)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="checkpoint directory; default: a random `small` model in a temp dir")
@@ -73,6 +88,9 @@ def main() -> None:
     ap.add_argument("--spec-k", default="1,2", help="speculative tokens to try (MTP drafts per step)")
     ap.add_argument("--spec-batches", default="1,16")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode path")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the speculative and cache tables")
+    ap.add_argument("--synthetic-draft", action="store_true",
+                    help="speculative table on a synthetic model whose MTP agrees (not trained)")  # fmt: skip
     args = ap.parse_args()
     import transformers
 
@@ -98,14 +116,16 @@ def main() -> None:
             ).eval()
 
         fast = None
-        if not args.no_compile:  # its own copy of the weights: `compile` swaps the MoE in place
+        if not (
+            args.no_compile or args.skip_throughput
+        ):  # its own copy of the weights: `compile` swaps the MoE in place
             fast = LLM(
                 path, compile=True, max_num_seqs=llm.engine.config.max_num_seqs, max_num_batched_tokens=8192
             )
         print("\n| batch | dsv3 eager tok/s | dsv3 compiled tok/s | transformers tok/s | eager / tf "
               "| compiled / tf | same greedy tokens (eager, compiled) |")  # fmt: skip
         print("|---:|---:|---:|---:|---:|---:|---:|")
-        for B in map(int, args.batches.split(",")):
+        for B in map(int, args.batches.split(",")) if not args.skip_throughput else []:
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
             t = time.perf_counter()
             for side in (llm, fast):  # warm-up (compiles the decode graph for this batch shape)
@@ -131,6 +151,11 @@ def main() -> None:
                   f"{same_e}/{B}, {same_c}/{B} |  range: {spread}; warm-up {warm:.0f}s")  # fmt: skip
 
         if cfg.n_mtp_layers:
+            if args.synthetic_draft:
+                make_synthetic_drafter(llm.model)
+                print(
+                    "\nspeculative decoding on a SYNTHETIC drafter (see make_synthetic_drafter), not trained"
+                )
             head = (
                 "| batch | drafts k | plain tok/s | speculative tok/s | speed-up | acceptance per position |"
             )

@@ -101,10 +101,17 @@ def make_context(
     )
 
 
-@torch.compiler.disable  # compiled, an in-place write into a graph input copies the whole pool back
+@torch.library.custom_op("dsv3::paged_write", mutates_args=("pool",))
 def _write(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
-    """pool [N + 1, W] <- new [M, W] at slots [M]; padding (-1) goes to the spare last row."""
+    """pool [N + 1, W] <- new [M, W] at slots [M]; padding (-1) goes to the spare last row.
+    A custom op so that a compiled decode step writes in place: traced as plain tensor code, an
+    in-place write into a graph input is functionalised into a copy of the whole pool."""
     pool.index_copy_(0, torch.where(slots >= 0, slots, pool.shape[0] - 1), new)
+
+
+@_write.register_fake
+def _(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    return None
 
 
 class PagedLatentCache:

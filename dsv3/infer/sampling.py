@@ -15,7 +15,7 @@ Shapes: N rows (one per sampled token), V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,6 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past eos (benchmarks)
     seed: int | None = None  # per-request generator; None: the engine's generator
     logprobs: int | None = None  # None: none; 0: the sampled token's; n: plus the top n
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
