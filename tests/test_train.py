@@ -197,3 +197,63 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, small_d
     assert latest_valid_checkpoint(root).name == "step_00000010"
     resumed = Trainer(_cfg(out, data), dataset=ds, resume=True, show_progress=False)
     assert resumed.step == 10
+
+
+def test_recompute_gives_the_same_loss_and_gradients(tiny):
+    from dsv3 import Transformer
+    from dsv3.train.loop import apply_recompute
+
+    torch.manual_seed(0)
+    plain = Transformer(tiny).train()
+    again = Transformer(tiny).train()
+    again.load_state_dict(plain.state_dict())
+    apply_recompute(again)
+    ids = torch.randint(0, tiny.vocab_size, (2, 17))
+    a, b = plain.loss(ids), again.loss(ids)
+    a.total.backward()
+    b.total.backward()
+    assert torch.equal(a.total, b.total)
+    for (n, p), q in zip(plain.named_parameters(), again.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_low_precision_training_runs(tmp_path, small_data, precision):
+    data, cache, ds = small_data
+    trainer = Trainer(_cfg(tmp_path / precision, data, steps=6, eval_every=6, ckpt_every=6, precision=precision),
+                      dataset=ds, show_progress=False)  # fmt: skip
+    assert trainer.precision == precision
+    trainer.fit()
+    losses = _losses(tmp_path / precision)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    if precision == "bf16":
+        assert trainer.model.lm_head.weight.dtype == torch.bfloat16
+        state = next(iter(trainer.optimizer.state.values()))
+        assert state["master"].dtype == torch.float32 and state["exp_avg"].dtype == torch.bfloat16
+    else:
+        from dsv3.fp8 import Fp8Linear
+
+        assert isinstance(trainer.model.layers[0].self_attn.o_proj, Fp8Linear)
+
+
+def test_eval_and_plot_commands(tmp_path, small_data, capsys):
+    from dsv3.cli import main
+
+    data, cache, ds = small_data
+    out = tmp_path / "cli"
+    Trainer(_cfg(out, data, steps=10), dataset=ds, show_progress=False).fit()
+    os.environ["DSV3_CACHE"] = cache
+    capsys.readouterr()  # drop what training printed
+    assert main(["eval", "--ckpt", str(out / "checkpoints" / "step_00000010"), "--batches", "2"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{") :])
+    assert result["val_loss"] == pytest.approx(_eval_loss(out), rel=1e-6)
+    assert main(["plot", str(out)]) == 0
+    pngs = {Path(p).name for p in capsys.readouterr().out.split()}
+    assert pngs == {"loss.png", "lr.png", "maxvio.png", "expert_load.png"}
+    assert all((out / "plots" / p).stat().st_size > 10_000 for p in pngs)
+
+
+def _eval_loss(out) -> float:
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "eval"][-1]["val_loss"]

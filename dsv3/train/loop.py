@@ -88,7 +88,10 @@ class Trainer:
         ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None
         self.resumed_from = ckpt
         self.precision, self.precision_reason = pick_precision(cfg.precision)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        # fp8 keeps a BF16 compute copy on GPUs; on CPUs the FP8 GEMMs are emulated in FP32 and the
+        # rest stays FP32, since CPUs without BF16 units run BF16 ~100x slower (docs/fp8.md)
+        low = self.precision == "bf16" or (self.precision == "fp8" and torch.cuda.is_available())
+        dtype = torch.bfloat16 if low else torch.float32
         torch.manual_seed(cfg.seed)
 
         if dataset is None:
