@@ -55,6 +55,7 @@ class P2P:
         self.stamp_offset = stamp_offset  # tags at and above it carry clocks (distinct from data tags)
         self._recvs: dict[int, _Pending] = {}
         self._sends: list[tuple[Work, torch.Tensor]] = []
+        self.waited = 0.0  # seconds spent blocked in `recv` (waiting for data, or for its latency)
 
     def post_recvs(self, wanted: list[tuple[int, int, torch.Size, torch.dtype]]) -> None:
         """Post irecvs for (tag, src, shape, dtype) not posted yet, as one batch."""
@@ -85,6 +86,7 @@ class P2P:
 
     def recv(self, tag: int) -> torch.Tensor:
         """Wait for the message `tag` (posted before) and return it; with latency, not before it is due."""
+        start = time.perf_counter()
         pending = self._recvs.pop(tag)
         for w in pending.works:
             w.wait()
@@ -92,6 +94,7 @@ class P2P:
             delay = float(pending.stamp[0]) + self.latency - time.time()
             if delay > 0:
                 time.sleep(delay)
+        self.waited += time.perf_counter() - start
         return pending.buf
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -122,22 +125,27 @@ def exchange_sum(
 ) -> None:
     """In place: each tensor becomes its sum over the ranks `holders` (ranks in `group`, this one
     included), where every holder calls this with tensors of the same shapes in the same order.
-    Every holder adds the same originals in rank order, so all copies stay bit-identical."""
+
+    Tensor by tensor (no flattening copy). Every holder ends with the same bits: with two holders
+    a + b == b + a exactly; with more, every rank adds the originals in rank order."""
     me = dist.get_rank(group)
     peers = [r for r in holders if r != me]
     if not peers or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    received = {r: torch.empty_like(flat) for r in peers}
+    received = {r: [torch.empty_like(t) for t in tensors] for r in peers}
     ops = []
-    for peer, buf in received.items():
-        ops.append(dist.P2POp(dist.isend, flat, group=group, group_peer=peer, tag=tag))
-        ops.append(dist.P2POp(dist.irecv, buf, group=group, group_peer=peer, tag=tag))
+    for peer in peers:
+        for t, buf in zip(tensors, received[peer]):
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=peer, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, buf, group=group, group_peer=peer, tag=tag))
     for w in dist.batch_isend_irecv(ops):
         w.wait()
-    received[me] = flat
-    total = sum(received[r] for r in sorted(received))
-    offset = 0
-    for t in tensors:
-        t.copy_(total[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    if len(peers) == 1:
+        for t, other in zip(tensors, received[peers[0]]):
+            t.add_(other)
+        return
+    received[me] = [t.clone() for t in tensors]
+    for i, t in enumerate(tensors):
+        t.copy_(received[min(received)][i])
+        for r in sorted(received)[1:]:
+            t.add_(received[r][i])

@@ -43,7 +43,6 @@ from dsv3.parallel.pipeline.overlap import run_pair
 from dsv3.parallel.pipeline.phases import PhasedPass, StagePass
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers, stage_parameter_names
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
-from dsv3.parallel.plan import Interval
 from dsv3.parallel.schedule import (
     BACKWARD,
     FORWARD,
@@ -53,6 +52,16 @@ from dsv3.parallel.schedule import (
     Task,
     build_schedule,
 )
+
+
+@dataclass(frozen=True)
+class OpTime:
+    """When one op of the last step ran on this rank (wall clock, seconds) and how long it waited."""
+
+    start: float
+    end: float
+    wait: float  # blocked on receives inside the op: end - start - wait is its compute
+    op: Op
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class PipelineRunner:
         self.p2p = P2P(self.group, latency, stamp_offset=2 * chunks * num_stages)
         self.expert_counts: dict[str, torch.Tensor] = {}  # MoE module name -> tokens per expert, last step
         self.peak_inflight = 0  # most micro-batch activations alive at once on this rank, last step
-        self.trace: list[Interval] = []  # (wall-clock start, end, op) of the last step's ops
+        self.trace: list[OpTime] = []  # the last step's ops with their times
 
     # ---- set-up ------------------------------------------------------------------------------------
     def _directions(self) -> tuple[int, ...]:
@@ -162,12 +171,12 @@ class PipelineRunner:
         ops = sched.ops[self.rank]
         for i, op in enumerate(ops):
             self._post_receives(ops[i : i + 1 + self.lookahead])
-            start = time.time()
+            start, waited = time.time(), self.p2p.waited
             if len(op.tasks) == 2:
                 run_pair(self, *op.tasks)  # F&B
             else:
                 self.run_task(op.tasks[0])
-            self.trace.append(Interval(start, time.time(), op))
+            self.trace.append(OpTime(start, time.time(), self.p2p.waited - waited, op))
         self.p2p.finish()
         if self._saved or self.store.pending():
             raise RuntimeError(f"rank {self.rank}: state left after the step: {list(self._saved)}")
