@@ -94,6 +94,8 @@ class PipelineRunner:
         lookahead: int = 2,
         phased: bool | None = None,
     ) -> None:
+        if lookahead < 0:
+            raise ValueError(f"lookahead: must be >= 0 ops, got {lookahead}")
         self.group = group if group is not None else dist.group.WORLD
         self.rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         num_stages = 2 * world if schedule == "dualpipev" else world
@@ -134,7 +136,12 @@ class PipelineRunner:
         seen: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(seen, mine, group=self.group)
         if any(s != mine for s in seen):
-            raise ValueError(f"PipelineRunner: ranks disagree on (schedule, stages, chunks, config): {seen}")
+            per_rank = "; ".join(
+                f"rank {r}: schedule={s[0]} stages={s[1]} chunks={s[2]}"
+                + ("" if s[3] == seen[0][3] else " (other model config)")
+                for r, s in enumerate(seen)
+            )
+            raise ValueError(f"PipelineRunner: ranks disagree on the schedule or the model: {per_rank}")
 
     def _local_moe(self) -> list[nn.Module]:
         return [m for st in self.module for m in st.moe_layers()]
