@@ -63,7 +63,7 @@ def hf_cache_bytes_per_token(hf, vocab: int, n: int = 32) -> int:
 
 
 @torch.no_grad()
-def make_synthetic_drafter(model: Transformer, scale: float = 0.3) -> None:
+def make_synthetic_drafter(model: Transformer, scale: float = 0.03, head_gain: float = 30.0) -> None:
     """NOT a trained model: shrink every block's output so the residual stream is dominated by the
     current token's embedding, and make MTP's eh_proj pass the embedding through. Then the MTP module
     at i (reading t_{i+1}) mostly predicts what the main model predicts at i+1: high acceptance, to
@@ -71,6 +71,7 @@ def make_synthetic_drafter(model: Transformer, scale: float = 0.3) -> None:
     for name, p in model.named_parameters():
         if name.endswith(("o_proj.weight", "down_proj.weight", "experts.w2")):
             p.mul_(scale)
+    model.lm_head.weight.mul_(head_gain)  # peaked distributions, as a trained model has
     dim = model.config.dim
     for mtp in model.mtp:
         mtp.eh_proj.weight.zero_()

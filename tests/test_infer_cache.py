@@ -79,6 +79,13 @@ def test_bytes_per_token_equals_formula(tiny):
         per_layer = tiny.kv_lora_rank + tiny.qk_rope_head_dim
         expected = (tiny.n_layers + tiny.n_mtp_layers) * per_layer * (4 if dtype == torch.float32 else 2)
         assert cache.bytes_per_token == expected == cache_bytes_per_token(tiny, dtype)
+    from dsv3.infer.engine import Engine, EngineConfig
+
+    model = Transformer(tiny)
+    for spec in (False, True):
+        engine = Engine(model, EngineConfig(num_blocks=2, speculative=spec))
+        layers = tiny.n_layers + spec  # the MTP block's cache exists only when drafting
+        assert engine.bytes_per_token == engine.formula_bytes_per_token() == layers * per_layer * 4
     v3 = ModelConfig.from_preset("671b")
     # DESIGN §3.2: 61 x 576 = 35,136 values per token, ~68.6 KiB in BF16
     assert cache_bytes_per_token(v3, torch.bfloat16, with_mtp=False) == 35136 * 2

@@ -1,6 +1,8 @@
 """The engine against the reference decoder and the full forward: continuous batching, chunked
 prefill, admission control, stop conditions, sampling."""
 
+import os
+
 import pytest
 import torch
 
@@ -170,3 +172,21 @@ def test_bad_requests_name_the_field(model):
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DSV3_TEST_COMPILE"), reason="compiles for minutes; DSV3_TEST_COMPILE=1"
+)
+def test_compiled_decode_equals_full_forward(model, tiny):
+    """The opt-in fast path (MoE swap + torch.compile, cache writes as a custom op) against the
+    full forward: a wrong write order or a copied pool shows up as wrong logprobs."""
+    prompt = _prompts(tiny.vocab_size, [9])[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    ref = _alone(model, prompt, 8)
+    engine = Engine(model, EngineConfig(num_blocks=32, block_size=4, compile=True))
+    out = _run(engine, {0: [(prompt, params)]}, full=True)["0"]
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + out.token_ids])).log_softmax(dim=-1)[0]
+    assert out.token_ids == ref
+    for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(entry[tok] - float(logp[len(prompt) - 1 + i, tok])) <= 1e-5

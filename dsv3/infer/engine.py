@@ -110,7 +110,10 @@ class Engine:
         return self.cache.bytes_per_token
 
     def formula_bytes_per_token(self) -> int:
-        return cache_bytes_per_token(self.model.config, self.cache.data.dtype, with_mtp=bool(self.k))
+        """(main layers + the one MTP layer when drafting) x (R + P) x element size."""
+        cfg = self.model.config
+        with_mtp = cache_bytes_per_token(cfg.replace(n_mtp_layers=1), self.cache.data.dtype, with_mtp=True)
+        return with_mtp if self.k else cache_bytes_per_token(cfg, self.cache.data.dtype, with_mtp=False)
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:

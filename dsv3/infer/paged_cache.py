@@ -101,16 +101,18 @@ def make_context(
     )
 
 
-@torch.library.custom_op("dsv3::paged_write", mutates_args=("pool",))
-def _write(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
-    """pool [N + 1, W] <- new [M, W] at slots [M]; padding (-1) goes to the spare last row.
-    A custom op so that a compiled decode step writes in place: traced as plain tensor code, an
-    in-place write into a graph input is functionalised into a copy of the whole pool."""
+@torch.library.custom_op("dsv3::paged_write", mutates_args=("data",))
+def _write(data: torch.Tensor, layer: int, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """data[layer] [N + 1, W] <- new [M, W] at slots [M]; padding (-1) goes to the spare last row.
+    A custom op on the whole storage (not a view of it) so that a compiled decode step writes in
+    place: traced as plain tensor code, an in-place write into a graph input is functionalised into
+    a copy of the whole pool."""
+    pool = data[layer]
     pool.index_copy_(0, torch.where(slots >= 0, slots, pool.shape[0] - 1), new)
 
 
 @_write.register_fake
-def _(pool: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+def _(data: torch.Tensor, layer: int, slots: torch.Tensor, new: torch.Tensor) -> None:
     return None
 
 
@@ -166,8 +168,7 @@ class PagedLatentCache:
             raise ValueError(
                 f"positions: shape {tuple(positions.shape)} != bound slots {tuple(ctx.slots.shape)}"
             )
-        pool = self.data[layer_id]  # (N + 1, W)
-        new = torch.cat([kv, pe], dim=-1).to(pool.dtype).flatten(0, 1)  # (B*T, W)
-        _write(pool, ctx.slots.flatten(), new)
-        keys = pool[ctx.gather]  # (B, S, W)
+        new = torch.cat([kv, pe], dim=-1).to(self.data.dtype).flatten(0, 1)  # (B*T, W)
+        _write(self.data, layer_id, ctx.slots.flatten(), new)
+        keys = self.data[layer_id][ctx.gather]  # (B, S, W)
         return keys[..., : self.rank], keys[..., self.rank :], ctx.key_positions
