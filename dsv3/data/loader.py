@@ -116,15 +116,31 @@ class PackedLoader:
         return h.hexdigest()[:16]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` left off; the data and settings must be the same."""
+        """Continue where `state` left off; the data and settings must be the same.
+
+        The world size may differ (a checkpoint resumed on more or fewer ranks): the sequences of
+        the epoch served so far, position x world_size, are then split over the new ranks, so the
+        next global batches hold the same sequences. If the rest of the epoch cannot hold one more
+        sequence per new rank, the next epoch starts."""
         now = self.state_dict()
-        for name in ("seq_len", "seed", "world_size", "n_tokens", "n_docs", "layout"):
+        for name in ("seq_len", "seed", "n_tokens", "n_docs", "layout"):
             mine = now[name]
             if state[name] != mine:
                 raise ValueError(f"loader state: {name} was {state[name]} when saved, is {mine} now")
-        if not 0 <= state["position"] < self.per_rank:
-            raise ValueError(f"loader state: position {state['position']} outside [0, {self.per_rank})")
-        self.epoch, self.position, self._packing = int(state["epoch"]), int(state["position"]), None
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if state["world_size"] != self.world_size:
+            served = position * state["world_size"]
+            if served % self.world_size:
+                raise ValueError(
+                    f"loader state: {served} sequences of epoch {epoch} were served by {state['world_size']} "
+                    f"ranks; they do not split evenly over {self.world_size} ranks"
+                )
+            position = served // self.world_size
+            if position >= self.per_rank:
+                epoch, position = epoch + 1, 0
+        if not 0 <= position < self.per_rank:
+            raise ValueError(f"loader state: position {position} outside [0, {self.per_rank})")
+        self.epoch, self.position, self._packing = epoch, position, None
 
 
 def val_batches(
