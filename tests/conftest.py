@@ -3,6 +3,10 @@ import torch
 
 from dsv3 import ModelConfig
 
+# The tests use toy models: one thread is faster than several for their small ops, and it keeps the
+# suite from crawling when other work shares the cores (OpenMP threads spin against each other).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -37,14 +37,27 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool = True)
     return 6 * matmul + attn
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8) -> float:
-    """Dense n^3 matmul FLOP/s measured now on this machine (the MFU denominator)."""
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, budget_s: float = 0.5) -> float:
+    """Dense n x n matmul FLOP/s measured now on this machine (the MFU denominator): the best of the
+    repetitions that fit in about budget_s. Falls back to n = 512 when the dtype is so slow here
+    (BF16 on CPUs without BF16 units) that one n x n product would exceed half the budget."""
+    probe = min(n, 512)  # smaller products are dominated by threading overhead on CPUs
+    a, b = torch.randn(probe, probe, dtype=dtype), torch.randn(probe, probe, dtype=dtype)
+    a @ b  # the first call pays for library and thread-pool start-up
+    t = time.perf_counter()
+    a @ b
+    rate = 2 * probe**3 / max(time.perf_counter() - t, 1e-9)
+    if 2 * n**3 / rate > budget_s / 2:
+        n = probe
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
+    best, spent = float("inf"), 0.0
+    while spent < budget_s:
+        t = time.perf_counter()
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        best, spent = min(best, dt), spent + dt
+    return 2 * n**3 / best
 
 
 def pick_precision(requested: str) -> tuple[str, str]:
@@ -54,7 +67,7 @@ def pick_precision(requested: str) -> tuple[str, str]:
         return requested, "requested"
     if torch.cuda.is_available():
         return "bf16", "GPU"
-    fp32, bf16 = matmul_peak(torch.float32, 512, 4), matmul_peak(torch.bfloat16, 512, 4)
+    fp32, bf16 = matmul_peak(torch.float32, 512, 0.1), matmul_peak(torch.bfloat16, 512, 0.1)
     if bf16 >= 0.5 * fp32:
         return "bf16", f"BF16 matmul {bf16 / 1e9:.0f} GF/s vs FP32 {fp32 / 1e9:.0f} GF/s"
     return "fp32", f"BF16 matmul {bf16 / 1e9:.1f} GF/s is slow here (FP32 {fp32 / 1e9:.0f} GF/s)"
