@@ -60,6 +60,9 @@ DELEGATED = {
     "eval": ("dsv3.train.cli", "eval_main", "evaluate a training checkpoint"),
     "plot": ("dsv3.train.cli", "plot_main", "PNG plots of a training run"),
     "pipeline-plan": ("dsv3.parallel.plan", "pipeline_plan_main", "pipeline schedule timelines and bubbles"),
+    "generate": ("dsv3.infer.cli", "generate_main", "generate from a checkpoint (batched, --speculative)"),
+    "chat": ("dsv3.infer.cli", "chat_main", "interactive chat with a checkpoint (/exit, /clear)"),
+    "complete": ("dsv3.infer.cli", "complete_main", "fill in the middle between --prefix and --suffix"),
 }
 # `dsv3 plan <what>`: planners.
 PLANNERS = {"eplb": ("dsv3.infer.eplb.report", "plan_eplb_main")}
