@@ -99,7 +99,14 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--worlds", default="2,4")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (more than cores/processes contends)",
+    )
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     worlds = [int(w) for w in a.worlds.split(",")]
 
     print(f"MoE layer: dim {a.dim}, {a.experts} experts x {a.inter}, top-{a.topk}, {a.tokens} tokens per rank, "
@@ -113,14 +120,14 @@ def main() -> None:
         x = torch.randn(world * a.tokens, a.dim, generator=gen).requires_grad_(True)
         single = time_steps(moe, x, torch.randn_like(x), a.steps)
         print(
-            f"| {world} | 1 process (all {world * a.tokens} tokens, all cores) | {world * a.tokens / single:,.0f} | 0 | 0 |"
+            f"| {world} | 1 process (all {world * a.tokens} tokens, {a.threads} thread) | {world * a.tokens / single:,.0f} | 0 | 0 |"
         )
         cases = [
             ("ep", "ep", world, 1, 1, False, "same"),
             ("ep_fp8", "ep", world, 1, 1, False, "fp8"),
             ("naive", "naive", world, 1, 1, False, "same"),
         ]
-        res = run_ranks(worker, world, a, cases, timeout=120, deadline=900)
+        res = run_ranks(worker, world, a, cases, timeout=120, deadline=900, threads=a.threads)
         labels = {"ep": "EP all-to-all (FP32)", "ep_fp8": "EP all-to-all (FP8 dispatch, BF16 combine)",
                   "naive": "all-gather tokens + reduce-scatter outputs"}  # fmt: skip
         for name, label in labels.items():
@@ -145,7 +152,7 @@ def main() -> None:
             for limited in (nodes // 2, nodes):  # M = half the nodes, or no limit
                 for two_hop in (False, True):
                     cases.append((f"{rpn}-{limited}-{two_hop}", "ep", rpn, nodes, limited, two_hop, "same"))
-        res = run_ranks(worker, 4, b, cases, timeout=120, deadline=900)
+        res = run_ranks(worker, 4, b, cases, timeout=120, deadline=900, threads=a.threads)
         for name, _, rpn, groups, limited, two_hop, _ in cases:
             bound = Placement(a.experts, 4, rpn, groups, limited).max_nodes
             seen = max(r[name]["max_nodes"] for r in res)

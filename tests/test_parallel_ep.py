@@ -82,11 +82,14 @@ class _Groups:
         self.param_groups = groups
 
 
-def _model_case(rank, world, settings):
+def _model_case(rank, world, settings, recompute=False):
     from dsv3.parallel.strategy import build_strategy
+    from dsv3.train.loop import apply_recompute
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
+    if recompute:  # backward re-runs each block's forward, all-to-alls included, on every rank alike
+        apply_recompute(model)
     strategy = build_strategy(**settings)
     model = strategy.parallelize(model)
     strategy.build_optimizer(model, _Groups, [{"params": list(model.parameters())}])
@@ -127,6 +130,8 @@ def worker(rank, world):
         res["fp8"] = _layer_case(rank, world, mesh, {}, False, "fp8", "bf16")
         res["fp8_two_hop"] = _layer_case(rank, world, mesh, {}, True, "fp8", "bf16")
         res["model"] = _model_case(rank, world, {"ep": 2, "zero": False})
+        two_hop = {"ep": 2, "zero": False, "two_hop": True, "ranks_per_node": 1}
+        res["model_recompute"] = _model_case(rank, world, two_hop, recompute=True)
     return res
 
 
@@ -255,34 +260,33 @@ def test_node_limited_routing_reaches_at_most_m_nodes(ranks):
     check_layer(world, results, "unlimited", layer_cfg(n_activated_experts=4, n_limited_groups=4))
 
 
-def test_model_gradients_through_the_strategy_equal_single_process(ranks):
+@pytest.mark.parametrize("case", ["model", "model_recompute"])
+def test_model_gradients_through_the_strategy_equal_single_process(ranks, case):
     world, results = ranks
+    if case not in results[0]:
+        pytest.skip(f"{case} runs on the other world size")
     torch.manual_seed(0)
     ref = Transformer(ModelConfig.from_preset("tiny"))
     batch = model_batch(world)
-    losses = []
+    losses, total_counts = [], None
     for r in range(world):  # the global-batch loss is the mean of the ranks' losses
         out = ref.loss(batch[r], mtp_lambda=0.3, balance_alpha=1e-4)
         (out.total / world).backward()
         losses.append(out.total.detach())
         counts = [m.last_counts.clone() for m in ref.moe_layers()]
-        if r == 0:
-            total_counts = counts
-        else:
-            total_counts = [a + b for a, b in zip(total_counts, counts)]
-    E = ref.config.n_routed_experts
+        total_counts = counts if total_counts is None else [a + b for a, b in zip(total_counts, counts)]
+    El = ref.config.n_routed_experts // 2
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
     for r, res in enumerate(results):
-        m = res["model"]
+        m = res[case]
         close(m["loss"], losses[r])
         assert m["num_params"] == ref.num_params()
         for a, b in zip(m["counts"], total_counts):  # bias-update counts: the global batch's
             assert torch.equal(a, b)
-        El = E // 2
         for name, p in ref.named_parameters():
             g = p.grad
             if m["grads"][name].shape != g.shape:  # an expert shard
                 i = m["ep_index"]
                 g = g[i * El : (i + 1) * El]
             close(m["grads"][name], g)
-        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]).item()
         assert m["norm"] == pytest.approx(ref_norm, rel=1e-5)
