@@ -7,15 +7,6 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.infer.paged_cache import BlockAllocator, PagedLatentCache, cache_bytes_per_token, make_context
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads on a busy 2-core machine spin for ages
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(cfg: ModelConfig) -> Transformer:
     model = Transformer(cfg).eval()
     for moe in model.moe_layers():

@@ -14,15 +14,6 @@ from dsv3.infer.sampling import SamplingParams, target_probs
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads on a busy 2-core machine spin for ages
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def model(tiny: ModelConfig) -> Transformer:
     m = Transformer(tiny).eval()

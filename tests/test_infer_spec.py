@@ -11,15 +11,6 @@ from dsv3.infer.sampling import SamplingParams, draw, uniforms
 from dsv3.infer.speculative import accept_greedy, accept_sampling
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and two threads on a busy 2-core machine spin for ages
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _drafting_model(cfg: ModelConfig, scale: float) -> Transformer:
     """A random model whose MTP module is a decent draft: blocks scaled down so that the residual
     stream is dominated by the current token's embedding, and eh_proj passing the embedding through.
