@@ -138,3 +138,34 @@ def test_cli_generate_chat_complete(ckpt, tmp_path):
         )
         == 0
     )
+
+
+def test_fp8_weights_stay_fp8_and_run_the_block_scaled_gemm(tmp_path, tiny):
+    from dsv3.fp8.quant import dequantize_tiles, quantize_tiles
+    from dsv3.infer.fp8_weights import Fp8WeightLinear
+
+    cfg = tiny.replace(dim=160, inter_dim=200)  # partial 128-blocks in both dimensions
+    Transformer(cfg).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for k in list(tensors):
+        if k.endswith(("proj.weight", "proj_with_mqa.weight")):
+            w, scale = quantize_blocks(tensors[k])
+            tensors[k], tensors[k + "_scale_inv"] = w.contiguous(), scale.contiguous()
+    save_file(tensors, tmp_path / "model.safetensors")
+    dequantised = LLM(tmp_path).model
+    llm = LLM(tmp_path, fp8_weights=True, speculative=True)
+    fp8 = [m for m in llm.model.modules() if isinstance(m, Fp8WeightLinear)]
+    # every FP8 projection except kv_b_proj (read as a matrix by the absorbed path), MTP included
+    per_layer = 4 + 3  # q_a, q_b, kv_a, o_proj + the dense MLP or shared expert
+    assert len(fp8) == (cfg.n_layers + cfg.n_mtp_layers) * per_layer + cfg.n_mtp_layers  # + eh_proj
+    assert all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in fp8)
+    lin = llm.model.layers[0].self_attn.q_a_proj
+    x = torch.randn(5, cfg.dim)
+    xq = dequantize_tiles(*quantize_tiles(x))  # the activation as the GEMM sees it
+    assert torch.allclose(lin(x), xq @ lin.weight.T, atol=1e-5)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        a, b = llm.model(ids), dequantised(ids)
+    assert (a - b).norm() / b.norm() < 0.1  # activation quantisation error only
+    out = llm.generate([ids[0].tolist()], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert out.token_ids == greedy_generate(llm.model, ids, 4)[0].tolist()

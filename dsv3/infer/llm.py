@@ -41,14 +41,21 @@ class LLM:
         device: str | torch.device = "cpu",
         tokenizer=None,
         speculative: bool = False,
+        fp8_weights: bool = False,
         **engine_options,
     ) -> None:
         """model: a checkpoint directory (official HF layout, BF16/FP32 or FP8 + weight_scale_inv,
-        dequantised to `dtype` on load) or a Transformer. engine_options: fields of EngineConfig."""
+        dequantised to `dtype` on load) or a Transformer. fp8_weights: keep an FP8 checkpoint's
+        projections in FP8 and run them through the block-scaled GEMM (dsv3.infer.fp8_weights).
+        engine_options: fields of EngineConfig."""
         if isinstance(model, Transformer):
             self.model = model
         else:
             self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
+            if fp8_weights:
+                from dsv3.infer.fp8_weights import keep_fp8_linears
+
+                keep_fp8_linears(self.model, model)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.tokenizer = tokenizer
         self.engine = Engine(self.model, EngineConfig(speculative=speculative, **engine_options), tokenizer)
