@@ -24,15 +24,6 @@ TOKENS = 24  # per rank
 ATOL = RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The references are tiny; with the spawned ranks on 2 cores, more threads only contend.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def layer_cfg(**kw) -> ModelConfig:
     return ModelConfig.from_preset("tiny", **kw)
 

@@ -23,14 +23,6 @@ WORDS = "the model routes every token to experts while the cache keeps latent ke
 STEPS = 4  # the schedules see 4 steps; the first 2 run on 4 ranks, the rest after a resume
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def data_config(root: str) -> DataConfig:
     return DataConfig(
         data=f"{root}/corpus", vocab_size=300, val_fraction=0.1, cache=f"{root}/cache", progress=False
