@@ -74,18 +74,20 @@ def train_main(argv: list[str] | None = None) -> int:
     from dsv3.train.loop import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet)
-    if trainer.resumed_from:
+    main_rank = trainer.strategy.is_main
+    if trainer.resumed_from and main_rank:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
-    print(
-        f"precision: {trainer.precision} ({trainer.precision_reason}); "
-        f"{trainer.model.num_params():,} parameters"
-    )
+    if main_rank:
+        print(
+            f"precision: {trainer.precision} ({trainer.precision_reason}); "
+            f"{trainer.model.num_params():,} parameters"
+        )
     try:
         result = trainer.fit()
     except TrainingDiverged as e:
         print(f"dsv3 train: {e}", file=sys.stderr)
         return 1
-    if trainer.rank == 0:
+    if main_rank:
         print(json.dumps(result, indent=2))
     return 0
 
