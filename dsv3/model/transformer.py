@@ -104,11 +104,15 @@ class Transformer(nn.Module):
             update_bias(moe.gate.e_score_correction_bias, c, gamma)
 
     # ---- forward ----------------------------------------------------------------------------------
-    def _positions(self, input_ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def _prepare(self, ids: torch.Tensor, positions: torch.Tensor | None, cache, absorb: bool | None):
+        """Default positions (0..T-1), their RoPE angles, and the attention path for this chunk."""
         if positions is None:
-            B, T = input_ids.shape
-            return torch.arange(T, device=input_ids.device).expand(B, T)
-        return positions
+            B, T = ids.shape
+            positions = torch.arange(T, device=ids.device).expand(B, T)
+        if absorb is None:
+            absorb = cache is not None and ids.shape[1] <= ABSORB_MAX_TOKENS
+        cos, sin = self.rotary(positions)
+        return positions, cos, sin, absorb
 
     def hidden_states(
         self,
@@ -121,10 +125,7 @@ class Transformer(nn.Module):
 
         positions [B, T] (default 0..T-1) place tokens in RoPE and in the cache. With a cache, short
         chunks (decoding) use the absorbed attention path unless `absorb` says otherwise."""
-        positions = self._positions(input_ids, positions)
-        if absorb is None:
-            absorb = cache is not None and input_ids.shape[1] <= ABSORB_MAX_TOKENS
-        cos, sin = self.rotary(positions)
+        positions, cos, sin, absorb = self._prepare(input_ids, positions, cache, absorb)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, positions, cache, absorb)
@@ -150,10 +151,7 @@ class Transformer(nn.Module):
         absorb: bool | None = None,
     ) -> torch.Tensor:
         """Run MTP module k (1-based): h^{k-1} [B, T, D] and tokens t_{i+k} [B, T] -> h^k [B, T, D]."""
-        positions = self._positions(next_ids, positions)
-        if absorb is None:
-            absorb = cache is not None and next_ids.shape[1] <= ABSORB_MAX_TOKENS
-        cos, sin = self.rotary(positions)
+        positions, cos, sin, absorb = self._prepare(next_ids, positions, cache, absorb)
         return self.mtp[k - 1](h_prev, self.embed_tokens(next_ids), cos, sin, positions, cache, absorb)
 
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:

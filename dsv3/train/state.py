@@ -11,7 +11,6 @@ a checkpoint whose files do not match its manifest is reported and the previous 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,20 +21,14 @@ from typing import Any
 
 import torch
 
+from dsv3.data.fetch import sha256_file
+
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 
 
 class TrainCheckpointError(RuntimeError):
     """A training checkpoint is incomplete or corrupt; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,7 +63,7 @@ def save_checkpoint(
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
     _pause_for_tests()
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
     for p in tmp.rglob("*"):
         if p.is_file():
@@ -119,7 +112,7 @@ def verify_checkpoint(path: str | Path) -> None:
         size = f.stat().st_size
         if size != want["bytes"]:
             raise TrainCheckpointError(f"{f}: truncated or altered ({size} bytes, expected {want['bytes']})")
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             raise TrainCheckpointError(f"{f}: corrupt (SHA-256 does not match the manifest)")
 
 
