@@ -46,6 +46,11 @@ def _parity_worker(rank: int, world: int, name: str, chunks: int, n_layers: int,
     result = {"loss_err": [], "grad_err": [], "peak": [], "norm_err": 0.0, "counts_ok": True}
     for step in range(steps):
         batch = torch.randint(0, ref.config.vocab_size, (chunks, SEQ + 1), generator=gen)
+        if step == 0:  # forward-only evaluation: the loss without gradients (and without balance loss)
+            with torch.no_grad():
+                want_eval = sum(float(ref.loss(mb, mtp_lambda=LAMBDA).total) for mb in batch.chunk(chunks))
+            result["eval_err"] = abs(runner.evaluate(batch).total - want_eval / chunks)
+            assert all(p.grad is None for p in runner.parameters())
         out = runner.step(batch)
         want = _reference_step(ref, batch, chunks)
         result["loss_err"].append(abs(out.total - want))
@@ -99,7 +104,7 @@ def test_pipelined_step_equals_single_process(name, world, chunks, n_layers, ste
     for rank, r in enumerate(results):
         assert max(r["loss_err"]) < 1e-5, (rank, r["loss_err"])
         assert max(r["grad_err"]) < 1e-5, (rank, r["grad_err"])
-        assert r["norm_err"] < 1e-5 and r["counts_ok"], rank
+        assert r["norm_err"] < 1e-5 and r["counts_ok"] and r["eval_err"] < 1e-5, rank
         # activation memory measured in the runtime = the simulator's count for this rank
         assert set(r["peak"]) == {r["sim_peak"]}, (rank, r["peak"], r["sim_peak"])
     peaks = [r["peak"][0] for r in results]

@@ -163,21 +163,11 @@ class PipelineRunner:
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> StepLoss:
         """Forward and backward of the batch (every rank passes the same one; ranks holding neither
         the first nor the last stage only read its shape). Gradients accumulate into `parameters()`."""
-        sched = self.schedule
-        self._mbs = split_batch(input_ids, labels, sched.num_microbatches)
-        b, t = self._mbs[0].input_ids.shape
-        self._shape = torch.Size((b, t, self.dim))
-        self._dtype = next(self.module.parameters()).dtype
-        self._saved: dict[tuple[int, int], StagePass] = {}  # (mb, stage) -> its forward, until backward
-        self._local: dict[int, torch.Tensor] = {}
-        self._parts = torch.zeros(4, dtype=torch.float64)
-        self._counts = {id(m): torch.zeros_like(m.last_counts) for m in self._local_moe()}
-        self._inflight = self.peak_inflight = 0
+        self._begin(input_ids, labels)
         before = self._shared_grads()  # gradients from earlier steps: not to be summed again
-        self.trace = []
-        ops = sched.ops[self.rank]
+        ops = self.schedule.ops[self.rank]
         for i, op in enumerate(ops):
-            self._post_receives(ops[i : i + 1 + self.lookahead])
+            self._post_receives([t for o in ops[i : i + 1 + self.lookahead] for t in o.tasks])
             start, waited = time.time(), self.p2p.waited
             if len(op.tasks) == 2:
                 run_pair(self, *op.tasks)  # F&B
@@ -190,13 +180,38 @@ class PipelineRunner:
         self._sum_copies(before)
         return self._reduce_loss()
 
-    def _post_receives(self, ops) -> None:
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> StepLoss:
+        """The loss of the batch without gradients: only the schedule's forwards, in its order (they
+        depend on forwards only, so the order stays deadlock-free). No balance loss, as in
+        `Transformer.loss` under no_grad."""
+        self._begin(input_ids, labels)
+        forwards = [t for op in self.schedule.ops[self.rank] for t in op.tasks if t.kind == FORWARD]
+        for i, task in enumerate(forwards):
+            self._post_receives(forwards[i : i + 1 + self.lookahead])
+            self.run_task(task)
+            self._saved.clear()  # nothing to back-propagate
+        self.p2p.finish()
+        return self._reduce_loss()
+
+    def _begin(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+        self._mbs = split_batch(input_ids, labels, self.schedule.num_microbatches)
+        b, t = self._mbs[0].input_ids.shape
+        self._shape = torch.Size((b, t, self.dim))
+        self._dtype = next(self.module.parameters()).dtype
+        self._saved: dict[tuple[int, int], StagePass] = {}  # (mb, stage) -> its forward, until backward
+        self._local: dict[int, torch.Tensor] = {}
+        self._parts = torch.zeros(4, dtype=torch.float64)
+        self._counts = {id(m): torch.zeros_like(m.last_counts) for m in self._local_moe()}
+        self._inflight = self.peak_inflight = 0
+        self.trace = []
+
+    def _post_receives(self, tasks: list[Task]) -> None:
         wanted = []
-        for op in ops:
-            for task in op.tasks:
-                src = self.schedule.recv_from(task)
-                if src is not None:
-                    wanted.append((self._input_tag(task), src, self._shape, self._dtype))
+        for task in tasks:
+            src = self.schedule.recv_from(task)
+            if src is not None:
+                wanted.append((self._input_tag(task), src, self._shape, self._dtype))
         self.p2p.post_recvs(wanted)
 
     def _input_tag(self, task: Task) -> int:
@@ -210,7 +225,7 @@ class PipelineRunner:
         if self.schedule.recv_from(task) is None:  # produced on this rank (DualPipeV's turn)
             return self._local.pop(tag)
         if not self.p2p.posted(tag):
-            self._post_receives([Op((task,))])
+            self._post_receives([task])
         return self.p2p.recv(tag)
 
     def _deliver(self, task: Task, tensor: torch.Tensor, kind: int) -> None:

@@ -116,8 +116,16 @@ class PipelineStage(nn.Module):
         parts = torch.stack([loss, main, mtp, bal]).detach().double()
         return StageOutput(None if self.is_last else h, loss, parts)
 
-    def head_losses(self, h, labels, cos, sin, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main CE and the mean MTP CE, as `Transformer.loss` computes them (§2.2)."""
+    def head_losses(
+        self,
+        h: torch.Tensor,
+        labels: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main CE and the mean MTP CE, as `Transformer.loss` computes them (§2.2): h [b, T, D] the
+        last block's output, labels [b, T]; cos/sin/positions as the blocks take them."""
         h = self.norm(h)
         main = _cross_entropy(self.lm_head(h), labels)
         per_depth = []
