@@ -80,6 +80,8 @@ class PipelineRunner:
     Every rank builds the same full `model` (same seed) and passes it in; the runner keeps the
     stages `schedule` puts on this rank (`self.module`, what the optimizer should see) and routes
     their work. A later trainer may build only those stages (meta device) to save memory.
+    Schedules with I/W (ZB1P, DualPipe, DualPipeV) route the stages' linear and expert layers
+    through `wgrad` (same results outside a split backward; `restore_weight_grads` undoes it).
     """
 
     def __init__(
