@@ -17,15 +17,6 @@ from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads, re
 LAMBDA, ALPHA = 0.3, 0.01  # a large alpha so that a lost balance-loss gradient would show
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: threads only add synchronisation, and badly so on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _models(n_layers: int = 4) -> tuple[Transformer, Transformer]:
     torch.manual_seed(0)
     ref = Transformer(ModelConfig.from_preset("tiny", n_layers=n_layers))
