@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from dsv3 import ModelConfig
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.launch import run_ranks
 from dsv3.parallel.pipeline import PipelineRunner
-from dsv3.parallel.pipeline.launch import spawn
 from dsv3.parallel.pipeline.phases import StagePass
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
@@ -198,7 +198,7 @@ def main() -> None:
     per_stage = [f"stage {s}: F {f * 1e3:.1f} B {b * 1e3:.1f} W {w * 1e3:.1f}" for s, (f, b, w) in
                  enumerate(costs.per_stage)]  # fmt: skip
     print("measured per-stage costs (ms, one thread): " + "; ".join(per_stage))
-    results = spawn(_worker, args.pp, cfg, args, timeout=1800, pg_timeout=300)
+    results = run_ranks(_worker, args.pp, cfg, args, timeout=300, deadline=1800)
     load1 = os.getloadavg()[0]
     traces = [r["traces"] for r in results]
 

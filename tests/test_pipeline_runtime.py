@@ -15,8 +15,8 @@ import torch
 
 from dsv3 import ModelConfig
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.launch import RanksFailed, run_ranks
 from dsv3.parallel.pipeline import PipelineRunner
-from dsv3.parallel.pipeline.launch import spawn
 from dsv3.parallel.plan import formula_activations, peak_activations
 from dsv3.parallel.schedule import ScheduleError
 
@@ -100,7 +100,9 @@ CASES = [  # (schedule, processes, micro-batches, layers, steps, latency)
     "name,world,chunks,n_layers,steps,latency", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES]
 )
 def test_pipelined_step_equals_single_process(name, world, chunks, n_layers, steps, latency):
-    results = spawn(_parity_worker, world, name, chunks, n_layers, steps, latency, timeout=50, pg_timeout=20)
+    results = run_ranks(
+        _parity_worker, world, name, chunks, n_layers, steps, latency, timeout=20, deadline=50
+    )
     for rank, r in enumerate(results):
         assert max(r["loss_err"]) < 1e-5, (rank, r["loss_err"])
         assert max(r["grad_err"]) < 1e-5, (rank, r["grad_err"])
@@ -122,10 +124,10 @@ def _dying_worker(rank: int, world: int) -> None:
 @pytest.mark.timeout(60)
 def test_a_dead_rank_makes_the_others_fail_fast():
     start = time.monotonic()
-    with pytest.raises(RuntimeError) as err:
-        spawn(_dying_worker, 2, timeout=50, pg_timeout=20)
+    with pytest.raises(RanksFailed) as err:
+        run_ranks(_dying_worker, 2, timeout=20, deadline=50)
     assert time.monotonic() - start < 45
-    assert "rank 0 failed" in str(err.value) and "rank 1" in str(err.value)
+    assert "--- rank 0" in str(err.value) and "--- rank 1 (exit 3)" in str(err.value)
 
 
 def _setting_worker(rank: int, world: int, name: str, chunks) -> str:
@@ -139,9 +141,9 @@ def _setting_worker(rank: int, world: int, name: str, chunks) -> str:
 
 @pytest.mark.timeout(60)
 def test_invalid_settings_are_refused_with_a_clear_message():
-    odd = spawn(_setting_worker, 3, "dualpipe", 6, timeout=50, pg_timeout=20)
+    odd = run_ranks(_setting_worker, 3, "dualpipe", 6, timeout=20, deadline=50)
     assert all("pp: dualpipe needs an even pp" in r and "pp=3" in r for r in odd)
-    few = spawn(_setting_worker, 2, "dualpipev", 3, timeout=50, pg_timeout=20)
+    few = run_ranks(_setting_worker, 2, "dualpipev", 3, timeout=20, deadline=50)
     assert all("chunks: dualpipev needs chunks >= 2 x its 2 devices = 4, got chunks=3" in r for r in few)
-    mixed = spawn(_setting_worker, 2, "1f1b", (2, 4), timeout=50, pg_timeout=20)
+    mixed = run_ranks(_setting_worker, 2, "1f1b", (2, 4), timeout=20, deadline=50)
     assert all("ranks disagree" in r for r in mixed)

@@ -1,11 +1,13 @@
 """Run a function on N local processes joined by torch.distributed, for tests and benchmarks.
 
-Production runs use `torchrun` (see docs/parallel.md); this is the same environment (MASTER_ADDR,
-MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) built by `multiprocessing` spawn so a
-test can start ranks, collect what each returns, and never hang: the process group gets a
-collective timeout, the launcher a deadline after which it kills what is left, and a rank that
-dies is reported with its exit code. The function must be importable (module level) and the
-calling script needs the `if __name__ == "__main__":` guard (spawn re-imports it, DESIGN §10).
+Production runs use `torchrun` (see docs/parallel.md); this gives each rank the same environment
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) so a test can start ranks, collect what each
+returns, and never hang: the process group gets a collective timeout, the launcher a deadline after
+which it kills what is left, and a rank that dies is reported with its exit code. Processes come
+from a fork server that has imported torch once (a fresh `import torch` costs seconds here, per
+rank and per launch); ranks meet through a file store, so there is no port to collide with. The
+function must be importable (module level) and the calling script needs the
+`if __name__ == "__main__":` guard (the fork server re-imports it, DESIGN §10).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import queue
-import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -38,24 +40,26 @@ class RanksFailed(RuntimeError):
     """At least one rank raised, died, or ran past the deadline; the message has each one's story."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PRELOAD = ("torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes", "dsv3")
 
 
-def _worker(fn, rank, world, port, results, args, timeout, threads, env) -> None:
+def _worker(fn, rank, world, store, results, args, timeout, threads, env) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), **env,
-    )  # fmt: skip
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), **env
+    )
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout),
+        )
         value = fn(rank, world, *args)
         buf = io.BytesIO()  # by value: shared-memory tensors would vanish with this process
         torch.save(value, buf)
@@ -94,11 +98,16 @@ def launch(
 
     import torch
 
-    ctx = mp.get_context("spawn")
+    if world < 1:
+        raise ValueError(f"world: must be >= 1, got {world}")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
     results = ctx.Queue()
-    port = free_port()
+    fd, store = tempfile.mkstemp(prefix="dsv3-gloo-")
+    os.close(fd)
+    os.remove(store)  # the FileStore creates it; a stale file would confuse the rendezvous
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world, port, results, args, timeout, threads, env or {}))
+        ctx.Process(target=_worker, args=(fn, r, world, store, results, args, timeout, threads, env or {}))
         for r in range(world)
     ]
     for p in procs:
@@ -126,6 +135,8 @@ def launch(
             )
         outcomes.setdefault(r, Outcome(r, False, error=f"rank {r}: died with exit code {p.exitcode}"))
         outcomes[r].exitcode = p.exitcode
+    if os.path.exists(store):
+        os.remove(store)
     return [outcomes[r] for r in range(world)]
 
 
