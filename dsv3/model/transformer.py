@@ -170,20 +170,18 @@ class Transformer(nn.Module):
         IGNORE_INDEX where there is none), or packed sequences [B, T+1] alone.
 
         MTP module k at position i reads token t_{i+k} = labels[i+k-1] and is trained on
-        t_{i+k+1} = labels[i+k]; the last k positions have no target and are ignored."""
+        t_{i+k+1} = labels[i+k]; the last k positions have no target and are ignored (mtp_shift)."""
         if labels is None:
             input_ids, labels = input_ids[:, :-1], input_ids[:, 1:]
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels: shape {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}")
         h = self.hidden_states(input_ids)
-        main = _cross_entropy(self.lm_head(h), labels)
+        main = token_cross_entropy(self.lm_head(h), labels)
         per_depth = []
         for k in range(1, len(self.mtp) + 1):
-            next_ids = F.pad(labels[:, k - 1 :], (0, k - 1), value=IGNORE_INDEX)
-            next_ids = next_ids.masked_fill(next_ids == IGNORE_INDEX, 0)  # any token: its target is ignored
+            next_ids, targets = mtp_shift(labels, k)
             h = self.mtp_hidden(k, h, next_ids)
-            targets = F.pad(labels[:, k:], (0, k), value=IGNORE_INDEX)
-            per_depth.append(_cross_entropy(self.mtp_logits(k, h), targets))
+            per_depth.append(token_cross_entropy(self.mtp_logits(k, h), targets))
         zero = main.new_zeros(())
         mtp = torch.stack(per_depth).mean() if per_depth else zero
         bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
@@ -211,7 +209,17 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def mtp_shift(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of MTP module k from labels [B, T] (label i = the token after input i):
+    at position i it reads t_{i+k} = labels[i+k-1] and predicts t_{i+k+1} = labels[i+k]; the last k
+    positions have no target (IGNORE_INDEX), and their input token is any valid id."""
+    next_ids = F.pad(labels[:, k - 1 :], (0, k - 1), value=IGNORE_INDEX)
+    next_ids = next_ids.masked_fill(next_ids == IGNORE_INDEX, 0)
+    targets = F.pad(labels[:, k:], (0, k), value=IGNORE_INDEX)
+    return next_ids, targets
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the targets that exist (0, not NaN, when there are none)."""
     targets = targets.flatten()
     total = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")

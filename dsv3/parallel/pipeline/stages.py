@@ -28,11 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.moe import MoE
-from dsv3.model.transformer import IGNORE_INDEX, Transformer, _cross_entropy
+from dsv3.model.transformer import Transformer, mtp_shift, token_cross_entropy
 
 
 class StageError(ValueError):
@@ -127,15 +126,12 @@ class PipelineStage(nn.Module):
         """Main CE and the mean MTP CE, as `Transformer.loss` computes them (§2.2): h [b, T, D] the
         last block's output, labels [b, T]; cos/sin/positions as the blocks take them."""
         h = self.norm(h)
-        main = _cross_entropy(self.lm_head(h), labels)
+        main = token_cross_entropy(self.lm_head(h), labels)
         per_depth = []
         for k, module in enumerate(self.mtp, start=1):
-            # module k reads t_{i+k} = labels[i+k-1] and predicts t_{i+k+1} = labels[i+k]
-            next_ids = F.pad(labels[:, k - 1 :], (0, k - 1), value=IGNORE_INDEX)
-            next_ids = next_ids.masked_fill(next_ids == IGNORE_INDEX, 0)  # its target is ignored anyway
+            next_ids, targets = mtp_shift(labels, k)  # reads t_{i+k}, predicts t_{i+k+1}
             h = module(h, self.embed_tokens(next_ids), cos, sin, positions)
-            targets = F.pad(labels[:, k:], (0, k), value=IGNORE_INDEX)
-            per_depth.append(_cross_entropy(self.lm_head(module.shared_head.norm(h)), targets))
+            per_depth.append(token_cross_entropy(self.lm_head(module.shared_head.norm(h)), targets))
         mtp = torch.stack(per_depth).mean() if per_depth else main.new_zeros(())
         return main, mtp
 
