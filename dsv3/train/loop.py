@@ -14,7 +14,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
 from dsv3.model.moe import MoE
+from dsv3.optim import param_groups
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
 from dsv3.train.log import RunLog
@@ -44,14 +44,6 @@ class StepResult:
     balance: float
     grad_norm: float
     skipped: bool
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices, none on norms (the gate bias is a buffer, not a param)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name.endswith("norm.weight") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def apply_recompute(model: Transformer) -> None:
