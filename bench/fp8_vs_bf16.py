@@ -1,14 +1,16 @@
 """FP8 vs BF16 training of the same model on the same data (§3.3, App. B.1; DESIGN §4).
 
-Trains a preset (default `small`) twice from the same seed on the same batches: once with the
-emulated BF16 GEMMs (`convert(model, "bf16")`) and once with fine-grained FP8 (`convert(model, "fp8")`);
-every other operation (embedding, head, gate, norms, attention core, optimizer) is identical. Reports
-the relative difference of the training loss (mean over the last 100 steps; the paper's bound is
-0.25%), the validation loss, step times, peak memory and the activation bytes saved for backward.
+Trains a preset (default `small`) from the same seed on the same batches with the emulated BF16
+GEMMs (`convert(model, "bf16")`) and with fine-grained FP8 (`convert(model, "fp8")`); every other
+operation (embedding, head, gate, norms, attention core, optimizer) is identical. Reports the
+relative difference of the training loss (mean over the last 100 steps; the paper's bound is 0.25%),
+the validation loss, step times, peak memory and the activation bytes saved for backward. A third
+run with FP32 GEMMs (the unconverted model) measures the noise floor: how far two runs that differ
+only by a tiny rounding perturbation drift apart in this set-up.
 
 Both runs are emulations on CPU: the FP8 GEMMs are the FP32 reference of the promoted block-scaled
 kernel, the BF16 GEMMs round operands to BF16 and accumulate in FP32. Step times are emulation times
-of this machine, not hardware numbers. The two runs go in two processes at the same time, one thread
+of this machine, not hardware numbers. The runs go in separate processes at the same time, one thread
 each, so that they share whatever load the machine carries; CPU seconds per step are the steadier figure.
 
     .venv/bin/python bench/fp8_vs_bf16.py                       # 500 steps of `small`, 8 x 128 tokens
@@ -37,7 +39,7 @@ from dsv3.model.transformer import Transformer
 from dsv3.optim import MixedPrecisionAdamW, param_groups
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ("bf16", "fp8")
+RECIPES = ("bf16", "fp8", "fp32")  # fp32: the unconverted model, the noise-floor reference
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -116,7 +118,9 @@ def train(recipe: str, args) -> dict:
     next_batch, val, data_desc = make_data(args)
     torch.manual_seed(args.seed)
     cfg = ModelConfig.from_preset(args.preset, vocab_size=args.vocab)
-    model = convert(Transformer(cfg), recipe)
+    model = Transformer(cfg)
+    if recipe != "fp32":
+        convert(model, recipe)
     opt = MixedPrecisionAdamW(param_groups(model, paper.WEIGHT_DECAY), lr=args.lr, betas=paper.ADAMW_BETAS)
     log = []
     for step in range(args.steps):
@@ -163,9 +167,11 @@ def _median(xs: list[float]) -> float:
 
 
 def summarize(runs: dict[str, dict], args) -> dict:
+    recipes = list(runs)
     tail = min(100, args.steps)
-    mean_tail = {r: sum(s["loss"] for s in runs[r]["log"][-tail:]) / tail for r in RECIPES}
+    mean_tail = {r: sum(s["loss"] for s in runs[r]["log"][-tail:]) / tail for r in recipes}
     skip = min(10, args.steps - 1)  # the first steps include allocator warm-up
+    rel = lambda a, b: (a - b) / b  # noqa: E731
     res = dict(
         preset=args.preset,
         steps=args.steps,
@@ -174,25 +180,25 @@ def summarize(runs: dict[str, dict], args) -> dict:
         lr=args.lr,
         data=runs["bf16"]["data"],
         tail_steps=tail,
-        rel_loss_diff=(mean_tail["fp8"] - mean_tail["bf16"]) / mean_tail["bf16"],
-        rel_val_loss_diff=(runs["fp8"]["val_loss"] - runs["bf16"]["val_loss"]) / runs["bf16"]["val_loss"],
+        recipes=recipes,
+        rel_loss_diff=rel(mean_tail["fp8"], mean_tail["bf16"]),
+        rel_val_loss_diff=rel(runs["fp8"]["val_loss"], runs["bf16"]["val_loss"]),
         bound=paper.FP8_REL_LOSS_ERROR_BOUND,
     )
+    if "fp32" in runs:  # the noise floor: the same perturbation test between FP32 and BF16 GEMMs
+        res["fp32_rel_loss_diff"] = rel(mean_tail["fp32"], mean_tail["bf16"])
+        res["fp32_rel_val_loss_diff"] = rel(runs["fp32"]["val_loss"], runs["bf16"]["val_loss"])
     # The GEMM caches: everything the swapped modules keep. The rest of the saved tensors (norms,
     # attention, softmax, losses) are the same FP32 tensors in both runs, so the FP8 scales are the
     # extra FP32 bytes of the FP8 run; nothing but the BF16 run's GEMM caches is BF16.
-    fp32 = {r: runs[r]["saved_bytes_per_token"].get("float32", 0.0) for r in RECIPES}
-    by = {r: runs[r]["saved_bytes_per_token"] for r in RECIPES}
+    by = {r: runs[r]["saved_bytes_per_token"] for r in recipes}
+    fp8_extra_fp32 = by["fp8"].get("float32", 0.0) - by["bf16"].get("float32", 0.0)
     gemm_cache = {
         "bf16": by["bf16"].get("bfloat16", 0.0),
-        "fp8": by["fp8"].get("float8_e4m3fn", 0.0)
-        + by["fp8"].get("float16", 0.0)
-        + fp32["fp8"]
-        - fp32["bf16"],
+        "fp8": by["fp8"].get("float8_e4m3fn", 0.0) + by["fp8"].get("float16", 0.0) + fp8_extra_fp32,
     }
-    for r in RECIPES:
+    for r in recipes:
         log = runs[r]["log"][skip:]
-        saved = runs[r]["saved_bytes_per_token"]
         res[r] = dict(
             tail_loss=mean_tail[r],
             val_loss=runs[r]["val_loss"],
@@ -200,29 +206,32 @@ def summarize(runs: dict[str, dict], args) -> dict:
             wall_s_per_step=_median([s["wall"] for s in log]),
             peak_rss_mb=runs[r]["peak_rss_mb"],
             optimizer_state_mb=runs[r]["optimizer_state_mb"],
-            saved_bytes_per_token=sum(saved.values()),
-            gemm_cache_bytes_per_token=gemm_cache[r],
-            saved_bytes_per_token_by_dtype=saved,
+            saved_bytes_per_token=sum(by[r].values()),
+            gemm_cache_bytes_per_token=gemm_cache.get(r, float("nan")),
+            saved_bytes_per_token_by_dtype=by[r],
             losses=[s["loss"] for s in runs[r]["log"]],
         )
     return res
 
 
+LABELS = {"bf16": "BF16 (emulated)", "fp8": "FP8 (emulated)", "fp32": "FP32 GEMMs (reference)"}
+
+
 def table(res: dict) -> str:
-    b, f = res["bf16"], res["fp8"]
+    recipes = res["recipes"]
 
-    def row(name, key, fmt, ratio=True):
-        r = f"{f[key] / b[key]:.2f}x" if ratio else ""
-        return f"| {name} | {fmt.format(b[key])} | {fmt.format(f[key])} | {r} |"
+    def row(name, key, fmt):
+        cells = " | ".join(fmt.format(res[r][key]) for r in recipes)
+        return f"| {name} | {cells} | {res['fp8'][key] / res['bf16'][key]:.2f}x |"
 
-    dtypes = sorted(set(b["saved_bytes_per_token_by_dtype"]) | set(f["saved_bytes_per_token_by_dtype"]))
-    split = lambda d: ", ".join(f"{k} {d.get(k, 0):,.0f}" for k in dtypes)  # noqa: E731
-    return "\n".join([
+    dtypes = sorted({k for r in recipes for k in res[r]["saved_bytes_per_token_by_dtype"]})
+    split = lambda d: ", ".join(f"{k} {d[k]:,.0f}" for k in dtypes if d.get(k))  # noqa: E731
+    lines = [
         f"{res['preset']} preset, {res['steps']} steps of {res['batch']} x {res['seq']} tokens, "
         f"peak lr {res['lr']}, {res['data']}",
         "",
-        "| | BF16 (emulated) | FP8 (emulated) | FP8 / BF16 |",
-        "|---|---|---|---|",
+        "| | " + " | ".join(LABELS[r] for r in recipes) + " | FP8 / BF16 |",
+        "|---|" + "---|" * (len(recipes) + 1),
         row(f"train loss, mean of last {res['tail_steps']} steps", "tail_loss", "{:.4f}"),
         row("validation loss", "val_loss", "{:.4f}"),
         row("CPU s/step (1 thread, emulation)", "cpu_s_per_step", "{:.2f}"),
@@ -231,13 +240,20 @@ def table(res: dict) -> str:
         row("optimizer state, MB", "optimizer_state_mb", "{:.1f}"),
         row("saved activation bytes/token, all", "saved_bytes_per_token", "{:,.0f}"),
         row("... of which GEMM caches (inputs + scales)", "gemm_cache_bytes_per_token", "{:,.0f}"),
-        f"| ... by dtype | {split(b['saved_bytes_per_token_by_dtype'])} | "
-        f"{split(f['saved_bytes_per_token_by_dtype'])} | |",
+        "| ... all, by dtype | "
+        + " | ".join(split(res[r]["saved_bytes_per_token_by_dtype"]) for r in recipes)
+        + " | |",
         "",
-        f"Relative training-loss difference (FP8 - BF16) / BF16 over the last {res['tail_steps']} steps: "
-        f"**{100 * res['rel_loss_diff']:+.3f}%** (paper bound: {100 * res['bound']:.2f}%); "
-        f"validation loss: {100 * res['rel_val_loss_diff']:+.3f}%.",
-    ])  # fmt: skip
+        f"Relative loss difference (FP8 - BF16) / BF16: training (mean of the last {res['tail_steps']} "
+        f"steps) **{100 * res['rel_loss_diff']:+.3f}%**, validation {100 * res['rel_val_loss_diff']:+.3f}% "
+        f"(paper bound: {100 * res['bound']:.2f}%).",
+    ]
+    if "fp32_rel_loss_diff" in res:
+        lines.append(
+            f"Noise floor, (FP32 - BF16) / BF16 in the same set-up: training "
+            f"{100 * res['fp32_rel_loss_diff']:+.3f}%, validation {100 * res['fp32_rel_val_loss_diff']:+.3f}%."
+        )
+    return "\n".join(lines)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -253,23 +269,28 @@ def plot(res: dict, path: Path) -> None:
             out.append(m)
         return out
 
+    colors = {"bf16": "tab:blue", "fp8": "tab:red", "fp32": "tab:gray"}
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[2, 1])
-    for r, color in (("bf16", "tab:blue"), ("fp8", "tab:red")):
+    for r in res["recipes"]:
         losses = res[r]["losses"]
-        ax.plot(losses, color=color, alpha=0.2, lw=0.7)
-        ax.plot(ema(losses), color=color, label=f"{r.upper()} (EMA 0.05)")
+        ax.plot(losses, color=colors[r], alpha=0.15, lw=0.7)
+        ax.plot(ema(losses), color=colors[r], label=f"{LABELS[r]}, EMA 0.05")
     ax.set_ylabel("training loss (main next-token CE)")
     ax.set_title(
-        f"FP8 vs BF16 (both emulated on CPU): {res['preset']}, {res['batch']}x{res['seq']} tokens/step"
+        f"FP8 vs BF16, both emulated on CPU: {res['preset']}, {res['batch']}x{res['seq']} tokens/step"
     )
     ax.legend()
     ax.set_ylim(top=min(ax.get_ylim()[1], res["bf16"]["losses"][0] + 0.5))
-    rel = [100 * (f - b) / b for f, b in zip(ema(res["fp8"]["losses"]), ema(res["bf16"]["losses"]))]
-    ax2.plot(rel, color="k", lw=1)
+    base = ema(res["bf16"]["losses"])
+    for r in res["recipes"]:
+        if r != "bf16":
+            rel = [100 * (x - b) / b for x, b in zip(ema(res[r]["losses"]), base)]
+            ax2.plot(rel, color=colors[r], lw=1, label=f"({r.upper()} - BF16) / BF16")
     for y in (-100 * res["bound"], 100 * res["bound"]):
-        ax2.axhline(y, color="tab:gray", ls="--", lw=0.8)
-    ax2.set_ylabel("(FP8 - BF16) / BF16, % (EMA)")
+        ax2.axhline(y, color="k", ls="--", lw=0.8)
+    ax2.set_ylabel("relative difference, % (EMA)")
     ax2.set_xlabel("step")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -282,14 +303,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--data", choices=("corpus", "synthetic"), default="corpus")
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--sequential", action="store_true", help="run the recipes one after the other")
+    p.add_argument("--no-reference", action="store_true", help="skip the FP32 noise-floor run")
     p.add_argument("--print-every", type=int, default=25)
     p.add_argument("--plot", default=str(ROOT / "docs/img/fp8_vs_bf16.png"))
     p.add_argument("--json", default=str(ROOT / "docs/img/fp8_vs_bf16.json"))
@@ -305,20 +327,21 @@ def main(argv=None) -> None:
         return
     start = time.time()
     argv = sys.argv[1:] if argv is None else argv
+    recipes = RECIPES[:2] if args.no_reference else RECIPES
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {r: Path(tmp) / f"{r}.json" for r in RECIPES}
+        outs = {r: Path(tmp) / f"{r}.json" for r in recipes}
         cmds = {
-            r: [sys.executable, __file__, *argv, "--worker", r, "--worker-out", str(outs[r])] for r in RECIPES
+            r: [sys.executable, __file__, *argv, "--worker", r, "--worker-out", str(outs[r])] for r in recipes
         }
         if args.sequential:
-            for r in RECIPES:
+            for r in recipes:
                 subprocess.run(cmds[r], check=True)
         else:
-            procs = {r: subprocess.Popen(cmds[r]) for r in RECIPES}
+            procs = {r: subprocess.Popen(cmds[r]) for r in recipes}
             for r, proc in procs.items():
                 if proc.wait() != 0:
                     raise SystemExit(f"the {r} run failed (exit code {proc.returncode})")
-        runs = {r: json.loads(outs[r].read_text()) for r in RECIPES}
+        runs = {r: json.loads(outs[r].read_text()) for r in recipes}
     res = summarize(runs, args)
     res["elapsed_min"] = (time.time() - start) / 60
     print()
