@@ -4,9 +4,12 @@ and KV-cache bytes per token (DESIGN §3.2, §3.6, §8).
 Both sides hold identical weights (dsv3 saves the checkpoint, transformers loads it) and decode the
 same random prompts greedily for the same number of new tokens (eos ignored); time covers prefill
 and decode, as a user of either would see it. transformers runs its fastest implementation (SDPA
-attention, grouped_mm experts) with its default dynamic KV cache. Measurements alternate between
-the two sides and report medians, because the machine is shared; FP32 throughout (this CPU has no
-BF16 units, a BF16 matmul is ~100x slower).
+attention, grouped_mm experts) with its default dynamic KV cache. dsv3 runs three ways: the default
+engine (plain decoding on the eager fast path, dsv3.infer.decode), `reference` (fast_decode=False:
+the model's own forward, as before the fast path) and `compiled` (compile=True, fast_decode=False:
+the model's forward under torch.compile). Measurements interleave the sides within each repeat and
+report medians (best in brackets) and the load average, because the machine is shared; FP32
+throughout (this CPU has no BF16 units, a BF16 matmul is ~100x slower).
 
     python bench/decode.py                          # random `small` model saved to a temp dir
     python bench/decode.py --ckpt DIR               # e.g. the model `make demo` trains
@@ -16,6 +19,7 @@ BF16 units, a BF16 matmul is ~100x slower).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -88,7 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--spec-k", default="1,2", help="speculative tokens to try (MTP drafts per step)")
     ap.add_argument("--spec-batches", default="1,16")
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled decode path")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled reference decode")
     ap.add_argument("--skip-throughput", action="store_true", help="only the speculative and cache tables")
     ap.add_argument("--synthetic-draft", action="store_true",
                     help="speculative table on a synthetic model whose MTP agrees (not trained)")  # fmt: skip
@@ -109,47 +113,49 @@ def main() -> None:
         print(
             f"prompts {args.prompt_len} tokens, {args.new} new tokens each, greedy; medians of {args.repeats}"
         )
-        llm = LLM(path, max_num_seqs=max(64, *map(int, args.batches.split(","))), max_num_batched_tokens=8192)
+        seats = dict(max_num_seqs=max(64, *map(int, args.batches.split(","))), max_num_batched_tokens=8192)
+        llm = LLM(path, **seats)  # the default engine: plain decoding on the eager fast path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
                 path, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
             ).eval()
-
-        fast = None
-        if not (
-            args.no_compile or args.skip_throughput
-        ):  # its own copy of the weights: `compile` swaps the MoE in place
-            fast = LLM(
-                path, compile=True, max_num_seqs=llm.engine.config.max_num_seqs, max_num_batched_tokens=8192
-            )
-        print("\n| batch | dsv3 eager tok/s | dsv3 compiled tok/s | transformers tok/s | eager / tf "
-              "| compiled / tf | same greedy tokens (eager, compiled) |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        sides = {"dsv3": llm}
+        if not args.skip_throughput:  # each its own copy of the weights: `compile` swaps the MoE in place
+            sides["reference"] = LLM(path, fast_decode=False, **seats)  # the model's forward, eager
+            if not args.no_compile:
+                sides["compiled"] = LLM(path, compile=True, fast_decode=False, **seats)
+        names = list(sides) + ["tf"]
+        head = " | ".join(f"{n} tok/s" for n in names)
+        print(f"\ntok/s: median of {args.repeats} (best); ratios of medians against transformers (tf)")
+        print(
+            f"| batch | {head} | "
+            + " | ".join(f"{n} / tf" for n in names[:-1])
+            + " | same greedy tokens | load |"
+        )
+        print("|---:|" + "---:|" * (2 * len(names) - 1) + "---|---|")
         for B in map(int, args.batches.split(",")) if not args.skip_throughput else []:
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+            load = os.getloadavg()[0]
             t = time.perf_counter()
-            for side in (llm, fast):  # warm-up (compiles the decode graph for this batch shape)
-                if side is not None:
-                    time_dsv3(side, prompts, 4)
+            for side in sides.values():  # warm-up (compiles the decode graph for this batch shape)
+                time_dsv3(side, prompts, 4)
             time_hf(hf, prompts, 4)
             warm = time.perf_counter() - t
-            rates: dict[str, list[float]] = {"eager": [], "compiled": [], "tf": []}
-            for _ in range(args.repeats):  # alternate: all sides see the same machine load
-                dt, out_e = time_dsv3(llm, prompts, args.new)
-                rates["eager"].append(B * args.new / dt)
-                if fast is not None:
-                    dt, out_c = time_dsv3(fast, prompts, args.new)
-                    rates["compiled"].append(B * args.new / dt)
-                dt, out_h = time_hf(hf, prompts, args.new)
+            rates: dict[str, list[float]] = {n: [] for n in names}
+            outs: dict[str, list[list[int]]] = {}
+            for _ in range(args.repeats):  # interleaved: every side sees the same machine load
+                for name, side in sides.items():
+                    dt, outs[name] = time_dsv3(side, prompts, args.new)
+                    rates[name].append(B * args.new / dt)
+                dt, outs["tf"] = time_hf(hf, prompts, args.new)
                 rates["tf"].append(B * args.new / dt)
-            med = {k: statistics.median(v) if v else float("nan") for k, v in rates.items()}
-            same_e = sum(a == b for a, b in zip(out_e, out_h))
-            same_c = sum(a == b for a, b in zip(out_c, out_h)) if fast is not None else "-"
-            spread = ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in rates.items() if v)
-            ratios = f"{med['eager'] / med['tf']:.2f}x | {med['compiled'] / med['tf']:.2f}x"
-            print(f"| {B} | {med['eager']:.0f} | {med['compiled']:.0f} | {med['tf']:.0f} | {ratios} | "
-                  f"{same_e}/{B}, {same_c}/{B} |  range: {spread}; warm-up {warm:.0f}s")  # fmt: skip
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            cells = " | ".join(f"{med[n]:.0f} ({max(rates[n]):.0f})" for n in names)
+            ratios = " | ".join(f"{med[n] / med['tf']:.2f}x" for n in names[:-1])
+            same = ", ".join(f"{n} {sum(a == b for a, b in zip(outs[n], outs['tf']))}/{B}" for n in sides)
+            load = f"{load:.1f}-{os.getloadavg()[0]:.1f}"
+            print(f"| {B} | {cells} | {ratios} | {same} | {load} |  warm-up {warm:.0f}s")
 
         if cfg.n_mtp_layers:
             if args.synthetic_draft:

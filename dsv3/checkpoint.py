@@ -18,12 +18,13 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 
 from dsv3.config import ModelConfig
@@ -121,6 +122,16 @@ class _ShardReader:
             self._open[file] = safe_open(self.path / file, framework="pt")
         return self._open[file]
 
+    def is_fp8(self, key: str) -> bool:
+        """Whether `key` is stored as float8_e4m3fn (read from the header, not the data)."""
+        return self.handle(self.where[key]).get_slice(key).get_dtype() == "F8_E4M3"
+
+    def raw_fp8(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 weight as stored (e4m3 [out, in]) and its weight_scale_inv (FP32)."""
+        scale_key = key + SCALE_SUFFIX
+        scale = self.handle(self.where[scale_key]).get_tensor(scale_key).float()
+        return self.handle(self.where[key]).get_tensor(key), scale
+
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor under `key`, FP8 weights dequantised with their scale (to `dtype` if given)."""
         t = self.handle(self.where[key]).get_tensor(key)
@@ -140,10 +151,19 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     strict: bool = True,
-) -> Transformer:
+    keep_fp8: bool | Callable[[str], bool] = False,
+) -> Transformer | tuple[Transformer, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Build a Transformer from a checkpoint directory (config.json + safetensors, maybe sharded,
     BF16/FP32 or FP8 with block scales). Missing, unexpected or mis-shaped keys raise
-    CheckpointError naming them; absent MTP weights drop the MTP modules with a warning."""
+    CheckpointError naming them; absent MTP weights drop the MTP modules with a warning.
+
+    keep_fp8: True, or a predicate on module names (e.g. "layers.0.self_attn.q_a_proj"), keeps the
+    FP8 weights of those nn.Linear projections as stored instead of dequantising them, so an FP8
+    checkpoint served in FP8 never holds the dequantised copies (peak memory). Those modules' `weight`
+    is left as a plain meta tensor (no storage, not a parameter) and the call returns
+    (model, raw), raw mapping each module name to (weight e4m3 [out, in], weight_scale_inv FP32
+    [ceil(out/128), ceil(in/128)]), for the caller to install (dsv3.infer.fp8_weights does). The
+    fused routed experts are always dequantised."""
     path = Path(path)
     cfg = ModelConfig.from_hf(path)
     reader = _ShardReader(path)
@@ -159,12 +179,23 @@ def load_pretrained(
         cfg = cfg.replace(n_mtp_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
+    kept = _fp8_linears(model, reader, keep_fp8) if keep_fp8 else {}  # HF key -> module name
+    for name in kept.values():
+        module = model.get_submodule(name)
+        weight = module.weight.detach()
+        del module.weight
+        module.weight = weight  # a plain meta tensor: `to_empty` allocates nothing for it
     model = model.to(dtype).to_empty(device=device)
     params = model.state_dict()
     loaded: set[tuple[str, int | None]] = set()
     unexpected, mismatched = [], []
+    raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad():
         for key in tqdm(weight_keys, desc=f"loading {path.name}", disable=len(weight_keys) < 2000, unit="t"):
+            if key in kept:
+                w, scale = reader.raw_fp8(key)
+                raw[kept[key]] = (w.to(device), scale.to(device))
+                continue
             ours, expert = _our_target(key, cfg.n_layers)
             if ours is None:
                 continue  # the MTP copy of a shared embedding / head
@@ -198,7 +229,22 @@ def load_pretrained(
     model.reset_buffers()
     for moe in model.moe_layers():
         moe.last_counts.zero_()
-    return model
+    return (model, raw) if keep_fp8 else model
+
+
+def _fp8_linears(
+    model: Transformer, reader: _ShardReader, keep: bool | Callable[[str], bool]
+) -> dict[str, str]:
+    """HF weight key -> module name of every nn.Linear stored in FP8 (with its scale) that `keep`
+    selects."""
+    out = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not (keep is True or keep(name)):
+            continue
+        key = _hf_prefix(name + ".weight", model.config.n_layers)
+        if key in reader.where and key + SCALE_SUFFIX in reader.where and reader.is_fp8(key):
+            out[key] = name
+    return out
 
 
 def _expected_targets(model: Transformer) -> set[tuple[str, int | None]]:

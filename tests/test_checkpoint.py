@@ -163,3 +163,35 @@ def test_convert_fp8_to_bf16(tmp_path, fp8_cfg):
     Transformer.from_pretrained(dst, dtype=torch.bfloat16)  # loads as an ordinary BF16 checkpoint
     with pytest.raises(CheckpointError, match="must differ"):
         convert_fp8_to_bf16(src, src)
+
+
+def test_keep_fp8_returns_stored_projections_without_dequantising(tmp_path, fp8_cfg, monkeypatch):
+    """load_pretrained(keep_fp8=...) hands back the e4m3 bytes and scales of the selected nn.Linear
+    projections, never dequantising them (their weights get no storage); everything else loads as
+    before, the fused routed experts and the excluded kv_b_proj dequantised."""
+    import dsv3.fp8.quant as quant
+    from dsv3.checkpoint import _hf_prefix, load_pretrained
+
+    Transformer(fp8_cfg).save_pretrained(tmp_path)
+    reference = _to_fp8_checkpoint(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    dequantised = []
+    real = quant.dequantize_blocks
+    monkeypatch.setattr(
+        quant, "dequantize_blocks", lambda w, s, **kw: dequantised.append(1) or real(w, s, **kw)
+    )
+    model, raw = load_pretrained(tmp_path, keep_fp8=lambda name: not name.endswith("kv_b_proj"))
+    linears = [n for n, m in Transformer(fp8_cfg).named_modules() if isinstance(m, torch.nn.Linear)]
+    assert set(raw) == {n for n in linears if n != "lm_head" and not n.endswith("kv_b_proj")}  # MTP too
+    for name, (w, scale) in raw.items():
+        key = _hf_prefix(name + ".weight", fp8_cfg.n_layers)
+        assert w.dtype == torch.float8_e4m3fn and torch.equal(
+            w.view(torch.uint8), stored[key].view(torch.uint8)
+        )
+        assert torch.equal(scale, stored[key + "_scale_inv"])
+        assert model.get_submodule(name).weight.is_meta and name + ".weight" not in model.state_dict()
+    assert len(dequantised) == len(reference) - len(raw)  # only what was not kept
+    got = dict(hf_state_dict(model))
+    for k in ("model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.experts.3.up_proj.weight"):
+        assert torch.equal(got[k].float(), reference[k]), k
+    assert isinstance(load_pretrained(tmp_path), Transformer)  # without keep_fp8: the model alone

@@ -169,12 +169,13 @@ def test_bad_requests_name_the_field(model):
     not os.environ.get("DSV3_TEST_COMPILE"), reason="compiles for minutes; DSV3_TEST_COMPILE=1"
 )
 def test_compiled_decode_equals_full_forward(model, tiny):
-    """The opt-in fast path (MoE swap + torch.compile, cache writes as a custom op) against the
-    full forward: a wrong write order or a copied pool shows up as wrong logprobs."""
+    """The compiled decode forward (MoE swap + torch.compile, cache writes as a custom op; the eager
+    fast path off so that it runs) against the full forward: a wrong write order or a copied pool
+    shows up as wrong logprobs."""
     prompt = _prompts(tiny.vocab_size, [9])[0]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
     ref = _alone(model, prompt, 8)
-    engine = Engine(model, EngineConfig(num_blocks=32, block_size=4, compile=True))
+    engine = Engine(model, EngineConfig(num_blocks=32, block_size=4, compile=True, fast_decode=False))
     out = _run(engine, {0: [(prompt, params)]}, full=True)["0"]
     with torch.no_grad():
         logp = model(torch.tensor([prompt + out.token_ids])).log_softmax(dim=-1)[0]

@@ -40,7 +40,8 @@ class EngineConfig:
     num_speculative_tokens: int = 1  # drafts per step (V3 has one MTP module; more reuse it)
     max_model_len: int | None = None  # prompt + output tokens at most; None: the model's max_seq_len
     seed: int = 0  # seeds the generators of requests without their own seed
-    compile: bool = False  # decode fast path: small-batch MoE swap + torch.compile (minutes to compile)
+    fast_decode: bool = True  # plain decoding on dsv3.infer.decode (fused weights); False: the model
+    compile: bool = False  # torch.compile the model's decode forward (what the fast path does not run)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
@@ -90,7 +91,7 @@ class Engine:
             per_block = n_layers * cfg.kv_cache_dim * param.element_size() * config.block_size
             num_blocks = max(1, config.cache_memory // per_block)
         self.cache = PagedLatentCache(cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device)
-        self.runner = ModelRunner(model, self.cache, compile=config.compile)
+        self.runner = ModelRunner(model, self.cache, compile=config.compile, fast=config.fast_decode)
         self.scheduler = Scheduler(
             self.cache.allocator,
             config.block_size,
@@ -156,8 +157,7 @@ class Engine:
             verified = self._verify(batch.decodes, emitted)
         elif batch.decodes:
             seqs = batch.decodes
-            h = self.runner.hidden(seqs, [[s.tokens[-1]] for s in seqs], [s.num_computed for s in seqs], True)
-            logits = self.runner.logits(h[:, -1])  # (B, V)
+            logits = self.runner.decode_logits(seqs)  # (B, V)
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
             for i, s in enumerate(seqs):
                 s.num_computed += 1

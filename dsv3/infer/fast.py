@@ -1,11 +1,14 @@
-"""Decode fast path: a small-batch MoE swap and `torch.compile` of the decode forward (gpt-fast style).
+"""Compiled decode: a small-batch MoE swap and `torch.compile` of the model's decode forward
+(`compile=True`; gpt-fast style). Plain decoding prefers the eager fast path of dsv3.infer.decode,
+which measured faster (docs/inference.md); this compiled forward runs what that path does not
+(speculative verification, models with swapped modules or hooks, `fast_decode=False`).
 
 Decoding runs a few tokens per forward, so time goes to per-operator overhead, not FLOPs:
 - The routed experts as a grouped GEMM over all E experts cost E small matmuls per projection even
   when a batch of one token visits K of them. `DecodeMoE` swaps in, for batches of at most
   `SMALL_ROUTED_ROWS` token-expert pairs, a gather of the K selected experts' weights and three
   batched matmuls: the same SwiGLU on the same weights, so the output is the same (held to the
-  model's MoE by a test). Larger batches keep the grouped GEMM.
+  model's MoE by a test), and the same `last_counts`. Larger batches keep the grouped GEMM.
 - `torch.compile` fuses the remaining elementwise work of the absorbed-attention decode forward
   into a few generated kernels (dynamic shapes: batch and context length vary every step). The
   grouped GEMM is left out of the graph (its CPU kernel has no compile support).
@@ -39,6 +42,7 @@ class DecodeMoE(MoE):
         if N * K > SMALL_ROUTED_ROWS:
             return _grouped_routed(self, x, weights, indices)
         e, flat = self.experts, indices.flatten()  # (N*K,)
+        self.last_counts = torch.bincount(flat, minlength=self.n_experts)  # as MoE.routed sets it
         xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D), token n's copy for each of its experts
         h = F.silu(torch.bmm(xs, e.w1[flat])) * torch.bmm(xs, e.w3[flat])  # (N*K, 1, I)
         y = torch.bmm(h, e.w2[flat]).view(N, K, -1)  # (N, K, D)

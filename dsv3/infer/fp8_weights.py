@@ -1,12 +1,13 @@
 """Serve an FP8 checkpoint with its projection weights kept in FP8 (DESIGN §3.7, §4).
 
 The official checkpoints store most projections as E4M3 with one FP32 `weight_scale_inv` per
-128x128 block. `keep_fp8_linears` swaps each such `nn.Linear` of a loaded model for an
-`Fp8WeightLinear` that holds exactly those bytes (1 byte per weight plus a scale per block) and runs
-y = x W^T through the block-scaled GEMM of `dsv3.fp8.gemm`, the activation quantised online to
-E4M3 per 1x128 tile, as DeepSeek-V3's inference does (activation_scheme: dynamic). On CPU that GEMM
-is the FP32 reference of the promoted kernel (dequantise, FP32 matmul); on a GPU a real FP8 kernel
-plugs in behind the same call.
+128x128 block. `load_fp8_model` loads such a checkpoint with each of those `nn.Linear`s replaced by
+an `Fp8WeightLinear` holding exactly those bytes (1 byte per weight plus a scale per block), read as
+stored and never dequantised, so peak memory is the FP8 model's. It runs y = x W^T through the
+block-scaled GEMM of `dsv3.fp8.gemm`, the activation quantised online to E4M3 per 1x128 tile, as
+DeepSeek-V3's inference does (activation_scheme: dynamic). On CPU that GEMM is the FP32 reference
+of the promoted kernel (dequantise, FP32 matmul); on a GPU a real FP8 kernel plugs in behind the
+same call.
 
 Kept in the model's dtype: `kv_b_proj` (the absorbed decode path folds its weight into the query
 and the output, so it reads the matrix itself), the routed experts (stored fused; a grouped FP8 GEMM
@@ -20,9 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from dsv3.checkpoint import load_pretrained
 from dsv3.fp8.gemm import fp8_gemm
 from dsv3.fp8.quant import dequantize_blocks, quantize_tiles
 from dsv3.model.transformer import Transformer
@@ -56,42 +57,25 @@ class Fp8WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128 blocks"
 
 
-def _hf_key(name: str, n_layers: int) -> str:
-    """Our module path -> its checkpoint key prefix (MTP module k is layer n_layers + k)."""
-    parts = name.split(".")
-    if parts[0] == "mtp":
-        rest = parts[3:] if parts[2] == "block" else parts[2:]
-        return ".".join(["model", "layers", str(n_layers + int(parts[1])), *rest])
-    return "model." + name
+def _kept_in_fp8(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] not in KEEP_DEQUANTISED
 
 
-def keep_fp8_linears(model: Transformer, path: str | Path) -> int:
-    """Swap every nn.Linear whose checkpoint weight is FP8 for an Fp8WeightLinear holding the stored
-    bytes. Returns how many were swapped (0 for a BF16/FP32 checkpoint)."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as h:
-            where.update({k: f for k in h.keys()})
-    swaps = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in KEEP_DEQUANTISED:
-            continue
-        key = _hf_key(name, model.config.n_layers) + ".weight"
-        if key + "_scale_inv" in where:
-            swaps.append((name, key))
-    swapped = 0
-    for name, key in swaps:
-        with safe_open(where[key], framework="pt") as h:
-            w = h.get_tensor(key)
-        with safe_open(where[key + "_scale_inv"], framework="pt") as h:
-            s = h.get_tensor(key + "_scale_inv")
-        if w.dtype != torch.float8_e4m3fn:
-            continue
+def install_fp8_linears(model: Transformer, raw: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Put an Fp8WeightLinear holding (weight e4m3, weight_scale_inv) at each module name of `raw`."""
+    for name, (w, scale) in raw.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        device = next(model.parameters()).device
-        setattr(parent, child, Fp8WeightLinear(w.to(device), s.to(device)))
-        swapped += 1
-    return swapped
+        setattr(parent, child, Fp8WeightLinear(w, scale))
+    return len(raw)
+
+
+def load_fp8_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Transformer:
+    """Load a checkpoint with its FP8 projections kept in FP8: those weights are read as stored and
+    never dequantised (`load_pretrained(keep_fp8=...)`), so peak memory is the FP8 model's; every
+    other weight (and all weights of a BF16/FP32 checkpoint) is loaded in `dtype`."""
+    model, raw = load_pretrained(path, dtype=dtype, device=device, keep_fp8=_kept_in_fp8)
+    install_fp8_linears(model, raw)
+    return model

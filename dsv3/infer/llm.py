@@ -51,11 +51,12 @@ class LLM:
         if isinstance(model, Transformer):
             self.model = model
         else:
-            self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
             if fp8_weights:
-                from dsv3.infer.fp8_weights import keep_fp8_linears
+                from dsv3.infer.fp8_weights import load_fp8_model
 
-                keep_fp8_linears(self.model, model)
+                self.model = load_fp8_model(model, dtype=dtype, device=device)
+            else:
+                self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.tokenizer = tokenizer
         self.engine = Engine(self.model, EngineConfig(speculative=speculative, **engine_options), tokenizer)

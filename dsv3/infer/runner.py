@@ -4,8 +4,11 @@ The model is used as written (dsv3.model): the runner only builds the `CacheCont
 (block tables, positions, context lengths) and picks the MLA path: the naive path for prefill
 chunks (per-head K/V materialised once for the chunk, efficient for many queries) and the absorbed
 path for decode and speculative verification (a few queries attend straight over the latents).
-Logits are computed only for the positions that are sampled: the output head over a long prefill
-chunk would cost as much as a layer.
+Plain decoding (one new token per row) runs on the eager fast path (dsv3.infer.decode) when it
+can: not when a module was swapped (FP8 weights, EPLB replicas) or forward hooks are set, and not
+with `fast=False`; then the model's forward runs, compiled with `compile=True`. Logits are computed
+only for the positions that are sampled: the output head over a long prefill chunk would cost as
+much as a layer.
 
 Shapes: B rows, T tokens per row, D model dim, V vocabulary.
 """
@@ -16,18 +19,25 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from dsv3.infer.decode import FastDecoder
+from dsv3.infer.fused import supported
 from dsv3.infer.paged_cache import PagedLatentCache, make_context
 from dsv3.infer.scheduler import Sequence
 from dsv3.model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache, compile: bool = False) -> None:
+    def __init__(
+        self, model: Transformer, cache: PagedLatentCache, compile: bool = False, fast: bool = True
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
         self.decode_forward = model.hidden_states
-        if compile:  # the decode fast path (dsv3.infer.fast); prefill stays eager
+        self.fast: FastDecoder | None = None  # the eager fast decode path, when it knows the model
+        if fast and supported(model) is None:
+            self.fast = FastDecoder(model, cache)
+        if compile:  # the model's decode forward compiled (dsv3.infer.fast); prefill stays eager
             from dsv3.infer.fast import compiled_decode, swap_moe
 
             self.decode_forward = compiled_decode(swap_moe(model))
@@ -55,6 +65,17 @@ class ModelRunner:
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h)
+
+    @torch.no_grad()
+    def decode_logits(self, seqs: Seq[Sequence]) -> torch.Tensor:
+        """Logits [B, V] of each sequence's next token after its last one (plain decoding): on the
+        fast path when it can run (no module swapped, no forward hooks), else the model's forward."""
+        fast = self.fast
+        if fast is not None and fast.usable():
+            ids = [s.tokens[-1] for s in seqs]
+            return fast.logits(ids, [s.num_computed for s in seqs], [s.block_table for s in seqs])
+        h = self.hidden(seqs, [[s.tokens[-1]] for s in seqs], [s.num_computed for s in seqs], True)
+        return self.logits(h[:, -1])
 
     @torch.no_grad()
     def mtp_hidden(

@@ -1,0 +1,217 @@
+"""The eager fast decode path: one new token per sequence over the paged latent cache (DESIGN §3.2, §8).
+
+Decoding a few sequences is bound by reading every weight once and by per-operator overhead (an
+FP32 `small` step reads ~24 MB of weights for ~6M multiply-adds), so this path computes the
+model's absorbed-MLA decode step with as few operators and matmuls as it can, on the weights of
+dsv3.infer.fused:
+- attention: one matmul for q_a | kv_a | rope key, one for the query (W_UK and the softmax scale
+  folded in), RoPE as x * cos + rot(x) * sin, the scores over the cached rows [c_kv | k_pe] in ONE
+  matmul (the query is laid out [q_lat | rope(q_pe)] like a cache row), and one matmul for the
+  output (W_UV folded into o_proj) that also adds the residual. RMSNorm is x * 1/rms(x), its
+  weight folded into the next matmul;
+- the cache (`SliceKeys`, `GatheredKeys`): a lone sequence whose blocks are consecutive in the pool
+  (the usual case: the allocator hands out increasing ids) attends over a slice of the pool and
+  writes its new row in place; otherwise the keys of ALL layers are gathered once per step (one
+  index operator, not one per layer), each layer puts its new row into them, and the new rows of
+  all layers go to the pool in one write at the end of the step;
+- MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode_moe
+  (Python routing and only the K selected experts for one token, grouped GEMMs for more).
+`MoE.last_counts` is set for every MoE layer, as the model's forward does (EPLB statistics).
+The model's forward stays the reference; tests hold this path to it (greedy tokens identical,
+logits within 1e-5 in FP32). The MTP module and speculative verification use the model's forward.
+
+Shapes: B rows, D dim, H heads, R kv_lora_rank, P qk_rope_head_dim, W = R + P cache width,
+Qw per-head query width, S key positions, L layers, Vo vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.infer import decode_moe
+from dsv3.infer.fused import AttnWeights, DecodeWeights, FfnWeights
+from dsv3.infer.paged_cache import PagedLatentCache
+from dsv3.model.transformer import Transformer
+
+
+class SliceKeys:
+    """One sequence whose pool rows start .. start + pos are its positions 0 .. pos."""
+
+    def __init__(self, pools: list[torch.Tensor], start: int, pos: int, rank: int) -> None:
+        self.pools, self.start, self.slot, self.rank = pools, start, start + pos, rank
+
+    def new_rows(self, layer: int) -> torch.Tensor:
+        """Where this step's cache row of `layer` goes: [1, W], in the pool itself."""
+        return self.pools[layer][self.slot : self.slot + 1]
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [1, H, W] -> attention output in latent space [1, H, R] (the new row included)."""
+        keys = self.pools[layer][self.start : self.slot + 1]  # (S, W)
+        probs = (q[0] @ keys.T).softmax(dim=-1)  # (H, S)
+        return (probs @ keys[:, : self.rank])[None]
+
+    def finish(self) -> None:
+        pass
+
+
+class GatheredKeys:
+    """Any rows: every layer's keys gathered in one index operator; new rows written at the end."""
+
+    def __init__(
+        self, data: torch.Tensor, tables: list[list[int]], positions: list[int], block_size: int, rank: int
+    ) -> None:
+        B, S, L = len(tables), max(positions) + 1, data.shape[0]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # (B, blocks)
+        s, self.last = torch.arange(S), torch.tensor(positions)
+        gather = table[:, s // block_size] * block_size + s % block_size  # (B, S) pool row per position
+        inside = s[None] <= self.last[:, None]
+        self.keys = data[:, gather.masked_fill(~inside, 0)]  # (L, B, S, W), each row's last key next
+        self.bias = torch.zeros(B, 1, S, dtype=data.dtype).masked_fill(~inside[:, None], float("-inf"))
+        self.rows = torch.arange(B)
+        self.slots = gather[self.rows, self.last]  # (B,) where the new rows go
+        self.new = data.new_empty(L, B, data.shape[-1])  # (L, B, W) this step's rows
+        self.data, self.rank = data, rank
+
+    def new_rows(self, layer: int) -> torch.Tensor:
+        return self.new[layer]
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, W] -> [B, H, R]; padded key positions are masked by a -inf bias."""
+        k = self.keys[layer]  # (B, S, W)
+        k[self.rows, self.last] = self.new[layer]
+        probs = torch.baddbmm(self.bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, H, S)
+        return torch.bmm(probs, k[..., : self.rank])
+
+    def finish(self) -> None:
+        self.data.index_copy_(1, self.slots, self.new)
+
+
+class FastDecoder:
+    """Next-token logits of the main model for one new token per row, on the engine's paged cache."""
+
+    def __init__(self, model: Transformer, cache: PagedLatentCache, fold: bool | None = None) -> None:
+        cfg = model.config
+        self.model, self.cache = model, cache
+        self.weights = DecodeWeights(model, fold)
+        self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
+        self.data = cache.data[: cfg.n_layers]  # the main layers' pools (not the MTP layer's)
+        self.pools = list(self.data.unbind(0))  # per layer [slots + 1, W]
+        self._rope = torch.empty(0)  # [positions, 2, P]: cos, sin per position, pairs repeated
+        self._eps: dict[float, torch.Tensor] = {}
+
+    def usable(self) -> bool:
+        """False while a module is swapped or forward hooks are set (the model's forward runs then)."""
+        return not (self.weights.swapped() or self.weights.hooked())
+
+    @torch.no_grad()
+    def logits(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Token ids [B] at positions [B] of sequences with block tables -> next-token logits [B, Vo].
+        Writes the tokens' latents into the cache and sets every MoE layer's `last_counts`."""
+        w = self.weights
+        if w.stale():
+            w.build()
+        bs = self.cache.block_size
+        start = _consecutive_start(tables[0], positions[0], bs) if len(ids) == 1 else None
+        if start is not None:
+            keys = SliceKeys(self.pools, start, positions[0], self.R)
+            x = self.model.embed_tokens.weight[ids[0] : ids[0] + 1]  # (1, D)
+        else:
+            keys = GatheredKeys(self.data, tables, positions, bs, self.R)
+            x = self.model.embed_tokens.weight[torch.tensor(ids)]  # (B, D)
+        cos, sin = self._rope_rows(positions)
+        routed: list = []
+        for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
+            x = self._attention(x, aw, layer, keys, cos, sin)
+            x = self._ffn(x, fw, routed)
+        keys.finish()
+        if routed:
+            for moe, c in zip(
+                (f.moe for f in w.ffn if f.moe is not None), decode_moe.counts(routed, self.n_experts)
+            ):
+                moe._buffers["last_counts"] = (
+                    c  # what `moe.last_counts = c` does, minus nn.Module.__setattr__
+                )
+        return (x * self._inv_rms(x, w.norm_eps)) @ w.head
+
+    # ---- pieces -------------------------------------------------------------------------------------
+    def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, P] at the positions, each frequency repeated for its pair (a table grown on
+        demand from the model's frequencies)."""
+        if max(positions) >= self._rope.shape[0]:
+            n = max(max(positions) + 1, 2 * self._rope.shape[0], 256)
+            angles = torch.arange(n, dtype=torch.float32)[:, None] * self.model.rotary.inv_freq
+            table = torch.stack([angles.cos(), angles.sin()], dim=1)  # (n, 2, P/2)
+            self._rope = table.repeat_interleave(2, dim=-1).to(self.data.dtype)  # (n, 2, P)
+        if len(positions) == 1:
+            rows = self._rope[positions[0] : positions[0] + 1]
+        else:
+            rows = self._rope[torch.tensor(positions)]
+        return rows[:, 0], rows[:, 1]
+
+    def _inv_rms(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """1 / sqrt(mean(x^2) + eps) per row: [B, n] -> [B, 1] (RMSNorm without its weight)."""
+        if x.shape[0] == 1:  # x x^T: one small matmul
+            if eps not in self._eps:
+                self._eps[eps] = torch.full((1, 1), eps, dtype=x.dtype)
+            return torch.addmm(self._eps[eps], x, x.T, alpha=1 / x.shape[1]).rsqrt_()
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[1])
+        return ms.add_(eps).rsqrt_()
+
+    def _attention(self, x, w: AttnWeights, layer: int, keys, cos, sin) -> torch.Tensor:
+        """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows."""
+        B, R, P = x.shape[0], self.R, self.P
+        a = (x * self._inv_rms(x, w.norm_eps)) @ w.w_in  # (B, C)
+        if w.q_rank:
+            cq, a = a[:, : w.q_rank], a[:, w.q_rank :]
+            q = (cq * self._inv_rms(cq, w.q_eps)) @ w.w_q
+        else:
+            q = a[:, R + 2 * P :]
+        q = q.view(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe | rot(q_pe)
+        n = q.shape[-1] - 2 * P
+        q_pe = q[..., n : n + P]
+        torch.addcmul(q_pe * cos[:, None], q[..., n + P :], sin[:, None], out=q_pe)  # RoPE in place
+        if w.w_uk is None:
+            q = q[..., : n + P]  # (B, H, W) [q_lat | q_pe]
+        else:  # W_UK per head: (H, B, N) @ (H, N, R)
+            q = torch.cat([torch.bmm(q[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), q_pe], dim=-1)
+        row = keys.new_rows(layer)  # (B, W): kv_a_layernorm(c_kv) | rope(k_pe)
+        kv = a[:, :R]
+        torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
+        torch.addcmul(a[:, R : R + P] * cos, a[:, R + P : R + 2 * P], sin, out=row[:, R:])
+        o = keys.attend(layer, q)  # (B, H, R)
+        if w.w_uv is not None:  # W_UV per head: (H, B, R) @ (H, R, V)
+            o = torch.bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
+        return torch.addmm(x, o.reshape(B, -1), w.w_o)  # residual + o_proj
+
+    def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list) -> torch.Tensor:
+        """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`."""
+        xn = x * self._inv_rms(x, w.norm_eps)
+        a = xn @ w.w_in if w.w_in is not None else None  # gate logits | shared gate | shared up
+        E = 0 if w.moe is None or w.gate_w is not None else w.moe.n_experts
+        if w.hidden:
+            x = torch.addmm(x, F.silu(a[:, E : E + w.hidden]) * a[:, E + w.hidden :], w.w_down)
+        else:
+            x = x.clone()  # the routed experts add into it in place
+        if w.moe is None:
+            return x
+        logits = a[:, :E] if w.gate_w is None else xn.float() @ w.gate_w
+        if x.shape[0] == 1:
+            ids, gates = decode_moe.route_one(w.moe.gate, logits)
+            decode_moe.experts_one(x, xn, w, ids, gates)
+            routed.append(ids)
+        else:
+            weights, idx = decode_moe.route(w.moe.gate, logits)
+            decode_moe.experts(x, xn, w, weights, idx)
+            routed.append(idx)
+        return x
+
+
+def _consecutive_start(table: list[int], position: int, block_size: int) -> int | None:
+    """Pool row of position 0 when blocks 0 .. position // block_size are consecutive, else None."""
+    n, first = position // block_size + 1, table[0]
+    if table[n - 1] - first != n - 1 or any(table[i] != first + i for i in range(1, n - 1)):
+        return None
+    return first * block_size

@@ -1,0 +1,88 @@
+"""Decode-time MoE of the fast decode path: the model's gate and experts on a few tokens (DESIGN §3.4).
+
+The semantics are dsv3.model.moe's exactly (sigmoid or softmax scores; the bias chooses experts but
+never weighs them; group-limited top-k; normalised gate values times route_scale); only the
+execution differs:
+- ONE token (batch-1 decoding): the E scores go to Python once, the group-limited top-k runs on
+  Python floats, and only the K selected experts run, each as two matmuls on views of its weights:
+  no copy of expert weights, no per-group GEMM over all E experts, no sort;
+- more tokens: routing in torch, the rows sorted by expert, one grouped GEMM for w1 | w3 and one
+  for w2 (each row's gate value applied before w2, the sum over experts done by index_add_).
+Expert weights come from dsv3.infer.fused (w1 | w3 concatenated, the post-attention norm's weight
+folded in); the input xn is x / rms(x).
+
+Shapes: B tokens, D dim, E routed experts, K experts per token, G groups, I expert hidden size,
+M = B * K routed copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.infer.fused import FfnWeights
+from dsv3.model.moe import Gate, grouped_linear
+
+
+def route_one(gate: Gate, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The gate for ONE token on Python floats: logits [1, E] -> the K expert ids (best first) and
+    their gate values. Python sorting is stable, like torch.topk's order on ties (lower id first)."""
+    scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
+    s, c = torch.cat([scores, scores + gate.e_score_correction_bias]).tolist()  # s, s' = s + b
+    candidates = range(len(c))
+    if gate.n_groups > 1:  # a group's score is the sum of its top-2 s'; keep the best groups
+        per = len(c) // gate.n_groups
+        group = [sum(sorted(c[g : g + per])[-2:]) for g in range(0, len(c), per)]
+        keep = sorted(range(len(group)), key=group.__getitem__, reverse=True)[: gate.topk_groups]
+        candidates = [e for g in keep for e in range(g * per, (g + 1) * per)]
+    ids = sorted(candidates, key=c.__getitem__, reverse=True)[: gate.top_k]
+    gates = [s[e] for e in ids]  # gate values from s, not s + b
+    scale = gate.route_scale / (sum(gates) + 1e-20) if gate.score_func == "sigmoid" else gate.route_scale
+    return ids, [v * scale for v in gates]
+
+
+def experts_one(x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, ids: list[int], gates: list[float]) -> None:
+    """x [1, D] += sum_k gate_k * expert_{ids_k}(xn), in place: two matmuls per selected expert."""
+    hid = w.w2[0].shape[0]
+    for e, g in zip(ids, gates):
+        t = xn @ w.w13[e]  # (1, 2I) w1 | w3
+        x.addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=g)
+
+
+def route(gate: Gate, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate from its logits [B, E] (torch, as dsv3.model.moe.Gate): gate values [B, K], ids [B, K]."""
+    scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores + gate.e_score_correction_bias
+    if gate.n_groups > 1:
+        grouped = choice.view(choice.shape[0], gate.n_groups, -1)  # (B, G, E/G)
+        keep = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(gate.topk_groups, dim=-1).indices
+        dropped = torch.ones(keep.shape[0], gate.n_groups, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+    idx = choice.topk(gate.top_k, dim=-1).indices
+    weights = scores.gather(1, idx)
+    if gate.score_func == "sigmoid":
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * gate.route_scale, idx
+
+
+def experts(
+    x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, weights: torch.Tensor, idx: torch.Tensor
+) -> None:
+    """x [B, D] += the routed experts of xn [B, D], in place (grouped GEMMs over rows sorted by expert)."""
+    K, E, hid = idx.shape[1], len(w.w13), w.w2[0].shape[0]
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    offsets = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    token = order // K  # (M,) the token of each routed copy, grouped by expert
+    t = grouped_linear(xn[token], w.w13_all, offsets)  # (M, 2I)
+    h = F.silu(t[:, :hid]) * t[:, hid:] * weights.flatten()[order, None].to(x.dtype)
+    x.index_add_(0, token, grouped_linear(h, w.w2_all, offsets))
+
+
+def counts(routed: list, n_experts: int) -> torch.Tensor:
+    """Expert ids of each MoE layer (lists of K ids for one token, or [B, K] tensors) -> tokens per
+    expert [L, E], what `MoE.last_counts` holds after a forward."""
+    ids = torch.tensor(routed) if isinstance(routed[0], list) else torch.stack(routed).flatten(1)  # (L, B*K)
+    L = ids.shape[0]
+    flat = (ids + torch.arange(L)[:, None] * n_experts).flatten()
+    return torch.bincount(flat, minlength=L * n_experts).view(L, n_experts)

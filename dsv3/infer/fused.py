@@ -1,0 +1,221 @@
+"""Decode-time weights, built once from the model when the engine starts (DESIGN §3.2, §3.4).
+
+A decode step on a small batch is bound by the number of operators and by reading each weight
+once, not by FLOPs, so the fast decode path (dsv3.infer.decode) reads weights laid out for as few
+matmuls as possible, each [in, out] contiguous (a row-vector product against that layout is up to
+2x faster on CPU than against nn.Linear's [out, in]):
+- projections that read the same input are concatenated: q_a_proj | kv_a_proj_with_mqa (plus the
+  rope key with its pairs rotated, below); the gate | shared experts' gate_proj | up_proj; a dense
+  MLP's gate_proj | up_proj; each routed expert's w1 | w3;
+- RMSNorm weights are folded into the rows of the matmul that follows the norm (input, q_a,
+  post-attention and final norms; not kv_a's, whose output is cached), so a norm is x * 1/rms(x);
+- the absorbed MLA weights are folded once: W_UK into the query projection (q_b_proj, or q_proj)
+  and W_UV into o_proj, each only when the folded matrix costs at most `FOLD_MAX_GROWTH` times the
+  multiply-adds of the two it replaces (true for the small presets, where it saves an operator per
+  layer; for V3 the folded matrices would be 3-4x larger, so the per-head products stay);
+- the softmax scale is folded into the query projection;
+- RoPE's pair rotation x -> (-x1, x0) is linear, so it is folded in as extra output columns
+  (`_rotated_pairs`): rope(x) = x * cos + rot(x) * sin is then two elementwise operators.
+Folding is done in FP64 and rounded once. The routing bias and the experts' w2 are used in place;
+the copies are checked against the parameters they came from (`stale`) and rebuilt when the model
+was changed in place. The model's modules and checkpoint keys are untouched.
+
+Shapes: D dim, Qr q_lora_rank, H heads, N qk_nope_head_dim, P qk_rope_head_dim, V v_head_dim,
+R kv_lora_rank, W = R + P cache width, E routed experts, I expert hidden size, Is shared hidden,
+Vo vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from operator import attrgetter
+
+import torch
+from torch import nn
+
+from dsv3.model.attention import MLA
+from dsv3.model.layers import MLP, RMSNorm
+from dsv3.model.moe import MoE
+from dsv3.model.transformer import Transformer
+
+FOLD_MAX_GROWTH = 2.0  # fold W_UK / W_UV when the folded product costs at most this many times more
+_VERSION = attrgetter("_version")
+F64 = torch.float64
+
+
+def _rotated_pairs(w: torch.Tensor) -> torch.Tensor:
+    """Rows [P, in] of a projection whose output RoPE rotates -> the rows giving rot(output):
+    (x0, x1) -> (-x1, x0) per interleaved pair."""
+    pairs = w.unflatten(0, (-1, 2))  # (P/2, 2, in)
+    return torch.stack((-pairs[:, 1], pairs[:, 0]), dim=1).flatten(0, 1)
+
+
+def folds(q_in: int, dim: int, nope: int, v: int, rank: int) -> tuple[bool, bool]:
+    """Whether to fold W_UK into the query projection (q_in inputs per head) and W_UV into o_proj:
+    only when the folded matrix costs at most FOLD_MAX_GROWTH times the multiply-adds of the pair."""
+    fold_q = q_in * rank <= FOLD_MAX_GROWTH * (q_in * nope + nope * rank)
+    fold_o = rank * dim <= FOLD_MAX_GROWTH * (rank * v + v * dim)
+    return fold_q, fold_o
+
+
+def _in_out(rows: list[torch.Tensor], norm: RMSNorm | None, dtype: torch.dtype) -> torch.Tensor:
+    """nn.Linear weights [out_i, in] stacked and transposed to [in, sum out_i], the preceding
+    norm's weight folded into the rows: (x / rms(x) * g) @ W = (x / rms(x)) @ (diag(g) W)."""
+    w = torch.cat([r.to(F64) for r in rows]).T  # (in, out)
+    if norm is not None:
+        w = w * norm.weight.to(F64)[:, None]
+    return w.to(dtype).contiguous()
+
+
+@dataclass
+class AttnWeights:
+    w_in: torch.Tensor  # [D, C] q_a (Qr) | c_kv (R) | k_pe (P) | rot(k_pe) (P) [| query without q_lora]
+    w_q: torch.Tensor  # [Qr or D, H * Qw]: per head q_lat (R, or N) | q_pe (P) | rot(q_pe) (P)
+    kv_norm: torch.Tensor  # kv_a_layernorm weight [R] (live: its output is cached)
+    w_uk: torch.Tensor | None  # [H, N, R] when W_UK is not folded into w_q
+    w_uv: torch.Tensor | None  # [H, R, V] when W_UV is not folded into w_o
+    w_o: torch.Tensor  # [H * R, D] W_UV folded into o_proj, else o_proj [H * V, D]
+    q_rank: int  # Qr, 0 without q_lora (the query is then the last columns of w_in)
+    norm_eps: float
+    q_eps: float
+    kv_eps: float
+
+
+@dataclass
+class FfnWeights:
+    w_in: torch.Tensor | None  # [D, C] MoE: gate (E, FP32 models) | shared gate | shared up; MLP: gate | up
+    w_down: torch.Tensor | None  # [Is, D] shared or dense down_proj
+    hidden: int  # Is: shared experts' or the dense MLP's hidden size (0: no shared experts)
+    norm_eps: float
+    moe: MoE | None  # the layer's MoE (gate settings, routing bias, last_counts); None: dense MLP
+    gate_w: torch.Tensor | None  # [D, E] gate when its logits are not in w_in (non-FP32 models)
+    w13: list[torch.Tensor]  # per expert [D, 2I]: w1 | w3 (one [E, D, 2I] tensor)
+    w2: list[torch.Tensor]  # per expert [I, D] (views of the model's w2)
+    w13_all: torch.Tensor | None  # [E, D, 2I]
+    w2_all: torch.Tensor | None  # [E, I, D] (the model's)
+
+
+def _attention(mla: MLA, norm: RMSNorm, fold: bool | None) -> AttnWeights:
+    H, N, P, V, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim, mla.kv_lora_rank
+    dtype = mla.kv_a_proj_with_mqa.weight.dtype
+    w_ukv = mla.kv_b_weight().to(F64)  # (H, N + V, R)
+    w_uk, w_uv = w_ukv[:, :N], w_ukv[:, N:]  # (H, N, R), (H, V, R)
+    lora = not hasattr(mla, "q_proj")
+    q_lin = mla.q_b_proj if lora else mla.q_proj
+    wq = q_lin.weight.to(F64).view(H, N + P, -1) * mla.softmax_scale  # (H, N + P, in)
+    D = mla.o_proj.weight.shape[0]
+    fold_q, fold_o = folds(wq.shape[-1], D, N, V, R) if fold is None else (fold, fold)
+    q_lat = torch.einsum("hnr,hni->hri", w_uk, wq[:, :N]) if fold_q else wq[:, :N]  # (H, R or N, in)
+    rot = torch.stack([_rotated_pairs(w) for w in wq[:, N:]])  # (H, P, in)
+    q_rows = torch.cat([q_lat, wq[:, N:], rot], dim=1).flatten(0, 1)  # (H * Qw, in)
+    kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
+    rows = [kv_a, _rotated_pairs(kv_a[R:])]
+    rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]
+    w_o = mla.o_proj.weight.to(F64).T  # (H * V, D)
+    if fold_o:
+        w_o = torch.einsum("hvr,hvd->hrd", w_uv, w_o.view(H, V, D)).flatten(0, 1)  # (H * R, D)
+    return AttnWeights(
+        w_in=_in_out(rows, norm, dtype),
+        w_q=_in_out([q_rows], mla.q_a_layernorm, dtype) if lora else torch.empty(0),
+        kv_norm=mla.kv_a_layernorm.weight,
+        w_uk=None if fold_q else w_uk.to(dtype).contiguous(),
+        w_uv=None if fold_o else w_uv.transpose(1, 2).to(dtype).contiguous(),
+        w_o=w_o.to(dtype).contiguous(),
+        q_rank=mla.q_a_proj.weight.shape[0] if lora else 0,
+        norm_eps=norm.eps,
+        q_eps=mla.q_a_layernorm.eps if lora else 0.0,
+        kv_eps=mla.kv_a_layernorm.eps,
+    )
+
+
+def _ffn(mlp: nn.Module, norm: RMSNorm) -> FfnWeights:
+    dtype = norm.weight.dtype
+    if isinstance(mlp, MLP):
+        w_in = _in_out([mlp.gate_proj.weight, mlp.up_proj.weight], norm, dtype)
+        w_down = _in_out([mlp.down_proj.weight], None, dtype)
+        return FfnWeights(
+            w_in, w_down, mlp.gate_proj.weight.shape[0], norm.eps, None, None, [], [], None, None
+        )
+    shared = mlp.shared_experts
+    rows = [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight]
+    fp32 = mlp.gate.weight.dtype == torch.float32  # the gate computes in FP32: fuse it only then
+    if fp32:
+        rows.insert(0, mlp.gate.weight)
+    e = mlp.experts
+    w13 = torch.cat([e.w1, e.w3], dim=2).to(F64) * norm.weight.to(F64)[:, None]  # (E, D, 2I)
+    w13 = w13.to(dtype).contiguous()
+    return FfnWeights(
+        w_in=_in_out(rows, norm, dtype) if rows else None,
+        w_down=None if shared is None else _in_out([shared.down_proj.weight], None, dtype),
+        hidden=0 if shared is None else shared.gate_proj.weight.shape[0],
+        norm_eps=norm.eps,
+        moe=mlp,
+        gate_w=None if fp32 else _in_out([mlp.gate.weight], norm, torch.float32),
+        w13=list(w13.unbind(0)),
+        w2=list(e.w2.unbind(0)),
+        w13_all=w13,
+        w2_all=e.w2,
+    )
+
+
+def supported(model: Transformer) -> str | None:
+    """Why the fast decode path cannot run this model (None: it can). It knows the plain modules
+    only: a swapped projection (FP8 weights) or MoE (EPLB replicas) runs on the reference path."""
+    for i, block in enumerate(model.layers):
+        mla, ffn = block.self_attn, block.mlp
+        linears = [mla.kv_a_proj_with_mqa, mla.kv_b_proj, mla.o_proj]
+        linears += [mla.q_proj] if hasattr(mla, "q_proj") else [mla.q_a_proj, mla.q_b_proj]
+        if type(ffn) is MLP:
+            linears += [ffn.gate_proj, ffn.up_proj, ffn.down_proj]
+        elif isinstance(ffn, MoE):  # MoE or a subclass that only changes how experts run
+            s = ffn.shared_experts
+            linears += [] if s is None else [s.gate_proj, s.up_proj, s.down_proj]
+        else:
+            return f"layers.{i}.mlp: {type(ffn).__name__} is neither MoE nor MLP"
+        if any(type(m) is not nn.Linear for m in linears):
+            return f"layers.{i}: a projection is not nn.Linear (FP8 weights?)"
+    if type(model.lm_head) is not nn.Linear:
+        return "lm_head: not nn.Linear"
+    return None
+
+
+class DecodeWeights:
+    """Decode weights of the main model (layers, and the head with the final norm folded in)."""
+
+    def __init__(self, model: Transformer, fold: bool | None = None) -> None:
+        self.model, self.fold = model, fold
+        self.build()
+
+    @torch.no_grad()
+    def build(self) -> None:
+        model = self.model
+        self.attn = [_attention(b.self_attn, b.input_layernorm, self.fold) for b in model.layers]
+        self.ffn = [_ffn(b.mlp, b.post_attention_layernorm) for b in model.layers]
+        self.head = _in_out([model.lm_head.weight], model.norm, model.lm_head.weight.dtype)  # (D, Vo)
+        self.norm_eps = model.norm.eps
+        self._params = [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
+        self._versions = sum(map(_VERSION, self._params))
+        layers = model.layers
+        # (children dict, name, module) of the modules the copies came from: a swap shows here
+        self._modules = [
+            (parent._modules, name, child)
+            for parent in [model, layers, *layers.modules()]
+            for name, child in parent._modules.items()
+        ]
+        self._hookable = [model, *layers, *(m for b in layers for m in (b.self_attn, b.mlp))]
+
+    def stale(self) -> bool:
+        """True when a parameter of the main model was changed in place since `build` (changes
+        through `.data`, and parameters replaced by new ones, are invisible: call `build` then)."""
+        return sum(map(_VERSION, self._params)) != self._versions
+
+    def swapped(self) -> bool:
+        """True when a module of the main model was replaced (e.g. FP8 or EPLB module swaps)."""
+        return any(d.get(name) is not child for d, name, child in self._modules)
+
+    def hooked(self) -> bool:
+        """True when forward hooks expect the model's modules to run."""
+        g = nn.modules.module
+        if g._global_forward_hooks or g._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable)

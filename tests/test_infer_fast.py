@@ -1,0 +1,183 @@
+"""The fast decode path (dsv3.infer.decode on the fused weights of dsv3.infer.fused) held to the
+model's forward: logits within 1e-5 and identical greedy tokens, the same MoE load counts; it
+follows in-place weight changes and steps aside for forward hooks and module swaps."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.infer import decode
+from dsv3.infer.decode import FastDecoder
+from dsv3.infer.engine import Engine, EngineConfig
+from dsv3.infer.fast import DecodeMoE
+from dsv3.infer.fused import folds
+from dsv3.infer.paged_cache import PagedLatentCache, make_context
+from dsv3.infer.sampling import SamplingParams
+from dsv3.model.moe import MoE
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+VARIANTS = {
+    "tiny": {},
+    "yarn": dict(max_seq_len=512, original_seq_len=64, rope_factor=4.0),
+    "q_proj": dict(q_lora_rank=0),  # no query compression: the query comes from w_in directly
+    "softmax_gate": dict(score_func="softmax", n_expert_groups=1, n_limited_groups=1, n_shared_experts=0),
+}
+
+
+def _model(cfg: ModelConfig) -> Transformer:
+    model = Transformer(cfg).eval()
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("fold", [None, False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_logits_equal_full_forward(tiny, variant, fold):
+    """Rows prefilled on the naive path, then decoded by the fast path, in turn batched (gathered
+    keys) and one row at a time (a pool slice when the row's blocks are consecutive)."""
+    model = _model(tiny.replace(**VARIANTS[variant]))
+    cache = PagedLatentCache(model.config, num_blocks=40, block_size=4)
+    fast = FastDecoder(model, cache, fold=fold)
+    lens = [5, 9, 7]
+    tables = [cache.allocator.allocate(8) for _ in lens]  # rows 0 and 2 consecutive
+    tables[1] = [tables[1][i] for i in (1, 0, 2, 3, 4, 5, 6, 7)]  # row 1 is not
+    ids = torch.randint(0, tiny.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(ids)
+        for b, n in enumerate(lens):
+            pos = torch.arange(n)[None]
+            cache.bind(make_context([tables[b]], pos, [n], 4))
+            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    for step in range(6):
+        pos = [n + step for n in lens]
+        tok = [int(ids[b, p]) for b, p in enumerate(pos)]
+        if step % 2 == 0:
+            logits = fast.logits(tok, pos, tables)
+        else:
+            logits = torch.cat([fast.logits([tok[b]], [pos[b]], [tables[b]]) for b in range(3)])
+        for b in range(3):
+            assert (logits[b] - full[b, pos[b]]).abs().max() <= 1e-5
+
+
+def _engines(model: Transformer, **options) -> tuple[Engine, Engine, Transformer]:
+    """A fast engine on `model` and a reference engine on an identical copy (so that each has its
+    own `last_counts`)."""
+    ref_model = copy.deepcopy(model)
+    config = dict(num_blocks=64, block_size=4, max_num_batched_tokens=6, **options)
+    return (
+        Engine(model, EngineConfig(**config)),
+        Engine(ref_model, EngineConfig(fast_decode=False, **config)),
+        ref_model,
+    )
+
+
+def _step_all(engine: Engine, prompts, params) -> dict:
+    for p in prompts:
+        engine.add_request(p, params)
+    outs, counts = {}, []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+        counts.append(
+            [m.last_counts.clone() for m in engine.model.moe_layers()[: engine.model.config.n_moe_layers]]
+        )
+    return outs, counts
+
+
+def test_engine_fast_path_equals_reference_engine(tiny, monkeypatch):
+    """Continuous batching with chunked prefill: the same tokens, logprobs within 1e-5 and the same
+    `MoE.last_counts` after every step; both cache layouts were used."""
+    used = {"slice": 0, "gathered": 0}
+
+    class Slice(decode.SliceKeys):
+        def __init__(self, *a):
+            super().__init__(*a)
+            used["slice"] += 1
+
+    class Gathered(decode.GatheredKeys):
+        def __init__(self, *a):
+            super().__init__(*a)
+            used["gathered"] += 1
+
+    monkeypatch.setattr(decode, "SliceKeys", Slice)
+    monkeypatch.setattr(decode, "GatheredKeys", Gathered)
+    fast, ref, _ = _engines(_model(tiny))
+    prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (5, 13, 3)]
+    got, got_counts = _step_all(fast, prompts[:1], GREEDY)  # alone: a pool slice
+    want, want_counts = _step_all(ref, prompts[:1], GREEDY)
+    more, more_counts = _step_all(fast, prompts, GREEDY)  # batched and chunked: gathered keys
+    want_more, want_more_counts = _step_all(ref, prompts, GREEDY)
+    assert used["slice"] > 0 and used["gathered"] > 0
+    for a, b in ((got, want), (more, want_more)):
+        assert a.keys() == b.keys()
+        for rid in a:
+            assert a[rid].token_ids == b[rid].token_ids
+            for la, lb in zip(a[rid].logprobs, b[rid].logprobs):
+                assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) <= 1e-5 for t in la)
+    for ca, cb in ((got_counts, want_counts), (more_counts, want_more_counts)):
+        assert all(torch.equal(x, y) for step_a, step_b in zip(ca, cb) for x, y in zip(step_a, step_b))
+
+
+def test_fast_path_follows_in_place_weight_changes(tiny):
+    model = _model(tiny)
+    fast, ref, ref_model = _engines(model)
+    prompt = [torch.randint(0, tiny.vocab_size, (6,)).tolist()]
+    _step_all(fast, prompt, GREEDY)
+    with torch.no_grad():
+        for m in (model, ref_model):  # e.g. a fine-tuning step, or load_state_dict, after start-up
+            m.layers[1].mlp.experts.w1.mul_(3.0)
+            m.layers[0].self_attn.q_a_proj.weight.mul_(-2.0)
+            m.norm.weight.add_(0.5)
+    assert fast.runner.fast.weights.stale()
+    got, _ = _step_all(fast, prompt, GREEDY)
+    want, _ = _step_all(ref, prompt, GREEDY)
+    assert got["1"].token_ids == want["0"].token_ids
+
+
+def test_fast_path_steps_aside_for_hooks_and_module_swaps(tiny):
+    model = _model(tiny)
+    fast, ref, _ = _engines(model)
+    prompt = [torch.randint(0, tiny.vocab_size, (6,)).tolist()]
+    want, _ = _step_all(ref, prompt, GREEDY)
+    calls = []
+    handle = model.moe_layers()[0].register_forward_hook(lambda *a: calls.append(1))
+    assert not fast.runner.fast.usable()
+    got, _ = _step_all(fast, prompt, GREEDY)
+    assert len(calls) == GREEDY.max_tokens  # the prefill and every decode step ran the module
+    assert got["0"].token_ids == want["0"].token_ids
+    handle.remove()
+    assert fast.runner.fast.usable()
+    attn = model.layers[0].self_attn
+    twin = nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features, bias=False)
+    twin.weight = attn.o_proj.weight
+    attn.o_proj = twin  # as an FP8 or EPLB swap would do
+    assert not fast.runner.fast.usable()
+    got, _ = _step_all(fast, prompt, GREEDY)
+    assert got["1"].token_ids == want["0"].token_ids
+
+
+def test_fold_rule_folds_the_small_presets_and_not_v3():
+    for name, expected in (("tiny", (True, True)), ("small", (True, True)), ("671b", (False, False))):
+        c = ModelConfig.from_preset(name)
+        assert (
+            folds(c.q_lora_rank or c.dim, c.dim, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank) == expected
+        )
+
+
+def test_decode_moe_sets_last_counts_like_moe(tiny):
+    moe = _model(tiny).moe_layers()[0]
+    x = torch.randn(3, tiny.dim)
+    with torch.no_grad():
+        want = moe(x[None])
+        counts = moe.last_counts.clone()
+        moe.last_counts.zero_()
+        moe.__class__ = DecodeMoE
+        got = moe(x[None])
+    assert torch.equal(moe.last_counts, counts) and int(counts.sum()) == 3 * tiny.n_activated_experts
+    assert (got - want).abs().max() <= 1e-6
+    moe.__class__ = MoE
