@@ -25,10 +25,24 @@ def doc_of(split: TokenizedSplit, token: int) -> int:
 
 
 def epoch_stream(loader: PackedLoader) -> np.ndarray:
+    """One epoch's rows put back into packed-stream order (they are served shuffled)."""
     assert loader.position == 0
+    served = loader.serving_order()
     rows = loader.next_batch(loader.per_rank)
     assert loader.position == 0  # a whole epoch moves to the start of the next one
-    return rows.reshape(-1).numpy()
+    assert sorted(served.tolist()) == list(range(len(served)))  # every sequence once
+    return rows[np.argsort(served)].reshape(-1).numpy()
+
+
+def test_sequences_are_served_shuffled_not_in_stream_order():
+    split = make_split(n_docs=60)
+    loader = PackedLoader(split, L, seed=3)
+    rows = loader.next_batch(loader.per_rank)
+    # the stream position of each served row: consecutive batches must not walk through one document
+    starts = rows[:, 0].numpy()
+    assert not np.all(np.diff(starts) > 0)
+    step_docs = [doc_of(split, int(t)) for t in starts[:8]]
+    assert len(set(step_docs)) > 4  # a batch of 8 mixes many documents
 
 
 def test_packing_is_the_shuffled_document_stream():
