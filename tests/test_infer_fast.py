@@ -54,13 +54,22 @@ def test_fast_logits_equal_full_forward(tiny, variant, fold):
             model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
     for step in range(6):
         pos = [n + step for n in lens]
-        tok = [int(ids[b, p]) for b, p in enumerate(pos)]
+        tok = [[int(ids[b, p])] for b, p in enumerate(pos)]
         if step % 2 == 0:
-            logits = fast.logits(tok, pos, tables)
+            logits = fast.logits(fast.forward(tok, pos, tables))
         else:
-            logits = torch.cat([fast.logits([tok[b]], [pos[b]], [tables[b]]) for b in range(3)])
+            logits = torch.cat([fast.logits(fast.forward([tok[b]], [pos[b]], [tables[b]])) for b in range(3)])
         for b in range(3):
             assert (logits[b] - full[b, pos[b]]).abs().max() <= 1e-5
+    pos = [n + 6 for n in lens]  # T = 3 new tokens per row, causal among them (verification)
+    tok = [ids[b, p : p + 3].tolist() for b, p in enumerate(pos)]
+    x = fast.forward(tok, pos, tables)  # (B*3, D)
+    logits, hidden = fast.logits(x).view(3, 3, -1), fast.hidden(x).view(3, 3, -1)
+    with torch.no_grad():
+        h_full = model.hidden_states(ids)
+    for b, p in enumerate(pos):
+        assert (logits[b] - full[b, p : p + 3]).abs().max() <= 1e-5
+        assert (hidden[b] - h_full[b, p : p + 3]).abs().max() <= 1e-5
 
 
 def _engines(model: Transformer, **options) -> tuple[Engine, Engine, Transformer]:
@@ -121,6 +130,24 @@ def test_engine_fast_path_equals_reference_engine(tiny, monkeypatch):
                 assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) <= 1e-5 for t in la)
     for ca, cb in ((got_counts, want_counts), (more_counts, want_more_counts)):
         assert all(torch.equal(x, y) for step_a, step_b in zip(ca, cb) for x, y in zip(step_a, step_b))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_verification_on_the_fast_path(tiny, k):
+    """MTP drafts verified by the fast path: greedy output equals plain greedy decoding, the
+    logprobs equal the reference engine's, and drafting (which reads the verified hidden states)
+    proposes the same drafts (same acceptance)."""
+    model = _model(tiny)
+    fast, ref, _ = _engines(model, speculative=True, num_speculative_tokens=k)
+    prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (5, 11)]
+    got, _ = _step_all(fast, prompts, GREEDY)
+    want, _ = _step_all(ref, prompts, GREEDY)
+    plain, _ = _step_all(Engine(model, EngineConfig(num_blocks=64, block_size=4)), prompts, GREEDY)
+    for rid in want:
+        assert got[rid].token_ids == want[rid].token_ids == plain[rid].token_ids
+        for la, lb in zip(got[rid].logprobs, want[rid].logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) <= 1e-5 for t in la)
+    assert fast.spec_stats.acceptance_rates == ref.spec_stats.acceptance_rates
 
 
 def test_fast_path_follows_in_place_weight_changes(tiny):

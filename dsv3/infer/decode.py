@@ -56,40 +56,51 @@ class SliceKeys:
 
 
 class GatheredKeys:
-    """Any rows: every layer's keys gathered in one index operator; new rows written at the end."""
+    """Any rows, T new tokens each (T > 1: speculative verification): every layer's keys gathered
+    in one index operator, new rows put into them per layer and written to the pool at the end."""
 
     def __init__(
-        self, data: torch.Tensor, tables: list[list[int]], positions: list[int], block_size: int, rank: int
+        self,
+        data: torch.Tensor,
+        tables: list[list[int]],
+        starts: list[int],
+        T: int,
+        block_size: int,
+        heads: int,
+        rank: int,
     ) -> None:
-        B, S, L = len(tables), max(positions) + 1, data.shape[0]
+        B, S, L = len(tables), max(starts) + T, data.shape[0]
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # (B, blocks)
-        s, self.last = torch.arange(S), torch.tensor(positions)
+        s = torch.arange(S)
         gather = table[:, s // block_size] * block_size + s % block_size  # (B, S) pool row per position
-        inside = s[None] <= self.last[:, None]
-        self.keys = data[:, gather.masked_fill(~inside, 0)]  # (L, B, S, W), each row's last key next
-        self.bias = torch.zeros(B, 1, S, dtype=data.dtype).masked_fill(~inside[:, None], float("-inf"))
-        self.rows = torch.arange(B)
-        self.slots = gather[self.rows, self.last]  # (B,) where the new rows go
-        self.new = data.new_empty(L, B, data.shape[-1])  # (L, B, W) this step's rows
-        self.data, self.rank = data, rank
+        pos = torch.tensor(starts)[:, None] + torch.arange(T)  # (B, T) the new tokens' positions
+        self.keys = data[:, gather.masked_fill(s >= pos[:, -1:] + 1, 0)]  # (L, B, S, W): all layers
+        visible = s[None, None] <= pos[..., None]  # (B, T, S): causal, and nothing past the row
+        bias = torch.zeros(B, T, S, dtype=data.dtype).masked_fill(~visible, float("-inf"))
+        self.bias = bias.repeat_interleave(heads, dim=1)  # (B, T*H, S), queries ordered (t, h)
+        self.rows, self.cols = torch.arange(B).repeat_interleave(T), pos.flatten()  # (B*T,)
+        self.slots = gather[self.rows, self.cols]  # (B*T,) where the new rows go
+        self.new = data.new_empty(L, B * T, data.shape[-1])  # (L, B*T, W) this step's rows
+        self.data, self.B, self.rank = data, B, rank
 
     def new_rows(self, layer: int) -> torch.Tensor:
         return self.new[layer]
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q [B, H, W] -> [B, H, R]; padded key positions are masked by a -inf bias."""
+        """q [B*T, H, W] -> [B*T, H, R]; invisible key positions are masked by a -inf bias."""
         k = self.keys[layer]  # (B, S, W)
-        k[self.rows, self.last] = self.new[layer]
-        probs = torch.baddbmm(self.bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, H, S)
-        return torch.bmm(probs, k[..., : self.rank])
+        k[self.rows, self.cols] = self.new[layer]
+        q = q.reshape(self.B, -1, q.shape[-1])  # (B, T*H, W)
+        probs = torch.baddbmm(self.bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, T*H, S)
+        return torch.bmm(probs, k[..., : self.rank]).view(len(self.rows), -1, self.rank)  # (B*T, H, R)
 
     def finish(self) -> None:
         self.data.index_copy_(1, self.slots, self.new)
 
 
 class FastDecoder:
-    """Next-token logits of the main model for one new token per row, on the engine's paged cache."""
+    """The main model on T new tokens per row (1 in plain decoding) over the engine's paged cache."""
 
     def __init__(self, model: Transformer, cache: PagedLatentCache, fold: bool | None = None) -> None:
         cfg = model.config
@@ -107,20 +118,23 @@ class FastDecoder:
         return not (self.weights.swapped() or self.weights.hooked())
 
     @torch.no_grad()
-    def logits(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Token ids [B] at positions [B] of sequences with block tables -> next-token logits [B, Vo].
-        Writes the tokens' latents into the cache and sets every MoE layer's `last_counts`."""
+    def forward(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Token ids [B, T] placed at positions starts[b] + 0..T-1 of sequences with block tables ->
+        the last layer's output [B*T, D] (before the final norm: see `logits`, `hidden`). Writes
+        the tokens' latents into the cache and sets every MoE layer's `last_counts`."""
         w = self.weights
         if w.stale():
             w.build()
-        bs = self.cache.block_size
-        start = _consecutive_start(tables[0], positions[0], bs) if len(ids) == 1 else None
+        bs, T = self.cache.block_size, len(tokens[0])
+        start = _consecutive_start(tables[0], starts[0], bs) if len(tokens) == 1 and T == 1 else None
         if start is not None:
-            keys = SliceKeys(self.pools, start, positions[0], self.R)
-            x = self.model.embed_tokens.weight[ids[0] : ids[0] + 1]  # (1, D)
+            keys = SliceKeys(self.pools, start, starts[0], self.R)
+            x = self.model.embed_tokens.weight[tokens[0][0] : tokens[0][0] + 1]  # (1, D)
+            positions = starts
         else:
-            keys = GatheredKeys(self.data, tables, positions, bs, self.R)
-            x = self.model.embed_tokens.weight[torch.tensor(ids)]  # (B, D)
+            keys = GatheredKeys(self.data, tables, starts, T, bs, self.H, self.R)
+            x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
+            positions = [p + t for p in starts for t in range(T)]
         cos, sin = self._rope_rows(positions)
         routed: list = []
         for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
@@ -128,13 +142,20 @@ class FastDecoder:
             x = self._ffn(x, fw, routed)
         keys.finish()
         if routed:
-            for moe, c in zip(
-                (f.moe for f in w.ffn if f.moe is not None), decode_moe.counts(routed, self.n_experts)
-            ):
+            moes = (f.moe for f in w.ffn if f.moe is not None)
+            for moe, c in zip(moes, decode_moe.counts(routed, self.n_experts)):
                 moe._buffers["last_counts"] = (
                     c  # what `moe.last_counts = c` does, minus nn.Module.__setattr__
                 )
-        return (x * self._inv_rms(x, w.norm_eps)) @ w.head
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Last layer's output [N, D] -> logits [N, Vo] (final norm folded into the head)."""
+        return (x * self._inv_rms(x, self.weights.norm_eps)) @ self.weights.head
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Last layer's output [N, D] -> the model's final hidden state [N, D] (what MTP reads)."""
+        return self.model.norm(x)
 
     # ---- pieces -------------------------------------------------------------------------------------
     def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

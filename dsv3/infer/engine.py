@@ -200,8 +200,7 @@ class Engine:
     def _verify(self, seqs: list[Sequence], emitted: dict) -> tuple:
         """One [B, K + 1] forward over [last token, drafts]; accept; return what drafting needs."""
         m = [s.num_computed for s in seqs]
-        h = self.runner.hidden(seqs, [[s.tokens[-1], *s.drafts] for s in seqs], m, absorb=True)  # (B, K+1, D)
-        logits = self.runner.logits(h)  # (B, K + 1, V)
+        h, logits = self.runner.verify(seqs, [[s.tokens[-1], *s.drafts] for s in seqs], m)  # (B, K+1, D | V)
         new = verify(logits, seqs)
         for i, s in enumerate(seqs):
             a = len(new[i]) - 1

@@ -66,16 +66,32 @@ class ModelRunner:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h)
 
+    def _fast(self) -> FastDecoder | None:
+        """The fast path when it can run: not while a module is swapped or forward hooks are set."""
+        return self.fast if self.fast is not None and self.fast.usable() else None
+
     @torch.no_grad()
     def decode_logits(self, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Logits [B, V] of each sequence's next token after its last one (plain decoding): on the
-        fast path when it can run (no module swapped, no forward hooks), else the model's forward."""
-        fast = self.fast
-        if fast is not None and fast.usable():
-            ids = [s.tokens[-1] for s in seqs]
-            return fast.logits(ids, [s.num_computed for s in seqs], [s.block_table for s in seqs])
-        h = self.hidden(seqs, [[s.tokens[-1]] for s in seqs], [s.num_computed for s in seqs], True)
-        return self.logits(h[:, -1])
+        """Logits [B, V] of each sequence's next token after its last one (plain decoding)."""
+        tokens, start = [[s.tokens[-1]] for s in seqs], [s.num_computed for s in seqs]
+        fast = self._fast()
+        if fast is not None:
+            return fast.logits(fast.forward(tokens, start, [s.block_table for s in seqs]))
+        return self.logits(self.hidden(seqs, tokens, start, True)[:, -1])
+
+    @torch.no_grad()
+    def verify(
+        self, seqs: Seq[Sequence], tokens: list[list[int]], start: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative verification: tokens [B, T] at start[b] + 0..T-1 -> final hidden states
+        [B, T, D] (for MTP drafting) and logits [B, T, V]."""
+        fast = self._fast()
+        if fast is None:
+            h = self.hidden(seqs, tokens, start, True)
+            return h, self.logits(h)
+        B, T = len(tokens), len(tokens[0])
+        x = fast.forward(tokens, start, [s.block_table for s in seqs])  # (B*T, D)
+        return fast.hidden(x).view(B, T, -1), fast.logits(x).view(B, T, -1)
 
     @torch.no_grad()
     def mtp_hidden(
