@@ -19,12 +19,15 @@ throughout (this CPU has no BF16 units, a BF16 matmul is ~100x slower).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from dsv3 import ModelConfig, Transformer
@@ -64,6 +67,23 @@ def hf_cache_bytes_per_token(hf, vocab: int, n: int = 32) -> int:
         for t in (layer.keys, layer.values):
             total += t.numel() * t.element_size()
     return total // n
+
+
+def held_out_prompts(ckpt: str, batch: int, length: int, seed: int = 0) -> list[list[int]] | None:
+    """Windows of the validation split of the run that wrote a training checkpoint (None when `ckpt`
+    is not one): speculative acceptance on real text rather than on random token ids."""
+    meta = Path(ckpt) / "trainer.json"
+    if not meta.exists():
+        return None
+    from dsv3.data.dataset import DataConfig, prepare_data
+
+    saved = json.loads(meta.read_text())["config"]
+    data = prepare_data(DataConfig(data=saved["data"], tokenizer=str(ckpt), seed=saved["seed"],
+                                   val_fraction=saved["val_fraction"], fim_rate=saved["fim_rate"]))  # fmt: skip
+    tokens = torch.from_numpy(np.array(data.val.tokens))  # a writable copy of the memory map
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - length, (batch,), generator=gen)
+    return [tokens[s : s + length].tolist() for s in starts]
 
 
 @torch.no_grad()
@@ -169,7 +189,11 @@ def main() -> None:
             print(f"\n{head} accept length |")
             print("|---:|---:|---:|---:|---:|---|---:|")
             for B in map(int, args.spec_batches.split(",")):
-                prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+                prompts = held_out_prompts(path, B, args.prompt_len) if args.ckpt else None
+                if prompts is None:
+                    prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+                else:
+                    print(f"batch {B}: prompts are windows of the run's held-out documents")
                 for k in map(int, args.spec_k.split(",")):
                     spec = LLM(
                         llm.model, speculative=True, num_speculative_tokens=k, max_num_batched_tokens=8192

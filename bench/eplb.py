@@ -9,9 +9,9 @@ Shapes (DESIGN §8): 58 MoE layers, 256 routed experts in 8 groups;
                 token (every token selects 9), as the paper's decode unit does.
 Loads: Zipf-like, expert i of a layer gets tokens ~ 1/rank^s (ranks shuffled per layer), sampled as
 multinomial counts of 65,536 tokens x 8 experts; and counts recorded from a `small` model (16
-experts), scaled up to 256 by interpolating each layer's sorted load profile. The `small` model is
-not trained yet: without --loads the recorded counts come from a RANDOM-INIT small model, labelled
-as a stand-in. Baseline: the plain greedy hierarchical algorithm of DESIGN §8 (`baseline_plan`,
+experts), scaled up to 256 by interpolating each layer's sorted load profile: by default
+docs/data/small_loads.safetensors, recorded by bench/record_loads.py from the model `make demo`
+trains; without that file, counts from a RANDOM-INIT small model, labelled as a stand-in. Baseline: the plain greedy hierarchical algorithm of DESIGN §8 (`baseline_plan`,
 plain Python, one layer at a time). Also measured: incremental re-planning with a move budget and
 dynamic redundancy (16 hosted, 9 active per GPU) on the prefill unit.
 """
@@ -202,9 +202,13 @@ def dynamic_table(w: torch.Tensor, gen: torch.Generator, steps: int, noise: floa
     return f"{sum(st) / steps:.4f} | {sum(dy) / steps:.4f} | {t_host:.2f} | {ms:.1f}"
 
 
+RECORDED = Path(__file__).resolve().parent.parent / "docs" / "data" / "small_loads.safetensors"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--loads", help="recorded expert counts (ExpertLoadStats file) to scale up")
+    ap.add_argument("--loads", default=str(RECORDED) if RECORDED.exists() else None,
+                    help=f"recorded expert counts (ExpertLoadStats file) to scale up (default: {RECORDED})")  # fmt: skip
     ap.add_argument("--layers", type=int, default=58)
     ap.add_argument("--skews", default="0,0.3,0.6,1.0", help="Zipf exponents")
     ap.add_argument("--seed", type=int, default=0)

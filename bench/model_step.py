@@ -13,6 +13,7 @@ timed as an extra row. MFU is against the dense matmul throughput measured in th
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 import warnings
@@ -44,23 +45,40 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * dense + attn
 
 
-def time_steps(step, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
+def time_interleaved(steps: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each callable, the callables taking turns within each repeat so a
+    change of machine load hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile_step(step, top: int) -> None:
+    """Where one training step's time goes, by operator (self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t) / steps
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per implementation (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--profile", type=int, default=0, help="print the top N operators of a dsv3 step")
     args = ap.parse_args()
     import transformers
 
@@ -81,7 +99,6 @@ def main() -> None:
             dtype = DTYPES[name]
             peak = matmul_peak(dtype)
             ours = Transformer.from_pretrained(d, dtype=dtype).train()
-            rows: dict[str, float] = {}
 
             def ours_full(model=ours):
                 model.loss(ids).total.backward()
@@ -107,8 +124,8 @@ def main() -> None:
                 ("dsv3 (same loss: main CE)", main_ce(ours, hf=False)),
                 ("dsv3 full V3 loss (+MTP, +balance)", ours_full),
             ]
-            for label, step in runs:
-                rows[label] = tokens / time_steps(step, args.steps, args.warmup)
+            secs = time_interleaved(dict(runs), args.steps, args.warmup)
+            rows = {label: tokens / secs[label] for label, _ in runs}
             hf_e, hf_f = rows[runs[0][0]], rows[runs[1][0]]
             for label, tps in rows.items():
                 mfu = tps * flops_tok / peak
@@ -116,6 +133,9 @@ def main() -> None:
                     f"{name:<5} {label:<38} {tps:>9.0f} {tps / hf_e:>10.2f}x {tps / hf_f:>9.2f}x {mfu:>6.1%}"
                 )
             print(f"{name:<5} dense matmul peak measured now: {peak / 1e9:.1f} GFLOP/s")
+            if args.profile:
+                print(f"{name}: dsv3 main-CE step, top {args.profile} operators by self CPU time")
+                profile_step(runs[2][1], args.profile)
 
 
 if __name__ == "__main__":
