@@ -8,7 +8,7 @@ The same model, data, seed and number of steps, trained several ways:
 For each: validation loss, MaxVio_global (validation set) and MaxVio_batch (mean over the last
 quarter of training), plus a plot of MaxVio_batch over training.
 
-    python bench/balance_ablation.py --steps 500          # ~4 x 7 min on 2 cores (FP32)
+    python bench/balance_ablation.py --steps 500          # ~4 x 17 min on 2 quiet cores (FP32)
     python bench/balance_ablation.py --steps 500 --only aux-loss-free,neither
 """
 
