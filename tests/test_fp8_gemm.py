@@ -8,15 +8,6 @@ from dsv3.fp8.gemm import bf16_gemm, fp8_gemm, limited_acc_gemm
 from dsv3.fp8.quant import E4M3, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many small ops: with other processes busy, a second thread only adds spin-waiting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's test metric: 1 - 2 sum(x y) / sum(x^2 + y^2), in FP64."""
     x, y = x.double(), y.double()

@@ -12,16 +12,6 @@ from dsv3.model.moe import Gate
 from dsv3.model.transformer import Transformer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The FP8 emulation runs many small ops: with other processes busy, 2 threads spin-wait far more
-    # than they compute. One thread keeps these tests fast on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(cfg: ModelConfig) -> Transformer:
     torch.manual_seed(0)
     return Transformer(cfg)

@@ -21,15 +21,6 @@ from dsv3.fp8.quant import (
 SHAPES = [(4, 128), (3, 200), (130, 77), (257, 384)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many small ops: with other processes busy, a second thread only adds spin-waiting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _expand(scale: torch.Tensor, K: int, dim: int = -1) -> torch.Tensor:
     return scale.repeat_interleave(128, dim=dim).narrow(dim, 0, K)
 

@@ -10,15 +10,6 @@ from dsv3.optim import MixedPrecisionAdamW, param_groups
 BETAS = (0.9, 0.95)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: with other processes busy, a second thread only adds spin-waiting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _problem():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(256, 32, generator=g)
