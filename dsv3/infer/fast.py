@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.model.moe import MoE
+from dsv3.model.moe import MoE, combine
 from dsv3.model.transformer import Transformer
 
 SMALL_ROUTED_ROWS = 64  # token-expert pairs up to which gathering expert weights beats grouped GEMMs
@@ -46,7 +46,7 @@ class DecodeMoE(MoE):
         xs = x.repeat_interleave(K, dim=0)[:, None]  # (N*K, 1, D), token n's copy for each of its experts
         h = F.silu(torch.bmm(xs, e.w1[flat])) * torch.bmm(xs, e.w3[flat])  # (N*K, 1, I)
         y = torch.bmm(h, e.w2[flat]).view(N, K, -1)  # (N, K, D)
-        return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
+        return combine(weights, y)
 
 
 def swap_moe(model: Transformer) -> Transformer:

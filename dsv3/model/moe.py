@@ -161,7 +161,13 @@ class MoE(nn.Module):
         self.last_counts = counts.detach()
         y_sorted = self.experts(x[order // K], counts)  # (M, D), rows grouped by expert
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)  # back to token order
-        return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
+        return combine(weights, y)
+
+
+def combine(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of each token's K expert outputs: weights [N, K], y [N, K, D] -> [N, D].
+    Elementwise, not a batched matmul: [N,1,K] x [N,K,D] bmm is slow in BF16 on CPUs."""
+    return (weights.to(y.dtype)[..., None] * y).sum(dim=1)
 
 
 @torch.no_grad()

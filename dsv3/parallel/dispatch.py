@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsv3.model.moe import combine
 from dsv3.parallel.comm import (
     Link,
     all_gather_rows,
@@ -134,7 +135,7 @@ def one_hop(
     y_recv = run_local_experts(experts, x_recv, recv_counts)
     y_back = all_to_all(y_recv, recv, send, link, combine_wire, combine_wire, "combine")  # (N*K, D)
     y = torch.empty_like(y_back).index_copy(0, order, y_back).view(N, K, -1)  # back to token order
-    return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)  # weighted and summed at the source
+    return combine(weights, y)  # weighted and summed at the source
 
 
 def two_hop(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3 import ModelConfig, Transformer
+from dsv3 import ModelConfig, Transformer, bf16
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
 from dsv3.model.moe import MoE
@@ -98,6 +98,8 @@ class Trainer:
             from dsv3.fp8 import convert
 
             convert(self.model)
+        if dtype == torch.bfloat16 and bf16.needed():
+            bf16.convert(self.model)  # BF16 numerics on FP32 kernels: this CPU has no fast BF16 matmul
         if cfg.recompute:
             apply_recompute(self.model)
         self.model = self.strategy.parallelize(self.model)

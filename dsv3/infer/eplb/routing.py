@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.model.moe import GroupedExperts, MoE
+from dsv3.model.moe import GroupedExperts, MoE, combine
 
 
 def replica_of_copies(
@@ -95,7 +95,7 @@ class ReplicatedMoE(nn.Module):
         self.last_slot_counts = counts
         y_sorted = self.slots(x[order // K], counts)  # (M, D) rows grouped by slot
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)
-        return torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)
+        return combine(weights, y)
 
 
 def replicate_model(

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.model.moe import MoE, balance_loss, sort_by_expert
+from dsv3.model.moe import combine as combine_experts
 from dsv3.model.transformer import Block
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage
 
@@ -181,7 +182,7 @@ def _block_phases(block: Block, cos, sin, positions, alpha: float, parts: torch.
         h, weights, out, order = s[:4]
         n, k = weights.shape
         y = torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1)  # (N, K, D) token order
-        routed = torch.einsum("nk,nkd->nd", weights.to(y.dtype), y)  # (N, D)
+        routed = combine_experts(weights, y)  # (N, D)
         if len(s) == 5:
             routed = routed + s[4]
         return (h + routed.view(h.shape),), None
