@@ -72,6 +72,48 @@ def test_fast_logits_equal_full_forward(tiny, variant, fold):
         assert (hidden[b] - h_full[b, p : p + 3]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("variant", ["tiny", "q_proj"])
+def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant):
+    """`mtp_forward` (MTP module 1 over its cache layer) equals the model's MTP module on the same
+    cache: one row on a pool slice, rows batched on gathered keys, and T = 2 tokens per row; the
+    MTP MoE's `last_counts` are set as the model's forward sets them."""
+    model = _model(tiny.replace(**VARIANTS[variant]))
+    ref_model = copy.deepcopy(model)
+    caches = [PagedLatentCache(model.config, num_blocks=40, block_size=4) for _ in range(2)]
+    fast = FastDecoder(model, caches[0])
+    assert fast.can_draft()
+    tables = [caches[0].allocator.allocate(8) for _ in range(2)]
+    for c in caches[1:]:
+        assert [c.allocator.allocate(8) for _ in range(2)] == tables
+    ids = torch.randint(0, tiny.vocab_size, (2, 16))
+    with torch.no_grad():
+        h = ref_model.hidden_states(ids)
+        for c in caches:  # both caches: main layers and the MTP layer prefilled on the naive path
+            for b in range(2):
+                pos = torch.arange(6)[None]
+                c.bind(make_context([tables[b]], pos, [6], 4))
+                ref_model.hidden_states(ids[b : b + 1, :6], pos, c, absorb=False)
+                ref_model.mtp_hidden(1, h[b : b + 1, :6], ids[b : b + 1, 1:7], pos, c, absorb=False)
+
+    def reference(rows: list[int], p: int, T: int) -> torch.Tensor:
+        pos = torch.full((len(rows), 1), p) + torch.arange(T)
+        caches[1].bind(make_context([tables[b] for b in rows], pos, [p + T] * len(rows), 4))
+        with torch.no_grad():
+            g = ref_model.mtp_hidden(
+                1, h[rows, p : p + T], ids[rows, p + 1 : p + 1 + T], pos, caches[1], True
+            )
+        return g.flatten(0, 1)
+
+    for rows, p, T in (([0], 6, 1), ([0, 1], 7, 1), ([0, 1], 8, 2), ([1], 10, 1)):
+        tok = [ids[b, p + 1 : p + 1 + T].tolist() for b in rows]
+        got = fast.mtp_forward(
+            h[rows, p : p + T].flatten(0, 1), tok, [p] * len(rows), [tables[b] for b in rows]
+        )
+        want = reference(rows, p, T)
+        assert (got - want).abs().max() <= 1e-5
+        assert torch.equal(model.mtp[0].block.mlp.last_counts, ref_model.mtp[0].block.mlp.last_counts)
+
+
 def _engines(model: Transformer, **options) -> tuple[Engine, Engine, Transformer]:
     """A fast engine on `model` and a reference engine on an identical copy (so that each has its
     own `last_counts`)."""

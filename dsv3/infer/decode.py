@@ -17,8 +17,10 @@ dsv3.infer.fused:
 - MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode_moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
 `MoE.last_counts` is set for every MoE layer, as the model's forward does (EPLB statistics).
-The model's forward stays the reference; tests hold this path to it (greedy tokens identical,
-logits within 1e-5 in FP32). The MTP module and speculative verification use the model's forward.
+The same code runs speculative verification (T new tokens per row, causal among themselves) and
+MTP module 1 for drafting (`mtp_forward`: eh_proj with enorm / hnorm folded in, then its block over
+the MTP layer's cache). The model's forward stays the reference; tests hold this path to it
+(greedy tokens identical, logits within 1e-5 in FP32).
 
 Shapes: B rows, D dim, H heads, R kv_lora_rank, P qk_rope_head_dim, W = R + P cache width,
 Qw per-head query width, S key positions, L layers, Vo vocabulary.
@@ -110,6 +112,8 @@ class FastDecoder:
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
         self.data = cache.data[: cfg.n_layers]  # the main layers' pools (not the MTP layer's)
         self.pools = list(self.data.unbind(0))  # per layer [slots + 1, W]
+        self.mtp_data = cache.data[cfg.n_layers : cfg.n_layers + 1]  # MTP module 1's pool, if cached
+        self.mtp_pools = list(self.mtp_data.unbind(0))
         self._rope = torch.empty(0)  # [positions, 2, P]: cos, sin per position, pairs repeated
         self._eps: dict[float, torch.Tensor] = {}
 
@@ -125,16 +129,7 @@ class FastDecoder:
         w = self.weights
         if w.stale():
             w.build()
-        bs, T = self.cache.block_size, len(tokens[0])
-        start = _consecutive_start(tables[0], starts[0], bs) if len(tokens) == 1 and T == 1 else None
-        if start is not None:
-            keys = SliceKeys(self.pools, start, starts[0], self.R)
-            x = self.model.embed_tokens.weight[tokens[0][0] : tokens[0][0] + 1]  # (1, D)
-            positions = starts
-        else:
-            keys = GatheredKeys(self.data, tables, starts, T, bs, self.H, self.R)
-            x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
-            positions = [p + t for p in starts for t in range(T)]
+        keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
         routed: list = []
         for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
@@ -149,15 +144,62 @@ class FastDecoder:
                 )
         return x
 
+    def can_draft(self) -> bool:
+        """True when `mtp_forward` can run: MTP module 1 is supported and the cache holds its layer."""
+        return self.weights.mtp is not None and self.mtp_data.shape[0] > 0
+
+    @torch.no_grad()
+    def mtp_forward(
+        self, h_prev: torch.Tensor, tokens: list[list[int]], starts: list[int], tables: list[list[int]]
+    ) -> torch.Tensor:
+        """MTP module 1 (for drafting): the main model's final hidden states h_prev [B*T, D] and the
+        tokens one ahead [B, T] at positions starts[b] + 0..T-1 -> h^1 [B*T, D] (before
+        shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`."""
+        w = self.weights
+        if w.stale():
+            w.build()
+        m = w.mtp
+        if not self.can_draft():
+            raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
+        keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables)
+        cos, sin = self._rope_rows(positions)
+        x = (h_prev * self._inv_rms(h_prev, m.h_eps)) @ m.w_hid
+        x = torch.addmm(x, e * self._inv_rms(e, m.e_eps), m.w_emb)  # eh_proj([enorm(e); hnorm(h)])
+        routed: list = []
+        x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
+        keys.finish()
+        if routed and m.ffn.moe is not None:
+            m.ffn.moe._buffers["last_counts"] = decode_moe.counts(routed, self.n_experts)[0]
+        return x
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Last layer's output [N, D] -> logits [N, Vo] (final norm folded into the head)."""
-        return (x * self._inv_rms(x, self.weights.norm_eps)) @ self.weights.head
+        """Last layer's output [N, D] -> logits [N, Vo] (the final norm, then the head)."""
+        return self._head(x, self.model.norm)
+
+    def mtp_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """MTP module 1's output [N, D] -> draft logits [N, Vo] (shared_head.norm, then the head)."""
+        return self._head(x, self.model.mtp[0].shared_head.norm)
+
+    def _head(self, x: torch.Tensor, norm) -> torch.Tensor:
+        return torch.mul(x * self._inv_rms(x, norm.eps), norm.weight) @ self.weights.head
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Last layer's output [N, D] -> the model's final hidden state [N, D] (what MTP reads)."""
         return self.model.norm(x)
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _inputs(self, data, pools, tokens: list[list[int]], starts: list[int], tables: list[list[int]]):
+        """The keys of this step over `data` (layers [L, slots, W]), the token embeddings [B*T, D]
+        and the positions of the B*T new tokens."""
+        bs, T = self.cache.block_size, len(tokens[0])
+        start = _consecutive_start(tables[0], starts[0], bs) if len(tokens) == 1 and T == 1 else None
+        if start is not None:
+            x = self.model.embed_tokens.weight[tokens[0][0] : tokens[0][0] + 1]  # (1, D)
+            return SliceKeys(pools, start, starts[0], self.R), x, starts
+        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R)
+        x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
+        return keys, x, [p + t for p in starts for t in range(T)]
+
     def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, P] at the positions, each frequency repeated for its pair (a table grown on
         demand from the model's frequencies)."""
@@ -223,6 +265,10 @@ class FastDecoder:
             ids, gates = decode_moe.route_one(w.moe.gate, logits)
             decode_moe.experts_one(x, xn, w, ids, gates)
             routed.append(ids)
+        elif x.shape[0] <= decode_moe.FEW_ROWS:
+            routes = decode_moe.route_rows(w.moe.gate, logits)
+            decode_moe.experts_few(x, xn, w, routes)
+            routed.append(torch.tensor([ids for ids, _ in routes]))
         else:
             weights, idx = decode_moe.route(w.moe.gate, logits)
             decode_moe.experts(x, xn, w, weights, idx)

@@ -6,6 +6,9 @@ execution differs:
 - ONE token (batch-1 decoding): the E scores go to Python once, the group-limited top-k runs on
   Python floats, and only the K selected experts run, each as two matmuls on views of its weights:
   no copy of expert weights, no per-group GEMM over all E experts, no sort;
+- a FEW tokens (speculative verification at batch 1, up to `FEW_ROWS`): the same Python routing
+  per token, then each selected expert once for the tokens that chose it (CPU grouped_mm over
+  all E groups costs far more than these few small matmuls);
 - more tokens: routing in torch, the rows sorted by expert, one grouped GEMM for w1 | w3 and one
   for w2 (each row's gate value applied before w2, the sum over experts done by index_add_).
 Expert weights come from dsv3.infer.fused (w1 | w3 concatenated, the post-attention norm's weight
@@ -23,12 +26,25 @@ import torch.nn.functional as F
 from dsv3.infer.fused import FfnWeights
 from dsv3.model.moe import Gate, grouped_linear
 
+FEW_ROWS = 8  # up to this many tokens, route in Python and run only the selected experts
+
+
+def route_rows(gate: Gate, logits: torch.Tensor) -> list[tuple[list[int], list[float]]]:
+    """The gate for a FEW tokens on Python floats: logits [B, E] -> per token the K expert ids (best
+    first) and their gate values. Python sorting is stable, like torch.topk's order on ties (lower
+    id first)."""
+    scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
+    rows = torch.cat([scores, scores + gate.e_score_correction_bias]).tolist()  # s rows, then s' = s + b
+    B = logits.shape[0]
+    return [_route(gate, rows[i], rows[B + i]) for i in range(B)]
+
 
 def route_one(gate: Gate, logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """The gate for ONE token on Python floats: logits [1, E] -> the K expert ids (best first) and
-    their gate values. Python sorting is stable, like torch.topk's order on ties (lower id first)."""
-    scores = logits.sigmoid() if gate.score_func == "sigmoid" else logits.softmax(dim=-1)
-    s, c = torch.cat([scores, scores + gate.e_score_correction_bias]).tolist()  # s, s' = s + b
+    """The gate for ONE token: logits [1, E] -> its K expert ids and gate values."""
+    return route_rows(gate, logits)[0]
+
+
+def _route(gate: Gate, s: list[float], c: list[float]) -> tuple[list[int], list[float]]:
     candidates = range(len(c))
     if gate.n_groups > 1:  # a group's score is the sum of its top-2 s'; keep the best groups
         per = len(c) // gate.n_groups
@@ -47,6 +63,30 @@ def experts_one(x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, ids: list[int]
     for e, g in zip(ids, gates):
         t = xn @ w.w13[e]  # (1, 2I) w1 | w3
         x.addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=g)
+
+
+def experts_few(
+    x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, routes: list[tuple[list[int], list[float]]]
+) -> None:
+    """x [B, D] += the routed experts of xn [B, D] for a few tokens routed in Python, in place: each
+    selected expert's weights are read once, for all the tokens that chose it (two matmuls)."""
+    hid = w.w2[0].shape[0]
+    by_expert: dict[int, tuple[list[int], list[float]]] = {}
+    for row, (ids, gates) in enumerate(routes):
+        for e, g in zip(ids, gates):
+            rows, gs = by_expert.setdefault(e, ([], []))
+            rows.append(row)
+            gs.append(g)
+    for e, (rows, gs) in by_expert.items():
+        if len(rows) == 1:
+            r = rows[0]
+            t = xn[r : r + 1] @ w.w13[e]  # (1, 2I)
+            x[r : r + 1].addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=gs[0])
+        else:
+            idx = torch.tensor(rows)
+            t = xn[idx] @ w.w13[e]  # (n, 2I)
+            h = F.silu(t[:, :hid]) * t[:, hid:] * torch.tensor(gs, dtype=x.dtype)[:, None]
+            x.index_add_(0, idx, h @ w.w2[e])
 
 
 def route(gate: Gate, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ matmuls as possible, each [in, out] contiguous (a row-vector product against tha
   rope key with its pairs rotated, below); the gate | shared experts' gate_proj | up_proj; a dense
   MLP's gate_proj | up_proj; each routed expert's w1 | w3;
 - RMSNorm weights are folded into the rows of the matmul that follows the norm (input, q_a,
-  post-attention and final norms; not kv_a's, whose output is cached), so a norm is x * 1/rms(x);
+  post-attention norms, MTP's enorm / hnorm; not kv_a's, whose output is cached, nor the final
+  norm, since the head is shared with MTP's own norm), so a norm is x * 1/rms(x);
 - the absorbed MLA weights are folded once: W_UK into the query projection (q_b_proj, or q_proj)
   and W_UV into o_proj, each only when the folded matrix costs at most `FOLD_MAX_GROWTH` times the
   multiply-adds of the two it replaces (true for the small presets, where it saves an operator per
@@ -158,29 +159,71 @@ def _ffn(mlp: nn.Module, norm: RMSNorm) -> FfnWeights:
     )
 
 
+@dataclass
+class MtpWeights:
+    """MTP module 1 for drafting: eh_proj split by input half, enorm / hnorm folded into its rows."""
+
+    w_emb: torch.Tensor  # [D, D] eh_proj's columns for enorm(Emb(t)), enorm's weight folded in
+    w_hid: torch.Tensor  # [D, D] its columns for hnorm(h), hnorm's weight folded in
+    e_eps: float
+    h_eps: float
+    attn: AttnWeights
+    ffn: FfnWeights
+
+
+def _mtp(module: nn.Module, fold: bool | None) -> MtpWeights:
+    w, D = module.eh_proj.weight, module.eh_proj.weight.shape[0]  # (D, 2D): [embedding | hidden]
+    block = module.block
+    return MtpWeights(
+        w_emb=_in_out([w[:, :D]], module.enorm, w.dtype),
+        w_hid=_in_out([w[:, D:]], module.hnorm, w.dtype),
+        e_eps=module.enorm.eps,
+        h_eps=module.hnorm.eps,
+        attn=_attention(block.self_attn, block.input_layernorm, fold),
+        ffn=_ffn(block.mlp, block.post_attention_layernorm),
+    )
+
+
+def _unsupported(prefix: str, block: nn.Module) -> str | None:
+    mla, ffn = block.self_attn, block.mlp
+    linears = [mla.kv_a_proj_with_mqa, mla.kv_b_proj, mla.o_proj]
+    linears += [mla.q_proj] if hasattr(mla, "q_proj") else [mla.q_a_proj, mla.q_b_proj]
+    if type(ffn) is MLP:
+        linears += [ffn.gate_proj, ffn.up_proj, ffn.down_proj]
+    elif isinstance(ffn, MoE):  # MoE or a subclass that only changes how experts run
+        s = ffn.shared_experts
+        linears += [] if s is None else [s.gate_proj, s.up_proj, s.down_proj]
+    else:
+        return f"{prefix}.mlp: {type(ffn).__name__} is neither MoE nor MLP"
+    if any(type(m) is not nn.Linear for m in linears):
+        return f"{prefix}: a projection is not nn.Linear (FP8 weights?)"
+    return None
+
+
+def mtp_supported(model: Transformer) -> str | None:
+    """Why the fast path cannot draft with MTP module 1 (None: it can)."""
+    if len(model.mtp) == 0:
+        return "the model has no MTP module"
+    if type(model.mtp[0].eh_proj) is not nn.Linear:
+        return "mtp.0.eh_proj: not nn.Linear"
+    return _unsupported("mtp.0.block", model.mtp[0].block)
+
+
 def supported(model: Transformer) -> str | None:
     """Why the fast decode path cannot run this model (None: it can). It knows the plain modules
     only: a swapped projection (FP8 weights) or MoE (EPLB replicas) runs on the reference path."""
     for i, block in enumerate(model.layers):
-        mla, ffn = block.self_attn, block.mlp
-        linears = [mla.kv_a_proj_with_mqa, mla.kv_b_proj, mla.o_proj]
-        linears += [mla.q_proj] if hasattr(mla, "q_proj") else [mla.q_a_proj, mla.q_b_proj]
-        if type(ffn) is MLP:
-            linears += [ffn.gate_proj, ffn.up_proj, ffn.down_proj]
-        elif isinstance(ffn, MoE):  # MoE or a subclass that only changes how experts run
-            s = ffn.shared_experts
-            linears += [] if s is None else [s.gate_proj, s.up_proj, s.down_proj]
-        else:
-            return f"layers.{i}.mlp: {type(ffn).__name__} is neither MoE nor MLP"
-        if any(type(m) is not nn.Linear for m in linears):
-            return f"layers.{i}: a projection is not nn.Linear (FP8 weights?)"
+        why = _unsupported(f"layers.{i}", block)
+        if why is not None:
+            return why
     if type(model.lm_head) is not nn.Linear:
         return "lm_head: not nn.Linear"
     return None
 
 
 class DecodeWeights:
-    """Decode weights of the main model (layers, and the head with the final norm folded in)."""
+    """Decode weights of the main model (layers, and the head as [D, Vo]) and,
+    when the fast path can run it, of MTP module 1 (`mtp`, else None)."""
 
     def __init__(self, model: Transformer, fold: bool | None = None) -> None:
         self.model, self.fold = model, fold
@@ -191,18 +234,21 @@ class DecodeWeights:
         model = self.model
         self.attn = [_attention(b.self_attn, b.input_layernorm, self.fold) for b in model.layers]
         self.ffn = [_ffn(b.mlp, b.post_attention_layernorm) for b in model.layers]
-        self.head = _in_out([model.lm_head.weight], model.norm, model.lm_head.weight.dtype)  # (D, Vo)
-        self.norm_eps = model.norm.eps
-        self._params = [p for n, p in model.named_parameters() if not n.startswith("mtp.")]
+        # the head [D, Vo] unfolded: the final norm and MTP's shared_head.norm both read it
+        self.head = _in_out([model.lm_head.weight], None, model.lm_head.weight.dtype)
+        self.mtp = _mtp(model.mtp[0], self.fold) if mtp_supported(model) is None else None
+        mtp = [model.mtp[0]] if self.mtp is not None else []
+        self._params = [p for n, p in model.named_parameters() if not n.startswith("mtp.") or mtp]
         self._versions = sum(map(_VERSION, self._params))
         layers = model.layers
         # (children dict, name, module) of the modules the copies came from: a swap shows here
         self._modules = [
             (parent._modules, name, child)
-            for parent in [model, layers, *layers.modules()]
+            for parent in [model, layers, *layers.modules(), *(m for t in mtp for m in t.modules())]
             for name, child in parent._modules.items()
         ]
-        self._hookable = [model, *layers, *(m for b in layers for m in (b.self_attn, b.mlp))]
+        blocks = [*layers, *(t.block for t in mtp)]
+        self._hookable = [model, *mtp, *blocks, *(m for b in blocks for m in (b.self_attn, b.mlp))]
 
     def stale(self) -> bool:
         """True when a parameter of the main model was changed in place since `build` (changes

@@ -4,8 +4,8 @@ The model is used as written (dsv3.model): the runner only builds the `CacheCont
 (block tables, positions, context lengths) and picks the MLA path: the naive path for prefill
 chunks (per-head K/V materialised once for the chunk, efficient for many queries) and the absorbed
 path for decode and speculative verification (a few queries attend straight over the latents).
-Plain decoding (one new token per row) runs on the eager fast path (dsv3.infer.decode) when it
-can: not when a module was swapped (FP8 weights, EPLB replicas) or forward hooks are set, and not
+Plain decoding (one new token per row), speculative verification and short MTP drafting forwards
+run on the eager fast path (dsv3.infer.decode) when it can: not when a module was swapped (FP8 weights, EPLB replicas) or forward hooks are set, and not
 with `fast=False`; then the model's forward runs, compiled with `compile=True`. Logits are computed
 only for the positions that are sampled: the output head over a long prefill chunk would cost as
 much as a layer.
@@ -104,6 +104,11 @@ class ModelRunner:
     ) -> torch.Tensor:
         """MTP module 1 at positions start[b] + 0..T-1: h_prev [B, T, D] and the tokens one ahead
         [B, T] -> h^1 [B, T, D] (before its output norm)."""
+        fast = self._fast()
+        if absorb and fast is not None and fast.can_draft():
+            B, T, D = h_prev.shape
+            x = fast.mtp_forward(h_prev.reshape(B * T, D), tokens, start, [s.block_table for s in seqs])
+            return x.view(B, T, D)
         ids = self.tensor(tokens)
         positions = self.tensor(start)[:, None] + torch.arange(ids.shape[1], device=self.device)
         lens = [s + ids.shape[1] for s in start]
@@ -111,4 +116,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        fast = self._fast()
+        if fast is not None and fast.can_draft():
+            return fast.mtp_logits(h)
         return self.model.mtp_logits(1, h)
