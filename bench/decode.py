@@ -58,6 +58,23 @@ def time_hf(hf, prompts: list[list[int]], new: int) -> tuple[float, list[list[in
     return time.perf_counter() - t, out[:, ids.shape[1] :].tolist()
 
 
+def time_calls(obj, names: list[str]) -> dict[str, list[float]]:
+    """Wrap methods of `obj` (an instance) to accumulate [seconds, calls] per name, in place."""
+    spent = {n: [0.0, 0] for n in names}
+    for name in names:
+        method = getattr(obj, name)
+
+        def timed(*args, _method=method, _acc=spent[name], **kwargs):
+            t = time.perf_counter()
+            out = _method(*args, **kwargs)
+            _acc[0] += time.perf_counter() - t
+            _acc[1] += 1
+            return out
+
+        setattr(obj, name, timed)
+    return spent
+
+
 def hf_cache_bytes_per_token(hf, vocab: int, n: int = 32) -> int:
     """Bytes of transformers' KV cache after a forward over n tokens, divided by n."""
     with torch.no_grad():
@@ -186,8 +203,10 @@ def main() -> None:
             head = (
                 "| batch | drafts k | plain tok/s | speculative tok/s | speed-up | acceptance per position |"
             )
-            print(f"\n{head} accept length |")
-            print("|---:|---:|---:|---:|---:|---|---:|")
+            costs = "decode step ms | verify ms | draft ms | break-even accept length"
+            print(f"\n{head} accept length | {costs} |")
+            print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+            plain_calls = time_calls(llm.engine.runner, ["decode_logits"])
             for B in map(int, args.spec_batches.split(",")):
                 prompts = held_out_prompts(path, B, args.prompt_len) if args.ckpt else None
                 if prompts is None:
@@ -200,6 +219,11 @@ def main() -> None:
                     )
                     time_dsv3(spec, prompts[:1], 4)
                     spec.engine.spec_stats.__init__(k)  # count the measured runs only
+                    # per forward: plain decode step, verification ([B, k + 1]) and drafting (MTP
+                    # module and its head, including the MTP pass over the prompt at prefill)
+                    spec_calls = time_calls(spec.engine.runner, ["verify", "mtp_hidden", "mtp_logits"])
+                    for acc in plain_calls.values():
+                        acc[:] = [0.0, 0]
                     plain, fast = [], []
                     for _ in range(args.repeats):
                         dt, ref = time_dsv3(llm, prompts, args.new)
@@ -211,7 +235,14 @@ def main() -> None:
                     st = spec.spec_stats
                     rates = ", ".join(f"{r:.0%}" for r in st.acceptance_rates)
                     row = f"| {B} | {k} | {p:.0f} | {f:.0f} | {f / p:.2f}x | {rates} |"
-                    print(f"{row} {st.mean_accept_length:.2f} |")
+                    step = plain_calls["decode_logits"][0] / max(plain_calls["decode_logits"][1], 1)
+                    n_ver = max(spec_calls["verify"][1], 1)
+                    ver = spec_calls["verify"][0] / n_ver
+                    draft = (spec_calls["mtp_hidden"][0] + spec_calls["mtp_logits"][0]) / n_ver
+                    cost = (
+                        f"{step * 1e3:.1f} | {ver * 1e3:.1f} | {draft * 1e3:.1f} | {(ver + draft) / step:.2f}"
+                    )
+                    print(f"{row} {st.mean_accept_length:.2f} | {cost} |")
 
         ours_b = llm.engine.bytes_per_token
         hf_b = hf_cache_bytes_per_token(hf, cfg.vocab_size)
