@@ -261,3 +261,12 @@ def test_eval_and_plot_commands(tmp_path, small_data, capsys):
 def _eval_loss(out) -> float:
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "eval"][-1]["val_loss"]
+
+
+def test_oversubscription_warning_names_the_load_and_a_thread_count():
+    from dsv3.train.cli import oversubscription_warning
+
+    assert oversubscription_warning(threads=2, load=0.3, cpus=2) is None  # an idle machine
+    assert oversubscription_warning(threads=1, load=5.0, cpus=2) is None  # one thread never spins
+    msg = oversubscription_warning(threads=2, load=1.0, cpus=2)  # another busy process
+    assert msg is not None and "load average 1.0 on 2 cores" in msg and "--threads 1" in msg
