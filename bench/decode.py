@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--spec-k", default="1,2", help="speculative tokens to try (MTP drafts per step)")
     ap.add_argument("--spec-batches", default="1,16")
+    ap.add_argument("--draft-vocabs", default="all,2048",
+                    help="draft vocabularies to try (EngineConfig.draft_vocab; 'all' = the full vocabulary)")  # fmt: skip
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled reference decode")
     ap.add_argument("--skip-throughput", action="store_true", help="only the speculative and cache tables")
     ap.add_argument("--synthetic-draft", action="store_true",
@@ -164,13 +166,14 @@ def main() -> None:
                 sides["compiled"] = LLM(path, compile=True, fast_decode=False, **seats)
         names = list(sides) + ["tf"]
         head = " | ".join(f"{n} tok/s" for n in names)
-        print(f"\ntok/s: median of {args.repeats} (best); ratios of medians against transformers (tf)")
-        print(
-            f"| batch | {head} | "
-            + " | ".join(f"{n} / tf" for n in names[:-1])
-            + " | same greedy tokens | load |"
-        )
-        print("|---:|" + "---:|" * (2 * len(names) - 1) + "---|---|")
+        if not args.skip_throughput:
+            print(f"\ntok/s: median of {args.repeats} (best); ratios of medians against transformers (tf)")
+            print(
+                f"| batch | {head} | "
+                + " | ".join(f"{n} / tf" for n in names[:-1])
+                + " | same greedy tokens | load |"
+            )
+            print("|---:|" + "---:|" * (2 * len(names) - 1) + "---|---|")
         for B in map(int, args.batches.split(",")) if not args.skip_throughput else []:
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
             load = os.getloadavg()[0]
@@ -200,12 +203,11 @@ def main() -> None:
                 print(
                     "\nspeculative decoding on a SYNTHETIC drafter (see make_synthetic_drafter), not trained"
                 )
-            head = (
-                "| batch | drafts k | plain tok/s | speculative tok/s | speed-up | acceptance per position |"
-            )
+            head = "| batch | drafts k | draft vocab | plain tok/s | speculative tok/s | speed-up |"
             costs = "decode step ms | verify ms | draft ms | break-even accept length"
-            print(f"\n{head} accept length | {costs} |")
-            print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+            print(f"\n{head} acceptance per position | accept length | {costs} |")
+            print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+            vocabs = [None if v == "all" else int(v) for v in args.draft_vocabs.split(",")]
             plain_calls = time_calls(llm.engine.runner, ["decode_logits"])
             for B in map(int, args.spec_batches.split(",")):
                 prompts = held_out_prompts(path, B, args.prompt_len) if args.ckpt else None
@@ -213,9 +215,13 @@ def main() -> None:
                     prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
                 else:
                     print(f"batch {B}: prompts are windows of the run's held-out documents")
-                for k in map(int, args.spec_k.split(",")):
+                for k, vocab in [(k, v) for k in map(int, args.spec_k.split(",")) for v in vocabs]:
                     spec = LLM(
-                        llm.model, speculative=True, num_speculative_tokens=k, max_num_batched_tokens=8192
+                        llm.model,
+                        speculative=True,
+                        num_speculative_tokens=k,
+                        draft_vocab=vocab,
+                        max_num_batched_tokens=8192,
                     )
                     time_dsv3(spec, prompts[:1], 4)
                     spec.engine.spec_stats.__init__(k)  # count the measured runs only
@@ -234,7 +240,7 @@ def main() -> None:
                     p, f = statistics.median(plain), statistics.median(fast)
                     st = spec.spec_stats
                     rates = ", ".join(f"{r:.0%}" for r in st.acceptance_rates)
-                    row = f"| {B} | {k} | {p:.0f} | {f:.0f} | {f / p:.2f}x | {rates} |"
+                    row = f"| {B} | {k} | {vocab or 'all'} | {p:.0f} | {f:.0f} | {f / p:.2f}x | {rates} |"
                     step = plain_calls["decode_logits"][0] / max(plain_calls["decode_logits"][1], 1)
                     n_ver = max(spec_calls["verify"][1], 1)
                     ver = spec_calls["verify"][0] / n_ver

@@ -96,13 +96,19 @@ def test_speculative_sampling_rule_preserves_the_target_distribution():
     assert 0.5 * (q1 - p1).abs().sum() > 3 * _tv_bound(p1, n)
 
 
-def _law_of_tokens_2_and_3(model, prompt, n) -> tuple[torch.Tensor, float]:
+def _law_of_tokens_2_and_3(model, prompt, n, draft_vocab=None) -> tuple[torch.Tensor, float]:
     """Empirical law of (t2, t3) over n seeded requests (64 cells) and the first-draft acceptance."""
     params = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=s) for s in range(n)]
-    config = EngineConfig(num_blocks=2048, block_size=4, max_num_seqs=512, max_num_batched_tokens=2048)
-    engine = Engine(
-        model, config.__class__(**{**config.__dict__, "speculative": True, "num_speculative_tokens": 2})
+    config = EngineConfig(
+        num_blocks=2048,
+        block_size=4,
+        max_num_seqs=512,
+        max_num_batched_tokens=2048,
+        speculative=True,
+        num_speculative_tokens=2,
+        draft_vocab=draft_vocab,
     )
+    engine = Engine(model, config)
     ids = [engine.add_request(prompt, p) for p in params]
     done = {}
     while engine.has_unfinished():
@@ -113,9 +119,11 @@ def _law_of_tokens_2_and_3(model, prompt, n) -> tuple[torch.Tensor, float]:
     return counts.flatten() / n, engine.spec_stats.acceptance_rates[0]
 
 
-def test_speculative_sampling_end_to_end_matches_the_model(tiny, monkeypatch):
+@pytest.mark.parametrize("draft_vocab", [None, 5])
+def test_speculative_sampling_end_to_end_matches_the_model(tiny, monkeypatch, draft_vocab):
     """Vocabulary of 8: the joint law of tokens 2 and 3 (both produced by verifying two drafts)
-    over many seeded requests, against the exact law computed from the full forward."""
+    over many seeded requests, against the exact law computed from the full forward; also with
+    drafts restricted to ids < 5 (q is zero above: the output law must not change)."""
     cfg = tiny.replace(vocab_size=8, bos_token_id=0, eos_token_id=1)
     model = _drafting_model(cfg, scale=0.5)
     with torch.no_grad():
@@ -128,9 +136,11 @@ def test_speculative_sampling_end_to_end_matches_the_model(tiny, monkeypatch):
         p3 = probs[:, -1].view(8, 8, 8)  # [t1, t2, t3]
     exact = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten()  # law of (t2, t3)
     bound = _tv_bound(exact, n)
-    emp, acceptance = _law_of_tokens_2_and_3(model, prompt, n)
+    emp, acceptance = _law_of_tokens_2_and_3(model, prompt, n, draft_vocab)
     assert 0.5 * (emp - exact).abs().sum() <= bound
     assert 0.3 < acceptance < 0.95
+    if draft_vocab is not None:
+        return
 
     # the test can fail: a classic bug, resampling from p instead of the residual max(0, p - q)
     # after a rejection, is detected
@@ -144,3 +154,42 @@ def test_speculative_sampling_end_to_end_matches_the_model(tiny, monkeypatch):
     monkeypatch.setattr("dsv3.infer.speculative.accept_sampling", resample_from_p)
     wrong, _ = _law_of_tokens_2_and_3(model, prompt, n)
     assert 0.5 * (wrong - exact).abs().sum() > 2 * bound
+
+
+@pytest.mark.parametrize("fast_decode", [True, False])
+def test_draft_vocab_restricts_drafts_and_keeps_greedy_output(tiny, monkeypatch, fast_decode):
+    """With draft_vocab, every draft is below the bound, on the fast path and on the model's
+    forward alike, and greedy output is still exactly plain greedy decoding."""
+    from dsv3.infer import speculative
+
+    model = _drafting_model(tiny, scale=0.3)
+    bound = tiny.vocab_size // 4
+    drafted: list[int] = []
+    real = speculative._draft_tokens
+
+    def record(logits, params, gens):
+        tokens, q = real(logits, params, gens)
+        drafted.extend(tokens)
+        return tokens, q
+
+    monkeypatch.setattr(speculative, "_draft_tokens", record)
+    prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (5, 17)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    config = EngineConfig(
+        num_blocks=64, block_size=4, speculative=True, draft_vocab=bound, fast_decode=fast_decode
+    )
+    engine = Engine(model, config)
+    assert (engine.runner._fast() is not None) == fast_decode
+    outs = _generate(engine, prompts, params)
+    for prompt, out in zip(prompts, outs):
+        assert out == greedy_generate(model, torch.tensor([prompt]), params.max_tokens)[0].tolist()
+    assert drafted and max(drafted) < bound
+    unrestricted = Engine(model, EngineConfig(num_blocks=64, block_size=4, speculative=True))
+    drafted.clear()
+    _generate(unrestricted, prompts, params)
+    assert max(drafted) >= bound  # the bound did restrict something
+
+
+def test_draft_vocab_is_validated():
+    with pytest.raises(ValueError, match="draft_vocab"):
+        EngineConfig(draft_vocab=0)

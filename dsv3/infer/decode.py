@@ -176,12 +176,19 @@ class FastDecoder:
         """Last layer's output [N, D] -> logits [N, Vo] (the final norm, then the head)."""
         return self._head(x, self.model.norm)
 
-    def mtp_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """MTP module 1's output [N, D] -> draft logits [N, Vo] (shared_head.norm, then the head)."""
-        return self._head(x, self.model.mtp[0].shared_head.norm)
+    def mtp_logits(self, x: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+        """MTP module 1's output [N, D] -> draft logits [N, Vo] (shared_head.norm, then the head);
+        with `vocab`, only the first `vocab` columns of the head are read and the rest are -inf."""
+        return self._head(x, self.model.mtp[0].shared_head.norm, vocab)
 
-    def _head(self, x: torch.Tensor, norm) -> torch.Tensor:
-        return torch.mul(x * self._inv_rms(x, norm.eps), norm.weight) @ self.weights.head
+    def _head(self, x: torch.Tensor, norm, vocab: int | None = None) -> torch.Tensor:
+        xn = torch.mul(x * self._inv_rms(x, norm.eps), norm.weight)
+        head = self.weights.head  # (D, Vo)
+        if vocab is None or vocab >= head.shape[1]:
+            return xn @ head
+        out = xn.new_full((x.shape[0], head.shape[1]), float("-inf"))
+        out[:, :vocab] = xn @ head[:, :vocab]
+        return out
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Last layer's output [N, D] -> the model's final hidden state [N, D] (what MTP reads)."""

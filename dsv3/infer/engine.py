@@ -38,6 +38,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step: the prefill chunk budget
     speculative: bool = False  # MTP drafts verified by the main model
     num_speculative_tokens: int = 1  # drafts per step (V3 has one MTP module; more reuse it)
+    draft_vocab: int | None = (
+        None  # drafts only among token ids < draft_vocab (None: all; see speculative.py)
+    )
     max_model_len: int | None = None  # prompt + output tokens at most; None: the model's max_seq_len
     seed: int = 0  # seeds the generators of requests without their own seed
     fast_decode: bool = True  # plain decoding on dsv3.infer.decode (fused weights); False: the model
@@ -48,6 +51,8 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab <= 0):
+            raise ValueError(f"draft_vocab: must be a positive integer or None, got {self.draft_vocab!r}")
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks: must be positive or None, got {self.num_blocks}")
         if self.speculative and self.max_num_batched_tokens < self.num_speculative_tokens + 1:
@@ -91,7 +96,9 @@ class Engine:
             per_block = n_layers * cfg.kv_cache_dim * param.element_size() * config.block_size
             num_blocks = max(1, config.cache_memory // per_block)
         self.cache = PagedLatentCache(cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device)
-        self.runner = ModelRunner(model, self.cache, compile=config.compile, fast=config.fast_decode)
+        self.runner = ModelRunner(
+            model, self.cache, compile=config.compile, fast=config.fast_decode, draft_vocab=config.draft_vocab
+        )
         self.scheduler = Scheduler(
             self.cache.allocator,
             config.block_size,

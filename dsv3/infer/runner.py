@@ -28,10 +28,16 @@ from dsv3.model.transformer import Transformer
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, cache: PagedLatentCache, compile: bool = False, fast: bool = True
+        self,
+        model: Transformer,
+        cache: PagedLatentCache,
+        compile: bool = False,
+        fast: bool = True,
+        draft_vocab: int | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
+        self.draft_vocab = draft_vocab  # MTP drafts among ids < draft_vocab only (None: all)
         self.device = next(model.parameters()).device
         self.decode_forward = model.hidden_states
         self.fast: FastDecoder | None = None  # the eager fast decode path, when it knows the model
@@ -116,7 +122,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft logits [B, V] from MTP module 1's output h [B, D]; ids >= draft_vocab get -inf
+        (the fast path does not compute them: it reads only draft_vocab columns of the head)."""
         fast = self._fast()
         if fast is not None and fast.can_draft():
-            return fast.mtp_logits(h)
-        return self.model.mtp_logits(1, h)
+            return fast.mtp_logits(h, self.draft_vocab)
+        logits = self.model.mtp_logits(1, h)
+        if self.draft_vocab is not None and self.draft_vocab < logits.shape[-1]:
+            logits[..., self.draft_vocab :] = float("-inf")
+        return logits

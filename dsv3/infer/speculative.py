@@ -19,6 +19,14 @@ absorbed MLA path) and gives the target distribution p_j at each of those positi
 Rejected positions leave stale latents in the cache; the sequence's context length simply stops
 before them and the next step overwrites them.
 
+Draft vocabulary (`EngineConfig.draft_vocab`, FR-Spec's idea, Zhao et al. 2025): drafts may be
+restricted to the token ids below a bound, so that drafting reads only that many columns of the
+output head (the head is a third of the bytes a `small` decode step reads). BPE ids are in merge
+order, roughly by frequency, so the first 2,048 of the demo tokenizer's 8,192 ids cover 98% of the
+trained model's greedy choices on held-out text. The draft distribution q is then zero above the
+bound; both acceptance rules are exact for any q, so outputs keep their distribution (greedy
+output is unchanged); only acceptance can drop.
+
 Statistics: per draft position j, the fraction of verifications in which drafts 1..j were all
 accepted (vLLM's per-position acceptance), and the mean accept length = tokens emitted per
 verification = 1 + mean accepted drafts.
