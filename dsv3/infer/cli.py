@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> 
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--num-speculative-tokens", type=int, default=1)
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="MTP drafts only among token ids below this (faster drafts; output unchanged)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's projections in FP8")
     p.add_argument("--stats", action="store_true", help="print throughput and speculative acceptance")
@@ -45,6 +47,7 @@ def _llm(args: argparse.Namespace):
         device=args.device,
         speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens,
+        draft_vocab=args.draft_vocab,
         compile=args.compile,
         fp8_weights=args.fp8_weights,
     )
