@@ -70,6 +70,10 @@ def test_fast_logits_equal_full_forward(tiny, variant, fold):
     for b, p in enumerate(pos):
         assert (logits[b] - full[b, p : p + 3]).abs().max() <= 1e-5
         assert (hidden[b] - h_full[b, p : p + 3]).abs().max() <= 1e-5
+    for b in range(3):  # T = 2 for one row: a pool slice (rows 0, 2) or gathered keys (row 1)
+        p = lens[b] + 9
+        x = fast.forward([ids[b, p : p + 2].tolist()], [p], [tables[b]])
+        assert (fast.logits(x) - full[b, p : p + 2]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("variant", ["tiny", "q_proj"])

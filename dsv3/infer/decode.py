@@ -38,20 +38,30 @@ from dsv3.model.transformer import Transformer
 
 
 class SliceKeys:
-    """One sequence whose pool rows start .. start + pos are its positions 0 .. pos."""
+    """One sequence whose pool rows start .. start + pos + T - 1 are its positions 0 .. pos + T - 1
+    (T new tokens at pos ..; T > 1 in speculative verification, causal among themselves)."""
 
-    def __init__(self, pools: list[torch.Tensor], start: int, pos: int, rank: int) -> None:
-        self.pools, self.start, self.slot, self.rank = pools, start, start + pos, rank
+    def __init__(self, pools: list[torch.Tensor], start: int, pos: int, rank: int, T: int = 1) -> None:
+        self.pools, self.start, self.slot, self.rank, self.T = pools, start, start + pos, rank, T
+        # -inf above the diagonal of the last T key columns: new token t sees new tokens <= t only
+        tail = torch.full((T, T), float("-inf"), dtype=pools[0].dtype).triu_(1) if T > 1 else None
+        self.tail = None if tail is None else tail[:, None, :]  # (T, 1, T): broadcast over heads
 
     def new_rows(self, layer: int) -> torch.Tensor:
-        """Where this step's cache row of `layer` goes: [1, W], in the pool itself."""
-        return self.pools[layer][self.slot : self.slot + 1]
+        """Where this step's cache rows of `layer` go: [T, W], in the pool itself."""
+        return self.pools[layer][self.slot : self.slot + self.T]
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q [1, H, W] -> attention output in latent space [1, H, R] (the new row included)."""
-        keys = self.pools[layer][self.start : self.slot + 1]  # (S, W)
-        probs = (q[0] @ keys.T).softmax(dim=-1)  # (H, S)
-        return (probs @ keys[:, : self.rank])[None]
+        """q [T, H, W] -> attention output in latent space [T, H, R] (the new rows included)."""
+        keys = self.pools[layer][self.start : self.slot + self.T]  # (S, W)
+        if self.tail is None:
+            probs = (q[0] @ keys.T).softmax(dim=-1)  # (H, S)
+            return (probs @ keys[:, : self.rank])[None]
+        T, H, W = q.shape
+        scores = (q.reshape(T * H, W) @ keys.T).view(T, H, -1)  # (T, H, S)
+        scores[..., -T:] += self.tail
+        probs = scores.softmax(dim=-1).view(T * H, -1)
+        return (probs @ keys[:, : self.rank]).view(T, H, self.rank)
 
     def finish(self) -> None:
         pass
@@ -199,10 +209,13 @@ class FastDecoder:
         """The keys of this step over `data` (layers [L, slots, W]), the token embeddings [B*T, D]
         and the positions of the B*T new tokens."""
         bs, T = self.cache.block_size, len(tokens[0])
-        start = _consecutive_start(tables[0], starts[0], bs) if len(tokens) == 1 and T == 1 else None
+        start = _consecutive_start(tables[0], starts[0] + T - 1, bs) if len(tokens) == 1 else None
         if start is not None:
-            x = self.model.embed_tokens.weight[tokens[0][0] : tokens[0][0] + 1]  # (1, D)
-            return SliceKeys(pools, start, starts[0], self.R), x, starts
+            if T == 1:
+                x = self.model.embed_tokens.weight[tokens[0][0] : tokens[0][0] + 1]  # (1, D)
+            else:
+                x = self.model.embed_tokens.weight[torch.tensor(tokens[0])]  # (T, D)
+            return SliceKeys(pools, start, starts[0], self.R, T), x, [starts[0] + t for t in range(T)]
         keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R)
         x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
         return keys, x, [p + t for p in starts for t in range(T)]
