@@ -75,16 +75,16 @@ class _GroupedFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = grouped_linear(dy32, _wide(w).transpose(1, 2), offsets).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = _grouped_wgrad(_wide(x), dy32, offsets, w.shape[0]).to(w.dtype)
+            dw = _grouped_wgrad(_wide(x), dy32, offsets).to(w.dtype)
         return dx, dw, None
 
 
-def _grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, n_groups: int) -> torch.Tensor:
+def _grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """dW[e] = x_e^T @ dy_e for the row groups ending at `offsets` -> [E, in, out]."""
     if x.shape[0] > 0 and (x.shape[0] * x.element_size()) % 16 == 0:
         return F.grouped_mm(x.t(), dy, offs=offsets)  # the K-grouped form: groups along the rows
     starts = [0, *offsets[:-1].tolist()]
-    return torch.stack([x[s:e].t() @ dy[s:e] for s, e in zip(starts, offsets.tolist())])[:n_groups]
+    return torch.stack([x[s:e].t() @ dy[s:e] for s, e in zip(starts, offsets.tolist())])
 
 
 class Bf16Linear(nn.Linear):
@@ -96,10 +96,7 @@ class Bf16Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Bf16Linear:
-        new = cls.__new__(cls)
-        new.__dict__ = lin.__dict__.copy()  # same Parameters, hooks and flags
-        new._parameters = lin._parameters
-        return new
+        return _retyped(lin, cls)
 
 
 class Bf16GroupedExperts(GroupedExperts):
@@ -112,10 +109,14 @@ class Bf16GroupedExperts(GroupedExperts):
 
     @classmethod
     def from_experts(cls, experts: GroupedExperts) -> Bf16GroupedExperts:
-        new = cls.__new__(cls)
-        new.__dict__ = experts.__dict__.copy()
-        new._parameters = experts._parameters
-        return new
+        return _retyped(experts, cls)
+
+
+def _retyped(module: nn.Module, cls: type) -> nn.Module:
+    """`module` as an instance of its subclass `cls`, sharing its Parameters, buffers and hooks."""
+    new = cls.__new__(cls)
+    new.__dict__ = module.__dict__.copy()
+    return new
 
 
 def convert(model: nn.Module) -> nn.Module:

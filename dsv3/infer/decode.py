@@ -165,12 +165,11 @@ class FastDecoder:
         """MTP module 1 (for drafting): the main model's final hidden states h_prev [B*T, D] and the
         tokens one ahead [B, T] at positions starts[b] + 0..T-1 -> h^1 [B*T, D] (before
         shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`."""
-        w = self.weights
-        if w.stale():
-            w.build()
-        m = w.mtp
+        if self.weights.stale():
+            self.weights.build()
         if not self.can_draft():
             raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
+        m = self.weights.mtp
         keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
         x = (h_prev * self._inv_rms(h_prev, m.h_eps)) @ m.w_hid
@@ -178,7 +177,7 @@ class FastDecoder:
         routed: list = []
         x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
         keys.finish()
-        if routed and m.ffn.moe is not None:
+        if m.ffn.moe is not None:
             m.ffn.moe._buffers["last_counts"] = decode_moe.counts(routed, self.n_experts)[0]
         return x
 

@@ -59,10 +59,15 @@ def _route(gate: Gate, s: list[float], c: list[float]) -> tuple[list[int], list[
 
 def experts_one(x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, ids: list[int], gates: list[float]) -> None:
     """x [1, D] += sum_k gate_k * expert_{ids_k}(xn), in place: two matmuls per selected expert."""
-    hid = w.w2[0].shape[0]
     for e, g in zip(ids, gates):
-        t = xn @ w.w13[e]  # (1, 2I) w1 | w3
-        x.addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=g)
+        _expert_row(x, xn, w, e, g)
+
+
+def _expert_row(x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, e: int, g: float) -> None:
+    """x [1, D] += g * expert_e(xn [1, D]), in place: two matmuls on views of the expert's weights."""
+    hid = w.w2[e].shape[0]
+    t = xn @ w.w13[e]  # (1, 2I) w1 | w3
+    x.addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=g)
 
 
 def experts_few(
@@ -80,8 +85,7 @@ def experts_few(
     for e, (rows, gs) in by_expert.items():
         if len(rows) == 1:
             r = rows[0]
-            t = xn[r : r + 1] @ w.w13[e]  # (1, 2I)
-            x[r : r + 1].addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=gs[0])
+            _expert_row(x[r : r + 1], xn[r : r + 1], w, e, gs[0])
         else:
             idx = torch.tensor(rows)
             t = xn[idx] @ w.w13[e]  # (n, 2I)

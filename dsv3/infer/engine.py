@@ -38,9 +38,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step: the prefill chunk budget
     speculative: bool = False  # MTP drafts verified by the main model
     num_speculative_tokens: int = 1  # drafts per step (V3 has one MTP module; more reuse it)
-    draft_vocab: int | None = (
-        None  # drafts only among token ids < draft_vocab (None: all; see speculative.py)
-    )
+    draft_vocab: int | None = None  # MTP drafts only among ids < draft_vocab (speculative.py)
     max_model_len: int | None = None  # prompt + output tokens at most; None: the model's max_seq_len
     seed: int = 0  # seeds the generators of requests without their own seed
     fast_decode: bool = True  # plain decoding on dsv3.infer.decode (fused weights); False: the model

@@ -5,8 +5,9 @@ The model is used as written (dsv3.model): the runner only builds the `CacheCont
 chunks (per-head K/V materialised once for the chunk, efficient for many queries) and the absorbed
 path for decode and speculative verification (a few queries attend straight over the latents).
 Plain decoding (one new token per row), speculative verification and short MTP drafting forwards
-run on the eager fast path (dsv3.infer.decode) when it can: not when a module was swapped (FP8 weights, EPLB replicas) or forward hooks are set, and not
-with `fast=False`; then the model's forward runs, compiled with `compile=True`. Logits are computed
+run on the eager fast path (dsv3.infer.decode) when it can: not when a module was swapped (FP8
+weights, EPLB replicas) or forward hooks are set, and not with `fast=False`; then the model's
+forward runs, compiled with `compile=True`. Logits are computed
 only for the positions that are sampled: the output head over a long prefill chunk would cost as
 much as a layer.
 
