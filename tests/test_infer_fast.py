@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dsv3 import ModelConfig, Transformer
-from dsv3.infer import decode
+from dsv3.infer import cpu_kernels, decode
 from dsv3.infer.decode import FastDecoder
 from dsv3.infer.engine import Engine, EngineConfig
 from dsv3.infer.fast import DecodeMoE
@@ -34,14 +34,33 @@ def _model(cfg: ModelConfig) -> Transformer:
     return model
 
 
+def _bf16_valued(model: Transformer) -> Transformer:
+    """Every parameter rounded to BF16 and kept in FP32: what loading a BF16 checkpoint gives."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+@pytest.mark.parametrize("weights", ["model", "bf16"])
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("fold", [None, False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fast_logits_equal_full_forward(tiny, variant, fold):
+def test_fast_logits_equal_full_forward(tiny, variant, fold, native, weights):
     """Rows prefilled on the naive path, then decoded by the fast path, in turn batched (gathered
-    keys) and one row at a time (a pool slice when the row's blocks are consecutive)."""
+    keys) and one row at a time (a pool slice when the row's blocks are consecutive; with the
+    native kernels and folded weights, the one-call RowDecoder). `bf16`: a model with BF16 values
+    whose fast path stores the feed-forward matrices and head in BF16: exact, same tolerance."""
     model = _model(tiny.replace(**VARIANTS[variant]))
     cache = PagedLatentCache(model.config, num_blocks=40, block_size=4)
-    fast = FastDecoder(model, cache, fold=fold)
+    dtype = None
+    if weights == "bf16":
+        model, dtype = _bf16_valued(model), torch.bfloat16
+    fast = FastDecoder(model, cache, fold=fold, weight_dtype=dtype, native=native)
+    assert fast.weights.head.dtype == (dtype or torch.float32)
+    assert (fast.kernels.name == "native") == (native and cpu_kernels.why_not_native is None)
+    folded = fast.weights.attn[0].w_uk is None and fast.weights.attn[0].w_uv is None
+    assert (fast._row_decoders()[0] is not None) == (fast.kernels.name == "native" and folded)
     lens = [5, 9, 7]
     tables = [cache.allocator.allocate(8) for _ in lens]  # rows 0 and 2 consecutive
     tables[1] = [tables[1][i] for i in (1, 0, 2, 3, 4, 5, 6, 7)]  # row 1 is not
@@ -76,15 +95,16 @@ def test_fast_logits_equal_full_forward(tiny, variant, fold):
         assert (fast.logits(x) - full[b, p : p + 2]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("variant", ["tiny", "q_proj"])
-def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant):
+def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant, native):
     """`mtp_forward` (MTP module 1 over its cache layer) equals the model's MTP module on the same
     cache: one row on a pool slice, rows batched on gathered keys, and T = 2 tokens per row; the
     MTP MoE's `last_counts` are set as the model's forward sets them."""
     model = _model(tiny.replace(**VARIANTS[variant]))
     ref_model = copy.deepcopy(model)
     caches = [PagedLatentCache(model.config, num_blocks=40, block_size=4) for _ in range(2)]
-    fast = FastDecoder(model, caches[0])
+    fast = FastDecoder(model, caches[0], native=native)
     assert fast.can_draft()
     tables = [caches[0].allocator.allocate(8) for _ in range(2)]
     for c in caches[1:]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer import decode_moe
+from dsv3.infer.cpu_kernels import Kernels, Reference, kernels
 from dsv3.infer.fused import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -111,13 +112,29 @@ class GatheredKeys:
         self.data.index_copy_(1, self.slots, self.new)
 
 
-class FastDecoder:
-    """The main model on T new tokens per row (1 in plain decoding) over the engine's paged cache."""
+KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.cpu_kernels; more: ATen's GEMM
+_ATEN = Reference()
 
-    def __init__(self, model: Transformer, cache: PagedLatentCache, fold: bool | None = None) -> None:
+
+class FastDecoder:
+    """The main model on T new tokens per row (1 in plain decoding) over the engine's paged cache.
+    weight_dtype: storage dtype of the feed-forward matrices and the head (dsv3.infer.fused);
+    native: use the C++ few-row kernels when they build (dsv3.infer.cpu_kernels)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: PagedLatentCache,
+        fold: bool | None = None,
+        weight_dtype: torch.dtype | None = None,
+        native: bool = True,
+    ) -> None:
         cfg = model.config
         self.model, self.cache = model, cache
-        self.weights = DecodeWeights(model, fold)
+        self.weights = DecodeWeights(model, fold, weight_dtype)
+        fp32_cpu = model.embed_tokens.weight.dtype == torch.float32 and cache.data.device.type == "cpu"
+        self.kernels: Kernels = kernels(native) if fp32_cpu else _ATEN
+        self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
         self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
         self.data = cache.data[: cfg.n_layers]  # the main layers' pools (not the MTP layer's)
@@ -142,9 +159,16 @@ class FastDecoder:
         keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
         routed: list = []
-        for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
-            x = self._attention(x, aw, layer, keys, cos, sin)
-            x = self._ffn(x, fw, routed)
+        row = self._row_decoders()[0] if isinstance(keys, SliceKeys) and keys.T == 1 else None
+        if row is not None:  # one token of one sequence: every layer in one native call
+            x, ids = row.forward(x, cos[0], sin[0], keys.start, keys.slot)
+            if ids:  # K per MoE layer
+                K = next(f.moe.gate.top_k for f in w.ffn if f.moe is not None)
+                routed = [ids[i : i + K] for i in range(0, len(ids), K)]
+        else:
+            for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
+                x = self._attention(x, aw, layer, keys, cos, sin)
+                x = self._ffn(x, fw, routed)
         keys.finish()
         if routed:
             moes = (f.moe for f in w.ffn if f.moe is not None)
@@ -172,10 +196,15 @@ class FastDecoder:
         m = self.weights.mtp
         keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
-        x = (h_prev * self._inv_rms(h_prev, m.h_eps)) @ m.w_hid
-        x = torch.addmm(x, e * self._inv_rms(e, m.e_eps), m.w_emb)  # eh_proj([enorm(e); hnorm(h)])
+        x = self._mm(h_prev * self._inv_rms(h_prev, m.h_eps), m.w_hid)
+        x = self._mm(e * self._inv_rms(e, m.e_eps), m.w_emb, x)  # eh_proj([enorm(e); hnorm(h)])
         routed: list = []
-        x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
+        row = self._row_decoders()[1] if isinstance(keys, SliceKeys) and keys.T == 1 else None
+        if row is not None:
+            x, ids = row.forward(x, cos[0], sin[0], keys.start, keys.slot)
+            routed = [ids] if ids else []
+        else:
+            x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
         keys.finish()
         if m.ffn.moe is not None:
             m.ffn.moe._buffers["last_counts"] = decode_moe.counts(routed, self.n_experts)[0]
@@ -194,9 +223,9 @@ class FastDecoder:
         xn = torch.mul(x * self._inv_rms(x, norm.eps), norm.weight)
         head = self.weights.head  # (D, Vo)
         if vocab is None or vocab >= head.shape[1]:
-            return xn @ head
+            return self._mm(xn, head)
         out = xn.new_full((x.shape[0], head.shape[1]), float("-inf"))
-        out[:, :vocab] = xn @ head[:, :vocab]
+        out[:, :vocab] = self._mm(xn, head[:, :vocab])
         return out
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +233,48 @@ class FastDecoder:
         return self.model.norm(x)
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _row_decoders(self) -> tuple:
+        """The native one-row decoders (main layers, MTP module 1), None where they cannot run: no
+        native kernels, or W_UK / W_UV not folded (V3's shapes). Rebuilt with the weights."""
+        w = self.weights
+        built = self._rows
+        moes = [f.moe for f in [*w.ffn, *([w.mtp.ffn] if w.mtp else [])] if f.moe is not None]
+        biases = [m.gate.e_score_correction_bias for m in moes]
+        if built is None or built[2] is not w.attn or any(a is not b for a, b in zip(built[3], biases)):
+            main = self._row_decoder(w.attn, w.ffn, self.pools)
+            mtp = self._row_decoder([w.mtp.attn], [w.mtp.ffn], self.mtp_pools) if self.can_draft() else None
+            self._rows = built = (main, mtp, w.attn, biases)
+        return built
+
+    def _row_decoder(self, attn: list[AttnWeights], ffn: list[FfnWeights], pools: list[torch.Tensor]):
+        make = getattr(self.kernels, "RowDecoder", None)
+        if make is None or any(a.w_uk is not None or a.w_uv is not None for a in attn):
+            return None
+        row = make(self.H, self.R, self.P)
+        for a, f, pool in zip(attn, ffn, pools):
+            row.add_attention(a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps)
+            gate = f.moe.gate if f.moe is not None else None
+            row.add_ffn(
+                f.w_in, f.w_down, f.norm_w, f.gate_w,
+                None if gate is None else gate.e_score_correction_bias,
+                f.w13_all, f.w2_all, f.hidden,
+                0 if gate is None else f.moe.n_experts,
+                0 if gate is None else gate.top_k,
+                0 if gate is None else gate.n_groups,
+                0 if gate is None else gate.topk_groups,
+                gate is None or gate.score_func == "sigmoid",
+                0.0 if gate is None else gate.route_scale,
+                f.norm_eps,
+            )  # fmt: skip
+        return row
+
+    def _few(self, rows: int) -> Kernels:
+        return self.kernels if rows <= KERNEL_ROWS else _ATEN
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] @ w [K, N] (+ bias [M, N]): the few-row kernel for a few rows, else ATen."""
+        return self._few(x.shape[0]).mm(x, w, bias)
+
     def _inputs(self, data, pools, tokens: list[list[int]], starts: list[int], tables: list[list[int]]):
         """The keys of this step over `data` (layers [L, slots, W]), the token embeddings [B*T, D]
         and the positions of the B*T new tokens."""
@@ -245,10 +316,10 @@ class FastDecoder:
     def _attention(self, x, w: AttnWeights, layer: int, keys, cos, sin) -> torch.Tensor:
         """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows."""
         B, R, P = x.shape[0], self.R, self.P
-        a = (x * self._inv_rms(x, w.norm_eps)) @ w.w_in  # (B, C)
+        a = self._mm(x * self._inv_rms(x, w.norm_eps), w.w_in)  # (B, C)
         if w.q_rank:
             cq, a = a[:, : w.q_rank], a[:, w.q_rank :]
-            q = (cq * self._inv_rms(cq, w.q_eps)) @ w.w_q
+            q = self._mm(cq * self._inv_rms(cq, w.q_eps), w.w_q)
         else:
             q = a[:, R + 2 * P :]
         q = q.view(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe | rot(q_pe)
@@ -266,31 +337,35 @@ class FastDecoder:
         o = keys.attend(layer, q)  # (B, H, R)
         if w.w_uv is not None:  # W_UV per head: (H, B, R) @ (H, R, V)
             o = torch.bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
-        return torch.addmm(x, o.reshape(B, -1), w.w_o)  # residual + o_proj
+        return self._mm(o.reshape(B, -1), w.w_o, x)  # residual + o_proj
 
     def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list) -> torch.Tensor:
         """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`."""
-        xn = x * self._inv_rms(x, w.norm_eps)
-        a = xn @ w.w_in if w.w_in is not None else None  # gate logits | shared gate | shared up
+        xn = x * self._inv_rms(x, w.norm_eps)  # the gate reads xn (its norm weight folded in)
+        xg = xn if w.norm_w is None else xn * w.norm_w  # the other matrices, when not folded
+        a = self._mm(xg, w.w_in) if w.w_in is not None else None  # gate logits | shared gate | up
         E = 0 if w.moe is None or w.gate_w is not None else w.moe.n_experts
         if w.hidden:
-            x = torch.addmm(x, F.silu(a[:, E : E + w.hidden]) * a[:, E + w.hidden :], w.w_down)
+            x = self._mm(F.silu(a[:, E : E + w.hidden]) * a[:, E + w.hidden :], w.w_down, x)
         else:
             x = x.clone()  # the routed experts add into it in place
         if w.moe is None:
             return x
         logits = a[:, :E] if w.gate_w is None else xn.float() @ w.gate_w
-        if x.shape[0] == 1:
-            ids, gates = decode_moe.route_one(w.moe.gate, logits)
-            decode_moe.experts_one(x, xn, w, ids, gates)
-            routed.append(ids)
-        elif x.shape[0] <= decode_moe.FEW_ROWS:
+        B, native = x.shape[0], self.kernels is not _ATEN
+        if B <= decode_moe.FEW_ROWS:
             routes = decode_moe.route_rows(w.moe.gate, logits)
-            decode_moe.experts_few(x, xn, w, routes)
-            routed.append(torch.tensor([ids for ids, _ in routes]))
+            if native:  # every row's experts in one call
+                ids = [e for r, _ in routes for e in r]
+                self.kernels.experts_(x, xg, w.w13_all, w.w2_all, ids, [g for _, gs in routes for g in gs])
+            elif B == 1:
+                decode_moe.experts_one(x, xg, w, *routes[0])
+            else:
+                decode_moe.experts_few(x, xg, w, routes)
+            routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
         else:
             weights, idx = decode_moe.route(w.moe.gate, logits)
-            decode_moe.experts(x, xn, w, weights, idx)
+            decode_moe.experts(x, xg, w, weights, idx)
             routed.append(idx)
         return x
 

@@ -39,11 +39,6 @@ def route_rows(gate: Gate, logits: torch.Tensor) -> list[tuple[list[int], list[f
     return [_route(gate, rows[i], rows[B + i]) for i in range(B)]
 
 
-def route_one(gate: Gate, logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """The gate for ONE token: logits [1, E] -> its K expert ids and gate values."""
-    return route_rows(gate, logits)[0]
-
-
 def _route(gate: Gate, s: list[float], c: list[float]) -> tuple[list[int], list[float]]:
     candidates = range(len(c))
     if gate.n_groups > 1:  # a group's score is the sum of its top-2 s'; keep the best groups
@@ -65,9 +60,9 @@ def experts_one(x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, ids: list[int]
 
 def _expert_row(x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, e: int, g: float) -> None:
     """x [1, D] += g * expert_e(xn [1, D]), in place: two matmuls on views of the expert's weights."""
-    hid = w.w2[e].shape[0]
-    t = xn @ w.w13[e]  # (1, 2I) w1 | w3
-    x.addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e], alpha=g)
+    hid, dtype = w.w2[e].shape[0], xn.dtype  # .to: weights may be stored in BF16 (fused.py)
+    t = xn @ w.w13[e].to(dtype)  # (1, 2I) w1 | w3
+    x.addmm_(F.silu(t[:, :hid]) * t[:, hid:], w.w2[e].to(dtype), alpha=g)
 
 
 def experts_few(
@@ -88,9 +83,9 @@ def experts_few(
             _expert_row(x[r : r + 1], xn[r : r + 1], w, e, gs[0])
         else:
             idx = torch.tensor(rows)
-            t = xn[idx] @ w.w13[e]  # (n, 2I)
+            t = xn[idx] @ w.w13[e].to(xn.dtype)  # (n, 2I)
             h = F.silu(t[:, :hid]) * t[:, hid:] * torch.tensor(gs, dtype=x.dtype)[:, None]
-            x.index_add_(0, idx, h @ w.w2[e])
+            x.index_add_(0, idx, h @ w.w2[e].to(xn.dtype))
 
 
 def route(gate: Gate, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,15 +113,21 @@ def experts(
     order = flat.argsort(stable=True)
     offsets = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
     token = order // K  # (M,) the token of each routed copy, grouped by expert
-    t = grouped_linear(xn[token], w.w13_all, offsets)  # (M, 2I)
+    t = grouped_linear(xn[token], w.w13_all.to(xn.dtype), offsets)  # (M, 2I); .to: BF16 storage
     h = F.silu(t[:, :hid]) * t[:, hid:] * weights.flatten()[order, None].to(x.dtype)
-    x.index_add_(0, token, grouped_linear(h, w.w2_all, offsets))
+    x.index_add_(0, token, grouped_linear(h, w.w2_all.to(xn.dtype), offsets))
 
 
 def counts(routed: list, n_experts: int) -> torch.Tensor:
     """Expert ids of each MoE layer (lists of K ids for one token, or [B, K] tensors) -> tokens per
     expert [L, E], what `MoE.last_counts` holds after a forward."""
-    ids = torch.tensor(routed) if isinstance(routed[0], list) else torch.stack(routed).flatten(1)  # (L, B*K)
+    if isinstance(routed[0], list):  # one token per layer: counting in Python beats four operators
+        rows = [[0] * n_experts for _ in routed]
+        for row, ids in zip(rows, routed):
+            for e in ids:
+                row[e] += 1
+        return torch.tensor(rows)
+    ids = torch.stack(routed).flatten(1)  # (L, B*K)
     L = ids.shape[0]
     flat = (ids + torch.arange(L)[:, None] * n_experts).flatten()
     return torch.bincount(flat, minlength=L * n_experts).view(L, n_experts)

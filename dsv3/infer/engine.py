@@ -42,6 +42,9 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output tokens at most; None: the model's max_seq_len
     seed: int = 0  # seeds the generators of requests without their own seed
     fast_decode: bool = True  # plain decoding on dsv3.infer.decode (fused weights); False: the model
+    # storage dtype of the fast path's feed-forward matrices and head (None: the model's); bfloat16
+    # halves the bytes a decode step reads and is exact for a BF16 checkpoint (LLM picks it then)
+    weight_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the model's decode forward (what the fast path does not run)
 
     def __post_init__(self) -> None:
@@ -51,6 +54,10 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab <= 0):
             raise ValueError(f"draft_vocab: must be a positive integer or None, got {self.draft_vocab!r}")
+        if self.weight_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"weight_dtype: expected None, torch.float32 or torch.bfloat16, got {self.weight_dtype!r}"
+            )
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ValueError(f"num_blocks: must be positive or None, got {self.num_blocks}")
         if self.speculative and self.max_num_batched_tokens < self.num_speculative_tokens + 1:
@@ -95,7 +102,12 @@ class Engine:
             num_blocks = max(1, config.cache_memory // per_block)
         self.cache = PagedLatentCache(cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device)
         self.runner = ModelRunner(
-            model, self.cache, compile=config.compile, fast=config.fast_decode, draft_vocab=config.draft_vocab
+            model,
+            self.cache,
+            compile=config.compile,
+            fast=config.fast_decode,
+            draft_vocab=config.draft_vocab,
+            weight_dtype=config.weight_dtype,
         )
         self.scheduler = Scheduler(
             self.cache.allocator,

@@ -17,7 +17,12 @@ matmuls as possible, each [in, out] contiguous (a row-vector product against tha
 - the softmax scale is folded into the query projection;
 - RoPE's pair rotation x -> (-x1, x0) is linear, so it is folded in as extra output columns
   (`_rotated_pairs`): rope(x) = x * cos + rot(x) * sin is then two elementwise operators.
-Folding is done in FP64 and rounded once. The routing bias and the experts' w2 are used in place;
+Folding is done in FP64 and rounded once. With `weight_dtype` (BF16 for a BF16 checkpoint) the
+feed-forward matrices and the head are stored in that dtype instead, and exactly: nothing is folded
+into them (the norm weight is applied to the activations, `FfnWeights.norm_w`), the router stays a
+separate FP32 matrix (routing never sees the storage dtype), and the attention matrices, which are
+folded, keep the model's dtype. The routing bias and the experts' w2 are used in place (w2 copied
+when `weight_dtype` differs);
 the copies are checked against the parameters they came from (`stale`) and rebuilt when the model
 was changed in place. The model's modules and checkpoint keys are untouched.
 
@@ -84,12 +89,13 @@ class AttnWeights:
 
 @dataclass
 class FfnWeights:
-    w_in: torch.Tensor | None  # [D, C] MoE: gate (E, FP32 models) | shared gate | shared up; MLP: gate | up
+    w_in: torch.Tensor | None  # [D, C] MoE: gate (E, when fused) | shared gate | shared up; MLP: gate | up
     w_down: torch.Tensor | None  # [Is, D] shared or dense down_proj
     hidden: int  # Is: shared experts' or the dense MLP's hidden size (0: no shared experts)
     norm_eps: float
+    norm_w: torch.Tensor | None  # [D] the norm weight to apply to x / rms(x) (None: folded into w_in, w13)
     moe: MoE | None  # the layer's MoE (gate settings, routing bias, last_counts); None: dense MLP
-    gate_w: torch.Tensor | None  # [D, E] gate when its logits are not in w_in (non-FP32 models)
+    gate_w: torch.Tensor | None  # [D, E] FP32 gate (norm folded) when its logits are not in w_in
     w13: list[torch.Tensor]  # per expert [D, 2I]: w1 | w3 (one [E, D, 2I] tensor)
     w2: list[torch.Tensor]  # per expert [I, D] (views of the model's w2)
     w13_all: torch.Tensor | None  # [E, D, 2I]
@@ -129,33 +135,40 @@ def _attention(mla: MLA, norm: RMSNorm, fold: bool | None) -> AttnWeights:
     )
 
 
-def _ffn(mlp: nn.Module, norm: RMSNorm) -> FfnWeights:
-    dtype = norm.weight.dtype
+def _ffn(mlp: nn.Module, norm: RMSNorm, weight_dtype: torch.dtype | None = None) -> FfnWeights:
+    dtype = weight_dtype or norm.weight.dtype
+    exact = weight_dtype is not None and weight_dtype != norm.weight.dtype  # stored as given, unfolded
+    fold = None if exact else norm  # the norm folded into the rows of w_in and w13
+    norm_w = norm.weight if exact else None
     if isinstance(mlp, MLP):
-        w_in = _in_out([mlp.gate_proj.weight, mlp.up_proj.weight], norm, dtype)
+        w_in = _in_out([mlp.gate_proj.weight, mlp.up_proj.weight], fold, dtype)
         w_down = _in_out([mlp.down_proj.weight], None, dtype)
         return FfnWeights(
-            w_in, w_down, mlp.gate_proj.weight.shape[0], norm.eps, None, None, [], [], None, None
+            w_in, w_down, mlp.gate_proj.weight.shape[0], norm.eps, norm_w, None, None, [], [], None, None
         )
     shared = mlp.shared_experts
     rows = [] if shared is None else [shared.gate_proj.weight, shared.up_proj.weight]
-    fp32 = mlp.gate.weight.dtype == torch.float32  # the gate computes in FP32: fuse it only then
-    if fp32:
+    fused_gate = mlp.gate.weight.dtype == torch.float32 and not exact  # fuse the FP32 gate only
+    if fused_gate:
         rows.insert(0, mlp.gate.weight)
     e = mlp.experts
-    w13 = torch.cat([e.w1, e.w3], dim=2).to(F64) * norm.weight.to(F64)[:, None]  # (E, D, 2I)
+    w13 = torch.cat([e.w1, e.w3], dim=2).to(F64)  # (E, D, 2I)
+    if fold is not None:
+        w13 = w13 * norm.weight.to(F64)[:, None]
     w13 = w13.to(dtype).contiguous()
+    w2 = e.w2 if e.w2.dtype == dtype else e.w2.to(dtype).contiguous()
     return FfnWeights(
-        w_in=_in_out(rows, norm, dtype) if rows else None,
+        w_in=_in_out(rows, fold, dtype) if rows else None,
         w_down=None if shared is None else _in_out([shared.down_proj.weight], None, dtype),
         hidden=0 if shared is None else shared.gate_proj.weight.shape[0],
         norm_eps=norm.eps,
+        norm_w=norm_w,
         moe=mlp,
-        gate_w=None if fp32 else _in_out([mlp.gate.weight], norm, torch.float32),
+        gate_w=None if fused_gate else _in_out([mlp.gate.weight], norm, torch.float32),
         w13=list(w13.unbind(0)),
-        w2=list(e.w2.unbind(0)),
+        w2=list(w2.unbind(0)),
         w13_all=w13,
-        w2_all=e.w2,
+        w2_all=w2,
     )
 
 
@@ -171,7 +184,7 @@ class MtpWeights:
     ffn: FfnWeights
 
 
-def _mtp(module: nn.Module, fold: bool | None) -> MtpWeights:
+def _mtp(module: nn.Module, fold: bool | None, weight_dtype: torch.dtype | None) -> MtpWeights:
     w, D = module.eh_proj.weight, module.eh_proj.weight.shape[0]  # (D, 2D): [embedding | hidden]
     block = module.block
     return MtpWeights(
@@ -180,7 +193,7 @@ def _mtp(module: nn.Module, fold: bool | None) -> MtpWeights:
         e_eps=module.enorm.eps,
         h_eps=module.hnorm.eps,
         attn=_attention(block.self_attn, block.input_layernorm, fold),
-        ffn=_ffn(block.mlp, block.post_attention_layernorm),
+        ffn=_ffn(block.mlp, block.post_attention_layernorm, weight_dtype),
     )
 
 
@@ -223,20 +236,23 @@ def supported(model: Transformer) -> str | None:
 
 class DecodeWeights:
     """Decode weights of the main model (layers, and the head as [D, Vo]) and,
-    when the fast path can run it, of MTP module 1 (`mtp`, else None)."""
+    when the fast path can run it, of MTP module 1 (`mtp`, else None). weight_dtype: the storage
+    dtype of the feed-forward matrices and the head (None: the model's)."""
 
-    def __init__(self, model: Transformer, fold: bool | None = None) -> None:
-        self.model, self.fold = model, fold
+    def __init__(
+        self, model: Transformer, fold: bool | None = None, weight_dtype: torch.dtype | None = None
+    ) -> None:
+        self.model, self.fold, self.weight_dtype = model, fold, weight_dtype
         self.build()
 
     @torch.no_grad()
     def build(self) -> None:
         model = self.model
         self.attn = [_attention(b.self_attn, b.input_layernorm, self.fold) for b in model.layers]
-        self.ffn = [_ffn(b.mlp, b.post_attention_layernorm) for b in model.layers]
+        self.ffn = [_ffn(b.mlp, b.post_attention_layernorm, self.weight_dtype) for b in model.layers]
         # the head [D, Vo] unfolded: the final norm and MTP's shared_head.norm both read it
-        self.head = _in_out([model.lm_head.weight], None, model.lm_head.weight.dtype)
-        self.mtp = _mtp(model.mtp[0], self.fold) if mtp_supported(model) is None else None
+        self.head = _in_out([model.lm_head.weight], None, self.weight_dtype or model.lm_head.weight.dtype)
+        self.mtp = _mtp(model.mtp[0], self.fold, self.weight_dtype) if mtp_supported(model) is None else None
         mtp = [model.mtp[0]] if self.mtp is not None else []
         self._params = [p for n, p in model.named_parameters() if not n.startswith("mtp.") or mtp]
         self._versions = sum(map(_VERSION, self._params))

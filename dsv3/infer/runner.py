@@ -35,6 +35,7 @@ class ModelRunner:
         compile: bool = False,
         fast: bool = True,
         draft_vocab: int | None = None,
+        weight_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -43,7 +44,7 @@ class ModelRunner:
         self.decode_forward = model.hidden_states
         self.fast: FastDecoder | None = None  # the eager fast decode path, when it knows the model
         if fast and supported(model) is None:
-            self.fast = FastDecoder(model, cache)
+            self.fast = FastDecoder(model, cache, weight_dtype=weight_dtype)
         if compile:  # the model's decode forward compiled (dsv3.infer.fast); prefill stays eager
             from dsv3.infer.fast import compiled_decode, swap_moe
 

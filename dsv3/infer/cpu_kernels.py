@@ -1,0 +1,142 @@
+"""Few-row matrix products for the fast decode path, native on x86 CPUs (DESIGN §8).
+
+Decoding one token reads every weight of the step once; on a CPU the time is the bytes read plus
+the operators launched. ATen's matmul for one row against a [256, 256] expert matrix runs at
+~7 GB/s from memory here, a loop written for streaming runs at ~2x that, and BF16 weights halve
+the bytes again. So this module offers three operations with one contract and two implementations:
+- `mm(x, w, bias)`: x [M, K] @ w [K, N] (+ bias [M, N]) -> new [M, N];
+- `addmm_(out, x, w, alpha)`: out += alpha * x @ w, in place;
+- `experts_(out, xn, w13, w2, ids, gates)`: out [M, D] += sum_j gates[m][j] *
+  w2[e] (silu(xn[m] @ w1[e]) * (xn[m] @ w3[e])) with e = ids[m][j], w13 [E, D, 2I] = w1 | w3,
+  w2 [E, I, D]: the routed experts of a few tokens in one call;
+- `RowDecoder` (native only): a whole single-sequence decode step, every layer's attention over its
+  cache slice and its feed-forward with routing, in one call (dsv3.infer.decode builds it).
+x, out and the activations are FP32; w may be FP32 or BF16 (widened to FP32 when loaded, which is
+exact), accumulation is FP32, so a BF16 weight gives the same products as its FP32 copy.
+
+`Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA, one thread), compiled on first use by
+torch.utils.cpp_extension into torch's extension cache (~30 s once per machine; set
+DSV3_NATIVE_KERNELS=0 to skip it). `Reference` is the same contract in plain torch: used where the
+kernel cannot be built (no compiler, not x86, no AVX2) and the reference the tests hold it to.
+
+Shapes: M rows (a few), K inputs, N outputs, E experts, D dim, I expert hidden size, J experts per row.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
+
+
+class Kernels(Protocol):
+    name: str
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None: ...
+
+    def experts_(
+        self,
+        out: torch.Tensor,
+        xn: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        ids: list[int],
+        gates: list[float],
+    ) -> None: ...
+
+
+class Reference:
+    """The contract in plain torch (weights widened to the activations' dtype per call)."""
+
+    name = "torch"
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        w = w.to(x.dtype)
+        return x @ w if bias is None else torch.addmm(bias, x, w)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
+        out.addmm_(x, w.to(x.dtype), alpha=alpha)
+
+    def experts_(self, out, xn, w13, w2, ids, gates) -> None:
+        J, hid = len(ids) // xn.shape[0], w2.shape[1]
+        for i, (e, g) in enumerate(zip(ids, gates)):
+            m = i // J
+            t = xn[m : m + 1] @ w13[e].to(xn.dtype)  # (1, 2I)
+            out[m : m + 1].addmm_(F.silu(t[:, :hid]) * t[:, hid:], w2[e].to(xn.dtype), alpha=g)
+
+
+class Native:
+    """The C++ kernel (csrc/few_rows.cpp)."""
+
+    name = "native"
+
+    def __init__(self, module) -> None:
+        self.mm, self.addmm_, self.experts_ = module.mm, module.addmm_, module.experts_
+        self.RowDecoder = module.RowDecoder
+
+
+_loaded: dict[str, Kernels] = {}  # the build is per process: load once, keep the reason if it failed
+why_not_native: str | None = None
+
+
+def _unavailable() -> str | None:
+    if os.environ.get("DSV3_NATIVE_KERNELS", "1") == "0":
+        return "DSV3_NATIVE_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    return None
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH; the pip package's copy is not there when
+    the virtual environment is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def kernels(native: bool = True) -> Kernels:
+    """The native kernel when `native` and it builds here, else the torch reference (the reason
+    the native one is not used is in `why_not_native`)."""
+    global why_not_native
+    if not native:
+        return Reference()
+    if "native" not in _loaded:
+        why_not_native = _unavailable()
+        if why_not_native is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _ninja_on_path()
+
+                module = load(
+                    "dsv3_few_rows",
+                    [str(SOURCE)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma"],
+                    verbose=False,
+                )
+                _loaded["native"] = Native(module)
+            except Exception as e:  # no compiler, no ninja, a build error: decode still works
+                why_not_native = f"the kernel did not build: {type(e).__name__}: {str(e)[:300]}"
+                warnings.warn(
+                    f"dsv3: native decode kernels unavailable, using torch ({why_not_native})", stacklevel=2
+                )
+        if "native" not in _loaded:
+            _loaded["native"] = Reference()
+    return _loaded["native"]

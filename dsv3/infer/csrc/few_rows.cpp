@@ -1,0 +1,383 @@
+// Few-row matrix products for the fast decode path (dsv3/infer/cpu_kernels.py has the contract).
+//
+// out[m, :] (+)= alpha * x[m, :] @ w for a handful of rows m, w [K, N] in FP32 or BF16 (widened
+// to FP32 as it is loaded: exact), FP32 accumulation. One decode token reads each weight once, so
+// the loop is shaped for streaming (see `row`). Compiled with -mavx2 -mfma; loaded only on CPUs
+// that have both.
+//
+// Shapes: M rows, K inputs, N outputs, E experts, I expert hidden size, D model dim.
+
+#include <torch/extension.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const uint16_t* p) {  // 8 BF16 -> 8 FP32: the BF16 bits are the high half
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float load1(const float* p) { return *p; }
+
+inline float load1(const uint16_t* p) {
+  uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[0:N] = (acc ? y : 0) + alpha * x[0:K] @ w, w row r at w + r * ldw. Rows are read in order,
+// four at a time, each as one contiguous run per panel of up to 1024 columns whose sums stay in L1:
+// the access pattern the hardware prefetcher follows best (a 4 MB head: ~1.7x faster from memory
+// than 64-column tiles, which touch a new page per row).
+template <typename T>
+void row(const float* x, const T* w, int64_t ldw, float* y, int64_t K, int64_t N, float alpha, bool acc) {
+  constexpr int64_t kPanel = 1024;
+  alignas(32) float sum[kPanel];
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const int64_t nw = std::min(kPanel, N - n0), nv = nw & ~int64_t{7};
+    std::fill(sum, sum + nw, 0.f);
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const T* r0 = w + k * ldw + n0;
+      const T *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+      const __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
+      const __m256 x2 = _mm256_set1_ps(x[k + 2]), x3 = _mm256_set1_ps(x[k + 3]);
+      for (int64_t n = 0; n < nv; n += 8) {
+        __m256 a = _mm256_load_ps(sum + n);
+        a = _mm256_fmadd_ps(x0, load8(r0 + n), a);
+        a = _mm256_fmadd_ps(x1, load8(r1 + n), a);
+        a = _mm256_fmadd_ps(x2, load8(r2 + n), a);
+        a = _mm256_fmadd_ps(x3, load8(r3 + n), a);
+        _mm256_store_ps(sum + n, a);
+      }
+      for (int64_t n = nv; n < nw; ++n)
+        sum[n] += x[k] * load1(r0 + n) + x[k + 1] * load1(r1 + n) + x[k + 2] * load1(r2 + n) +
+                  x[k + 3] * load1(r3 + n);
+    }
+    for (; k < K; ++k) {
+      const T* r0 = w + k * ldw + n0;
+      const __m256 x0 = _mm256_set1_ps(x[k]);
+      for (int64_t n = 0; n < nv; n += 8)
+        _mm256_store_ps(sum + n, _mm256_fmadd_ps(x0, load8(r0 + n), _mm256_load_ps(sum + n)));
+      for (int64_t n = nv; n < nw; ++n) sum[n] += x[k] * load1(r0 + n);
+    }
+    float* out = y + n0;
+    for (int64_t n = 0; n < nw; ++n) out[n] = acc ? out[n] + alpha * sum[n] : alpha * sum[n];
+  }
+}
+
+void check_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": expected a 2-d tensor with unit column stride");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, ": expected float32, got ", t.scalar_type());
+}
+
+void check_weight(const torch::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "w: expected a 2-d tensor with unit column stride");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16,
+              "w: expected float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.size(0) == K, "w: ", w.size(0), " rows for ", K, " inputs");
+}
+
+// every row of x against w into out (all [M, *] with unit column stride)
+void rows(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out, float alpha, bool acc) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = xp + m * x.stride(0);
+    float* ym = yp + m * out.stride(0);
+    if (w.scalar_type() == torch::kBFloat16)
+      row(xm, reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0), ym, K, N, alpha, acc);
+    else
+      row(xm, w.data_ptr<float>(), w.stride(0), ym, K, N, alpha, acc);
+  }
+}
+
+// x [M, K] @ w [K, N] (+ bias [M, N]) -> new [M, N]
+torch::Tensor mm(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  check_rows(x, "x");
+  check_weight(w, x.size(1));
+  if (bias.has_value()) {
+    check_rows(*bias, "bias");
+    TORCH_CHECK(bias->size(0) == x.size(0) && bias->size(1) == w.size(1), "bias: shape ", bias->sizes());
+    auto out = bias->clone(at::MemoryFormat::Contiguous);
+    rows(x, w, out, 1.f, true);
+    return out;
+  }
+  auto out = torch::empty({x.size(0), w.size(1)}, x.options());
+  rows(x, w, out, 1.f, false);
+  return out;
+}
+
+// out [M, N] += alpha * x [M, K] @ w [K, N], in place
+void addmm_(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w, double alpha) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  check_weight(w, x.size(1));
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == w.size(1), "out: shape ", out.sizes());
+  rows(x, w, out, static_cast<float>(alpha), true);
+}
+
+// ---- one row through the whole model: dsv3/infer/decode.py's single-sequence step in one call ----
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  float r = _mm_cvtss_f32(s);
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+inline float inv_rms(const float* x, int64_t n, double eps) {
+  return 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// y[0:N] (+)= alpha * x @ w for a 2-d weight tensor (FP32 or BF16, unit column stride); with
+// `index`, w is a contiguous 3-d tensor and its matrix `index` is used (an expert)
+void matvec(const float* x, const torch::Tensor& w, float* y, float alpha, bool acc, int64_t index = -1) {
+  const int64_t K = w.size(-2), N = w.size(-1), ld = w.stride(-2), off = index < 0 ? 0 : index * K * N;
+  if (w.scalar_type() == torch::kBFloat16)
+    row(x, reinterpret_cast<const uint16_t*>(w.data_ptr()) + off, ld, y, K, N, alpha, acc);
+  else
+    row(x, w.data_ptr<float>() + off, ld, y, K, N, alpha, acc);
+}
+
+// y [D] += sum_j gates[j] * expert_{ids[j]}(xn), w13 [E, D, 2I], w2 [E, I, D] contiguous;
+// t [2I] and h [I] are scratch
+void experts_row(float* y, const float* xn, const torch::Tensor& w13, const torch::Tensor& w2,
+                 const int64_t* ids, const double* gates, int64_t J, float* t, float* h) {
+  const int64_t I = w2.size(1);
+  for (int64_t j = 0; j < J; ++j) {
+    matvec(xn, w13, t, 1.f, false, ids[j]);
+    for (int64_t i = 0; i < I; ++i) h[i] = silu(t[i]) * t[I + i];
+    matvec(h, w2, y, static_cast<float>(gates[j]), true, ids[j]);
+  }
+}
+
+// out [M, D] += sum_j gates[m, j] * w2[e] (silu(xn[m] @ w1[e]) * (xn[m] @ w3[e])), e = ids[m, j];
+// w13 [E, D, 2I] holds w1 | w3, w2 [E, I, D]; ids and gates row-major [M, J]
+void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
+              const std::vector<int64_t>& ids, const std::vector<double>& gates) {
+  check_rows(out, "out");
+  check_rows(xn, "xn");
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
+              "w13, w2: expected contiguous [E, D, 2I] and [E, I, D]");
+  TORCH_CHECK(w13.scalar_type() == w2.scalar_type(), "w13, w2: dtypes differ");
+  const int64_t M = xn.size(0), D = xn.size(1), E = w13.size(0), I = w2.size(1);
+  TORCH_CHECK(w13.size(1) == D && w13.size(2) == 2 * I && w2.size(0) == E && w2.size(2) == D,
+              "w13 ", w13.sizes(), " and w2 ", w2.sizes(), " do not fit dim ", D);
+  TORCH_CHECK(out.size(0) == M && out.size(1) == D, "out: shape ", out.sizes());
+  TORCH_CHECK(ids.size() == gates.size() && M > 0 && ids.size() % M == 0, "ids, gates: expected [M, J] each");
+  const int64_t J = static_cast<int64_t>(ids.size()) / M;
+  std::vector<float> t(2 * I), h(I);
+  for (int64_t e : ids) TORCH_CHECK(e >= 0 && e < E, "ids: expert ", e, " out of range [0, ", E, ")");
+  for (int64_t m = 0; m < M; ++m)
+    experts_row(out.data_ptr<float>() + m * out.stride(0), xn.data_ptr<float>() + m * xn.stride(0), w13, w2,
+                ids.data() + m * J, gates.data() + m * J, J, t.data(), h.data());
+}
+
+struct Attn {  // dsv3.infer.fused.AttnWeights with W_UK and W_UV folded
+  torch::Tensor w_in, w_q, kv_norm, w_o, pool;  // pool: this layer's cache rows [slots, R + P]
+  int64_t q_rank;
+  double norm_eps, q_eps, kv_eps;
+};
+
+struct Ffn {  // dsv3.infer.fused.FfnWeights plus the MoE gate's settings (E = 0: a dense MLP)
+  torch::Tensor w_in, w_down, norm_w, gate_w, bias, w13, w2;  // undefined when absent
+  int64_t hidden, E, fused_gate, top_k, n_groups, topk_groups;
+  bool sigmoid;
+  double route_scale, norm_eps;
+};
+
+class RowDecoder {
+ public:
+  RowDecoder(int64_t heads, int64_t rank, int64_t rope) : H(heads), R(rank), P(rope) {}
+
+  void add_attention(torch::Tensor w_in, torch::Tensor w_q, torch::Tensor kv_norm, torch::Tensor w_o,
+                     torch::Tensor pool, int64_t q_rank, double norm_eps, double q_eps, double kv_eps) {
+    TORCH_CHECK(pool.dim() == 2 && pool.size(1) == R + P && pool.is_contiguous() &&
+                    pool.scalar_type() == torch::kFloat32, "pool: expected contiguous float32 [slots, ", R + P, "]");
+    TORCH_CHECK(w_o.size(0) == H * R, "w_o: expected ", H * R, " rows (W_UV folded), got ", w_o.size(0));
+    attn.push_back({w_in, w_q, kv_norm.contiguous(), w_o, pool, q_rank, norm_eps, q_eps, kv_eps});
+  }
+
+  void add_ffn(c10::optional<torch::Tensor> w_in, c10::optional<torch::Tensor> w_down,
+               c10::optional<torch::Tensor> norm_w, c10::optional<torch::Tensor> gate_w,
+               c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> w13,
+               c10::optional<torch::Tensor> w2, int64_t hidden, int64_t E, int64_t top_k, int64_t n_groups,
+               int64_t topk_groups, bool sigmoid, double route_scale, double norm_eps) {
+    auto get = [](const c10::optional<torch::Tensor>& t) { return t.has_value() ? *t : torch::Tensor(); };
+    Ffn f{get(w_in), get(w_down), get(norm_w), get(gate_w), get(bias), get(w13), get(w2),
+          hidden, E, 0, top_k, n_groups, topk_groups, sigmoid, route_scale, norm_eps};
+    f.fused_gate = E > 0 && !f.gate_w.defined();
+    if (f.norm_w.defined()) f.norm_w = f.norm_w.to(torch::kFloat32).contiguous();
+    if (f.bias.defined()) TORCH_CHECK(f.bias.scalar_type() == torch::kFloat32 && f.bias.is_contiguous(),
+                                      "bias: expected contiguous float32");
+    ffn.push_back(f);
+  }
+
+  // The main layers (or MTP's block) on one token: x [1, D] (not modified), cos / sin [P] at its
+  // position, its cache rows at pool rows start .. slot (the new one at slot, written here).
+  // Returns the output [1, D] and the routed expert ids, K per MoE layer.
+  std::tuple<torch::Tensor, std::vector<int64_t>> forward(const torch::Tensor& x_in, const torch::Tensor& cos,
+                                                          const torch::Tensor& sin, int64_t start, int64_t slot) {
+    TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.numel() == D(), "x: expected float32 [1, ", D(), "]");
+    TORCH_CHECK(attn.size() == ffn.size() && !attn.empty(), "no layers");
+    torch::Tensor x = x_in.reshape({1, -1}).clone();
+    const auto c = cos.contiguous(), s = sin.contiguous();
+    std::vector<int64_t> ids;
+    for (size_t l = 0; l < attn.size(); ++l) {
+      attention(x.data_ptr<float>(), attn[l], c.data_ptr<float>(), s.data_ptr<float>(), start, slot);
+      feed_forward(x.data_ptr<float>(), ffn[l], ids);
+    }
+    return {x, ids};
+  }
+
+ private:
+  int64_t H, R, P;
+  std::vector<Attn> attn;
+  std::vector<Ffn> ffn;
+  std::vector<float> xn, a, q, scores, o, h, t;
+
+  int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
+
+  static void grow(std::vector<float>& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); }
+
+  // x += o_proj(MLA(norm(x))), writing the new cache row (decode.py FastDecoder._attention)
+  void attention(float* x, const Attn& w, const float* cos, const float* sin, int64_t start, int64_t slot) {
+    const int64_t Dm = w.w_in.size(0), C = w.w_in.size(1), W = R + P, Qw = R + 2 * P, S = slot - start + 1;
+    grow(xn, Dm); grow(a, C); grow(q, H * Qw); grow(scores, S); grow(o, H * R);
+    const float r = inv_rms(x, Dm, w.norm_eps);
+    for (int64_t i = 0; i < Dm; ++i) xn[i] = x[i] * r;
+    matvec(xn.data(), w.w_in, a.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| query]
+    const float* kv = a.data() + w.q_rank;
+    if (w.q_rank) {
+      const float rq = inv_rms(a.data(), w.q_rank, w.q_eps);
+      for (int64_t i = 0; i < w.q_rank; ++i) a[i] *= rq;  // a[:q_rank] is not read again
+      matvec(a.data(), w.w_q, q.data(), 1.f, false);
+    } else {
+      std::copy(a.data() + R + 2 * P, a.data() + R + 2 * P + H * Qw, q.data());
+    }
+    float* row_out = w.pool.data_ptr<float>() + slot * W;  // kv_a_layernorm(c_kv) | rope(k_pe)
+    const float rk = inv_rms(kv, R, w.kv_eps);
+    const float* g = w.kv_norm.data_ptr<float>();
+    for (int64_t i = 0; i < R; ++i) row_out[i] = kv[i] * rk * g[i];
+    for (int64_t i = 0; i < P; ++i) row_out[R + i] = kv[R + i] * cos[i] + kv[R + P + i] * sin[i];
+    const float* keys = w.pool.data_ptr<float>() + start * W;  // (S, W)
+    for (int64_t hd = 0; hd < H; ++hd) {
+      float* qh = q.data() + hd * Qw;  // q_lat (R) | q_pe (P) | rot(q_pe) (P) -> q_lat | rope(q_pe)
+      for (int64_t i = 0; i < P; ++i) qh[R + i] = qh[R + i] * cos[i] + qh[R + P + i] * sin[i];
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < S; ++j) mx = std::max(mx, scores[j] = dot(qh, keys + j * W, W));
+      float sum = 0.f;
+      for (int64_t j = 0; j < S; ++j) sum += scores[j] = std::exp(scores[j] - mx);
+      float* oh = o.data() + hd * R;
+      std::fill(oh, oh + R, 0.f);
+      for (int64_t j = 0; j < S; ++j) {
+        const float p = scores[j] / sum;
+        const float* k = keys + j * W;
+        for (int64_t i = 0; i < R; ++i) oh[i] += p * k[i];
+      }
+    }
+    matvec(o.data(), w.w_o, x, 1.f, true);  // residual + o_proj (W_UV folded in)
+  }
+
+  // x += FFN(norm(x)): dense MLP, or shared experts + routed experts (decode.py FastDecoder._ffn)
+  void feed_forward(float* x, const Ffn& w, std::vector<int64_t>& ids) {
+    const int64_t Dm = attn[0].w_in.size(0), Ef = w.fused_gate ? w.E : 0;
+    grow(xn, 2 * Dm);
+    float* xg = xn.data() + Dm;  // xn (the gate reads it) and xg = xn * norm_w (the other matrices)
+    const float r = inv_rms(x, Dm, w.norm_eps);
+    for (int64_t i = 0; i < Dm; ++i) xn[i] = x[i] * r;
+    const float* ng = w.norm_w.defined() ? w.norm_w.data_ptr<float>() : nullptr;
+    for (int64_t i = 0; i < Dm; ++i) xg[i] = ng ? xn[i] * ng[i] : xn[i];
+    if (w.w_in.defined()) {
+      grow(a, w.w_in.size(1));
+      matvec(xg, w.w_in, a.data(), 1.f, false);  // gate logits | shared gate | shared up
+    }
+    if (w.hidden) {
+      grow(h, w.hidden);
+      for (int64_t i = 0; i < w.hidden; ++i) h[i] = silu(a[Ef + i]) * a[Ef + w.hidden + i];
+      matvec(h.data(), w.w_down, x, 1.f, true);
+    }
+    if (w.E == 0) return;
+    grow(scores, w.E);
+    if (w.fused_gate) std::copy(a.data(), a.data() + w.E, scores.data());
+    else matvec(xn.data(), w.gate_w, scores.data(), 1.f, false);
+    std::vector<int64_t> chosen;
+    std::vector<double> gates;
+    route(w, scores.data(), chosen, gates);
+    grow(t, 2 * w.w2.size(1)); grow(h, w.w2.size(1));
+    experts_row(x, xg, w.w13, w.w2, chosen.data(), gates.data(), w.top_k, t.data(), h.data());
+    ids.insert(ids.end(), chosen.begin(), chosen.end());
+  }
+
+  // decode_moe._route on one token's logits: the same order of operations and the same ties
+  static void route(const Ffn& w, const float* logits, std::vector<int64_t>& ids, std::vector<double>& gates) {
+    const int64_t E = w.E;
+    std::vector<float> s(E), c(E);
+    if (w.sigmoid) {
+      for (int64_t e = 0; e < E; ++e) s[e] = 1.f / (1.f + std::exp(-logits[e]));
+    } else {
+      float mx = -INFINITY, sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
+      for (int64_t e = 0; e < E; ++e) sum += s[e] = std::exp(logits[e] - mx);
+      for (int64_t e = 0; e < E; ++e) s[e] /= sum;
+    }
+    const float* b = w.bias.data_ptr<float>();
+    for (int64_t e = 0; e < E; ++e) c[e] = s[e] + b[e];  // s' = s + bias chooses, s weighs
+    std::vector<int64_t> cand;
+    if (w.n_groups > 1) {  // a group's score is the sum of its top-2 s'; keep the best groups
+      const int64_t per = E / w.n_groups;
+      std::vector<double> group(w.n_groups);
+      for (int64_t g = 0; g < w.n_groups; ++g) {
+        std::vector<float> v(c.begin() + g * per, c.begin() + (g + 1) * per);
+        std::sort(v.begin(), v.end());
+        group[g] = per > 1 ? static_cast<double>(v[per - 2]) + static_cast<double>(v[per - 1]) : v[0];
+      }
+      std::vector<int64_t> order(w.n_groups);
+      for (int64_t g = 0; g < w.n_groups; ++g) order[g] = g;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return group[i] > group[j]; });
+      for (int64_t k = 0; k < w.topk_groups; ++k)
+        for (int64_t e = order[k] * per; e < (order[k] + 1) * per; ++e) cand.push_back(e);
+    } else {
+      for (int64_t e = 0; e < E; ++e) cand.push_back(e);
+    }
+    std::stable_sort(cand.begin(), cand.end(), [&](int64_t i, int64_t j) { return c[i] > c[j]; });
+    ids.assign(cand.begin(), cand.begin() + w.top_k);
+    double total = 0.0;
+    for (int64_t e : ids) total += static_cast<double>(s[e]);
+    const double scale = w.sigmoid ? w.route_scale / (total + 1e-20) : w.route_scale;
+    gates.clear();
+    for (int64_t e : ids) gates.push_back(static_cast<double>(s[e]) * scale);
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
+  m.def("addmm_", &addmm_, "out += alpha * x @ w, in place");
+  m.def("experts_", &experts_, "out += the routed experts of xn, in place");
+  py::class_<RowDecoder>(m, "RowDecoder")
+      .def(py::init<int64_t, int64_t, int64_t>())
+      .def("add_attention", &RowDecoder::add_attention)
+      .def("add_ffn", &RowDecoder::add_ffn)
+      .def("forward", &RowDecoder::forward);
+}

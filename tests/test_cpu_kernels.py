@@ -1,0 +1,93 @@
+"""The native few-row kernels (dsv3.infer.cpu_kernels, csrc/few_rows.cpp) held to the torch
+reference of the same contract: FP32 and BF16 weights, column tails, strided views, accumulation,
+the routed experts; bad inputs fail with the argument's name. The one-call RowDecoder is held to
+the model's forward in test_infer_fast."""
+
+import pytest
+import torch
+
+from dsv3.infer import cpu_kernels
+
+REF = cpu_kernels.Reference()
+
+
+@pytest.fixture(scope="module")
+def native():
+    k = cpu_kernels.kernels()
+    if k.name != "native":
+        pytest.skip(f"native kernels unavailable: {cpu_kernels.why_not_native}")
+    return k
+
+
+def test_native_kernels_build_on_an_avx2_cpu():
+    """Where the CPU qualifies the kernel must build: a silent fallback would hide a broken build."""
+    if cpu_kernels._unavailable() is not None:
+        pytest.skip(cpu_kernels._unavailable())
+    assert cpu_kernels.kernels().name == "native", cpu_kernels.why_not_native
+    assert cpu_kernels.kernels(native=False).name == "torch"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, K: int) -> None:
+    # FP32 sums of K products in another order: a few ulps of the terms' magnitude
+    assert (a - b).abs().max() <= 1e-6 * K * max(1.0, b.abs().max().item()) ** 0.5 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", [(1, 256, 256), (3, 64, 1030), (2, 7, 5), (1, 130, 77), (4, 16, 8)])
+def test_mm_and_addmm_match_the_reference(native, dtype, M, K, N):
+    g = torch.Generator().manual_seed(M * K + N)
+    x, w = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g).to(dtype)
+    bias = torch.randn(M, N, generator=g)
+    _close(native.mm(x, w), REF.mm(x, w), K)
+    _close(native.mm(x, w, bias), REF.mm(x, w, bias), K)
+    out, ref = bias.clone(), bias.clone()
+    native.addmm_(out, x, w, -0.5)
+    REF.addmm_(ref, x, w, -0.5)
+    _close(out, ref, K)
+    assert torch.equal(REF.mm(x, w), x @ w.float())  # the reference widens BF16 exactly
+
+
+def test_views_with_row_strides(native):
+    """A column slice of a wider weight (the draft vocabulary's head), rows of a wider activation
+    and an output slice: only the column stride must be 1."""
+    w = torch.randn(64, 300).bfloat16()[:, 10:210]
+    x = torch.randn(3, 100)[:, 20:84]
+    base = torch.randn(3, 400)
+    out, ref = base.clone(), base.clone()
+    native.addmm_(out[:, 50:250], x, w, 2.0)
+    REF.addmm_(ref[:, 50:250], x, w, 2.0)
+    _close(out, ref, 64)
+    assert torch.equal(out[:, :50], base[:, :50]) and torch.equal(out[:, 250:], base[:, 250:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_match_the_reference(native, dtype):
+    g = torch.Generator().manual_seed(0)
+    E, D, H = 16, 64, 24  # experts, dim, expert hidden size
+    w13, w2 = torch.randn(E, D, 2 * H, generator=g).to(dtype), torch.randn(E, H, D, generator=g).to(dtype)
+    xn = torch.randn(3, D, generator=g)
+    ids = [3, 5, 1, 3, 9, 15]  # 2 per row; rows 0 and 1 both choose expert 3
+    gates = [0.1, 0.7, 1.3, 0.2, 0.5, 0.9]
+    base = torch.randn(3, D, generator=g)
+    out, ref = base.clone(), base.clone()
+    native.experts_(out, xn, w13, w2, ids, gates)
+    REF.experts_(ref, xn, w13, w2, ids, gates)
+    _close(out, ref, D * H)
+    one, ref1 = base[:1].clone(), base[:1].clone()
+    native.experts_(one, xn[:1], w13, w2, ids[:2], gates[:2])
+    REF.experts_(ref1, xn[:1], w13, w2, ids[:2], gates[:2])
+    _close(one, ref1, D * H)
+
+
+def test_bad_inputs_name_the_argument(native):
+    w = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="x: expected float32"):
+        native.mm(torch.randn(1, 8, dtype=torch.float64), w)
+    with pytest.raises(RuntimeError, match="w: 4 rows for 8 inputs"):
+        native.mm(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="w: expected a 2-d tensor with unit column stride"):
+        native.mm(torch.randn(1, 8), w.T)
+    with pytest.raises(RuntimeError, match="ids: expert 16 out of range"):
+        native.experts_(
+            torch.zeros(1, 8), torch.randn(1, 8), torch.randn(16, 8, 4), torch.randn(16, 2, 8), [16], [1.0]
+        )
