@@ -58,6 +58,49 @@ def time_hf(hf, prompts: list[list[int]], new: int) -> tuple[float, list[list[in
     return time.perf_counter() - t, out[:, ids.shape[1] :].tolist()
 
 
+def load_hf(path):
+    import transformers
+
+    return transformers.DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
+    ).eval()
+
+
+def throughput(sides: dict, hf, batches: list[int], vocab: int, args) -> None:
+    """tok/s of each dsv3 side and of transformers (tf) on the same random prompts, interleaved."""
+    names = list(sides) + ["tf"]
+    head = " | ".join(f"{n} tok/s" for n in names)
+    print(f"\ntok/s: median of {args.repeats} (best); ratios of medians against transformers (tf)")
+    print(
+        f"| batch | {head} | "
+        + " | ".join(f"{n} / tf" for n in names[:-1])
+        + " | same greedy tokens | load |"
+    )
+    print("|---:|" + "---:|" * (2 * len(names) - 1) + "---|---|")
+    for B in batches:
+        prompts = torch.randint(0, vocab, (B, args.prompt_len)).tolist()
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        for side in sides.values():  # warm-up (compiles the decode graph for this batch shape)
+            time_dsv3(side, prompts, 4)
+        time_hf(hf, prompts, 4)
+        warm = time.perf_counter() - t
+        rates: dict[str, list[float]] = {n: [] for n in names}
+        outs: dict[str, list[list[int]]] = {}
+        for _ in range(args.repeats):  # interleaved: every side sees the same machine load
+            for name, side in sides.items():
+                dt, outs[name] = time_dsv3(side, prompts, args.new)
+                rates[name].append(B * args.new / dt)
+            dt, outs["tf"] = time_hf(hf, prompts, args.new)
+            rates["tf"].append(B * args.new / dt)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        cells = " | ".join(f"{med[n]:.0f} ({max(rates[n]):.0f})" for n in names)
+        ratios = " | ".join(f"{med[n] / med['tf']:.2f}x" for n in names[:-1])
+        same = ", ".join(f"{n} {sum(a == b for a, b in zip(outs[n], outs['tf']))}/{B}" for n in sides)
+        load = f"{load:.1f}-{os.getloadavg()[0]:.1f}"
+        print(f"| {B} | {cells} | {ratios} | {same} | {load} |  warm-up {warm:.0f}s")
+
+
 def time_calls(obj, names: list[str]) -> dict[str, list[float]]:
     """Wrap methods of `obj` (an instance) to accumulate [seconds, calls] per name, in place."""
     spent = {n: [0.0, 0] for n in names}
@@ -132,6 +175,8 @@ def main() -> None:
     ap.add_argument("--draft-vocabs", default="all,2048",
                     help="draft vocabularies to try (EngineConfig.draft_vocab; 'all' = the full vocabulary)")  # fmt: skip
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled reference decode")
+    ap.add_argument("--checkpoint-dtypes", default="fp32,bf16",
+                    help="throughput on the checkpoint as given (fp32) and saved as BF16 (bf16)")  # fmt: skip
     ap.add_argument("--skip-throughput", action="store_true", help="only the speculative and cache tables")
     ap.add_argument("--synthetic-draft", action="store_true",
                     help="speculative table on a synthetic model whose MTP agrees (not trained)")  # fmt: skip
@@ -156,46 +201,28 @@ def main() -> None:
         llm = LLM(path, **seats)  # the default engine: plain decoding on the eager fast path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
-                path, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
-            ).eval()
+            hf = load_hf(path)
         sides = {"dsv3": llm}
         if not args.skip_throughput:  # each its own copy of the weights: `compile` swaps the MoE in place
             sides["reference"] = LLM(path, fast_decode=False, **seats)  # the model's forward, eager
             if not args.no_compile:
                 sides["compiled"] = LLM(path, compile=True, fast_decode=False, **seats)
-        names = list(sides) + ["tf"]
-        head = " | ".join(f"{n} tok/s" for n in names)
         if not args.skip_throughput:
-            print(f"\ntok/s: median of {args.repeats} (best); ratios of medians against transformers (tf)")
-            print(
-                f"| batch | {head} | "
-                + " | ".join(f"{n} / tf" for n in names[:-1])
-                + " | same greedy tokens | load |"
-            )
-            print("|---:|" + "---:|" * (2 * len(names) - 1) + "---|---|")
-        for B in map(int, args.batches.split(",")) if not args.skip_throughput else []:
-            prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
-            load = os.getloadavg()[0]
-            t = time.perf_counter()
-            for side in sides.values():  # warm-up (compiles the decode graph for this batch shape)
-                time_dsv3(side, prompts, 4)
-            time_hf(hf, prompts, 4)
-            warm = time.perf_counter() - t
-            rates: dict[str, list[float]] = {n: [] for n in names}
-            outs: dict[str, list[list[int]]] = {}
-            for _ in range(args.repeats):  # interleaved: every side sees the same machine load
-                for name, side in sides.items():
-                    dt, outs[name] = time_dsv3(side, prompts, args.new)
-                    rates[name].append(B * args.new / dt)
-                dt, outs["tf"] = time_hf(hf, prompts, args.new)
-                rates["tf"].append(B * args.new / dt)
-            med = {k: statistics.median(v) for k, v in rates.items()}
-            cells = " | ".join(f"{med[n]:.0f} ({max(rates[n]):.0f})" for n in names)
-            ratios = " | ".join(f"{med[n] / med['tf']:.2f}x" for n in names[:-1])
-            same = ", ".join(f"{n} {sum(a == b for a, b in zip(outs[n], outs['tf']))}/{B}" for n in sides)
-            load = f"{load:.1f}-{os.getloadavg()[0]:.1f}"
-            print(f"| {B} | {cells} | {ratios} | {same} | {load} |  warm-up {warm:.0f}s")
+            batches = list(map(int, args.batches.split(",")))
+            if "fp32" in args.checkpoint_dtypes.split(","):
+                throughput(sides, hf, batches, cfg.vocab_size, args)
+            if "bf16" in args.checkpoint_dtypes.split(","):
+                bf16_path = Path(tmp) / "bf16"  # the same model saved as a BF16 checkpoint
+                Transformer.from_pretrained(path).save_pretrained(bf16_path, dtype=torch.bfloat16)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hf16 = load_hf(bf16_path)  # FP32 compute on the BF16 values: its faster choice here
+                print(
+                    "\nthe same model as a BF16 checkpoint: dsv3 keeps the fast path's feed-forward "
+                    "matrices and head in BF16 (FP32 arithmetic),\ntransformers loads it in FP32 "
+                    "(its faster choice on this CPU); identical weight values on both sides"
+                )
+                throughput({"dsv3": LLM(bf16_path, **seats)}, hf16, batches, cfg.vocab_size, args)
 
         if cfg.n_mtp_layers:
             if args.synthetic_draft:
@@ -209,7 +236,7 @@ def main() -> None:
             print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
             vocabs = [None if v == "all" else int(v) for v in args.draft_vocabs.split(",")]
             plain_calls = time_calls(llm.engine.runner, ["decode_logits"])
-            for B in map(int, args.spec_batches.split(",")):
+            for B in [int(b) for b in args.spec_batches.split(",") if b]:
                 prompts = held_out_prompts(path, B, args.prompt_len) if args.ckpt else None
                 if prompts is None:
                     prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()

@@ -111,6 +111,21 @@ def test_fp8_checkpoint_generates_like_its_dequantised_weights(tmp_path, tiny):
     assert out.token_ids == greedy_generate(llm.model, torch.tensor([prompt]), 6)[0].tolist()
 
 
+def test_bf16_checkpoint_decodes_on_bf16_weights_exactly(tmp_path, tiny):
+    """A BF16 checkpoint computed in FP32: the fast path keeps its feed-forward matrices and head in
+    BF16 (half the bytes per token), and greedy output equals the FP32 reference on the same values."""
+    torch.manual_seed(0)
+    Transformer(tiny).save_pretrained(tmp_path, dtype=torch.bfloat16)
+    llm = LLM(tmp_path)
+    assert llm.engine.config.weight_dtype == torch.bfloat16
+    assert llm.engine.runner.fast.weights.head.dtype == torch.bfloat16
+    assert LLM(tmp_path, weight_dtype=None).engine.config.weight_dtype is None  # an explicit choice wins
+    prompts = [[0, 7, 3, 11], [0, 5]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == greedy_generate(llm.model, torch.tensor([p]), 8)[0].tolist()
+
+
 def test_cli_generate_chat_complete(ckpt, tmp_path):
     out = io.StringIO()
     assert (

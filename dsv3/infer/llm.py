@@ -12,6 +12,7 @@ and `complete`, which build the training-time layouts (the chat format and PSM F
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.load(path)
 
 
+def bf16_checkpoint(path: str | Path) -> bool:
+    """True when a checkpoint directory's weights are BF16: its config.json declares bfloat16
+    (`torch_dtype`, or transformers 5's `dtype`) and no quantization (an FP8 checkpoint declares
+    bfloat16 too, but its dequantised weights are not BF16 values)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+    return dtype == "bfloat16" and "quantization_config" not in cfg
+
+
 class LLM:
     def __init__(
         self,
@@ -47,7 +57,9 @@ class LLM:
         """model: a checkpoint directory (official HF layout, BF16/FP32 or FP8 + weight_scale_inv,
         dequantised to `dtype` on load) or a Transformer. fp8_weights: keep an FP8 checkpoint's
         projections in FP8 and run them through the block-scaled GEMM (dsv3.infer.fp8_weights).
-        engine_options: fields of EngineConfig."""
+        engine_options: fields of EngineConfig. A BF16 checkpoint computed in FP32 keeps the fast
+        decode path's feed-forward matrices and head in BF16 (`weight_dtype`, exact: the values are
+        BF16) unless `weight_dtype` is given."""
         if isinstance(model, Transformer):
             self.model = model
         else:
@@ -57,6 +69,8 @@ class LLM:
                 self.model = load_fp8_model(model, dtype=dtype, device=device)
             else:
                 self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
+                if dtype == torch.float32 and bf16_checkpoint(model):
+                    engine_options.setdefault("weight_dtype", torch.bfloat16)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.tokenizer = tokenizer
         self.engine = Engine(self.model, EngineConfig(speculative=speculative, **engine_options), tokenizer)

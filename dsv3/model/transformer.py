@@ -199,11 +199,14 @@ class Transformer(nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write config.json and safetensors shards (with an index when sharded) in the official layout."""
+    def save_pretrained(
+        self, path: str | Path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
+    ) -> None:
+        """Write config.json and safetensors shards (with an index when sharded) in the official
+        layout; `dtype` (e.g. torch.bfloat16) converts the floating weights, the routing bias stays FP32."""
         from dsv3.checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
