@@ -99,7 +99,8 @@ def test_fast_logits_equal_full_forward(tiny, variant, fold, native, weights):
 @pytest.mark.parametrize("variant", ["tiny", "q_proj"])
 def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant, native):
     """`mtp_forward` (MTP module 1 over its cache layer) equals the model's MTP module on the same
-    cache: one row on a pool slice, rows batched on gathered keys, and T = 2 tokens per row; the
+    cache: one row on a pool slice, rows batched on gathered keys, and T = 2 tokens per row (one
+    row: the native RowDecoder's token-by-token causal order); the
     MTP MoE's `last_counts` are set as the model's forward sets them."""
     model = _model(tiny.replace(**VARIANTS[variant]))
     ref_model = copy.deepcopy(model)
@@ -128,7 +129,7 @@ def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant, native):
             )
         return g.flatten(0, 1)
 
-    for rows, p, T in (([0], 6, 1), ([0, 1], 7, 1), ([0, 1], 8, 2), ([1], 10, 1)):
+    for rows, p, T in (([0], 6, 1), ([0, 1], 7, 1), ([0, 1], 8, 2), ([1], 10, 1), ([0], 10, 2)):
         tok = [ids[b, p + 1 : p + 1 + T].tolist() for b in rows]
         got = fast.mtp_forward(
             h[rows, p : p + T].flatten(0, 1), tok, [p] * len(rows), [tables[b] for b in rows]
@@ -230,6 +231,34 @@ def test_fast_path_follows_in_place_weight_changes(tiny):
     got, _ = _step_all(fast, prompt, GREEDY)
     want, _ = _step_all(ref, prompt, GREEDY)
     assert got["1"].token_ids == want["0"].token_ids
+    for m in (model, ref_model):  # routing biases: updated in place (training), then replaced
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.add_(torch.linspace(-0.3, 0.3, tiny.n_routed_experts))
+    got, _ = _step_all(fast, prompt, GREEDY)
+    want, _ = _step_all(ref, prompt, GREEDY)
+    assert got["2"].token_ids == want["1"].token_ids
+
+
+def test_row_decoder_follows_a_replaced_routing_bias(tiny):
+    """The native RowDecoder holds tensors, not modules: a routing bias replaced by a new tensor
+    (not updated in place) must rebuild it."""
+    model = _model(tiny)
+    cache = PagedLatentCache(model.config, num_blocks=40, block_size=4)
+    fast = FastDecoder(model, cache)
+    if fast._row_decoders()[0] is None:
+        pytest.skip(f"no native RowDecoder here ({cpu_kernels.why_not_native})")
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias = torch.linspace(0.4, -0.4, tiny.n_routed_experts)
+    table = cache.allocator.allocate(8)
+    ids = torch.randint(0, tiny.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        pos = torch.arange(5)[None]
+        cache.bind(make_context([table], pos, [5], 4))
+        model.hidden_states(ids[:, :5], pos, cache, absorb=False)
+    for p in range(5, 9):
+        logits = fast.logits(fast.forward([[int(ids[0, p])]], [p], [table]))
+        assert (logits[0] - full[0, p]).abs().max() <= 1e-5
 
 
 def test_fast_path_steps_aside_for_hooks_and_module_swaps(tiny):

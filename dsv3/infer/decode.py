@@ -16,6 +16,12 @@ dsv3.infer.fused:
   all layers go to the pool in one write at the end of the step;
 - MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode_moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
+- matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.cpu_kernels (native C++ on AVX2 CPUs:
+  weights streamed once, FP32 or BF16 storage, FP32 accumulation), more rows on ATen's GEMM; and a
+  lone sequence's new tokens (one in plain decoding, 1 + k in verification) go through the whole
+  stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, token by
+  token within each layer) when the kernels are native and W_UK / W_UV are folded, removing the
+  ~200 operator launches per token that otherwise cost as much as the weights.
 `MoE.last_counts` is set for every MoE layer, as the model's forward does (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
 MTP module 1 for drafting (`mtp_forward`: eh_proj with enorm / hnorm folded in, then its block over
@@ -159,12 +165,12 @@ class FastDecoder:
         keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
         routed: list = []
-        row = self._row_decoders()[0] if isinstance(keys, SliceKeys) and keys.T == 1 else None
-        if row is not None:  # one token of one sequence: every layer in one native call
-            x, ids = row.forward(x, cos[0], sin[0], keys.start, keys.slot)
-            if ids:  # K per MoE layer
-                K = next(f.moe.gate.top_k for f in w.ffn if f.moe is not None)
-                routed = [ids[i : i + K] for i in range(0, len(ids), K)]
+        row = self._row_decoders()[0] if isinstance(keys, SliceKeys) else None
+        if row is not None:  # one sequence: every layer in one native call
+            x, ids = row.forward(x, cos, sin, keys.start, keys.slot)
+            if ids:  # T x K per MoE layer
+                n = len(ids) // sum(f.moe is not None for f in w.ffn)
+                routed = [ids[i : i + n] for i in range(0, len(ids), n)]
         else:
             for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
                 x = self._attention(x, aw, layer, keys, cos, sin)
@@ -199,9 +205,9 @@ class FastDecoder:
         x = self._mm(h_prev * self._inv_rms(h_prev, m.h_eps), m.w_hid)
         x = self._mm(e * self._inv_rms(e, m.e_eps), m.w_emb, x)  # eh_proj([enorm(e); hnorm(h)])
         routed: list = []
-        row = self._row_decoders()[1] if isinstance(keys, SliceKeys) and keys.T == 1 else None
+        row = self._row_decoders()[1] if isinstance(keys, SliceKeys) else None
         if row is not None:
-            x, ids = row.forward(x, cos[0], sin[0], keys.start, keys.slot)
+            x, ids = row.forward(x, cos, sin, keys.start, keys.slot)
             routed = [ids] if ids else []
         else:
             x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
@@ -235,16 +241,21 @@ class FastDecoder:
     # ---- pieces -------------------------------------------------------------------------------------
     def _row_decoders(self) -> tuple:
         """The native one-row decoders (main layers, MTP module 1), None where they cannot run: no
-        native kernels, or W_UK / W_UV not folded (V3's shapes). Rebuilt with the weights."""
-        w = self.weights
-        built = self._rows
-        moes = [f.moe for f in [*w.ffn, *([w.mtp.ffn] if w.mtp else [])] if f.moe is not None]
-        biases = [m.gate.e_score_correction_bias for m in moes]
-        if built is None or built[2] is not w.attn or any(a is not b for a, b in zip(built[3], biases)):
-            main = self._row_decoder(w.attn, w.ffn, self.pools)
-            mtp = self._row_decoder([w.mtp.attn], [w.mtp.ffn], self.mtp_pools) if self.can_draft() else None
-            self._rows = built = (main, mtp, w.attn, biases)
-        return built
+        native kernels, or W_UK / W_UV not folded (V3's shapes). Rebuilt with the weights, and when
+        a routing bias tensor was replaced (the decoders hold the tensors, not the modules)."""
+        w, built = self.weights, self._rows
+        if (
+            built is not None
+            and built[2] is w.attn
+            and all(g.e_score_correction_bias is b for g, b in built[3])
+        ):
+            return built
+        ffns = [*w.ffn, *([w.mtp.ffn] if w.mtp else [])]
+        gates = [(f.moe.gate, f.moe.gate.e_score_correction_bias) for f in ffns if f.moe is not None]
+        main = self._row_decoder(w.attn, w.ffn, self.pools)
+        mtp = self._row_decoder([w.mtp.attn], [w.mtp.ffn], self.mtp_pools) if self.can_draft() else None
+        self._rows = (main, mtp, w.attn, gates)
+        return self._rows
 
     def _row_decoder(self, attn: list[AttnWeights], ffn: list[FfnWeights], pools: list[torch.Tensor]):
         make = getattr(self.kernels, "RowDecoder", None)

@@ -3,7 +3,7 @@
 The semantics are dsv3.model.moe's exactly (sigmoid or softmax scores; the bias chooses experts but
 never weighs them; group-limited top-k; normalised gate values times route_scale); only the
 execution differs:
-- ONE token (batch-1 decoding): the E scores go to Python once, the group-limited top-k runs on
+- ONE token (batch-1 decoding without the native RowDecoder): the E scores go to Python once, the group-limited top-k runs on
   Python floats, and only the K selected experts run, each as two matmuls on views of its weights:
   no copy of expert weights, no per-group GEMM over all E experts, no sort;
 - a FEW tokens (speculative verification at batch 1, up to `FEW_ROWS`): the same Python routing
@@ -11,8 +11,10 @@ execution differs:
   all E groups costs far more than these few small matmuls);
 - more tokens: routing in torch, the rows sorted by expert, one grouped GEMM for w1 | w3 and one
   for w2 (each row's gate value applied before w2, the sum over experts done by index_add_).
-Expert weights come from dsv3.infer.fused (w1 | w3 concatenated, the post-attention norm's weight
-folded in); the input xn is x / rms(x).
+With the native kernels (dsv3.infer.cpu_kernels) the decoder runs the selected experts of a few
+tokens in one `experts_` call instead (same routing, from `route_rows`). Expert weights come from
+dsv3.infer.fused (w1 | w3 concatenated, the post-attention norm's weight folded in unless stored in
+BF16); the input xn is x / rms(x) (times the norm weight when not folded).
 
 Shapes: B tokens, D dim, E routed experts, K experts per token, G groups, I expert hidden size,
 M = B * K routed copies.
@@ -119,9 +121,9 @@ def experts(
 
 
 def counts(routed: list, n_experts: int) -> torch.Tensor:
-    """Expert ids of each MoE layer (lists of K ids for one token, or [B, K] tensors) -> tokens per
+    """Expert ids of each MoE layer (lists of ids, K per token, or [B, K] tensors) -> tokens per
     expert [L, E], what `MoE.last_counts` holds after a forward."""
-    if isinstance(routed[0], list):  # one token per layer: counting in Python beats four operators
+    if isinstance(routed[0], list):  # a few ids per layer: counting in Python beats four operators
         rows = [[0] * n_experts for _ in routed]
         for row, ids in zip(rows, routed):
             for e in ids:

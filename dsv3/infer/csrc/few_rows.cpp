@@ -35,44 +35,75 @@ inline float load1(const uint16_t* p) {
   return f;
 }
 
-// y[0:N] = (acc ? y : 0) + alpha * x[0:K] @ w, w row r at w + r * ldw. Rows are read in order,
-// four at a time, each as one contiguous run per panel of up to 1024 columns whose sums stay in L1:
-// the access pattern the hardware prefetcher follows best (a 4 MB head: ~1.7x faster from memory
-// than 64-column tiles, which touch a new page per row).
-template <typename T>
-void row(const float* x, const T* w, int64_t ldw, float* y, int64_t K, int64_t N, float alpha, bool acc) {
+// y[m][0:N] = (acc ? y[m] : 0) + alpha * x[m][0:K] @ w for M <= 4 rows, w row r at w + r * ldw.
+// Weight rows are read in order, four at a time, each as one contiguous run per panel of up to
+// 1024 columns whose sums stay in L1 (the pattern the hardware prefetcher follows best: a 4 MB head
+// ~1.7x faster from memory than 64-column tiles, which touch a new page per row), and every weight
+// loaded is used for all M rows: M rows cost one read of w.
+template <int M, typename T>
+void block(const float* const* x, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N, float alpha,
+           bool acc) {
   constexpr int64_t kPanel = 1024;
-  alignas(32) float sum[kPanel];
+  alignas(32) float sum[M][kPanel];
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t nw = std::min(kPanel, N - n0), nv = nw & ~int64_t{7};
-    std::fill(sum, sum + nw, 0.f);
+    for (int m = 0; m < M; ++m) std::fill(sum[m], sum[m] + nw, 0.f);
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
       const T* r0 = w + k * ldw + n0;
       const T *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
-      const __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
-      const __m256 x2 = _mm256_set1_ps(x[k + 2]), x3 = _mm256_set1_ps(x[k + 3]);
+      __m256 xb[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) xb[m][j] = _mm256_set1_ps(x[m][k + j]);
       for (int64_t n = 0; n < nv; n += 8) {
-        __m256 a = _mm256_load_ps(sum + n);
-        a = _mm256_fmadd_ps(x0, load8(r0 + n), a);
-        a = _mm256_fmadd_ps(x1, load8(r1 + n), a);
-        a = _mm256_fmadd_ps(x2, load8(r2 + n), a);
-        a = _mm256_fmadd_ps(x3, load8(r3 + n), a);
-        _mm256_store_ps(sum + n, a);
+        const __m256 w0 = load8(r0 + n), w1 = load8(r1 + n), w2 = load8(r2 + n), w3 = load8(r3 + n);
+        for (int m = 0; m < M; ++m) {
+          __m256 a = _mm256_load_ps(sum[m] + n);
+          a = _mm256_fmadd_ps(xb[m][0], w0, a);
+          a = _mm256_fmadd_ps(xb[m][1], w1, a);
+          a = _mm256_fmadd_ps(xb[m][2], w2, a);
+          a = _mm256_fmadd_ps(xb[m][3], w3, a);
+          _mm256_store_ps(sum[m] + n, a);
+        }
       }
-      for (int64_t n = nv; n < nw; ++n)
-        sum[n] += x[k] * load1(r0 + n) + x[k + 1] * load1(r1 + n) + x[k + 2] * load1(r2 + n) +
-                  x[k + 3] * load1(r3 + n);
+      for (int64_t n = nv; n < nw; ++n) {
+        const float v0 = load1(r0 + n), v1 = load1(r1 + n), v2 = load1(r2 + n), v3 = load1(r3 + n);
+        for (int m = 0; m < M; ++m)
+          sum[m][n] += x[m][k] * v0 + x[m][k + 1] * v1 + x[m][k + 2] * v2 + x[m][k + 3] * v3;
+      }
     }
     for (; k < K; ++k) {
       const T* r0 = w + k * ldw + n0;
-      const __m256 x0 = _mm256_set1_ps(x[k]);
-      for (int64_t n = 0; n < nv; n += 8)
-        _mm256_store_ps(sum + n, _mm256_fmadd_ps(x0, load8(r0 + n), _mm256_load_ps(sum + n)));
-      for (int64_t n = nv; n < nw; ++n) sum[n] += x[k] * load1(r0 + n);
+      for (int m = 0; m < M; ++m) {
+        const __m256 xk = _mm256_set1_ps(x[m][k]);
+        for (int64_t n = 0; n < nv; n += 8)
+          _mm256_store_ps(sum[m] + n, _mm256_fmadd_ps(xk, load8(r0 + n), _mm256_load_ps(sum[m] + n)));
+        for (int64_t n = nv; n < nw; ++n) sum[m][n] += x[m][k] * load1(r0 + n);
+      }
     }
-    float* out = y + n0;
-    for (int64_t n = 0; n < nw; ++n) out[n] = acc ? out[n] + alpha * sum[n] : alpha * sum[n];
+    for (int m = 0; m < M; ++m) {
+      float* out = y[m] + n0;
+      for (int64_t n = 0; n < nw; ++n) out[n] = acc ? out[n] + alpha * sum[m][n] : alpha * sum[m][n];
+    }
+  }
+}
+
+// one row: y[0:N] (+)= alpha * x[0:K] @ w
+template <typename T>
+void row(const float* x, const T* w, int64_t ldw, float* y, int64_t K, int64_t N, float alpha, bool acc) {
+  block<1>(&x, w, ldw, &y, K, N, alpha, acc);
+}
+
+template <typename T>
+void few(const float* const* x, int64_t M, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N,
+         float alpha, bool acc) {
+  for (int64_t m = 0; m < M; m += 4) {
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: block<1>(x + m, w, ldw, y + m, K, N, alpha, acc); break;
+      case 2: block<2>(x + m, w, ldw, y + m, K, N, alpha, acc); break;
+      case 3: block<3>(x + m, w, ldw, y + m, K, N, alpha, acc); break;
+      default: block<4>(x + m, w, ldw, y + m, K, N, alpha, acc);
+    }
   }
 }
 
@@ -88,19 +119,19 @@ void check_weight(const torch::Tensor& w, int64_t K) {
   TORCH_CHECK(w.size(0) == K, "w: ", w.size(0), " rows for ", K, " inputs");
 }
 
-// every row of x against w into out (all [M, *] with unit column stride)
+// every row of x against w into out (all [M, *] with unit column stride), up to 4 rows per read of w
 void rows(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out, float alpha, bool acc) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(1);
-  const float* xp = x.data_ptr<float>();
-  float* yp = out.data_ptr<float>();
+  std::vector<const float*> xs(M);
+  std::vector<float*> ys(M);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = xp + m * x.stride(0);
-    float* ym = yp + m * out.stride(0);
-    if (w.scalar_type() == torch::kBFloat16)
-      row(xm, reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0), ym, K, N, alpha, acc);
-    else
-      row(xm, w.data_ptr<float>(), w.stride(0), ym, K, N, alpha, acc);
+    xs[m] = x.data_ptr<float>() + m * x.stride(0);
+    ys[m] = out.data_ptr<float>() + m * out.stride(0);
   }
+  if (w.scalar_type() == torch::kBFloat16)
+    few(xs.data(), M, reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0), ys.data(), K, N, alpha, acc);
+  else
+    few(xs.data(), M, w.data_ptr<float>(), w.stride(0), ys.data(), K, N, alpha, acc);
 }
 
 // x [M, K] @ w [K, N] (+ bias [M, N]) -> new [M, N]
@@ -232,19 +263,32 @@ class RowDecoder {
     ffn.push_back(f);
   }
 
-  // The main layers (or MTP's block) on one token: x [1, D] (not modified), cos / sin [P] at its
-  // position, its cache rows at pool rows start .. slot (the new one at slot, written here).
-  // Returns the output [1, D] and the routed expert ids, K per MoE layer.
+  // The main layers (or MTP's block) on T new tokens of one sequence: x [T, D] (not modified),
+  // cos / sin [T, P] at their positions, whose cache rows are pool rows slot .. slot + T - 1 after
+  // the sequence's earlier rows from `start` (the new rows are written here). Layer by layer, token
+  // by token: token t writes its row before attending over rows start .. slot + t, which is exactly
+  // causal attention among the new tokens, and the layer's weights are still in cache for token
+  // t + 1 (speculative verification reads each weight from memory about once).
+  // Returns the output [T, D] and the routed expert ids, T x K per MoE layer (layer-major).
   std::tuple<torch::Tensor, std::vector<int64_t>> forward(const torch::Tensor& x_in, const torch::Tensor& cos,
                                                           const torch::Tensor& sin, int64_t start, int64_t slot) {
-    TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.numel() == D(), "x: expected float32 [1, ", D(), "]");
     TORCH_CHECK(attn.size() == ffn.size() && !attn.empty(), "no layers");
-    torch::Tensor x = x_in.reshape({1, -1}).clone();
+    TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 2 && x_in.size(1) == D(),
+                "x: expected float32 [T, ", D(), "], got ", x_in.sizes());
+    const int64_t T = x_in.size(0);
+    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == P && sin.sizes() == cos.sizes(),
+                "cos, sin: expected [", T, ", ", P, "]");
+    TORCH_CHECK(start >= 0 && slot >= start && slot + T <= attn[0].pool.size(0), "start, slot: rows ", start,
+                " .. ", slot + T - 1, " outside the pool");
+    torch::Tensor x = x_in.contiguous().clone();
     const auto c = cos.contiguous(), s = sin.contiguous();
+    float* xp = x.data_ptr<float>();
     std::vector<int64_t> ids;
     for (size_t l = 0; l < attn.size(); ++l) {
-      attention(x.data_ptr<float>(), attn[l], c.data_ptr<float>(), s.data_ptr<float>(), start, slot);
-      feed_forward(x.data_ptr<float>(), ffn[l], ids);
+      for (int64_t t = 0; t < T; ++t) {
+        attention(xp + t * D(), attn[l], c.data_ptr<float>() + t * P, s.data_ptr<float>() + t * P, start, slot + t);
+        feed_forward(xp + t * D(), ffn[l], ids);
+      }
     }
     return {x, ids};
   }
