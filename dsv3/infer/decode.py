@@ -164,24 +164,18 @@ class FastDecoder:
             w.build()
         keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
-        routed: list = []
         row = self._row_decoders()[0] if isinstance(keys, SliceKeys) else None
-        if row is not None:  # one sequence: every layer in one native call
-            x, ids = row.forward(x, cos, sin, keys.start, keys.slot)
-            if ids:  # T x K per MoE layer
-                n = len(ids) // sum(f.moe is not None for f in w.ffn)
-                routed = [ids[i : i + n] for i in range(0, len(ids), n)]
+        if row is not None:  # one sequence: every layer in one native call, which counts experts
+            x, counts = row.forward(x, cos, sin, keys.start, keys.slot)
         else:
+            routed: list = []
             for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
                 x = self._attention(x, aw, layer, keys, cos, sin)
                 x = self._ffn(x, fw, routed)
+            counts = decode_moe.counts(routed, self.n_experts).unbind(0) if routed else []
         keys.finish()
-        if routed:
-            moes = (f.moe for f in w.ffn if f.moe is not None)
-            for moe, c in zip(moes, decode_moe.counts(routed, self.n_experts)):
-                moe._buffers["last_counts"] = (
-                    c  # what `moe.last_counts = c` does, minus nn.Module.__setattr__
-                )
+        for moe, c in zip((f.moe for f in w.ffn if f.moe is not None), counts):
+            moe._buffers["last_counts"] = c  # what `moe.last_counts = c` does, minus __setattr__
         return x
 
     def can_draft(self) -> bool:
@@ -204,16 +198,16 @@ class FastDecoder:
         cos, sin = self._rope_rows(positions)
         x = self._mm(h_prev * self._inv_rms(h_prev, m.h_eps), m.w_hid)
         x = self._mm(e * self._inv_rms(e, m.e_eps), m.w_emb, x)  # eh_proj([enorm(e); hnorm(h)])
-        routed: list = []
         row = self._row_decoders()[1] if isinstance(keys, SliceKeys) else None
         if row is not None:
-            x, ids = row.forward(x, cos, sin, keys.start, keys.slot)
-            routed = [ids] if ids else []
+            x, counts = row.forward(x, cos, sin, keys.start, keys.slot)
         else:
+            routed: list = []
             x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
+            counts = decode_moe.counts(routed, self.n_experts) if routed else []
         keys.finish()
         if m.ffn.moe is not None:
-            m.ffn.moe._buffers["last_counts"] = decode_moe.counts(routed, self.n_experts)[0]
+            m.ffn.moe._buffers["last_counts"] = counts[0]
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -179,14 +179,20 @@ inline float inv_rms(const float* x, int64_t n, double eps) {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// y[0:N] (+)= alpha * x @ w for a 2-d weight tensor (FP32 or BF16, unit column stride); with
-// `index`, w is a contiguous 3-d tensor and its matrix `index` is used (an expert)
-void matvec(const float* x, const torch::Tensor& w, float* y, float alpha, bool acc, int64_t index = -1) {
+// y[m] (+)= alpha * x[m] @ w for M rows (any M, four per read of w), w a 2-d weight tensor (FP32
+// or BF16, unit column stride); with `index`, w is a contiguous 3-d tensor and its matrix `index`
+// is used (an expert)
+void product(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
+             int64_t index = -1) {
   const int64_t K = w.size(-2), N = w.size(-1), ld = w.stride(-2), off = index < 0 ? 0 : index * K * N;
   if (w.scalar_type() == torch::kBFloat16)
-    row(x, reinterpret_cast<const uint16_t*>(w.data_ptr()) + off, ld, y, K, N, alpha, acc);
+    few(x, M, reinterpret_cast<const uint16_t*>(w.data_ptr()) + off, ld, y, K, N, alpha, acc);
   else
-    row(x, w.data_ptr<float>() + off, ld, y, K, N, alpha, acc);
+    few(x, M, w.data_ptr<float>() + off, ld, y, K, N, alpha, acc);
+}
+
+void matvec(const float* x, const torch::Tensor& w, float* y, float alpha, bool acc, int64_t index = -1) {
+  product(&x, 1, w, &y, alpha, acc, index);
 }
 
 // y [D] += sum_j gates[j] * expert_{ids[j]}(xn), w13 [E, D, 2I], w2 [E, I, D] contiguous;
@@ -265,111 +271,184 @@ class RowDecoder {
 
   // The main layers (or MTP's block) on T new tokens of one sequence: x [T, D] (not modified),
   // cos / sin [T, P] at their positions, whose cache rows are pool rows slot .. slot + T - 1 after
-  // the sequence's earlier rows from `start` (the new rows are written here). Layer by layer, token
-  // by token: token t writes its row before attending over rows start .. slot + t, which is exactly
-  // causal attention among the new tokens, and the layer's weights are still in cache for token
-  // t + 1 (speculative verification reads each weight from memory about once).
-  // Returns the output [T, D] and the routed expert ids, T x K per MoE layer (layer-major).
-  std::tuple<torch::Tensor, std::vector<int64_t>> forward(const torch::Tensor& x_in, const torch::Tensor& cos,
-                                                          const torch::Tensor& sin, int64_t start, int64_t slot) {
+  // the sequence's earlier rows from `start` (the new rows are written here). Layer by layer; within
+  // a layer every matrix is read once for all T tokens (speculative verification), the new rows are
+  // written before any token attends, and token t attends over rows start .. slot + t: causal.
+  // Returns the output [T, D] and, per MoE layer, its tokens per expert [E] (MoE.last_counts).
+  std::tuple<torch::Tensor, std::vector<torch::Tensor>> forward(const torch::Tensor& x_in, const torch::Tensor& cos,
+                                                                const torch::Tensor& sin, int64_t start, int64_t slot) {
     TORCH_CHECK(attn.size() == ffn.size() && !attn.empty(), "no layers");
     TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 2 && x_in.size(1) == D(),
                 "x: expected float32 [T, ", D(), "], got ", x_in.sizes());
     const int64_t T = x_in.size(0);
-    TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == P && sin.sizes() == cos.sizes(),
+    TORCH_CHECK(T > 0 && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == P && sin.sizes() == cos.sizes(),
                 "cos, sin: expected [", T, ", ", P, "]");
     TORCH_CHECK(start >= 0 && slot >= start && slot + T <= attn[0].pool.size(0), "start, slot: rows ", start,
                 " .. ", slot + T - 1, " outside the pool");
     torch::Tensor x = x_in.contiguous().clone();
     const auto c = cos.contiguous(), s = sin.contiguous();
-    float* xp = x.data_ptr<float>();
-    std::vector<int64_t> ids;
+    std::vector<torch::Tensor> counts;
     for (size_t l = 0; l < attn.size(); ++l) {
-      for (int64_t t = 0; t < T; ++t) {
-        attention(xp + t * D(), attn[l], c.data_ptr<float>() + t * P, s.data_ptr<float>() + t * P, start, slot + t);
-        feed_forward(xp + t * D(), ffn[l], ids);
+      attention(x.data_ptr<float>(), T, attn[l], c.data_ptr<float>(), s.data_ptr<float>(), start, slot);
+      if (ffn[l].E == 0) {
+        feed_forward(x.data_ptr<float>(), T, ffn[l], nullptr);
+      } else {
+        counts.push_back(torch::zeros({ffn[l].E}, torch::kLong));
+        feed_forward(x.data_ptr<float>(), T, ffn[l], counts.back().data_ptr<int64_t>());
       }
     }
-    return {x, ids};
+    return {x, counts};
   }
 
  private:
   int64_t H, R, P;
   std::vector<Attn> attn;
   std::vector<Ffn> ffn;
-  std::vector<float> xn, a, q, scores, o, h, t;
+  std::vector<float> xn, xg, a, q, scores, o, h, t;
 
   int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
 
-  static void grow(std::vector<float>& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); }
-
-  // x += o_proj(MLA(norm(x))), writing the new cache row (decode.py FastDecoder._attention)
-  void attention(float* x, const Attn& w, const float* cos, const float* sin, int64_t start, int64_t slot) {
-    const int64_t Dm = w.w_in.size(0), C = w.w_in.size(1), W = R + P, Qw = R + 2 * P, S = slot - start + 1;
-    grow(xn, Dm); grow(a, C); grow(q, H * Qw); grow(scores, S); grow(o, H * R);
-    const float r = inv_rms(x, Dm, w.norm_eps);
-    for (int64_t i = 0; i < Dm; ++i) xn[i] = x[i] * r;
-    matvec(xn.data(), w.w_in, a.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| query]
-    const float* kv = a.data() + w.q_rank;
-    if (w.q_rank) {
-      const float rq = inv_rms(a.data(), w.q_rank, w.q_eps);
-      for (int64_t i = 0; i < w.q_rank; ++i) a[i] *= rq;  // a[:q_rank] is not read again
-      matvec(a.data(), w.w_q, q.data(), 1.f, false);
-    } else {
-      std::copy(a.data() + R + 2 * P, a.data() + R + 2 * P + H * Qw, q.data());
-    }
-    float* row_out = w.pool.data_ptr<float>() + slot * W;  // kv_a_layernorm(c_kv) | rope(k_pe)
-    const float rk = inv_rms(kv, R, w.kv_eps);
-    const float* g = w.kv_norm.data_ptr<float>();
-    for (int64_t i = 0; i < R; ++i) row_out[i] = kv[i] * rk * g[i];
-    for (int64_t i = 0; i < P; ++i) row_out[R + i] = kv[R + i] * cos[i] + kv[R + P + i] * sin[i];
-    const float* keys = w.pool.data_ptr<float>() + start * W;  // (S, W)
-    for (int64_t hd = 0; hd < H; ++hd) {
-      float* qh = q.data() + hd * Qw;  // q_lat (R) | q_pe (P) | rot(q_pe) (P) -> q_lat | rope(q_pe)
-      for (int64_t i = 0; i < P; ++i) qh[R + i] = qh[R + i] * cos[i] + qh[R + P + i] * sin[i];
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) mx = std::max(mx, scores[j] = dot(qh, keys + j * W, W));
-      float sum = 0.f;
-      for (int64_t j = 0; j < S; ++j) sum += scores[j] = std::exp(scores[j] - mx);
-      float* oh = o.data() + hd * R;
-      std::fill(oh, oh + R, 0.f);
-      for (int64_t j = 0; j < S; ++j) {
-        const float p = scores[j] / sum;
-        const float* k = keys + j * W;
-        for (int64_t i = 0; i < R; ++i) oh[i] += p * k[i];
-      }
-    }
-    matvec(o.data(), w.w_o, x, 1.f, true);  // residual + o_proj (W_UV folded in)
+  static float* grow(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
   }
 
-  // x += FFN(norm(x)): dense MLP, or shared experts + routed experts (decode.py FastDecoder._ffn)
-  void feed_forward(float* x, const Ffn& w, std::vector<int64_t>& ids) {
-    const int64_t Dm = attn[0].w_in.size(0), Ef = w.fused_gate ? w.E : 0;
-    grow(xn, 2 * Dm);
-    float* xg = xn.data() + Dm;  // xn (the gate reads it) and xg = xn * norm_w (the other matrices)
-    const float r = inv_rms(x, Dm, w.norm_eps);
-    for (int64_t i = 0; i < Dm; ++i) xn[i] = x[i] * r;
+  // row pointers base + t * stride for t < T
+  static std::vector<float*> at(float* base, int64_t T, int64_t stride) {
+    std::vector<float*> p(T);
+    for (int64_t t = 0; t < T; ++t) p[t] = base + t * stride;
+    return p;
+  }
+
+  static const float* const* in(const std::vector<float*>& p) { return p.data(); }
+
+  // xn[t] = x[t] / rms(x[t]) for T rows of D
+  static void normalise(const float* x, float* out, int64_t T, int64_t D, double eps) {
+    for (int64_t t = 0; t < T; ++t) {
+      const float r = inv_rms(x + t * D, D, eps);
+      for (int64_t i = 0; i < D; ++i) out[t * D + i] = x[t * D + i] * r;
+    }
+  }
+
+  // x[t] += o_proj(MLA(norm(x[t]))), writing the new cache rows (decode.py FastDecoder._attention)
+  void attention(float* x, int64_t T, const Attn& w, const float* cos, const float* sin, int64_t start, int64_t slot) {
+    const int64_t Dm = D(), C = w.w_in.size(1), W = R + P, Qw = R + 2 * P;
+    float* xnp = grow(xn, T * Dm);
+    float* ap = grow(a, T * C);
+    float* qp = grow(q, T * H * Qw);
+    float* op = grow(o, T * H * R);
+    float* sp = grow(scores, slot + T - start);
+    normalise(x, xnp, T, Dm, w.norm_eps);
+    auto arows = at(ap, T, C);
+    product(in(at(xnp, T, Dm)), T, w.w_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
+    if (w.q_rank) {
+      for (int64_t t = 0; t < T; ++t) {  // a[t, :q_rank] is not read again
+        const float rq = inv_rms(ap + t * C, w.q_rank, w.q_eps);
+        for (int64_t i = 0; i < w.q_rank; ++i) ap[t * C + i] *= rq;
+      }
+      auto qrows = at(qp, T, H * Qw);
+      product(in(arows), T, w.w_q, qrows.data(), 1.f, false);
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        std::copy(ap + t * C + R + 2 * P, ap + t * C + R + 2 * P + H * Qw, qp + t * H * Qw);
+    }
+    const float* g = w.kv_norm.data_ptr<float>();
+    float* pool = w.pool.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {  // the new rows: kv_a_layernorm(c_kv) | rope(k_pe)
+      const float* kv = ap + t * C + w.q_rank;
+      const float *ct = cos + t * P, *st = sin + t * P;
+      float* row_out = pool + (slot + t) * W;
+      const float rk = inv_rms(kv, R, w.kv_eps);
+      for (int64_t i = 0; i < R; ++i) row_out[i] = kv[i] * rk * g[i];
+      for (int64_t i = 0; i < P; ++i) row_out[R + i] = kv[R + i] * ct[i] + kv[R + P + i] * st[i];
+    }
+    const float* keys = pool + start * W;  // (S, W)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t S = slot + t - start + 1;  // causal: this token and those before it
+      const float *ct = cos + t * P, *st = sin + t * P;
+      for (int64_t hd = 0; hd < H; ++hd) {
+        float* qh = qp + (t * H + hd) * Qw;  // q_lat (R) | q_pe (P) | rot(q_pe) (P) -> q_lat | rope(q_pe)
+        for (int64_t i = 0; i < P; ++i) qh[R + i] = qh[R + i] * ct[i] + qh[R + P + i] * st[i];
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, sp[j] = dot(qh, keys + j * W, W));
+        float sum = 0.f;
+        for (int64_t j = 0; j < S; ++j) sum += sp[j] = std::exp(sp[j] - mx);
+        float* oh = op + (t * H + hd) * R;
+        std::fill(oh, oh + R, 0.f);
+        for (int64_t j = 0; j < S; ++j) {
+          const float pr = sp[j] / sum;
+          const float* k = keys + j * W;
+          for (int64_t i = 0; i < R; ++i) oh[i] += pr * k[i];
+        }
+      }
+    }
+    auto xrows = at(x, T, Dm);
+    product(in(at(op, T, H * R)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj (W_UV folded)
+  }
+
+  // x[t] += FFN(norm(x[t])): dense MLP, or shared + routed experts (decode.py FastDecoder._ffn)
+  void feed_forward(float* x, int64_t T, const Ffn& w, int64_t* counts) {
+    const int64_t Dm = D(), Ef = w.fused_gate ? w.E : 0;
+    float* xnp = grow(xn, T * Dm);  // xn (the gate reads it) and xg = xn * norm_w (the other matrices)
+    float* xgp = grow(xg, T * Dm);
+    normalise(x, xnp, T, Dm, w.norm_eps);
     const float* ng = w.norm_w.defined() ? w.norm_w.data_ptr<float>() : nullptr;
-    for (int64_t i = 0; i < Dm; ++i) xg[i] = ng ? xn[i] * ng[i] : xn[i];
-    if (w.w_in.defined()) {
-      grow(a, w.w_in.size(1));
-      matvec(xg, w.w_in, a.data(), 1.f, false);  // gate logits | shared gate | shared up
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < Dm; ++i) xgp[t * Dm + i] = ng ? xnp[t * Dm + i] * ng[i] : xnp[t * Dm + i];
+    auto xgrows = at(xgp, T, Dm);
+    auto xrows = at(x, T, Dm);
+    const int64_t C = w.w_in.defined() ? w.w_in.size(1) : 0;
+    float* ap = grow(a, T * C);
+    if (C) {
+      auto arows = at(ap, T, C);
+      product(in(xgrows), T, w.w_in, arows.data(), 1.f, false);  // gate logits | shared gate | shared up
     }
     if (w.hidden) {
-      grow(h, w.hidden);
-      for (int64_t i = 0; i < w.hidden; ++i) h[i] = silu(a[Ef + i]) * a[Ef + w.hidden + i];
-      matvec(h.data(), w.w_down, x, 1.f, true);
+      float* hp = grow(h, T * w.hidden);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < w.hidden; ++i)
+          hp[t * w.hidden + i] = silu(ap[t * C + Ef + i]) * ap[t * C + Ef + w.hidden + i];
+      product(in(at(hp, T, w.hidden)), T, w.w_down, xrows.data(), 1.f, true);
     }
     if (w.E == 0) return;
-    grow(scores, w.E);
-    if (w.fused_gate) std::copy(a.data(), a.data() + w.E, scores.data());
-    else matvec(xn.data(), w.gate_w, scores.data(), 1.f, false);
-    std::vector<int64_t> chosen;
-    std::vector<double> gates;
-    route(w, scores.data(), chosen, gates);
-    grow(t, 2 * w.w2.size(1)); grow(h, w.w2.size(1));
-    experts_row(x, xg, w.w13, w.w2, chosen.data(), gates.data(), w.top_k, t.data(), h.data());
-    ids.insert(ids.end(), chosen.begin(), chosen.end());
+    float* lp = grow(scores, T * w.E);  // gate logits per token
+    if (w.fused_gate) {
+      for (int64_t t = 0; t < T; ++t) std::copy(ap + t * C, ap + t * C + w.E, lp + t * w.E);
+    } else {
+      auto lrows = at(lp, T, w.E);
+      product(in(at(xnp, T, Dm)), T, w.gate_w, lrows.data(), 1.f, false);
+    }
+    // route every token, then run each chosen expert once for all the tokens that chose it
+    std::vector<std::vector<std::pair<int64_t, double>>> users(w.w13.size(0));  // expert -> (token, gate)
+    std::vector<int64_t> order;  // experts in order of first use
+    for (int64_t tk = 0; tk < T; ++tk) {
+      std::vector<int64_t> chosen;
+      std::vector<double> gates;
+      route(w, lp + tk * w.E, chosen, gates);
+      for (int64_t j = 0; j < w.top_k; ++j) {
+        if (users[chosen[j]].empty()) order.push_back(chosen[j]);
+        users[chosen[j]].push_back({tk, gates[j]});
+      }
+      for (int64_t e : chosen) ++counts[e];
+    }
+    const int64_t I = w.w2.size(1);
+    float* tp = grow(t, T * 3 * I);  // [n, 2I] w1 | w3 outputs, then [n, I] gated hidden
+    for (int64_t e : order) {
+      const auto& u = users[e];
+      const int64_t n = static_cast<int64_t>(u.size());
+      std::vector<const float*> xs(n);
+      std::vector<float*> ys(n);
+      for (int64_t i = 0; i < n; ++i) xs[i] = xgp + u[i].first * Dm;
+      auto trows = at(tp, n, 2 * I);
+      product(xs.data(), n, w.w13, trows.data(), 1.f, false, e);
+      float* hp = tp + n * 2 * I;
+      for (int64_t i = 0; i < n; ++i) {
+        const float gate = static_cast<float>(u[i].second);  // the gate scales the hidden: one w2 read
+        for (int64_t k = 0; k < I; ++k) hp[i * I + k] = gate * (silu(tp[i * 2 * I + k]) * tp[i * 2 * I + I + k]);
+        ys[i] = x + u[i].first * Dm;
+      }
+      product(in(at(hp, n, I)), n, w.w2, ys.data(), 1.f, true, e);
+    }
   }
 
   // decode_moe._route on one token's logits: the same order of operations and the same ties
