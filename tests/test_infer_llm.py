@@ -132,6 +132,9 @@ def test_cli_generate_chat_complete(ckpt, tmp_path):
         generate_main(["--ckpt", str(ckpt), "--ids", "0,5,9", "--max-tokens", "3", "--stats"], out=out) == 0
     )
     assert "0 5 9 ->" in out.getvalue() and "tokens/s" in out.getvalue()
+    out = io.StringIO()
+    argv = ["--ckpt", str(ckpt), "--ids", "0,5,9", "--max-tokens", "3", "--weight-dtype", "bf16"]
+    assert generate_main(argv, out=out) == 0 and "0 5 9 ->" in out.getvalue()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\nTo be\n")
     out = io.StringIO()

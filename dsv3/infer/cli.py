@@ -35,6 +35,9 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> 
                    help="MTP drafts only among token ids below this (faster drafts; output unchanged)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
     p.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's projections in FP8")
+    p.add_argument("--weight-dtype", choices=["fp32", "bf16"], default=None,
+                   help="decode weights of the fast path (feed-forward, head); default: bf16 for a BF16 "
+                   "checkpoint, else the model's dtype")  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print throughput and speculative acceptance")
 
 
@@ -50,6 +53,7 @@ def _llm(args: argparse.Namespace):
         draft_vocab=args.draft_vocab,
         compile=args.compile,
         fp8_weights=args.fp8_weights,
+        **({} if args.weight_dtype is None else {"weight_dtype": DTYPES[args.weight_dtype]}),
     )
 
 

@@ -19,9 +19,10 @@ dsv3.infer.fused:
 - matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.cpu_kernels (native C++ on AVX2 CPUs:
   weights streamed once, FP32 or BF16 storage, FP32 accumulation), more rows on ATen's GEMM; and a
   lone sequence's new tokens (one in plain decoding, 1 + k in verification) go through the whole
-  stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, token by
-  token within each layer) when the kernels are native and W_UK / W_UV are folded, removing the
-  ~200 operator launches per token that otherwise cost as much as the weights.
+  stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, its keys
+  read through the block table, so its blocks need not be consecutive) when the kernels are native
+  and W_UK / W_UV are folded, removing the ~200 operator launches per token that otherwise cost as
+  much as the weights.
 `MoE.last_counts` is set for every MoE layer, as the model's forward does (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
 MTP module 1 for drafting (`mtp_forward`: eh_proj with enorm / hnorm folded in, then its block over
@@ -162,18 +163,21 @@ class FastDecoder:
         w = self.weights
         if w.stale():
             w.build()
-        keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
-        cos, sin = self._rope_rows(positions)
-        row = self._row_decoders()[0] if isinstance(keys, SliceKeys) else None
+        row = self._row_decoders()[0] if len(tokens) == 1 else None
         if row is not None:  # one sequence: every layer in one native call, which counts experts
-            x, counts = row.forward(x, cos, sin, keys.start, keys.slot)
+            x, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
+            x, counts = row.forward(
+                x, *self._rope_rows(positions), tables[0], self.cache.block_size, starts[0]
+            )
         else:
+            keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
+            cos, sin = self._rope_rows(positions)
             routed: list = []
             for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
                 x = self._attention(x, aw, layer, keys, cos, sin)
                 x = self._ffn(x, fw, routed)
             counts = decode_moe.counts(routed, self.n_experts).unbind(0) if routed else []
-        keys.finish()
+            keys.finish()
         for moe, c in zip((f.moe for f in w.ffn if f.moe is not None), counts):
             moe._buffers["last_counts"] = c  # what `moe.last_counts = c` does, minus __setattr__
         return x
@@ -194,18 +198,21 @@ class FastDecoder:
         if not self.can_draft():
             raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
         m = self.weights.mtp
-        keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables)
+        row = self._row_decoders()[1] if len(tokens) == 1 else None
+        if row is not None:
+            e, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
+        else:
+            keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables)
         cos, sin = self._rope_rows(positions)
         x = self._mm(h_prev * self._inv_rms(h_prev, m.h_eps), m.w_hid)
         x = self._mm(e * self._inv_rms(e, m.e_eps), m.w_emb, x)  # eh_proj([enorm(e); hnorm(h)])
-        row = self._row_decoders()[1] if isinstance(keys, SliceKeys) else None
         if row is not None:
-            x, counts = row.forward(x, cos, sin, keys.start, keys.slot)
+            x, counts = row.forward(x, cos, sin, tables[0], self.cache.block_size, starts[0])
         else:
             routed: list = []
             x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
             counts = decode_moe.counts(routed, self.n_experts) if routed else []
-        keys.finish()
+            keys.finish()
         if m.ffn.moe is not None:
             m.ffn.moe._buffers["last_counts"] = counts[0]
         return x
@@ -286,14 +293,17 @@ class FastDecoder:
         bs, T = self.cache.block_size, len(tokens[0])
         start = _consecutive_start(tables[0], starts[0] + T - 1, bs) if len(tokens) == 1 else None
         if start is not None:
-            if T == 1:
-                x = self.model.embed_tokens.weight[tokens[0][0] : tokens[0][0] + 1]  # (1, D)
-            else:
-                x = self.model.embed_tokens.weight[torch.tensor(tokens[0])]  # (T, D)
+            x = self._embed(tokens[0])
             return SliceKeys(pools, start, starts[0], self.R, T), x, [starts[0] + t for t in range(T)]
         keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R)
         x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
         return keys, x, [p + t for p in starts for t in range(T)]
+
+    def _embed(self, tokens: list[int]) -> torch.Tensor:
+        """The embeddings [T, D] of one sequence's new tokens (a view for one token)."""
+        if len(tokens) == 1:
+            return self.model.embed_tokens.weight[tokens[0] : tokens[0] + 1]
+        return self.model.embed_tokens.weight[torch.tensor(tokens)]
 
     def _rope_rows(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [B, P] at the positions, each frequency repeated for its pair (a table grown on

@@ -269,27 +269,36 @@ class RowDecoder {
     ffn.push_back(f);
   }
 
-  // The main layers (or MTP's block) on T new tokens of one sequence: x [T, D] (not modified),
-  // cos / sin [T, P] at their positions, whose cache rows are pool rows slot .. slot + T - 1 after
-  // the sequence's earlier rows from `start` (the new rows are written here). Layer by layer; within
-  // a layer every matrix is read once for all T tokens (speculative verification), the new rows are
-  // written before any token attends, and token t attends over rows start .. slot + t: causal.
+  // The main layers (or MTP's block) on T new tokens of one sequence at positions pos .. pos + T - 1:
+  // x [T, D] (not modified), cos / sin [T, P] at those positions; the sequence's cache rows are
+  // addressed by its block table (position j at pool row table[j / block] * block + j % block) and
+  // the new tokens' rows are written here. Layer by layer; within a layer every matrix is read once
+  // for all T tokens (speculative verification), the new rows are written before any token
+  // attends, and token t attends over positions 0 .. pos + t: causal.
   // Returns the output [T, D] and, per MoE layer, its tokens per expert [E] (MoE.last_counts).
   std::tuple<torch::Tensor, std::vector<torch::Tensor>> forward(const torch::Tensor& x_in, const torch::Tensor& cos,
-                                                                const torch::Tensor& sin, int64_t start, int64_t slot) {
+                                                                const torch::Tensor& sin,
+                                                                const std::vector<int64_t>& table, int64_t block,
+                                                                int64_t pos) {
     TORCH_CHECK(attn.size() == ffn.size() && !attn.empty(), "no layers");
     TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 2 && x_in.size(1) == D(),
                 "x: expected float32 [T, ", D(), "], got ", x_in.sizes());
     const int64_t T = x_in.size(0);
     TORCH_CHECK(T > 0 && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == P && sin.sizes() == cos.sizes(),
                 "cos, sin: expected [", T, ", ", P, "]");
-    TORCH_CHECK(start >= 0 && slot >= start && slot + T <= attn[0].pool.size(0), "start, slot: rows ", start,
-                " .. ", slot + T - 1, " outside the pool");
+    TORCH_CHECK(block > 0 && pos >= 0 && static_cast<int64_t>(table.size()) * block >= pos + T,
+                "table: ", table.size(), " blocks of ", block, " do not hold positions up to ", pos + T - 1);
+    const int64_t slots = attn[0].pool.size(0);
+    rows_.resize(pos + T);
+    for (int64_t j = 0; j < pos + T; ++j) {
+      rows_[j] = table[j / block] * block + j % block;
+      TORCH_CHECK(rows_[j] >= 0 && rows_[j] < slots, "table: block ", table[j / block], " outside the pool");
+    }
     torch::Tensor x = x_in.contiguous().clone();
     const auto c = cos.contiguous(), s = sin.contiguous();
     std::vector<torch::Tensor> counts;
     for (size_t l = 0; l < attn.size(); ++l) {
-      attention(x.data_ptr<float>(), T, attn[l], c.data_ptr<float>(), s.data_ptr<float>(), start, slot);
+      attention(x.data_ptr<float>(), T, attn[l], c.data_ptr<float>(), s.data_ptr<float>(), pos);
       if (ffn[l].E == 0) {
         feed_forward(x.data_ptr<float>(), T, ffn[l], nullptr);
       } else {
@@ -305,6 +314,7 @@ class RowDecoder {
   std::vector<Attn> attn;
   std::vector<Ffn> ffn;
   std::vector<float> xn, xg, a, q, scores, o, h, t;
+  std::vector<int64_t> rows_;  // pool row of each position of the current sequence
 
   int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
 
@@ -331,13 +341,13 @@ class RowDecoder {
   }
 
   // x[t] += o_proj(MLA(norm(x[t]))), writing the new cache rows (decode.py FastDecoder._attention)
-  void attention(float* x, int64_t T, const Attn& w, const float* cos, const float* sin, int64_t start, int64_t slot) {
+  void attention(float* x, int64_t T, const Attn& w, const float* cos, const float* sin, int64_t pos) {
     const int64_t Dm = D(), C = w.w_in.size(1), W = R + P, Qw = R + 2 * P;
     float* xnp = grow(xn, T * Dm);
     float* ap = grow(a, T * C);
     float* qp = grow(q, T * H * Qw);
     float* op = grow(o, T * H * R);
-    float* sp = grow(scores, slot + T - start);
+    float* sp = grow(scores, pos + T);
     normalise(x, xnp, T, Dm, w.norm_eps);
     auto arows = at(ap, T, C);
     product(in(at(xnp, T, Dm)), T, w.w_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
@@ -357,27 +367,26 @@ class RowDecoder {
     for (int64_t t = 0; t < T; ++t) {  // the new rows: kv_a_layernorm(c_kv) | rope(k_pe)
       const float* kv = ap + t * C + w.q_rank;
       const float *ct = cos + t * P, *st = sin + t * P;
-      float* row_out = pool + (slot + t) * W;
+      float* row_out = pool + rows_[pos + t] * W;
       const float rk = inv_rms(kv, R, w.kv_eps);
       for (int64_t i = 0; i < R; ++i) row_out[i] = kv[i] * rk * g[i];
       for (int64_t i = 0; i < P; ++i) row_out[R + i] = kv[R + i] * ct[i] + kv[R + P + i] * st[i];
     }
-    const float* keys = pool + start * W;  // (S, W)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t S = slot + t - start + 1;  // causal: this token and those before it
+      const int64_t S = pos + t + 1;  // causal: this token and those before it
       const float *ct = cos + t * P, *st = sin + t * P;
       for (int64_t hd = 0; hd < H; ++hd) {
         float* qh = qp + (t * H + hd) * Qw;  // q_lat (R) | q_pe (P) | rot(q_pe) (P) -> q_lat | rope(q_pe)
         for (int64_t i = 0; i < P; ++i) qh[R + i] = qh[R + i] * ct[i] + qh[R + P + i] * st[i];
         float mx = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, sp[j] = dot(qh, keys + j * W, W));
+        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, sp[j] = dot(qh, pool + rows_[j] * W, W));
         float sum = 0.f;
         for (int64_t j = 0; j < S; ++j) sum += sp[j] = std::exp(sp[j] - mx);
         float* oh = op + (t * H + hd) * R;
         std::fill(oh, oh + R, 0.f);
         for (int64_t j = 0; j < S; ++j) {
           const float pr = sp[j] / sum;
-          const float* k = keys + j * W;
+          const float* k = pool + rows_[j] * W;
           for (int64_t i = 0; i < R; ++i) oh[i] += pr * k[i];
         }
       }
