@@ -88,12 +88,6 @@ void block(const float* const* x, const T* w, int64_t ldw, float* const* y, int6
   }
 }
 
-// one row: y[0:N] (+)= alpha * x[0:K] @ w
-template <typename T>
-void row(const float* x, const T* w, int64_t ldw, float* y, int64_t K, int64_t N, float alpha, bool acc) {
-  block<1>(&x, w, ldw, &y, K, N, alpha, acc);
-}
-
 template <typename T>
 void few(const float* const* x, int64_t M, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N,
          float alpha, bool acc) {
@@ -263,6 +257,9 @@ class RowDecoder {
     Ffn f{get(w_in), get(w_down), get(norm_w), get(gate_w), get(bias), get(w13), get(w2),
           hidden, E, 0, top_k, n_groups, topk_groups, sigmoid, route_scale, norm_eps};
     f.fused_gate = E > 0 && !f.gate_w.defined();
+    TORCH_CHECK(E == 0 || (f.bias.defined() && f.w13.defined() && f.w2.defined() && f.w13.is_contiguous() &&
+                           f.w2.is_contiguous() && f.w13.size(0) == E && f.bias.numel() == E),
+                "a MoE layer needs its routing bias [E] and contiguous experts w13 [E, D, 2I], w2 [E, I, D]");
     if (f.norm_w.defined()) f.norm_w = f.norm_w.to(torch::kFloat32).contiguous();
     if (f.bias.defined()) TORCH_CHECK(f.bias.scalar_type() == torch::kFloat32 && f.bias.is_contiguous(),
                                       "bias: expected contiguous float32");
