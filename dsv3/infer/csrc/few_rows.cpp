@@ -185,19 +185,36 @@ void product(const float* const* x, int64_t M, const torch::Tensor& w, float* co
     few(x, M, w.data_ptr<float>() + off, ld, y, K, N, alpha, acc);
 }
 
-void matvec(const float* x, const torch::Tensor& w, float* y, float alpha, bool acc, int64_t index = -1) {
-  product(&x, 1, w, &y, alpha, acc, index);
-}
-
-// y [D] += sum_j gates[j] * expert_{ids[j]}(xn), w13 [E, D, 2I], w2 [E, I, D] contiguous;
-// t [2I] and h [I] are scratch
-void experts_row(float* y, const float* xn, const torch::Tensor& w13, const torch::Tensor& w2,
-                 const int64_t* ids, const double* gates, int64_t J, float* t, float* h) {
+// y[m] += sum_j gates[m J + j] * expert_e(xn[m]), e = ids[m J + j], for M rows; w13 [E, D, 2I],
+// w2 [E, I, D] contiguous. Each chosen expert runs once for all the rows that chose it (its weights
+// read once), the gate scaling the hidden so that w2 is read once too.
+void experts_rows(float* const* y, const float* const* xn, int64_t M, const torch::Tensor& w13,
+                  const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J) {
+  std::vector<std::vector<std::pair<int64_t, double>>> users(w13.size(0));  // expert -> (row, gate)
+  std::vector<int64_t> order;  // experts in order of first use
+  for (int64_t i = 0; i < M * J; ++i) {
+    if (users[ids[i]].empty()) order.push_back(ids[i]);
+    users[ids[i]].push_back({i / J, gates[i]});
+  }
   const int64_t I = w2.size(1);
-  for (int64_t j = 0; j < J; ++j) {
-    matvec(xn, w13, t, 1.f, false, ids[j]);
-    for (int64_t i = 0; i < I; ++i) h[i] = silu(t[i]) * t[I + i];
-    matvec(h, w2, y, static_cast<float>(gates[j]), true, ids[j]);
+  std::vector<float> t(M * 2 * I), h(M * I);  // [n, 2I] w1 | w3 outputs, [n, I] gated hidden
+  std::vector<const float*> xs(M), hs(M);
+  std::vector<float*> ts(M), ys(M);
+  for (int64_t e : order) {
+    const auto& u = users[e];
+    const int64_t n = static_cast<int64_t>(u.size());
+    for (int64_t i = 0; i < n; ++i) {
+      xs[i] = xn[u[i].first];
+      ys[i] = y[u[i].first];
+      ts[i] = t.data() + i * 2 * I;
+      hs[i] = h.data() + i * I;
+    }
+    product(xs.data(), n, w13, ts.data(), 1.f, false, e);
+    for (int64_t i = 0; i < n; ++i) {
+      const float gate = static_cast<float>(u[i].second);
+      for (int64_t k = 0; k < I; ++k) h[i * I + k] = gate * (silu(ts[i][k]) * ts[i][I + k]);
+    }
+    product(hs.data(), n, w2, ys.data(), 1.f, true, e);
   }
 }
 
@@ -216,11 +233,14 @@ void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w
   TORCH_CHECK(out.size(0) == M && out.size(1) == D, "out: shape ", out.sizes());
   TORCH_CHECK(ids.size() == gates.size() && M > 0 && ids.size() % M == 0, "ids, gates: expected [M, J] each");
   const int64_t J = static_cast<int64_t>(ids.size()) / M;
-  std::vector<float> t(2 * I), h(I);
   for (int64_t e : ids) TORCH_CHECK(e >= 0 && e < E, "ids: expert ", e, " out of range [0, ", E, ")");
-  for (int64_t m = 0; m < M; ++m)
-    experts_row(out.data_ptr<float>() + m * out.stride(0), xn.data_ptr<float>() + m * xn.stride(0), w13, w2,
-                ids.data() + m * J, gates.data() + m * J, J, t.data(), h.data());
+  std::vector<float*> ys(M);
+  std::vector<const float*> xs(M);
+  for (int64_t m = 0; m < M; ++m) {
+    ys[m] = out.data_ptr<float>() + m * out.stride(0);
+    xs[m] = xn.data_ptr<float>() + m * xn.stride(0);
+  }
+  experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J);
 }
 
 struct Attn {  // dsv3.infer.fused.AttnWeights with W_UK and W_UV folded
@@ -310,7 +330,7 @@ class RowDecoder {
   int64_t H, R, P;
   std::vector<Attn> attn;
   std::vector<Ffn> ffn;
-  std::vector<float> xn, xg, a, q, scores, o, h, t;
+  std::vector<float> xn, xg, a, q, scores, o, h;
   std::vector<int64_t> rows_;  // pool row of each position of the current sequence
 
   int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
@@ -424,37 +444,17 @@ class RowDecoder {
       auto lrows = at(lp, T, w.E);
       product(in(at(xnp, T, Dm)), T, w.gate_w, lrows.data(), 1.f, false);
     }
-    // route every token, then run each chosen expert once for all the tokens that chose it
-    std::vector<std::vector<std::pair<int64_t, double>>> users(w.w13.size(0));  // expert -> (token, gate)
-    std::vector<int64_t> order;  // experts in order of first use
+    std::vector<int64_t> ids(T * w.top_k);  // route every token, then run the experts grouped
+    std::vector<double> gates(T * w.top_k);
     for (int64_t tk = 0; tk < T; ++tk) {
       std::vector<int64_t> chosen;
-      std::vector<double> gates;
-      route(w, lp + tk * w.E, chosen, gates);
-      for (int64_t j = 0; j < w.top_k; ++j) {
-        if (users[chosen[j]].empty()) order.push_back(chosen[j]);
-        users[chosen[j]].push_back({tk, gates[j]});
-      }
+      std::vector<double> g;
+      route(w, lp + tk * w.E, chosen, g);
+      std::copy(chosen.begin(), chosen.end(), ids.begin() + tk * w.top_k);
+      std::copy(g.begin(), g.end(), gates.begin() + tk * w.top_k);
       for (int64_t e : chosen) ++counts[e];
     }
-    const int64_t I = w.w2.size(1);
-    float* tp = grow(t, T * 3 * I);  // [n, 2I] w1 | w3 outputs, then [n, I] gated hidden
-    for (int64_t e : order) {
-      const auto& u = users[e];
-      const int64_t n = static_cast<int64_t>(u.size());
-      std::vector<const float*> xs(n);
-      std::vector<float*> ys(n);
-      for (int64_t i = 0; i < n; ++i) xs[i] = xgp + u[i].first * Dm;
-      auto trows = at(tp, n, 2 * I);
-      product(xs.data(), n, w.w13, trows.data(), 1.f, false, e);
-      float* hp = tp + n * 2 * I;
-      for (int64_t i = 0; i < n; ++i) {
-        const float gate = static_cast<float>(u[i].second);  // the gate scales the hidden: one w2 read
-        for (int64_t k = 0; k < I; ++k) hp[i * I + k] = gate * (silu(tp[i * 2 * I + k]) * tp[i * 2 * I + I + k]);
-        ys[i] = x + u[i].first * Dm;
-      }
-      product(in(at(hp, n, I)), n, w.w2, ys.data(), 1.f, true, e);
-    }
+    experts_rows(xrows.data(), in(xgrows), T, w.w13, w.w2, ids.data(), gates.data(), w.top_k);
   }
 
   // decode_moe._route on one token's logits: the same order of operations and the same ties
