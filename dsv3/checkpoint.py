@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dsv3.config import ModelConfig
+from dsv3.errors import Dsv3Error
 from dsv3.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,7 +41,7 @@ _MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Dsv3Error, RuntimeError):
     """A checkpoint does not match the model: the message names the keys and shapes."""
 
 

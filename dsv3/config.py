@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from dsv3 import paper
+from dsv3.errors import Dsv3Error
 
 
-class ConfigError(ValueError):
+class ConfigError(Dsv3Error, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 

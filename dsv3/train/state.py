@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from dsv3.data.fetch import sha256_file
+from dsv3.errors import Dsv3Error
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 
 
-class TrainCheckpointError(RuntimeError):
+class TrainCheckpointError(Dsv3Error, RuntimeError):
     """A training checkpoint is incomplete or corrupt; the message names the file."""
 
 

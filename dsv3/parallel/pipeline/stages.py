@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsv3.errors import Dsv3Error
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer, mtp_shift, token_cross_entropy
 
 
-class StageError(ValueError):
+class StageError(Dsv3Error, ValueError):
     """The model cannot be cut as asked; the message names the argument and its value."""
 
 
