@@ -19,8 +19,9 @@ torch.utils.cpp_extension into torch's extension cache (~30 s once per machine; 
 DSV3_NATIVE_KERNELS=0 to skip it). The extension's name, and so its build directory in that cache,
 carries a hash of the source, the compiler flags and the torch version (`build_name`): torch keys
 the cache by name only, so under one fixed name two checkouts (or two torch versions) on a machine
-would rebuild over each other's build at every start. `Reference` is the same contract in plain torch: used where the
-kernel cannot be built (no compiler, not x86, no AVX2) and the reference the tests hold it to.
+would rebuild over each other's build at every start. `Reference` is the same contract in plain
+torch: used where the kernel cannot be built (no compiler, not x86, no AVX2) and the reference the
+tests hold it to.
 
 Shapes: M rows (a few), K inputs, N outputs, E experts, D dim, I expert hidden size, J experts per row.
 """
