@@ -52,11 +52,14 @@ class LLM:
         tokenizer=None,
         speculative: bool = False,
         fp8_weights: bool = False,
+        verify: bool = True,
         **engine_options,
     ) -> None:
         """model: a checkpoint directory (official HF layout, BF16/FP32 or FP8 + weight_scale_inv,
         dequantised to `dtype` on load) or a Transformer. fp8_weights: keep an FP8 checkpoint's
         projections in FP8 and run them through the block-scaled GEMM (dsv3.infer.fp8_weights).
+        verify: check a training checkpoint's files against its manifest.json (SHA-256) and warn on
+        NaN/inf weights (dsv3.checkpoint.load_pretrained); False skips both for a faster start.
         engine_options: fields of EngineConfig. A BF16 checkpoint computed in FP32 keeps the fast
         decode path's feed-forward matrices and head in BF16 (`weight_dtype`, exact: the values are
         BF16) unless `weight_dtype` is given."""
@@ -66,9 +69,9 @@ class LLM:
             if fp8_weights:
                 from dsv3.infer.fp8_weights import load_fp8_model
 
-                self.model = load_fp8_model(model, dtype=dtype, device=device)
+                self.model = load_fp8_model(model, dtype=dtype, device=device, verify=verify)
             else:
-                self.model = Transformer.from_pretrained(model, dtype=dtype, device=device)
+                self.model = Transformer.from_pretrained(model, dtype=dtype, device=device, verify=verify)
                 if dtype == torch.float32 and bf16_checkpoint(model):
                     engine_options.setdefault("weight_dtype", torch.bfloat16)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
