@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.infer.engine import Engine, EngineConfig, RequestOutput
+from dsv3.infer.engine import Engine, EngineConfig, RequestFailed, RequestOutput
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model.transformer import Transformer
 
@@ -104,24 +104,41 @@ class LLM:
         on_update: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (batched continuously); outputs in prompt order.
-        on_update(output) is called whenever a request receives tokens (streaming)."""
+        on_update(output) is called whenever one of these requests receives tokens (streaming).
+
+        All or nothing at the door: every prompt is encoded and validated before any is queued (a
+        ValueError names `prompts[i]`). If the loop is left early (an exception, Ctrl-C, a raising
+        on_update), the call's unfinished requests are aborted and their cache blocks freed, so
+        nothing of this call reaches a later one. A request that fails inside the engine fails
+        alone; once the others finish, RequestFailed names the failed prompts (its `outputs` holds
+        every output, the failed ones with finish_reason "error")."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
-        ids = [
-            self.engine.add_request(self.encode(p, i), sp) for i, (p, sp) in enumerate(zip(prompts, plist))
-        ]
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in self.engine.step():
-                if on_update is not None:
-                    on_update(out)
-                if out.finished:
-                    done[out.request_id] = out
-        return [done[i] for i in ids]
+        encoded = [self.encode(p, i) for i, p in enumerate(prompts)]
+        ids = self.engine.add_requests(encoded, plist)
+        mine, done = set(ids), {}
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.request_id not in mine:
+                        continue  # a request queued on the engine directly, not by this call
+                    if on_update is not None:
+                        on_update(out)
+                    if out.finished:
+                        done[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+        outputs = [done[i] for i in ids]
+        failed = [i for i, out in enumerate(outputs) if out.finish_reason == "error"]
+        if failed:
+            raise RequestFailed(failed, outputs)
+        return outputs
 
     def chat(
         self, messages: list[dict[str, str]], params: SamplingParams | None = None, on_update=None
