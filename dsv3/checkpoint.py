@@ -16,9 +16,9 @@ tokenizer are read from are checked against it first, so flipped bytes are refus
 loaded. Official checkpoints have no manifest: nothing to hash, no extra pass over the files. The
 loaded weights are also scanned once in memory, and NaN or inf weights give one warning naming
 them; `verify=False` skips the hashing and the scan. A tensor whose kind does not fit its
-parameter (integers for float weights) is always an error. Every unreadable input (no directory, no or invalid config.json, a malformed index, a
-truncated or garbled safetensors file, a shard the index names but that is missing) is a
-CheckpointError whose one-line message starts with the file.
+parameter (integers for float weights) is always an error. Every unreadable input (no directory,
+no or invalid config.json, a malformed index, a truncated or garbled safetensors file, a shard the
+index names but that is missing) is a CheckpointError whose one-line message starts with the file.
 """
 
 from __future__ import annotations
