@@ -56,3 +56,20 @@ def test_dsv3_generate_names_the_bad_checkpoint_file(tmp_path):
     _check(
         [sys.executable, "-m", "dsv3", "generate"], _bad(tmp_path, "garbled safetensors"), "model.safetensors"
     )
+
+
+def test_wrapped_generate_names_a_bad_request(tmp_path):
+    """A request the engine refuses (a token id outside the vocabulary) is one line, exit code 2."""
+    ckpt = tmp_path / "ckpt"
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    r = subprocess.run(
+        [sys.executable, "-c", WRAPPED, "--ckpt", str(ckpt), "--ids", "1,999999"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DSV3_NATIVE_KERNELS": "0"},
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith("dsv3 generate: prompts[0]: prompt: token ids [999999]")
+    )

@@ -238,3 +238,30 @@ def test_a_request_failing_in_the_engine_raises_after_the_others_finish(ckpt, mo
         llm.generate([[1, 2, 3], [4, 5], [6]], [GREEDY8, bad, GREEDY8])
     assert [o.finish_reason for o in e.value.outputs] == ["length", "error", "length"]
     assert isinstance(e.value.__cause__, RuntimeError) and _clean(llm)
+
+
+def test_bad_prompts_are_one_line_request_errors(ckpt):
+    """User errors in a request are Dsv3Errors (one line at the command line), not tracebacks:
+    bytes would otherwise be read as token ids, a lone surrogate failed inside the tokenizer."""
+    from dsv3.config import ConfigError
+    from dsv3.errors import Dsv3Error
+    from dsv3.infer.engine import EngineConfig, RequestError
+
+    llm = LLM(ckpt, num_blocks=64)
+    cases = [
+        (b"hi", r"prompts\[0\]: expected a string or a list of token ids, got bytes"),
+        ("a\udcff b", r"prompts\[0\]: not valid text \(surrogates not allowed '\\udcff' at position 1\)"),
+        ([1.5], r"prompts\[0\]: prompt: token ids \[1.5\] are not integers"),
+        ([10**6], r"prompts\[0\]: prompt: .* vocabulary"),
+    ]
+    for prompt, match in cases:
+        with pytest.raises(RequestError, match=match) as e:
+            llm.generate([prompt], GREEDY8)
+        assert isinstance(e.value, Dsv3Error) and isinstance(e.value, ValueError)
+        assert _clean(llm)
+    with pytest.raises(RequestError, match=r"messages\[1\]\.content"):
+        llm.chat([{"role": "user", "content": "hi"}, {"role": "user", "content": "\ud800"}])
+    with pytest.raises(RequestError, match="suffix"):
+        llm.complete("def f():", "\udc80")
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.config import ConfigError
 from dsv3.infer.paged_cache import PagedLatentCache, cache_bytes_per_token
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams, logprob_entries, sample
-from dsv3.infer.scheduler import Scheduler, Sequence
+from dsv3.infer.scheduler import RequestError, Scheduler, Sequence
 from dsv3.infer.speculative import SpecStats, propose, verify
 from dsv3.model.transformer import Transformer
 
@@ -63,17 +64,17 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab <= 0):
-            raise ValueError(f"draft_vocab: must be a positive integer or None, got {self.draft_vocab!r}")
+            raise ConfigError(f"draft_vocab: must be a positive integer or None, got {self.draft_vocab!r}")
         if self.weight_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(
+            raise ConfigError(
                 f"weight_dtype: expected None, torch.float32 or torch.bfloat16, got {self.weight_dtype!r}"
             )
         if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks: must be positive or None, got {self.num_blocks}")
+            raise ConfigError(f"num_blocks: must be positive or None, got {self.num_blocks}")
         if self.speculative and self.max_num_batched_tokens < self.num_speculative_tokens + 1:
-            raise ValueError(
+            raise ConfigError(
                 "max_num_batched_tokens: must hold one verification (num_speculative_tokens + 1)"
             )
 
@@ -122,7 +123,7 @@ class Engine:
         self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
         self.k = config.num_speculative_tokens if config.speculative else 0
         if self.k and len(model.mtp) == 0:
-            raise ValueError("speculative: the model has no MTP module (num_nextn_predict_layers = 0)")
+            raise ConfigError("speculative: the model has no MTP module (num_nextn_predict_layers = 0)")
         param = next(model.parameters())
         n_layers = cfg.n_layers + (1 if self.k else 0)  # MTP module 1 caches only when drafting
         num_blocks = config.num_blocks
@@ -167,7 +168,7 @@ class Engine:
         """Queue one request (validated first: a ValueError naming the field queues nothing)."""
         self._validate(prompt, params)
         if request_id is not None and request_id in self.scheduler.live:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+            raise RequestError(f"request_id: {request_id!r} is already in use")
         return self._admit(prompt, params, request_id)
 
     def add_requests(
@@ -180,16 +181,16 @@ class Engine:
         admitted, so a bad one (ValueError naming `prompts[i]` and the field) leaves nothing queued
         whose outputs would reach a later caller."""
         if len(params) != len(prompts) or (request_ids is not None and len(request_ids) != len(prompts)):
-            raise ValueError(f"params/request_ids: one per prompt ({len(prompts)} prompts)")
+            raise RequestError(f"params/request_ids: one per prompt ({len(prompts)} prompts)")
         ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         taken = set(self.scheduler.live)
         for i, (prompt, sp, rid) in enumerate(zip(prompts, params, ids)):
             try:
                 self._validate(prompt, sp)
-            except ValueError as e:
-                raise ValueError(f"prompts[{i}]: {e}") from e
+            except ValueError as e:  # RequestError, or a ValueError of the scheduler's checks
+                raise RequestError(f"prompts[{i}]: {e}") from e
             if rid is not None and rid in taken:
-                raise ValueError(f"prompts[{i}]: request_id {rid!r} is already in use")
+                raise RequestError(f"prompts[{i}]: request_id {rid!r} is already in use")
             taken.add(rid)
         # only now draw seeds and ids: a refused batch leaves the engine's generator untouched
         return [self._admit(prompt, sp, rid) for prompt, sp, rid in zip(prompts, params, ids)]
@@ -198,28 +199,30 @@ class Engine:
         """Everything that could make the request fail later, checked now (ValueError names the field)."""
         vocab = self.model.config.vocab_size
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+            raise RequestError(f"params: expected SamplingParams, got {type(params).__name__}")
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("prompt: must be a non-empty list of token ids")
+            raise RequestError("prompt: must be a non-empty list of token ids")
         bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt: token ids {bad[:5]} are not integers in the vocabulary [0, {vocab})")
+            raise RequestError(f"prompt: token ids {bad[:5]} are not integers in the vocabulary [0, {vocab})")
         if len(prompt) >= self.max_model_len:
-            raise ValueError(
+            raise RequestError(
                 f"prompt: {len(prompt)} tokens, the model takes at most {self.max_model_len - 1}"
             )
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            raise RequestError(
+                "stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts"
+            )
         if params.logprobs is not None and (
             not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= vocab
         ):
-            raise ValueError(
+            raise RequestError(
                 f"logprobs: must be an integer in [0, {vocab}] (the vocabulary), got {params.logprobs!r}"
             )
         if params.seed is not None and (
             not isinstance(params.seed, int) or not SEED_RANGE[0] <= params.seed < SEED_RANGE[1]
         ):
-            raise ValueError(f"seed: must be an integer in [-2**63, 2**64), got {params.seed!r}")
+            raise RequestError(f"seed: must be an integer in [-2**63, 2**64), got {params.seed!r}")
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
         self.scheduler.check_fits(len(prompt), max_tokens)
 

@@ -20,6 +20,7 @@ import torch
 
 from dsv3.infer.engine import Engine, EngineConfig, RequestFailed, RequestOutput
 from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.scheduler import RequestError
 from dsv3.model.transformer import Transformer
 
 Prompt = str | list[int]
@@ -32,6 +33,20 @@ def load_tokenizer(path: str | Path):
     from dsv3.data.tokenizer import Tokenizer
 
     return Tokenizer.load(path)
+
+
+def text(value: object, what: str) -> str:
+    """`value` if it is text the tokenizer can take: a str that is valid Unicode (a lone surrogate,
+    e.g. from a file read with errors="surrogateescape", is not) -> else RequestError naming `what`."""
+    if not isinstance(value, str):
+        raise RequestError(f"{what}: expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(
+            f"{what}: not valid text ({e.reason} {value[e.start : e.end]!r} at position {e.start})"
+        ) from e
+    return value
 
 
 def bf16_checkpoint(path: str | Path) -> bool:
@@ -82,18 +97,22 @@ class LLM:
     def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
+                raise RequestError(
                     f"prompts[{index}]: a string prompt needs a tokenizer (no tokenizer.json in the "
                     "checkpoint); pass token ids instead"
                 )
-            return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"prompts[{index}]: expected a string or a list of token ids")
+            return self.tokenizer.encode(text(prompt, f"prompts[{index}]"))
+        # bytes iterate as ints: refuse them rather than read b"hi" as the token ids [104, 105];
+        # the ids themselves are checked by the engine
+        if not isinstance(prompt, (list, tuple)):
+            raise RequestError(
+                f"prompts[{index}]: expected a string or a list of token ids, got {type(prompt).__name__}"
+            )
         return list(prompt)
 
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
-            raise ValueError(f"{what}: needs a tokenizer (no tokenizer.json in the checkpoint)")
+            raise RequestError(f"{what}: needs a tokenizer (no tokenizer.json in the checkpoint)")
         return self.tokenizer
 
     # ---- generation -------------------------------------------------------------------------------
@@ -107,7 +126,7 @@ class LLM:
         on_update(output) is called whenever one of these requests receives tokens (streaming).
 
         All or nothing at the door: every prompt is encoded and validated before any is queued (a
-        ValueError names `prompts[i]`). If the loop is left early (an exception, Ctrl-C, a raising
+        RequestError names `prompts[i]`). If the loop is left early (an exception, Ctrl-C, a raising
         on_update), the call's unfinished requests are aborted and their cache blocks freed, so
         nothing of this call reaches a later one. A request that fails inside the engine fails
         alone; once the others finish, RequestFailed names the failed prompts (its `outputs` holds
@@ -117,7 +136,7 @@ class LLM:
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
-            raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
+            raise RequestError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
         encoded = [self.encode(p, i) for i, p in enumerate(prompts)]
         ids = self.engine.add_requests(encoded, plist)
         mine, done = set(ids), {}
@@ -145,6 +164,8 @@ class LLM:
     ) -> RequestOutput:
         """One assistant turn in the chat format of the released chat models (DESIGN §6)."""
         tok = self._require_tokenizer("chat")
+        for i, m in enumerate(messages):
+            text(m.get("content"), f"messages[{i}].content")
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([prompt], params, on_update)[0]
 
@@ -155,7 +176,7 @@ class LLM:
 
         tok = self._require_tokenizer("complete")
         params = params or SamplingParams(temperature=0.0, max_tokens=64)
-        out = self.generate([fim_prompt(tok, prefix, suffix)], params)[0]
+        out = self.generate([fim_prompt(tok, text(prefix, "prefix"), text(suffix, "suffix"))], params)[0]
         return out.text if out.text is not None else tok.decode(out.token_ids)
 
     @property

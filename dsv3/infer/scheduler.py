@@ -25,8 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.errors import Dsv3Error
 from dsv3.infer.paged_cache import BlockAllocator
 from dsv3.infer.sampling import SamplingParams
+
+
+class RequestError(Dsv3Error, ValueError):
+    """A request the engine refuses when it is added; the message names the field (and `prompts[i]`)."""
 
 
 class Status(enum.Enum):
@@ -118,14 +123,14 @@ class Scheduler:
         """Refuse a request that could never run, even alone in the cache."""
         need = self.blocks_for(prompt_len + max_tokens + self.lookahead)
         if need > self.allocator.num_blocks:
-            raise ValueError(
+            raise RequestError(
                 f"max_tokens: prompt ({prompt_len}) + max_tokens ({max_tokens}) needs {need} cache blocks "
                 f"of {self.block_size} tokens, the cache has {self.allocator.num_blocks}"
             )
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.live:
-            raise ValueError(f"request_id: {seq.request_id!r} is already running")
+            raise RequestError(f"request_id: {seq.request_id!r} is already running")
         self.waiting.append(seq)
         self.live[seq.request_id] = seq
 
