@@ -1,6 +1,9 @@
 """Checkpoints in the official layout: round trips, shards, FP8 blocks, conversion, clear errors."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -195,3 +198,249 @@ def test_keep_fp8_returns_stored_projections_without_dequantising(tmp_path, fp8_
     for k in ("model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.experts.3.up_proj.weight"):
         assert torch.equal(got[k].float(), reference[k]), k
     assert isinstance(load_pretrained(tmp_path), Transformer)  # without keep_fp8: the model alone
+
+
+# ---- integrity on load: the manifest, kinds of tensors, non-finite weights ------------------------
+def _training_checkpoint(root, model: Transformer):
+    """A checkpoint as training writes it: the model files plus manifest.json with their SHA-256."""
+    from dsv3.train.state import save_checkpoint
+
+    return save_checkpoint(root, 1, model, {}, {"step": 1})
+
+
+def _flip_data_byte(file, at: int = 0) -> None:
+    """Flip the lowest mantissa bit of one float32 value in a safetensors file's data: the header
+    still parses and the value stays finite, so only the checksum can tell."""
+    raw = bytearray(file.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header + 4 * at] ^= 0x01
+    file.write_bytes(bytes(raw))
+
+
+def test_a_verified_training_checkpoint_loads(tmp_path, tiny):
+    model = Transformer(tiny)
+    ckpt = _training_checkpoint(tmp_path, model)
+    assert (ckpt / "manifest.json").exists()
+    assert _same_weights(model, Transformer.from_pretrained(ckpt))
+
+
+def test_flipped_bytes_fail_the_manifest_check_and_verify_false_skips_it(tmp_path, tiny):
+    ckpt = _training_checkpoint(tmp_path, Transformer(tiny))
+    _flip_data_byte(ckpt / "model.safetensors", at=5)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt \(SHA-256"):
+        Transformer.from_pretrained(ckpt)
+    Transformer.from_pretrained(ckpt, verify=False)  # the opt-out loads it as it is
+    (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or altered"):
+        Transformer.from_pretrained(ckpt)
+
+
+def test_llm_verifies_and_has_the_opt_out(tmp_path, tiny):
+    from dsv3.infer.llm import LLM
+
+    ckpt = _training_checkpoint(tmp_path, Transformer(tiny))
+    _flip_data_byte(ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        LLM(ckpt, num_blocks=8)
+    LLM(ckpt, verify=False, num_blocks=8)
+
+
+def test_official_checkpoints_have_nothing_to_hash(tmp_path, tiny, monkeypatch):
+    """No manifest (an HF release): loading never hashes the files, so it stays as fast as before."""
+    import dsv3.data.fetch as fetch
+
+    Transformer(tiny).save_pretrained(tmp_path)
+    monkeypatch.setattr(fetch, "sha256_file", lambda p: pytest.fail(f"hashed {p}"))
+    Transformer.from_pretrained(tmp_path)
+
+
+def test_integer_tensors_for_float_weights_are_refused(tmp_path, tiny):
+    Transformer(tiny).save_pretrained(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(tiny.dim, dtype=torch.int32)}))
+    for verify in (True, False):
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: model\.norm\.weight is int32"):
+            Transformer.from_pretrained(tmp_path, verify=verify)
+
+
+def test_non_finite_weights_give_one_warning_naming_them(tmp_path, tiny):
+    import warnings
+
+    Transformer(tiny).save_pretrained(tmp_path)
+
+    def poison(t):
+        t["model.norm.weight"][3] = float("nan")
+        t["model.layers.1.mlp.experts.2.down_proj.weight"][0, 0] = float("inf")
+
+    _rewrite(tmp_path, poison)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Transformer.from_pretrained(tmp_path)
+    msgs = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "2 tensor(s)" in msgs[0] and "norm.weight" in msgs[0] and "layers.1.mlp.experts.w2" in msgs[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Transformer.from_pretrained(tmp_path, verify=False)  # the opt-out skips the scan
+
+
+# ---- unreadable checkpoints: one line naming the file ---------------------------------------------
+def _garble(path, text: str) -> None:
+    (path / "model.safetensors").write_bytes(text.encode() * 50)
+
+
+def _truncate(path) -> None:
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _sharded_without(path, tiny, what: str) -> None:
+    Transformer(tiny).save_pretrained(path, max_shard_bytes=200_000)
+    index = path / "model.safetensors.index.json"
+    if what == "shard":
+        next(path.glob("model-00002-*.safetensors")).unlink()
+    elif what == "json":
+        index.write_text('{"weight_map": {"a": ')
+    elif what == "weight_map":
+        index.write_text('{"metadata": {}}')
+    elif what == "key":  # the index sends a key to a shard that does not hold it
+        data = json.loads(index.read_text())
+        shards = sorted(set(data["weight_map"].values()))
+        here = data["weight_map"]["model.norm.weight"]
+        data["weight_map"]["model.norm.weight"] = next(s for s in shards if s != here)
+        index.write_text(json.dumps(data))
+    elif what == "escape":
+        index.write_text(json.dumps({"weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}))
+
+
+BAD_CHECKPOINTS = {
+    # case: (how to break a checkpoint directory `ckpt`, the file the message must name)
+    "missing": (lambda ckpt, tiny: None, "ckpt"),
+    "a file": (lambda ckpt, tiny: ckpt.write_text("{}"), "ckpt"),
+    "no config.json": (lambda ckpt, tiny: ckpt.mkdir(), "config.json"),
+    "invalid config.json": (
+        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), (ckpt / "config.json").write_text("{x")),
+        "config.json",
+    ),
+    "config.json without a field": (
+        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), (ckpt / "config.json").write_text("{}")),
+        "config.json",
+    ),
+    "config.json not an object": (
+        lambda ckpt, tiny: (
+            Transformer(tiny).save_pretrained(ckpt),
+            (ckpt / "config.json").write_text("[1]"),
+        ),
+        "config.json",
+    ),
+    "truncated safetensors": (
+        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), _truncate(ckpt)),
+        "model.safetensors",
+    ),
+    "garbled safetensors": (
+        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), _garble(ckpt, "garbage")),
+        "model.safetensors",
+    ),
+    "malformed index": (
+        lambda ckpt, tiny: _sharded_without(ckpt, tiny, "json"),
+        "model.safetensors.index.json",
+    ),
+    "index without weight_map": (
+        lambda ckpt, tiny: _sharded_without(ckpt, tiny, "weight_map"),
+        "model.safetensors.index.json",
+    ),
+    "index pointing outside": (
+        lambda ckpt, tiny: _sharded_without(ckpt, tiny, "escape"),
+        "model.safetensors.index.json",
+    ),
+    "key not in its shard": (lambda ckpt, tiny: _sharded_without(ckpt, tiny, "key"), "model.norm.weight"),
+    "missing shard": (lambda ckpt, tiny: _sharded_without(ckpt, tiny, "shard"), "model-00002-of-"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_unreadable_checkpoints_are_one_line_errors_naming_the_file(tmp_path, tiny, case):
+    from dsv3.errors import Dsv3Error
+
+    breaks, names = BAD_CHECKPOINTS[case]
+    ckpt = tmp_path / "ckpt"
+    breaks(ckpt, tiny)
+    with pytest.raises(CheckpointError) as e:
+        Transformer.from_pretrained(ckpt)
+    msg = str(e.value)
+    assert isinstance(e.value, Dsv3Error)
+    assert "\n" not in msg and str(ckpt) in msg and names in msg, msg
+
+
+# ---- the same at the command line: exit code 2, one line naming the file, no traceback -----------
+# `python -m dsv3 generate` needs generate_main wrapped by dsv3.errors.run_cli (the CLI side of the
+# issue); until then the wrapped entry point, run in a real process, holds the messages to that contract.
+ENV = {**os.environ, "DSV3_NATIVE_KERNELS": "0"}
+
+# every case through run_cli(generate_main) in one process (one interpreter start for all)
+WRAPPED_ALL = """
+import contextlib, io, json, sys, traceback
+from dsv3.errors import run_cli
+from dsv3.infer.cli import generate_main
+results = {}
+for case, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = run_cli("dsv3 generate", generate_main, argv)
+    except BaseException:
+        code, err = None, io.StringIO(traceback.format_exc())
+    results[case] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def _one_line_naming(code, stderr: str, name: str) -> bool:
+    lines = [line for line in stderr.splitlines() if line.strip() and "Warning" not in line]
+    return (
+        code == 2
+        and "Traceback" not in stderr
+        and len(lines) == 1
+        and lines[0].startswith("dsv3 generate: ")
+        and name in lines[0]
+    )
+
+
+def test_generate_names_every_bad_checkpoint_file_in_one_line(tmp_path, tiny):
+    argv, names = {}, {}
+    for i, (case, (breaks, name)) in enumerate(BAD_CHECKPOINTS.items()):
+        ckpt = tmp_path / f"case{i}" / "ckpt"
+        ckpt.parent.mkdir()
+        breaks(ckpt, tiny)
+        argv[case], names[case] = ["--ckpt", str(ckpt), "--prompt", "x"], name
+    good = tmp_path / "good"
+    Transformer(tiny).save_pretrained(good)
+    argv["token id outside the vocabulary"] = ["--ckpt", str(good), "--ids", "1,999999"]
+    names["token id outside the vocabulary"] = "prompts[0]: prompt: token ids [999999]"
+    r = subprocess.run(
+        [sys.executable, "-c", WRAPPED_ALL, json.dumps(argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert r.returncode == 0, r.stderr
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    bad = {case: err for case, (code, err) in results.items() if not _one_line_naming(code, err, names[case])}
+    assert not bad, bad
+
+
+@pytest.mark.xfail(
+    strict=True, reason="until dsv3 generate runs through dsv3.errors.run_cli (CLI branch); then drop this"
+)
+def test_dsv3_generate_names_the_bad_checkpoint_file(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
+    r = subprocess.run(
+        [sys.executable, "-m", "dsv3", "generate", "--ckpt", str(ckpt), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert _one_line_naming(r.returncode, r.stderr, "model.safetensors"), r.stderr

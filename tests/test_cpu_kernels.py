@@ -91,3 +91,48 @@ def test_bad_inputs_name_the_argument(native):
         native.experts_(
             torch.zeros(1, 8), torch.randn(1, 8), torch.randn(16, 8, 4), torch.randn(16, 2, 8), [16], [1.0]
         )
+
+
+def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path) -> str:
+    """The extension name `kernels()` passes to torch's builder for a checkout whose kernel source
+    is `source_text` (the builder is replaced: nothing is compiled)."""
+    import types
+
+    import torch.utils.cpp_extension as ext
+
+    source = tmp_path / f"few_rows_{abs(hash(source_text))}.cpp"
+    source.write_text(source_text)
+    names = []
+
+    def fake_load(name, sources, **kwargs):
+        names.append(name)
+        return types.SimpleNamespace(mm=None, addmm_=None, experts_=None, RowDecoder=None)
+
+    monkeypatch.setattr(ext, "load", fake_load)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    cpu_kernels.kernels()
+    assert len(names) == 1
+    return names[0]
+
+
+def test_build_is_keyed_by_the_source(monkeypatch, tmp_path):
+    """torch caches extensions by name only: two checkouts with different kernel sources must build
+    under different names (else each start rebuilds over the other's ~45 s build), the same source
+    under the same name (else nothing is ever reused)."""
+    a = _name_kernels_would_build(monkeypatch, "// checkout A\n", tmp_path)
+    b = _name_kernels_would_build(monkeypatch, "// checkout B\n", tmp_path)
+    a_again = _name_kernels_would_build(monkeypatch, "// checkout A\n", tmp_path)
+    assert a != b
+    assert a == a_again
+    assert a.isidentifier() and a.startswith("dsv3_few_rows_")
+
+
+def test_build_name_covers_the_flags_and_the_torch_version():
+    src = cpu_kernels.SOURCE.read_bytes()
+    name = cpu_kernels.build_name(src)
+    assert name == cpu_kernels.build_name(src)
+    assert name != cpu_kernels.build_name(src, cflags=("-O2", "-mavx2", "-mfma"))
+    assert name != cpu_kernels.build_name(src, torch_version=torch.__version__ + "+other")
+    assert name != cpu_kernels.build_name(src + b" ")

@@ -182,3 +182,89 @@ def test_compiled_decode_equals_full_forward(model, tiny):
     assert out.token_ids == ref
     for i, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         assert abs(entry[tok] - float(logp[len(prompt) - 1 + i, tok])) <= 1e-5
+
+
+# ---- failures: validated at the door, a failing step fails only its requests ---------------------
+def test_logprobs_beyond_the_vocabulary_are_refused_and_leak_nothing(model, tiny):
+    """logprobs=10**6 once passed add_request and failed inside every step, leaving its sequence
+    running on its blocks until every call failed with "cache too small?"."""
+    engine = Engine(model, EngineConfig(num_blocks=12, block_size=4))
+    prompt = _prompts(tiny.vocab_size, [9])[0]
+    for _ in range(5):
+        with pytest.raises(ValueError, match="logprobs"):
+            engine.add_request(prompt, SamplingParams(logprobs=10**6))
+        while engine.has_unfinished():
+            engine.step()
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks
+    assert list(_run(engine, {0: [(prompt, GREEDY)]}).values()) == [_alone(model, prompt, GREEDY.max_tokens)]
+    with pytest.raises(ValueError, match="seed"):
+        engine.add_request(prompt, SamplingParams(seed=2**70))
+
+
+def test_a_batch_with_one_bad_request_admits_none(model, tiny):
+    engine = Engine(model, EngineConfig(num_blocks=32, block_size=4))
+    good = _prompts(tiny.vocab_size, [5, 7])
+    with pytest.raises(ValueError, match=r"prompts\[2\]: prompt"):
+        engine.add_requests([*good, [tiny.vocab_size]], [GREEDY] * 3)
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match=r"prompts\[1\]: request_id 'a'"):
+        engine.add_requests(good, [GREEDY] * 2, ["a", "a"])
+    assert not engine.has_unfinished()
+
+
+def _poisoned_logprobs(monkeypatch, poison: int) -> None:
+    """Make committing the tokens of requests with logprobs == poison raise (a bug in one row)."""
+    import dsv3.infer.engine as engine_module
+
+    real = engine_module.logprob_entries
+
+    def entries(logits, tokens, top_n):
+        if poison in top_n:
+            raise RuntimeError("injected commit failure")
+        return real(logits, tokens, top_n)
+
+    monkeypatch.setattr(engine_module, "logprob_entries", entries)
+
+
+def test_a_failing_request_fails_alone_and_frees_its_blocks(model, tiny, monkeypatch):
+    _poisoned_logprobs(monkeypatch, poison=7)
+    engine = Engine(model, EngineConfig(num_blocks=32, block_size=4))
+    prompts = _prompts(tiny.vocab_size, [5, 9, 7])
+    bad = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=7)
+    with pytest.warns(UserWarning, match="request.s. 1 failed .RuntimeError: injected"):
+        outs = _run(engine, {0: [(prompts[0], GREEDY), (prompts[1], bad), (prompts[2], GREEDY)]}, full=True)
+    assert outs["1"].finished and outs["1"].finish_reason == "error"
+    assert isinstance(outs["1"].error, RuntimeError)
+    for rid in ("0", "2"):
+        assert outs[rid].finish_reason == "length"
+        assert outs[rid].token_ids == _alone(model, prompts[int(rid)], GREEDY.max_tokens)
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks
+
+
+def test_failing_forwards_free_every_block_and_the_engine_stays_usable(model, tiny, monkeypatch):
+    """N steps whose batched decode forward raises: their rows fail, no block stays taken, and the
+    next requests give what a fresh engine gives."""
+    engine = Engine(model, EngineConfig(num_blocks=16, block_size=4))
+    prompts = _prompts(tiny.vocab_size, [6, 8])
+    real = engine.runner.decode_logits
+    monkeypatch.setattr(engine.runner, "decode_logits", lambda seqs: 1 / 0)
+    for _ in range(4):
+        with pytest.warns(UserWarning, match="ZeroDivisionError"):
+            outs = _run(engine, {0: [(p, GREEDY) for p in prompts]}, full=True)
+        assert [o.finish_reason for o in outs.values()] == ["error", "error"]
+        assert engine.cache.allocator.num_free == engine.cache.num_blocks and not engine.has_unfinished()
+    monkeypatch.setattr(engine.runner, "decode_logits", real)
+    after = _run(engine, {0: [(p, GREEDY) for p in prompts]})
+    fresh = _run(
+        Engine(model, EngineConfig(num_blocks=16, block_size=4)), {0: [(p, GREEDY) for p in prompts]}
+    )
+    assert list(after.values()) == list(fresh.values())
+
+
+def test_abort_request_frees_its_blocks(model, tiny):
+    engine = Engine(model, EngineConfig(num_blocks=16, block_size=4))
+    rid = engine.add_request(_prompts(tiny.vocab_size, [6])[0], GREEDY)
+    engine.step()
+    assert engine.cache.allocator.num_free < engine.cache.num_blocks
+    assert engine.abort_request(rid) and not engine.abort_request(rid)
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks and not engine.has_unfinished()

@@ -46,10 +46,8 @@ def test_fim_layout_and_complete(ckpt, monkeypatch):
     llm = LLM(ckpt)
     tok = llm.tokenizer
     seen = []
-    add = llm.engine.add_request
-    monkeypatch.setattr(
-        llm.engine, "add_request", lambda p, params, rid=None: seen.append(p) or add(p, params)
-    )
+    add = llm.engine.add_requests
+    monkeypatch.setattr(llm.engine, "add_requests", lambda p, params: seen.extend(p) or add(p, params))
     prefix, suffix = "def add(a, b):\n    return ", "\n"
     middle = llm.complete(prefix, suffix, SamplingParams(temperature=0.0, max_tokens=6))
     # PSM: <bos> <｜fim▁begin｜> prefix <｜fim▁hole｜> suffix <｜fim▁end｜>, the model writes the middle
@@ -71,10 +69,8 @@ def test_fim_layout_and_complete(ckpt, monkeypatch):
 def test_chat_uses_the_chat_format(ckpt, monkeypatch):
     llm = LLM(ckpt)
     seen = []
-    add = llm.engine.add_request
-    monkeypatch.setattr(
-        llm.engine, "add_request", lambda p, params, rid=None: seen.append(p) or add(p, params)
-    )
+    add = llm.engine.add_requests
+    monkeypatch.setattr(llm.engine, "add_requests", lambda p, params: seen.extend(p) or add(p, params))
     messages = [{"role": "user", "content": "hi"}]
     llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=3))
     assert seen == [llm.tokenizer.apply_chat_template(messages)]
@@ -187,3 +183,85 @@ def test_fp8_weights_stay_fp8_and_run_the_block_scaled_gemm(tmp_path, tiny):
     assert (a - b).norm() / b.norm() < 0.1  # activation quantisation error only
     out = llm.generate([ids[0].tolist()], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
     assert out.token_ids == greedy_generate(llm.model, ids, 4)[0].tolist()
+
+
+# ---- failures: nothing of one call reaches the next ----------------------------------------------
+GREEDY8 = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def _clean(llm) -> bool:
+    alloc = llm.engine.cache.allocator
+    return not llm.engine.has_unfinished() and alloc.num_free == alloc.num_blocks
+
+
+def test_a_rejected_batch_leaves_nothing_for_the_next_call(ckpt):
+    llm, fresh = LLM(ckpt, num_blocks=64), LLM(ckpt, num_blocks=64)
+    with pytest.raises(ValueError, match=r"prompts\[2\]"):
+        llm.generate([[1, 2, 3], [4, 5], [10**6]], GREEDY8)
+    assert _clean(llm)
+    outs = llm.generate([[7, 8, 9]], GREEDY8)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in fresh.generate([[7, 8, 9]], GREEDY8)]
+    with pytest.raises(ValueError, match="logprobs"):
+        llm.generate([[1, 2]], SamplingParams(logprobs=10**6))
+    assert _clean(llm)
+
+
+def test_an_interrupted_generate_aborts_its_requests(ckpt):
+    """Ctrl-C (or a raising on_update) in the middle of a call: its requests must not keep their
+    blocks nor finish into the next call."""
+    llm = LLM(ckpt, num_blocks=64)
+
+    def interrupt(out):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5, 6]], GREEDY8, on_update=interrupt)
+    assert _clean(llm)
+    assert [o.request_id for o in llm.generate([[7, 8]], GREEDY8)] == ["2"]
+
+
+def test_a_request_failing_in_the_engine_raises_after_the_others_finish(ckpt, monkeypatch):
+    import dsv3.infer.engine as engine_module
+    from dsv3.infer.engine import RequestFailed
+
+    real = engine_module.logprob_entries
+
+    def entries(logits, tokens, top_n):
+        if 3 in top_n:
+            raise RuntimeError("injected")
+        return real(logits, tokens, top_n)
+
+    monkeypatch.setattr(engine_module, "logprob_entries", entries)
+    llm = LLM(ckpt, num_blocks=64)
+    bad = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3)
+    with pytest.warns(UserWarning, match="failed"), pytest.raises(RequestFailed, match=r"prompts\[1\]") as e:
+        llm.generate([[1, 2, 3], [4, 5], [6]], [GREEDY8, bad, GREEDY8])
+    assert [o.finish_reason for o in e.value.outputs] == ["length", "error", "length"]
+    assert isinstance(e.value.__cause__, RuntimeError) and _clean(llm)
+
+
+def test_bad_prompts_are_one_line_request_errors(ckpt):
+    """User errors in a request are Dsv3Errors (one line at the command line), not tracebacks:
+    bytes would otherwise be read as token ids, a lone surrogate failed inside the tokenizer."""
+    from dsv3.config import ConfigError
+    from dsv3.errors import Dsv3Error
+    from dsv3.infer.engine import EngineConfig, RequestError
+
+    llm = LLM(ckpt, num_blocks=64)
+    cases = [
+        (b"hi", r"prompts\[0\]: expected a string or a list of token ids, got bytes"),
+        ("a\udcff b", r"prompts\[0\]: not valid text \(surrogates not allowed '\\udcff' at position 1\)"),
+        ([1.5], r"prompts\[0\]: prompt: token ids \[1.5\] are not integers"),
+        ([10**6], r"prompts\[0\]: prompt: .* vocabulary"),
+    ]
+    for prompt, match in cases:
+        with pytest.raises(RequestError, match=match) as e:
+            llm.generate([prompt], GREEDY8)
+        assert isinstance(e.value, Dsv3Error) and isinstance(e.value, ValueError)
+        assert _clean(llm)
+    with pytest.raises(RequestError, match=r"messages\[1\]\.content"):
+        llm.chat([{"role": "user", "content": "hi"}, {"role": "user", "content": "\ud800"}])
+    with pytest.raises(RequestError, match="suffix"):
+        llm.complete("def f():", "\udc80")
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)

@@ -6,7 +6,7 @@ are resolved lazily so that importing a submodule (e.g. dsv3.infer.eplb) stays l
 
 from __future__ import annotations
 
-__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "Engine", "EngineConfig", "RequestFailed", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):
@@ -18,7 +18,7 @@ def __getattr__(name: str):
         from dsv3.infer.sampling import SamplingParams
 
         return SamplingParams
-    if name in ("Engine", "EngineConfig", "RequestOutput"):
+    if name in ("Engine", "EngineConfig", "RequestFailed", "RequestOutput"):
         from dsv3.infer import engine
 
         return getattr(engine, name)

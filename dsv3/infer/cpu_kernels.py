@@ -16,14 +16,19 @@ exact), accumulation is FP32, so a BF16 weight gives the same products as its FP
 
 `Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA, one thread), compiled on first use by
 torch.utils.cpp_extension into torch's extension cache (~30 s once per machine; set
-DSV3_NATIVE_KERNELS=0 to skip it). `Reference` is the same contract in plain torch: used where the
-kernel cannot be built (no compiler, not x86, no AVX2) and the reference the tests hold it to.
+DSV3_NATIVE_KERNELS=0 to skip it). The extension's name, and so its build directory in that cache,
+carries a hash of the source, the compiler flags and the torch version (`build_name`): torch keys
+the cache by name only, so under one fixed name two checkouts (or two torch versions) on a machine
+would rebuild over each other's build at every start. `Reference` is the same contract in plain
+torch: used where the kernel cannot be built (no compiler, not x86, no AVX2) and the reference the
+tests hold it to.
 
 Shapes: M rows (a few), K inputs, N outputs, E experts, D dim, I expert hidden size, J experts per row.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -35,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
+CFLAGS = ("-O3", "-mavx2", "-mfma")
+BASE_NAME = "dsv3_few_rows"
 
 
 class Kernels(Protocol):
@@ -111,6 +118,19 @@ def _ninja_on_path() -> None:
             pass
 
 
+def build_name(
+    source: bytes, cflags: tuple[str, ...] = CFLAGS, torch_version: str = torch.__version__
+) -> str:
+    """The extension name for this source, these flags and this torch: `dsv3_few_rows_<hash>`.
+    Everything that changes the built library goes into the hash, so a build is reused exactly
+    when it is the same build (a valid Python identifier: the name is the module's PyInit_ symbol)."""
+    h = hashlib.sha256()
+    for part in (source, "\0".join(cflags).encode(), torch_version.encode()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return f"{BASE_NAME}_{h.hexdigest()[:16]}"
+
+
 def kernels(native: bool = True) -> Kernels:
     """The native kernel when `native` and it builds here, else the torch reference (the reason
     the native one is not used is in `why_not_native`)."""
@@ -126,9 +146,9 @@ def kernels(native: bool = True) -> Kernels:
                 _ninja_on_path()
 
                 module = load(
-                    "dsv3_few_rows",
+                    build_name(SOURCE.read_bytes()),
                     [str(SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma"],
+                    extra_cflags=list(CFLAGS),
                     verbose=False,
                 )
                 _loaded["native"] = Native(module)

@@ -11,22 +11,35 @@ tokens, stop strings, max_tokens, the model's length) and finished sequences fre
 With speculative decoding the MTP module then drafts the next tokens of every row (see
 dsv3.infer.speculative).
 
+Failures: a request is validated completely when added (`add_requests` validates a whole batch
+before admitting any of it), so a bad one is refused with a ValueError naming the field and leaves
+nothing queued. An exception while a step runs fails exactly the requests it touched: the rows of a
+failing forward, or the one request whose tokens could not be committed. They finish with
+finish_reason "error" (`RequestOutput.error` holds the exception), their cache blocks are freed, a
+warning names them, and the engine goes on serving every other request. `abort_request` ends a
+request early the same way (finish_reason "abort").
+
 Shapes: B decode rows, C chunk length, K drafts, V vocabulary.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.config import ConfigError
 from dsv3.infer.paged_cache import PagedLatentCache, cache_bytes_per_token
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams, logprob_entries, sample
-from dsv3.infer.scheduler import Scheduler, Sequence
+from dsv3.infer.scheduler import RequestError, Scheduler, Sequence
 from dsv3.infer.speculative import SpecStats, propose, verify
 from dsv3.model.transformer import Transformer
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -51,17 +64,17 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+                raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
         if self.draft_vocab is not None and (not isinstance(self.draft_vocab, int) or self.draft_vocab <= 0):
-            raise ValueError(f"draft_vocab: must be a positive integer or None, got {self.draft_vocab!r}")
+            raise ConfigError(f"draft_vocab: must be a positive integer or None, got {self.draft_vocab!r}")
         if self.weight_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(
+            raise ConfigError(
                 f"weight_dtype: expected None, torch.float32 or torch.bfloat16, got {self.weight_dtype!r}"
             )
         if self.num_blocks is not None and self.num_blocks <= 0:
-            raise ValueError(f"num_blocks: must be positive or None, got {self.num_blocks}")
+            raise ConfigError(f"num_blocks: must be positive or None, got {self.num_blocks}")
         if self.speculative and self.max_num_batched_tokens < self.num_speculative_tokens + 1:
-            raise ValueError(
+            raise ConfigError(
                 "max_num_batched_tokens: must hold one verification (num_speculative_tokens + 1)"
             )
 
@@ -72,9 +85,26 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated so far
     finished: bool
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     text: str | None = None  # set when the engine has a tokenizer
     logprobs: list[dict[int, float]] | None = None  # per token: {token: logprob} (raw distribution)
+    error: BaseException | None = field(default=None, repr=False, compare=False)  # finish_reason "error"
+
+
+class RequestFailed(RuntimeError):
+    """Requests of one `LLM.generate` call failed inside the engine (a bug or a resource error, not
+    bad input: that is refused when the request is added). `outputs` holds every output of the
+    call in prompt order; the failed ones have finish_reason "error" and their exception in
+    `error` (the first is this exception's __cause__)."""
+
+    def __init__(self, failed: list[int], outputs: list[RequestOutput]) -> None:
+        first = outputs[failed[0]].error
+        super().__init__(
+            f"prompts{failed[:10]}: {len(failed)} request(s) failed in the engine, the first with "
+            f"{type(first).__name__}: {first}"
+        )
+        self.failed, self.outputs = failed, outputs
+        self.__cause__ = first
 
 
 @dataclass
@@ -93,7 +123,7 @@ class Engine:
         self.model, self.config, self.tokenizer = model.eval(), config, tokenizer
         self.k = config.num_speculative_tokens if config.speculative else 0
         if self.k and len(model.mtp) == 0:
-            raise ValueError("speculative: the model has no MTP module (num_nextn_predict_layers = 0)")
+            raise ConfigError("speculative: the model has no MTP module (num_nextn_predict_layers = 0)")
         param = next(model.parameters())
         n_layers = cfg.n_layers + (1 if self.k else 0)  # MTP module 1 caches only when drafting
         num_blocks = config.num_blocks
@@ -135,39 +165,112 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue one request (validated first: a ValueError naming the field queues nothing)."""
+        self._validate(prompt, params)
+        if request_id is not None and request_id in self.scheduler.live:
+            raise RequestError(f"request_id: {request_id!r} is already in use")
+        return self._admit(prompt, params, request_id)
+
+    def add_requests(
+        self,
+        prompts: Seq[list[int]],
+        params: Seq[SamplingParams],
+        request_ids: Seq[str] | None = None,
+    ) -> list[str]:
+        """Queue a batch of requests, all or none: every request is validated before any is
+        admitted, so a bad one (ValueError naming `prompts[i]` and the field) leaves nothing queued
+        whose outputs would reach a later caller."""
+        if len(params) != len(prompts) or (request_ids is not None and len(request_ids) != len(prompts)):
+            raise RequestError(f"params/request_ids: one per prompt ({len(prompts)} prompts)")
+        ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        taken = set(self.scheduler.live)
+        for i, (prompt, sp, rid) in enumerate(zip(prompts, params, ids)):
+            try:
+                self._validate(prompt, sp)
+            except ValueError as e:  # RequestError, or a ValueError of the scheduler's checks
+                raise RequestError(f"prompts[{i}]: {e}") from e
+            if rid is not None and rid in taken:
+                raise RequestError(f"prompts[{i}]: request_id {rid!r} is already in use")
+            taken.add(rid)
+        # only now draw seeds and ids: a refused batch leaves the engine's generator untouched
+        return [self._admit(prompt, sp, rid) for prompt, sp, rid in zip(prompts, params, ids)]
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """Everything that could make the request fail later, checked now (ValueError names the field)."""
         vocab = self.model.config.vocab_size
-        if not prompt:
-            raise ValueError("prompt: must hold at least one token")
-        bad = [t for t in prompt if not 0 <= t < vocab]
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise RequestError("prompt: must be a non-empty list of token ids")
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise RequestError(f"prompt: token ids {bad[:5]} are not integers in the vocabulary [0, {vocab})")
         if len(prompt) >= self.max_model_len:
-            raise ValueError(
+            raise RequestError(
                 f"prompt: {len(prompt)} tokens, the model takes at most {self.max_model_len - 1}"
             )
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            raise RequestError(
+                "stop: stop strings need a tokenizer; use stop_token_ids with token-id prompts"
+            )
+        if params.logprobs is not None and (
+            not isinstance(params.logprobs, int) or not 0 <= params.logprobs <= vocab
+        ):
+            raise RequestError(
+                f"logprobs: must be an integer in [0, {vocab}] (the vocabulary), got {params.logprobs!r}"
+            )
+        if params.seed is not None and (
+            not isinstance(params.seed, int) or not SEED_RANGE[0] <= params.seed < SEED_RANGE[1]
+        ):
+            raise RequestError(f"seed: must be an integer in [-2**63, 2**64), got {params.seed!r}")
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
         self.scheduler.check_fits(len(prompt), max_tokens)
+
+    def _admit(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> str:
         seed = (
             params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
         )
-        rid = request_id if request_id is not None else str(next(self._ids))
+        rid = request_id if request_id is not None else self._fresh_id()
         seq = Sequence(rid, list(prompt), params, torch.Generator().manual_seed(seed))
         seq.logprobs = [] if params.logprobs is not None else None
         self.scheduler.add(seq)
         return rid
+
+    def _fresh_id(self) -> str:
+        while (rid := str(next(self._ids))) in self.scheduler.live:
+            pass  # a caller chose this id for an earlier request
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """End an unfinished request now (finish_reason "abort") and free its blocks; False if no
+        such request is running or waiting."""
+        seq = self.scheduler.live.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the state of every request that received tokens."""
+        """Run one scheduled batch; return the state of every request that received tokens or
+        failed (an exception in the step fails the requests it touched, see the module docstring)."""
         batch = self.scheduler.schedule()
         if not batch.decodes and not batch.prefills and self.scheduler.has_unfinished():
             raise RuntimeError("step: requests are queued but none could be scheduled (cache too small?)")
         self._count(batch)
+        outputs: list[RequestOutput] = []
+        try:
+            self._run(batch, outputs)
+        except Exception as e:  # a failing forward: every row of the batch that is not done yet
+            touched = batch.decodes + [seq for seq, _, _ in batch.prefills]
+            outputs += self._fail([seq for seq in touched if not seq.finished], e)
+        return outputs
+
+    def _run(self, batch, outputs: list[RequestOutput]) -> None:
+        """The forwards of one batch; commits each request's tokens into `outputs` as it goes."""
         emitted: dict[int, tuple[Sequence, list[int], torch.Tensor]] = {}  # id(seq) -> tokens, logits
         verified = None
         if batch.decodes and self.k:
@@ -194,7 +297,11 @@ class Engine:
             for i, s in enumerate(seqs):
                 emitted[id(s)] = (s, tokens[i : i + 1], logits[i : i + 1])
             final.append((seqs, h, start, end))
-        outputs = [self._commit(seq, tokens, logits) for seq, tokens, logits in emitted.values()]
+        for seq, tokens, logits in emitted.values():
+            try:
+                outputs.append(self._commit(seq, tokens, logits))
+            except Exception as e:  # this request's tokens alone: the others commit as usual
+                outputs += self._fail([seq], e)
         if verified is not None:
             self._draft_after_verify(*verified)
         for seqs, h, start, end in final:
@@ -202,7 +309,21 @@ class Engine:
             if self.k and live:
                 pick = [seqs[i] for i in live]
                 self._mtp_prefill(pick, h[live], [start[i] for i in live], [end[i] for i in live], draft=True)
-        return outputs
+
+    def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
+        """Finish seqs with finish_reason "error" and free their blocks; one warning names them."""
+        if not seqs:
+            return []
+        for seq in seqs:
+            self.scheduler.finish(seq, "error")
+            seq.error = error
+        ids = ", ".join(seq.request_id for seq in seqs)
+        warnings.warn(
+            f"engine: request(s) {ids} failed ({type(error).__name__}: {error}); "
+            "their cache blocks are freed",
+            stacklevel=3,
+        )
+        return [self._output(seq) for seq in seqs]
 
     def _count(self, batch) -> None:
         st = self.stats
@@ -275,6 +396,9 @@ class Engine:
             seq.text = self.tokenizer.decode(ids)
             if seq.stop_text_len is not None:
                 seq.text = seq.text[: seq.stop_text_len]
+        return self._output(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(
             seq.request_id,
             seq.prompt,
@@ -283,6 +407,7 @@ class Engine:
             seq.finish_reason,
             seq.text,
             seq.logprobs,
+            seq.error,
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

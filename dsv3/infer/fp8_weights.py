@@ -71,11 +71,15 @@ def install_fp8_linears(model: Transformer, raw: dict[str, tuple[torch.Tensor, t
 
 
 def load_fp8_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> Transformer:
     """Load a checkpoint with its FP8 projections kept in FP8: those weights are read as stored and
     never dequantised (`load_pretrained(keep_fp8=...)`), so peak memory is the FP8 model's; every
-    other weight (and all weights of a BF16/FP32 checkpoint) is loaded in `dtype`."""
-    model, raw = load_pretrained(path, dtype=dtype, device=device, keep_fp8=_kept_in_fp8)
+    other weight (and all weights of a BF16/FP32 checkpoint) is loaded in `dtype`. verify: as in
+    `load_pretrained`."""
+    model, raw = load_pretrained(path, dtype=dtype, device=device, keep_fp8=_kept_in_fp8, verify=verify)
     install_fp8_linears(model, raw)
     return model

@@ -25,8 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.errors import Dsv3Error
 from dsv3.infer.paged_cache import BlockAllocator
 from dsv3.infer.sampling import SamplingParams
+
+
+class RequestError(Dsv3Error, ValueError):
+    """A request the engine refuses when it is added; the message names the field (and `prompts[i]`)."""
 
 
 class Status(enum.Enum):
@@ -45,7 +50,9 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache (main layers)
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" (eos, stop token or string) or "length"
+    # "stop" (eos, stop token or string), "length", "abort" (abort_request) or "error" (its step failed)
+    finish_reason: str | None = None
+    error: BaseException | None = None  # what failed the request (finish_reason "error")
     logprobs: list[dict[int, float]] | None = None
     text: str | None = None
     stop_text_len: int | None = None  # where a stop string cut the text
@@ -106,6 +113,7 @@ class Scheduler:
         self.lookahead = 2 * num_draft_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.live: dict[str, Sequence] = {}  # request id -> its unfinished sequence (waiting or running)
         self.num_preemptions = 0
 
     def blocks_for(self, n_tokens: int) -> int:
@@ -115,13 +123,16 @@ class Scheduler:
         """Refuse a request that could never run, even alone in the cache."""
         need = self.blocks_for(prompt_len + max_tokens + self.lookahead)
         if need > self.allocator.num_blocks:
-            raise ValueError(
+            raise RequestError(
                 f"max_tokens: prompt ({prompt_len}) + max_tokens ({max_tokens}) needs {need} cache blocks "
                 f"of {self.block_size} tokens, the cache has {self.allocator.num_blocks}"
             )
 
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.live:
+            raise RequestError(f"request_id: {seq.request_id!r} is already running")
         self.waiting.append(seq)
+        self.live[seq.request_id] = seq
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -185,8 +196,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """End seq wherever it is (running or still waiting) and free its blocks."""
+        if seq.finished:
+            return
         seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.live.pop(seq.request_id, None)
         self.allocator.free(seq.block_table)
         seq.block_table = []

@@ -192,12 +192,18 @@ class Transformer(nn.Module):
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
     ) -> Transformer:
-        """Load a checkpoint in the official Hugging Face layout (BF16/FP32, or FP8 + weight_scale_inv)."""
+        """Load a checkpoint in the official Hugging Face layout (BF16/FP32, or FP8 + weight_scale_inv).
+        verify: check a training checkpoint's manifest (SHA-256) and warn on NaN/inf weights
+        (dsv3.checkpoint.load_pretrained); False skips both."""
         from dsv3.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, verify=verify)
 
     def save_pretrained(
         self, path: str | Path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
