@@ -46,3 +46,68 @@ def test_torchrun_trains_with_expert_parallelism_and_zero(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
     model = Transformer.from_pretrained(ckpt)  # one ordinary checkpoint with all 8 experts
     assert model.moe_layers()[0].experts.w1.shape[0] == 8
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc to find torchrun's workers")
+def test_workers_exit_within_seconds_when_the_torchrun_agent_is_killed(tmp_path):
+    """kill -9 of the agent used to leave both workers training to the end as orphans."""
+    import signal
+    import time
+
+    from dsv3.parallel.launch import PARENT_DIED_EXIT
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(20):
+        (corpus / f"d{d}.txt").write_text(" ".join(WORDS[(d + i) % len(WORDS)] for i in range(80)) + ".\n")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = tmp_path / "run"
+    cmd = [
+        str(torchrun), "--nproc-per-node", "2", "-m", "dsv3.train", "--preset", "tiny", "--steps", "100000",
+        "--dp", "2", "--precision", "fp32", "--data", str(corpus), "--out", str(run), "--quiet", "--threads", "1",
+        "seq_len=32", "micro_batch=1", "batch_start=2", "batch_end=2", "log_every=1", "eval_every=100000",
+        "ckpt_every=100000", "tensorboard=false",
+    ]  # fmt: skip
+    env = {**os.environ, "DSV3_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 100
+        while not ((run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text()):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate(timeout=10)[1][
+                -3000:
+            ]
+            time.sleep(0.2)
+        workers = _children(agent.pid)
+        assert len(workers) == 2
+        os.kill(agent.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while not all(_gone(w) for w in workers) and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        assert all(_gone(w) for w in workers), "the workers outlived their agent"
+        assert time.monotonic() - t0 < 5
+        _, err = agent.communicate(timeout=20)
+        # the first worker to notice exits with the message; the other may fail first on its dead peer
+        assert f"the launcher (pid {agent.pid}) died; exiting with code {PARENT_DIED_EXIT}" in err
+    finally:
+        for pid in [agent.pid, *workers]:  # torchrun starts each worker in a session of its own
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        agent.wait(10)
