@@ -65,7 +65,7 @@ def save_checkpoint(
     except BaseException as e:
         full = isinstance(e, Exception) and is_disk_full(e, root)
         if full:  # measured before the clean-up gives the space back
-            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
             message = (
                 f"{disk_full_message(root, f'checkpoint step {step}')} ({written / 2**20:.1f} MiB written)"
             )
