@@ -23,6 +23,7 @@ index names but that is missing) is a CheckpointError whose one-line message sta
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -55,6 +56,48 @@ _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 class CheckpointError(Dsv3Error, RuntimeError):
     """A checkpoint does not match the model: the message names the keys and shapes."""
+
+
+class DiskFullError(CheckpointError):
+    """No space left (or over quota) while writing a checkpoint; the message names the directory.
+    What was partly written has been removed: the files that were there before are intact."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How the writers that do not raise OSError say it: safetensors (Rust), torch.save's zip writer (which
+# reports a short write as "unexpected pos A vs B" and keeps the OSError only as __context__).
+_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_disk_full(exc: BaseException, directory: str | Path | None = None) -> bool:
+    """Whether `exc` (or an error it was raised from) means the file system is full or over quota.
+    With `directory`, torch's bare "unexpected pos" or "iostream error" also count when it has less
+    than 1 MiB free (torch.save to a path hides the OSError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(e).lower() for t in _FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    if directory is not None and any(t in str(exc) for t in ("unexpected pos", "iostream error")):
+        try:
+            return shutil.disk_usage(directory).free < 2**20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_message(directory: str | Path, what: str) -> str:
+    """One line: the directory, what was being written, the space left."""
+    try:
+        usage = shutil.disk_usage(directory)
+        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+    except OSError:
+        space = "free space unknown"
+    return f"no space left on {directory} ({space}) while writing {what}"
 
 
 # ---- key mapping ---------------------------------------------------------------------------------
@@ -442,15 +485,26 @@ def _write_shards(
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
+    _atomic_write(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def _atomic_write_text(file: Path, text: str) -> None:
+    _atomic_write(file, lambda tmp: tmp.write_text(text))
+
+
+def _atomic_write(file: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp), then rename tmp over `file`. On failure the partial tmp file is removed, and a
+    full disk becomes DiskFullError naming the directory (not the writer's "unexpected pos" or
+    "Error while serializing")."""
     tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and is_disk_full(e, file.parent):
+            raise DiskFullError(disk_full_message(file.parent, file.name)) from e
+        raise
 
 
 def save_pretrained(

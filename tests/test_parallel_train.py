@@ -114,3 +114,32 @@ def test_four_rank_checkpoint_resumes_on_one_process(root, four_ranks, reference
     )  # fmt: skip
     assert trainer.step == 2
     assert [trainer.train_step().loss for _ in range(2)] == pytest.approx(reference[2:], rel=1e-5)
+
+
+def batch_on_two_ranks(rank, world, root):
+    """micro_batch 8 on 2 ranks cannot make a global batch of 8: refused, naming the fields; micro_batch
+    4 trains exactly 8 sequences per step (the 1-process run's batch)."""
+    from dsv3.config import ConfigError
+
+    data = prepare_data(data_config(root))
+    try:
+        Trainer(
+            train_config(root, "bad", micro_batch=8, parallel={"dp": 2}), dataset=data, show_progress=False
+        )
+        refused = ""
+    except ConfigError as e:
+        refused = str(e)
+    trainer = Trainer(
+        train_config(root, "fits", micro_batch=4, parallel={"dp": 2}), dataset=data, show_progress=False
+    )
+    loss = trainer.train_step().loss
+    return {"refused": refused, "tokens_seen": trainer.tokens_seen, "loss": loss}
+
+
+def test_two_ranks_never_silently_change_the_global_batch(root, reference):
+    for res in run_ranks(batch_on_two_ranks, 2, root, timeout=60, deadline=180):
+        assert (
+            "micro_batch (8) x 2 data ranks = 16" in res["refused"] and "set micro_batch=4" in res["refused"]
+        )
+        assert res["tokens_seen"] == 8 * 32  # the configured global batch of 8 sequences of 32 tokens
+        assert res["loss"] == pytest.approx(reference[0], rel=1e-5)

@@ -85,3 +85,30 @@ def test_settings_and_single_process_fallback():
     assert type(build_strategy(ep=1)) is Strategy  # one process: the plain strategy
     with pytest.raises(ValueError, match=r"parallel.ep=2.*torchrun --nproc-per-node 2"):
         build_strategy(ep=2)
+
+
+# ---- the global batch on several ranks (item: never silently a different batch) ----------------------
+def test_global_batch_never_silently_grows_with_the_world_size():
+    from dsv3.config import ConfigError
+    from dsv3.train import schedules as S
+    from dsv3.train.config import TrainConfig
+
+    cfg = TrainConfig(steps=10, micro_batch=8, batch_start=8, batch_end=8)
+    assert S.global_batch(cfg, 0, ranks=1) == 8
+    with pytest.raises(ConfigError) as e:  # 2 ranks x micro_batch 8 = 16 > 8: it used to train 16
+        S.global_batch(cfg, 0, ranks=2)
+    msg = str(e.value)
+    assert "batch_start, batch_end" in msg and "micro_batch (8) x 2 data ranks = 16" in msg
+    assert "set micro_batch=4" in msg and "\n" not in msg
+    assert S.global_batch(cfg.replace(micro_batch=4), 0, ranks=2) == 8
+
+
+def test_batch_ramp_is_the_same_on_every_world_size_that_fits():
+    from dsv3.train import schedules as S
+    from dsv3.train.config import TrainConfig
+
+    cfg = TrainConfig(steps=100, micro_batch=2, batch_start=8, batch_end=32, batch_ramp=0.5)
+    one = [S.global_batch(cfg, s, ranks=1) for s in range(100)]
+    assert one[0] == 8 and one[50] == 32 and one == sorted(one)
+    for ranks in (2, 4):  # a 4-rank run resumed on 1 or 2 ranks continues the same ramp
+        assert [S.global_batch(cfg, s, ranks=ranks) for s in range(100)] == one

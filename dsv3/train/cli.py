@@ -49,16 +49,21 @@ def build_config(args: argparse.Namespace):
 def _init_distributed() -> None:
     """Under torchrun (WORLD_SIZE set), join the process group: NCCL on cuda:LOCAL_RANK when CUDA is
     there, gloo on CPU otherwise. DSV3_DIST_TIMEOUT (seconds, default 600) bounds every collective,
-    so a dead or stuck rank makes the others fail with an error instead of hanging."""
+    so a stuck rank makes the others fail with an error instead of hanging; the watchdog
+    (dsv3.parallel.launch.Watchdog) ends this worker within seconds when torchrun's agent dies, and
+    within DSV3_HEARTBEAT_TIMEOUT (default 60 s) when a peer stops (docs/parallel.md, Failures)."""
     import datetime
 
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from dsv3.parallel.launch import start_watchdog
+
         timeout = datetime.timedelta(seconds=float(os.environ.get("DSV3_DIST_TIMEOUT", "600")))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        start_watchdog()
 
 
 def oversubscription_warning(threads: int, load: float, cpus: int) -> str | None:

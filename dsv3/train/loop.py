@@ -75,6 +75,7 @@ class Trainer:
             strategy = build_strategy(**cfg.parallel)
         self.strategy = strategy or Strategy()
         self.rank, self.world = self.strategy.rank, self.strategy.world
+        schedules.check_batch(cfg, self.strategy.data_world)  # before any data or model work
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dsv3.checkpoint import DiskFullError, disk_full_message, is_disk_full
 from dsv3.data.fetch import sha256_file
 from dsv3.errors import Dsv3Error
 
@@ -49,18 +50,55 @@ def save_checkpoint(
     tokenizer: Any | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep_last` ones."""
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep_last` ones.
+
+    If writing fails (a full disk, Ctrl-C, ...) the partial temporary directory is removed and the
+    earlier checkpoints are left as they were; a full disk (or quota) raises DiskFullError, whose
+    one-line message names `root` and the free space."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_contents(tmp, step, model, optimizer_state, trainer_state, tokenizer)
+    except BaseException as e:
+        full = isinstance(e, Exception) and is_disk_full(e, root)
+        if full:  # measured before the clean-up gives the space back
+            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+            message = (
+                f"{disk_full_message(root, f'checkpoint step {step}')} ({written / 2**20:.1f} MiB written)"
+            )
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFullError(
+                f"{message}; removed the partial checkpoint, the earlier ones are intact"
+            ) from e
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_contents(
+    tmp: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    tokenizer: Any | None,
+) -> None:
+    """Every file of the checkpoint, the manifest last, all fsynced: into the directory `tmp`."""
     tmp.mkdir()
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    _torch_save(optimizer_state, tmp / "optimizer.pt")
+    _torch_save(_rng_state(), tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
     _pause_for_tests()
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -70,13 +108,13 @@ def save_checkpoint(
         if p.is_file():
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file object, so that a failed write keeps its OSError (ENOSPC) as the
+    # context of torch's "unexpected pos" error instead of losing it.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _pause_for_tests() -> None:
