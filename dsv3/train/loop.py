@@ -376,7 +376,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
 
         def on_signal(signum: int) -> None:
-            log.message(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving "
+            log.message(f"{signal.Signals(signum).name}: stopping after the step under way, then saving "
                         "(send it again to stop at once without saving)")  # fmt: skip
 
         try:
