@@ -226,3 +226,23 @@ def test_due_checkpoint_is_written_before_the_evaluation_of_its_step(tmp_path, d
     with pytest.raises(RuntimeError, match="evaluation failed"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "ev" / "checkpoints")] == ["step_00000002"]
+
+
+def test_train_command_says_how_it_resumes(tmp_path, data, monkeypatch, capsys):
+    """`dsv3 train --resume`: a fresh start is announced; a run with only broken checkpoints is
+    refused in one line with exit code 2, naming the directory and --force."""
+    from dsv3.train.cli import train_main
+
+    corpus, cache = data
+    monkeypatch.setenv("DSV3_CACHE", cache)
+    out = tmp_path / "run"
+    argv = ["--resume", "--quiet", "--threads", "1", "--preset", "tiny", "--steps", "2", "--precision", "fp32", "--data", corpus,
+            "--out", str(out), *[f"{k}={v}" for k, v in SETTINGS.items()]]  # fmt: skip
+    assert train_main(argv) == 0
+    assert f"no valid checkpoint in {out / 'checkpoints'}: starting from step 0" in capsys.readouterr().out
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        (ckpt / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "--force" in err

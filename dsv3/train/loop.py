@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, on_first=None) -> None:
+    def __init__(self, on_first: Callable[[int], None] | None = None) -> None:
         self.signum = 0
         self._on_first = on_first
         self._previous: dict[int, object] = {}
@@ -135,8 +136,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None
         self.resumed_from = ckpt
-        self.fresh_log = ckpt is None and resume  # nothing to continue: the run starts over
-        if self.fresh_log:
+        if ckpt is None and resume:  # nothing to continue from: the run would start over
             self._check_nothing_lost(force)
         self.precision, self.precision_reason = pick_precision(cfg.precision)
         # fp8 keeps a BF16 compute copy on GPUs; on CPUs the FP8 GEMMs are emulated in FP32 and the
