@@ -96,6 +96,7 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     corpus = load_corpus(
         cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, max_bytes=cfg.max_bytes, cache=root
     )
+    corpus = hold_out_tail(corpus, cfg.val_fraction)
     stats: dict[str, float | str] = {**corpus.stats(), "corpus_s": time.perf_counter() - t0}
     fingerprint = corpus.fingerprint()
 
@@ -118,6 +119,30 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     train, val = (_load_split(out, name) for name in ("train", "val"))
     stats.update(tokenize_s=time.perf_counter() - t0, train_tokens=len(train), val_tokens=len(val))
     return Dataset(tok, train, val, key, stats)
+
+
+def hold_out_tail(corpus: Corpus, val_fraction: float) -> Corpus:
+    """A corpus whose split by document held nothing out (a lone document, e.g. one text file) gets
+    the last `val_fraction` of its largest document's lines as the validation document instead."""
+    if corpus.val or val_fraction <= 0 or not corpus.train:
+        return corpus
+    big = max(range(len(corpus.train)), key=lambda i: len(corpus.train[i].text))
+    doc = corpus.train[big]
+    lines = doc.text.splitlines(keepends=True)
+    total = sum(len(d.text) for d in corpus.train)
+    want, cut = val_fraction * total, len(lines)
+    tail = 0
+    while cut > 1 and tail < want:  # whole lines from the end, leaving at least one for training
+        cut -= 1
+        tail += len(lines[cut])
+    text = doc.text
+    at = len("".join(lines[:cut])) if cut < len(lines) else int(len(text) * (1 - min(val_fraction, 0.5)))
+    if not 0 < at < len(text):
+        return corpus
+    head = Document(text[:at], doc.source, doc.name)
+    held = Document(text[at:], doc.source, f"{doc.name}#tail")
+    train = corpus.train[:big] + [head] + corpus.train[big + 1 :]
+    return Corpus(train, [held], f"{corpus.description} (validation: the last lines of {doc.name})")
 
 
 def tokenize_documents(

@@ -59,6 +59,15 @@ class Rotary(nn.Module):
     def reset_buffers(self) -> None:
         self.inv_freq = inv_frequencies(self.cfg).to(self.inv_freq.device)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # A dtype cast of the model (.to(bfloat16), .half()) must not reach the frequencies: in BF16
+        # they are 0.18 rad off at position 1023 (`small`), and `from_pretrained` rebuilds them in
+        # FP32, so a model cast after construction would train on other angles than every later load.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.inv_freq = inv_frequencies(self.cfg).to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (int) -> cos, sin [B, T, P/2] in FP32."""
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, P/2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text/jsonl/parquet file or directory (default: the bundled corpus)")
     p.add_argument("--out", help="run directory (logs, checkpoints, plots)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument(
+        "--force", action="store_true", help="with --resume: start over when no checkpoint of --out is valid"
+    )
     p.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--ep", type=int, help="expert-parallel size (under torchrun; same as parallel.ep=N)")
@@ -93,12 +97,19 @@ def train_main(argv: list[str] | None = None) -> int:
         if warning:
             print(f"dsv3 train: warning: {warning}", file=sys.stderr)
     _init_distributed()
-    from dsv3.train.loop import Trainer, TrainingDiverged
+    from dsv3.errors import Dsv3Error
+    from dsv3.train.loop import Trainer, TrainingDiverged, TrainingInterrupted
 
-    trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet, force=args.force)
+    except Dsv3Error as e:
+        print(f"dsv3 train: {e}", file=sys.stderr)
+        return 2
     main_rank = trainer.strategy.is_main
     if trainer.resumed_from and main_rank:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
+    elif args.resume and main_rank:
+        print(f"no valid checkpoint in {trainer.ckpt_root}: starting from step 0")
     if main_rank:
         print(
             f"precision: {trainer.precision} ({trainer.precision_reason}); "
@@ -109,6 +120,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"dsv3 train: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:  # saved at a step boundary; 128 + signal, as shells report it
+        if main_rank:
+            print(f"dsv3 train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # a second signal: stopped mid-step without saving
+        return 128 + signal.SIGINT
     if main_rank:
         print(json.dumps(result, indent=2))
     return 0

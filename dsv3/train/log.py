@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,18 @@ from tqdm import tqdm
 
 
 class RunLog:
-    def __init__(self, out: Path, total_steps: int, start_step: int = 0, tensorboard: bool = True, show=True):
+    def __init__(
+        self,
+        out: Path,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        show: bool = True,
+        purge_after: int | None = None,
+    ) -> None:
+        """Append to the run's logs; TensorBoard hides its events past step `purge_after` (those a
+        resumed run trains again), all of them when None (a fresh run); `truncate_logs` does the same
+        for the JSONL files."""
         out.mkdir(parents=True, exist_ok=True)
         self.file = open(out / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses nothing
         self.loads = open(out / "expert_load.jsonl", "a", buffering=1)
@@ -20,7 +32,9 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                # purge_step hides the events of steps trained again, as the JSONL truncation does
+                purge = 0 if purge_after is None else purge_after + 1
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge)
             except ImportError:  # optional: the JSONL log is the record
                 self.tb = None
         self.bar = tqdm(
@@ -51,6 +65,30 @@ class RunLog:
         self.loads.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_logs(out: Path, keep_until: int | None) -> None:
+    """Drop the records past step `keep_until` from the run's JSONL logs (all of them when None): a
+    resumed run trains those steps again, and a fresh run starts a new log. Main rank only."""
+    for name in ("metrics.jsonl", "expert_load.jsonl"):
+        truncate_log(out / name, -1 if keep_until is None else keep_until)
+
+
+def truncate_log(path: Path, keep_until: int) -> None:
+    """Keep the JSONL records of `path` up to step `keep_until` (and no torn last line), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
+        if record.get("step", 0) <= keep_until:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _clean(v: Any) -> Any:

@@ -6,12 +6,21 @@ counts; then the gradients are clipped and applied (AdamW, no decay on norms), a
 layer's routing bias moves by gamma x sign(mean - count) from the counts of the whole step, so a
 batch's routing only ever depends on earlier batches. A non-finite loss or gradient skips the step;
 `max_bad_steps` in a row stop the run with a checkpoint of the last good state.
+
+Interruption: the first SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop; the step under way
+is finished (all ranks agree on the step to stop after), saved, and `TrainingInterrupted` is raised,
+so the checkpoint is exactly the one an uninterrupted run would have written at that step. A second
+signal stops at once without saving (the previous checkpoint stays).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,21 +28,66 @@ import numpy as np
 import torch
 
 from dsv3 import ModelConfig, Transformer, bf16
+from dsv3.data.corpus import CorpusError
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
 from dsv3.model.moe import MoE
 from dsv3.optim import param_groups
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
-from dsv3.train.log import RunLog
+from dsv3.train.log import RunLog, truncate_logs
 from dsv3.train.metrics import matmul_peak as measure_peak
 from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
-from dsv3.train.state import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.state import (
+    TrainCheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dsv3.train.strategy import Strategy
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a completed step, which was saved to `path`."""
+
+    def __init__(self, signum: int, step: int, path: Path | None) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step}; saved {path}; continue with --resume")
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM set `signum` instead of killing the run; a second one
+    raises KeyboardInterrupt (stop now). Only the main thread can own signal handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_first: Callable[[int], None] | None = None) -> None:
+        self.signum = 0
+        self._on_first = on_first
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self._on_first is not None:
+            self._on_first(signum)
 
 
 @dataclass
@@ -65,9 +119,12 @@ class Trainer:
         show_progress: bool = True,
         checkpoint: str | Path | None = None,
         strategy: Strategy | None = None,
+        force: bool = False,
     ) -> None:
         """Fresh run, or with `resume` the newest valid checkpoint of cfg.out, or `checkpoint`.
-        `strategy` spreads the step over processes (default: one process or plain data parallel)."""
+        `strategy` spreads the step over processes (default: one process or plain data parallel).
+        `resume` with no valid checkpoint starts afresh only where that loses nothing (no run there
+        yet), or with `force` (which discards the run's log and its unusable checkpoints)."""
         self.cfg, self.show = cfg, show_progress
         if strategy is None and cfg.parallel:
             from dsv3.parallel.strategy import build_strategy  # expert parallel, ZeRO-1 (DESIGN §5)
@@ -80,6 +137,8 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None
         self.resumed_from = ckpt
+        if ckpt is None and resume:  # nothing to continue from: the run would start over
+            self._check_nothing_lost(force)
         self.precision, self.precision_reason = pick_precision(cfg.precision)
         # fp8 keeps a BF16 compute copy on GPUs; on CPUs the FP8 GEMMs are emulated in FP32 and the
         # rest stays FP32, since CPUs without BF16 units run BF16 ~100x slower (docs/fp8.md)
@@ -110,6 +169,7 @@ class Trainer:
             dataset.train, cfg.seq_len, seed=cfg.seed, rank=self.data_rank, world_size=self.data_world
         )
         self.step, self.bad_steps, self.tokens_seen, self.skipped_total = 0, 0, 0, 0
+        self.saved: tuple[int, Path | None] = (-1, None)  # (step, path) of the last checkpoint written
         if ckpt is not None:
             state, optimizer_state = load_checkpoint(ckpt)
             self.strategy.load_optimizer_state(self.optimizer, optimizer_state)
@@ -120,6 +180,7 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.step, self.bad_steps = state["step"], state["bad_steps"]
             self.tokens_seen, self.skipped_total = state["tokens_seen"], state["skipped_total"]
+        self._check_val_split()
         self.flops_per_token = train_flops_per_token(self.model_cfg, cfg.seq_len)
         self.peak = measure_peak(dtype)
         self.main_moe = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
@@ -131,6 +192,30 @@ class Trainer:
         return cls(cfg, checkpoint=path, show_progress=False)
 
     # ---- set-up helpers ---------------------------------------------------------------------------
+    def _check_nothing_lost(self, force: bool) -> None:
+        """`--resume` found no valid checkpoint: refuse to start over a run that exists unless forced."""
+        broken = list_checkpoints(self.ckpt_root)
+        log = self.out / "metrics.jsonl"
+        if not broken and not log.exists():
+            return
+        if not force:
+            what = f"{len(broken)} checkpoint(s), none valid" if broken else "a training log, no checkpoint"
+            raise TrainCheckpointError(
+                f"{self.out}: --resume found {what}; starting from step 0 would overwrite the run "
+                "(pass --force to start over, or --out for a new run directory)"
+            )
+        if self.strategy.is_main:
+            for path in broken:  # they would otherwise outrank the new run's checkpoints
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _check_val_split(self) -> None:
+        """Fail before training, not at the first evaluation, when the validation split cannot fill
+        one sequence per rank (every run evaluates at its last step)."""
+        try:
+            next(iter(val_batches(self.data.val, self.cfg.seq_len, 1, world_size=self.data_world)))
+        except ValueError as e:
+            raise CorpusError(str(e)) from e
+
     def data_config(self, tokenizer: str | None = None) -> DataConfig:
         vocab = self.cfg.model.get("vocab_size", ModelConfig.from_preset(self.cfg.preset).vocab_size)
         return DataConfig(
@@ -251,13 +336,14 @@ class Trainer:
         model = self.strategy.full_model(self.model)
         optimizer_state = self.strategy.optimizer_state(self.optimizer)
         if not self.strategy.is_main:
+            self.saved = (self.step, None)
             return None
         state = {
             "step": self.step, "bad_steps": self.bad_steps, "tokens_seen": self.tokens_seen,
             "skipped_total": self.skipped_total, "loader": self.loader.state_dict(),
             "dataset_key": self.data.key, "precision": self.precision, "config": self.cfg.to_dict(),
         }  # fmt: skip
-        return save_checkpoint(
+        path = save_checkpoint(
             self.ckpt_root,
             self.step,
             model,
@@ -266,64 +352,99 @@ class Trainer:
             self.data.tokenizer,
             self.cfg.keep_last,
         )
+        self.saved = (self.step, path)
+        return path
 
     # ---- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        """Train to cfg.steps with logging, periodic evaluation and checkpoints; returns the last eval."""
+        """Train to cfg.steps with logging, periodic evaluation and checkpoints; returns the last eval.
+        SIGINT/SIGTERM: the current step is finished and saved, then TrainingInterrupted is raised."""
         cfg = self.cfg
+        keep_until = self.step if self.resumed_from else None
+        if self.strategy.is_main:
+            truncate_logs(self.out, keep_until)
         log = RunLog(
             self.out,
             cfg.steps,
             self.step,
             cfg.tensorboard and self.strategy.is_main,
             self.show and self.strategy.is_main,
+            purge_after=keep_until,
         )
         if self.step == 0 and self.strategy.is_main:
             log.write("run", 0, {"precision": self.precision, "precision_reason": self.precision_reason,
                                  "params": self.model.num_params(), **self.data.stats})  # fmt: skip
         last_eval: dict[str, float] = {}
+
+        def on_signal(signum: int) -> None:
+            log.message(f"{signal.Signals(signum).name}: stopping after the step under way, then saving "
+                        "(send it again to stop at once without saving)")  # fmt: skip
+
         try:
-            while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                r = self.train_step()
-                dt = time.perf_counter() - t0
-                tokens = schedules.global_batch(cfg, self.step - 1, self.data_world) * cfg.seq_len
-                if self.strategy.is_main and (self.step % cfg.log_every == 0 or r.skipped):
-                    values = {
-                        "loss": r.loss, "main_loss": r.main, "mtp_loss": r.mtp, "balance_loss": r.balance,
-                        "lr": schedules.learning_rate(cfg, self.step - 1), "grad_norm": r.grad_norm,
-                        "tokens_per_s": tokens / dt, "mfu": tokens / dt * self.flops_per_token / self.peak,
-                        "maxvio_batch": mean_max_violation(self.last_counts[: len(self.main_moe)]),
-                        "batch": tokens // cfg.seq_len, "tokens_seen": self.tokens_seen, "skipped": r.skipped,
-                    }  # fmt: skip
-                    log.write("train", self.step, values)
-                    log.progress(self.step, {"loss": f"{r.main:.3f}", "tok/s": f"{tokens / dt:.0f}"})
-                if r.skipped:
-                    log.message(
-                        f"step {self.step}: non-finite loss or gradient, step skipped "
-                        f"({self.bad_steps} in a row)"
-                    )
-                    if self.bad_steps >= cfg.max_bad_steps:
-                        path = self.save()
-                        raise TrainingDiverged(
-                            f"{self.bad_steps} consecutive non-finite steps at step {self.step}; "
-                            f"the last good state is saved in {path}. "
-                            "Lower the learning rate or check the data."
-                        )
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    last_eval = self.evaluate()
-                    if self.strategy.is_main:
-                        log.write("eval", self.step, last_eval)
-                        log.expert_load(self.step, [c.tolist() for c in self.val_counts])
-                        log.message(f"step {self.step}: val loss {last_eval['val_loss']:.3f}, "
-                                    f"bpb {last_eval['bits_per_byte']:.3f}, "
-                                    f"MaxVio {last_eval['maxvio_global']:.3f}")  # fmt: skip
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
-                    self.save()
+            with StopRequest(on_signal) as stop:
+                while self.step < cfg.steps:
+                    self._one_step(log)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        last_eval = self._evaluate_and_log(log)
+                    if self._stop_agreed(stop):
+                        path = self.saved[1] if self.saved[0] == self.step else self.save()
+                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step, path)
         except KeyboardInterrupt:
-            path = self.save()
-            log.message(f"interrupted at step {self.step}; saved {path}; continue with --resume")
+            # a second signal, mid-step: the state is not a step boundary, so nothing is saved
+            last = latest_valid_checkpoint(self.ckpt_root) if self.strategy.is_main else None
+            log.message(
+                f"stopped at once during step {self.step + 1}, not saved; the last checkpoint is {last}"
+            )
             raise
         finally:
             log.close()
         return last_eval
+
+    def _one_step(self, log: RunLog) -> None:
+        """One optimizer step, its log line, and its checkpoint when due. The
+        checkpoint comes before any evaluation of the same step, so a failing evaluation loses nothing."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        r = self.train_step()
+        dt = time.perf_counter() - t0
+        tokens = schedules.global_batch(cfg, self.step - 1, self.data_world) * cfg.seq_len
+        if self.strategy.is_main and (self.step % cfg.log_every == 0 or r.skipped):
+            values = {
+                "loss": r.loss, "main_loss": r.main, "mtp_loss": r.mtp, "balance_loss": r.balance,
+                "lr": schedules.learning_rate(cfg, self.step - 1), "grad_norm": r.grad_norm,
+                "tokens_per_s": tokens / dt, "mfu": tokens / dt * self.flops_per_token / self.peak,
+                "maxvio_batch": mean_max_violation(self.last_counts[: len(self.main_moe)]),
+                "batch": tokens // cfg.seq_len, "tokens_seen": self.tokens_seen, "skipped": r.skipped,
+            }  # fmt: skip
+            log.write("train", self.step, values)
+            log.progress(self.step, {"loss": f"{r.main:.3f}", "tok/s": f"{tokens / dt:.0f}"})
+        if r.skipped:
+            log.message(
+                f"step {self.step}: non-finite loss or gradient, step skipped ({self.bad_steps} in a row)"
+            )
+            if self.bad_steps >= cfg.max_bad_steps:
+                path = self.save()
+                raise TrainingDiverged(
+                    f"{self.bad_steps} consecutive non-finite steps at step {self.step}; "
+                    f"the last good state is saved in {path}. "
+                    "Lower the learning rate or check the data."
+                )
+        if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            self.save()
+
+    def _evaluate_and_log(self, log: RunLog) -> dict[str, float]:
+        result = self.evaluate()
+        if self.strategy.is_main:
+            log.write("eval", self.step, result)
+            log.expert_load(self.step, [c.tolist() for c in self.val_counts])
+            log.message(f"step {self.step}: val loss {result['val_loss']:.3f}, "
+                        f"bpb {result['bits_per_byte']:.3f}, MaxVio {result['maxvio_global']:.3f}")  # fmt: skip
+        return result
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was signalled: every rank must stop after the same step, or the save's
+        gathers would wait for ranks that went on training."""
+        if self.world == 1:
+            return bool(stop.signum)
+        flag = torch.tensor([1.0 if stop.signum else 0.0], dtype=torch.float64)
+        return bool(self.strategy.reduce_sum(flag)[0] > 0)
