@@ -150,7 +150,9 @@ class Trainer:
             dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
         self.data = dataset
         if ckpt is not None:
-            self.model = Transformer.from_pretrained(ckpt, dtype=dtype)
+            self.model = Transformer.from_pretrained(
+                ckpt, dtype=dtype, verify=False
+            )  # load_checkpoint verifies
         else:
             self.model = Transformer(self.model_config(dataset)).to(dtype)
         self.model_cfg = self.model.config
