@@ -68,7 +68,7 @@ CASES = [
     ("generate-top-p", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--top-p", "0"], "top_p: must be"),
     ("generate-device", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--device", "cuda"],
      "--device cuda: CUDA is not available"),
-    ("generate-threads-0", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--threads", "0"], "--threads"),
+    ("generate-threads-0", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--threads", "0"], "--threads: must be >= 1"),
     ("chat-no-tokenizer", ["chat", "--ckpt", "{root}/notok", "--threads", "1"], "no tokenizer.json"),
     ("chat-temperature", ["chat", "--ckpt", "{root}/ckpt", "--temperature", "-1"], "temperature: must be"),
     ("complete-surrogate", ["complete", "--ckpt", "{root}/ckpt", "--prefix", SURROGATE], "--prefix: not valid UTF-8"),
