@@ -409,6 +409,8 @@ def check_typed(name: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif hint is str:
+        if isinstance(value, Path):  # a path given from Python is its text
+            return str(value)
         ok = isinstance(value, str)
     elif origin in (tuple, list):
         ok = isinstance(value, (list, tuple))

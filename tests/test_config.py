@@ -191,3 +191,10 @@ def test_from_hf_names_the_file_for_non_configs(tmp_path):
     (tmp_path / "config.json").write_text('{"vocab_size": 10}')
     with pytest.raises(ConfigError, match=r"config.json: missing hidden_size"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_paths_from_python_are_kept_as_text(tmp_path):
+    from dsv3.train.config import TrainConfig
+
+    cfg = TrainConfig(out=tmp_path / "run", data=tmp_path / "corpus")
+    assert cfg.out == str(tmp_path / "run") and cfg.data == str(tmp_path / "corpus")
