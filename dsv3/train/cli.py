@@ -84,11 +84,9 @@ def _init_distributed() -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = parse_train_args(argv)
-    try:
-        cfg = build_config(args)  # the whole config, model included, before any data is prepared
-    except ConfigError as e:
-        print(f"dsv3 train: {e}", file=sys.stderr)
-        return 2
+    cfg = build_config(
+        args
+    )  # the whole config, model included, before any data is prepared (run_cli prints errors)
     configure_threads("dsv3 train", args.threads)
     _init_distributed()
     from dsv3.train.loop import Trainer, TrainingDiverged
