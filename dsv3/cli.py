@@ -4,6 +4,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from dsv3.errors import Dsv3Error, run_cli
+
+
+class UsageError(Dsv3Error, ValueError):
+    """A command-line value is invalid; the message names the option and the value."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def existing_dir(option: str, path: str | Path) -> Path:
+    """`path` as a directory, or a UsageError naming `option` (missing, or a file)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{option} {path}: no such directory")
+    if not path.is_dir():
+        raise UsageError(f"{option} {path}: is a file, not a checkpoint directory")
+    return path
 
 
 def _fmt(n: float) -> str:
@@ -35,6 +63,8 @@ def print_param_counts(cfg, name: str = "") -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from dsv3 import ModelConfig
 
+    if args.ckpt and not Path(args.ckpt).exists():
+        raise UsageError(f"--ckpt {args.ckpt}: no such directory or config.json")
     cfg = ModelConfig.from_hf(args.ckpt) if args.ckpt else ModelConfig.from_preset(args.preset)
     print_param_counts(cfg, args.ckpt or args.preset)
     print(f"KV cache: {cfg.kv_cache_dim} values per token and layer, "
@@ -46,8 +76,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from dsv3.checkpoint import convert_fp8_to_bf16
 
     if not args.fp8_to_bf16:
-        print("convert: say what to convert, e.g. --fp8-to-bf16 SRC DST", file=sys.stderr)
-        return 2
+        raise UsageError("say what to convert, e.g. --fp8-to-bf16 SRC DST")
+    existing_dir("SRC", args.src)
+    if Path(args.dst).resolve() == Path(args.src).resolve():
+        raise UsageError(f"DST {args.dst}: must differ from SRC")
     convert_fp8_to_bf16(args.src, args.dst)
     print(f"wrote a BF16 copy of {args.src} to {args.dst}")
     return 0
@@ -89,20 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Every sub-command runs through run_cli: a Dsv3Error is one line `dsv3 CMD: message`, exit 2
+    (`--debug` anywhere, or DSV3_DEBUG=1, shows the traceback instead)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     import importlib
 
+    # `--debug` may come before the sub-command too; run_cli also takes it from the sub-command's argv
+    debug = ["--debug"] if "--debug" in argv else []
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in DELEGATED:
         module, fn, _ = DELEGATED[argv[0]]
-        return getattr(importlib.import_module(module), fn)(argv[1:])
+        return run_cli(f"dsv3 {argv[0]}", getattr(importlib.import_module(module), fn), argv[1:] + debug)
     if argv and argv[0] == "plan":
         if len(argv) < 2 or argv[1] not in PLANNERS:
             print(f"usage: dsv3 plan {{{','.join(PLANNERS)}}} ...", file=sys.stderr)
+            print(f"dsv3 plan: error: choose a planner: {', '.join(PLANNERS)}", file=sys.stderr)
             return 2
         module, fn = PLANNERS[argv[1]]
-        return getattr(importlib.import_module(module), fn)(argv[2:])
+        return run_cli(f"dsv3 plan {argv[1]}", getattr(importlib.import_module(module), fn), argv[2:] + debug)
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    return run_cli(f"dsv3 {args.command}", lambda _: args.fn(args), debug)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ A bad value fails at construction with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,7 @@ class ModelConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def replace(self, **changes: Any) -> ModelConfig:
+        check_known_fields(ModelConfig, changes, "model field")
         return dataclasses.replace(self, **changes)
 
     # ---- parameter counts -------------------------------------------------------------------------
@@ -191,6 +195,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | Path) -> ModelConfig:
         """Build from a Hugging Face config dict, a `config.json` path, or a checkpoint directory."""
+        where = "config"  # named in errors: the file when there is one
         if not isinstance(hf, dict):
             path = Path(hf)
             if path.is_dir():
@@ -201,7 +206,18 @@ class ModelConfig:
                 raise ConfigError(f"{path}: no config.json found") from e
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}: not a config.json (not UTF-8 text)") from None
+            except IsADirectoryError:
+                raise ConfigError(f"{path}: a directory, not a config.json") from None
+            where = str(path)
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(hf).__name__}")
         hf = dict(hf)
+        missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ConfigError(f"{where}: missing {', '.join(missing[:3])}{more} (not a DeepSeek-V3 config?)")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act: only 'silu' (SwiGLU) is supported, got {hf['hidden_act']!r}")
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
@@ -280,6 +296,156 @@ class ModelConfig:
 
 
 _PASSTHROUGH_HF_KEYS = ("quantization_config", "torch_dtype", "dtype")
+_REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
+    "n_routed_experts", "num_experts_per_tok",
+)  # fmt: skip
+
+
+# ---- typed key=value parsing, shared by every config dataclass -----------------------------------
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+_NONE = ("none", "null")
+
+
+def check_known_fields(cls: type, values: typing.Mapping[str, Any], what: str, prefix: str = "") -> None:
+    """A ConfigError naming the first key of `values` that is not a field of dataclass `cls`."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown {what}{hint}")
+
+
+def parse_typed(name: str, raw: str, hint: Any) -> Any:
+    """The command-line text `raw` of field `name` as a value of type `hint`: booleans as
+    true/false/1/0/yes/no/on/off, None as none/null for Optional fields, numbers, comma-separated (or
+    JSON) lists for tuples. A ConfigError names the field and the value."""
+    try:
+        return _parse(raw.strip(), hint)
+    except (ValueError, TypeError) as e:
+        why = f" ({e})" if isinstance(e, _Reason) else ""  # Python's own parse messages add nothing
+        raise ConfigError(f"{name}: cannot parse {raw!r} as {_type_name(hint)}{why}") from None
+
+
+class _Reason(ValueError):
+    """A parse failure whose message says more than the expected type does."""
+
+
+def _parse(raw: str, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in _NONE:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse(raw, arg)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError("")
+    if hint is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError("")
+    if hint is int:
+        try:
+            return int(raw)
+        except ValueError:
+            f = float(raw)  # 1e3 is an integer too
+            if not f.is_integer():
+                raise
+            return int(f)
+    if hint is float:
+        return float(raw)
+    if hint is str:
+        return raw
+    if origin in (tuple, list):
+        items = (
+            json.loads(raw) if raw.startswith("[") else [x for x in raw.strip("()").split(",") if x.strip()]
+        )
+        if not isinstance(items, list):
+            raise ValueError("")
+        elem = args[0] if args else Any
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise _Reason(f"expected {len(args)} values, got {len(items)}")
+            return tuple(_parse_item(x, a) for x, a in zip(items, args))
+        return (tuple if origin is tuple else list)(_parse_item(x, elem) for x in items)
+    if origin is dict or hint is dict:
+        raise _Reason("set its entries one by one as key.<name>=value")
+    try:  # Any: JSON when it parses, else the text
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _parse_item(x: Any, hint: Any) -> Any:
+    return x if hint is Any else _parse(str(x).strip(), hint)
+
+
+def check_typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` (from a file or a dict) checked against type `hint`; lists become tuples for tuple
+    fields. A ConfigError names the field and the value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    ok = True
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None) and value is None:
+                return None
+            if arg is not type(None):
+                try:
+                    return check_typed(name, value, arg)
+                except ConfigError:
+                    continue
+        ok = False
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        if isinstance(value, Path):  # a path given from Python is its text
+            return str(value)
+        ok = isinstance(value, str)
+    elif origin in (tuple, list):
+        ok = isinstance(value, (list, tuple))
+        if ok and origin is tuple and args and args[-1] is not Ellipsis:
+            ok = len(value) == len(args)
+            if ok:
+                return tuple(check_typed(name, v, a) for v, a in zip(value, args))
+        elif ok and args:
+            value = (tuple if origin is tuple else list)(check_typed(name, v, args[0]) for v in value)
+    elif origin is dict or hint is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(f"{name}: expected {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if hint is bool:
+        return "a boolean (true/false, yes/no, on/off, 1/0)"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "text"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"{len(args)} comma-separated values"
+    if origin in (tuple, list):
+        return "a comma-separated list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return str(hint)
 
 
 def _first(x: Any) -> int:

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from dsv3.cli import positive_int
+from dsv3.threads import add_threads_argument, configure_threads
 from dsv3.train.config import TrainConfig
 
 FIM_PREFIX = 'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
@@ -36,11 +37,10 @@ def demo_config(out: str, steps: int) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsv3 demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps (8 x 256 tokens each)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--steps", type=positive_int, default=500, help="optimizer steps (8 x 256 tokens each)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads("dsv3 demo", args.threads)
     from dsv3.data.metrics import unigram_entropy
     from dsv3.train.loop import Trainer
     from dsv3.train.plot import plot_run

@@ -15,9 +15,18 @@ Shapes: N rows (one per sampled token), V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from dsv3.errors import Dsv3Error
+
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+
+
+class SamplingError(Dsv3Error, ValueError):
+    """A sampling parameter is invalid; the message names it and its value."""
 
 
 @dataclass(frozen=True)
@@ -37,22 +46,43 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k: must be a non-negative integer (0: all), got {self.top_k}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs: must be None or >= 0, got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop: empty stop strings are not allowed")
+        _check(self)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(p: SamplingParams) -> None:
+    """Every field, so that a bad request fails when it is made, not inside an engine step."""
+
+    def fail(name: str, msg: str) -> None:
+        raise SamplingError(f"{name}: {msg}, got {getattr(p, name)!r}")
+
+    if not isinstance(p.temperature, (int, float)) or not (
+        math.isfinite(p.temperature) and p.temperature >= 0
+    ):
+        fail("temperature", "must be a finite number >= 0")
+    if not isinstance(p.top_p, (int, float)) or not 0 < p.top_p <= 1:
+        fail("top_p", "must be in (0, 1]")
+    if not _is_int(p.top_k) or p.top_k < 0:
+        fail("top_k", "must be a non-negative integer (0: all)")
+    if not _is_int(p.max_tokens) or p.max_tokens < 1:
+        fail("max_tokens", "must be a positive integer")
+    if p.seed is not None and (not _is_int(p.seed) or not 0 <= p.seed < SEED_LIMIT):
+        fail("seed", "must be None or an integer in [0, 2**64)")
+    if p.logprobs is not None and (not _is_int(p.logprobs) or p.logprobs < 0):
+        fail("logprobs", "must be None or a non-negative integer")
+    if any(not isinstance(s, str) or not s for s in p.stop):
+        fail("stop", "must be non-empty strings")
+    if any(not _is_int(t) or t < 0 for t in p.stop_token_ids):
+        fail("stop_token_ids", "must be non-negative token ids")
+    if not isinstance(p.ignore_eos, bool):
+        fail("ignore_eos", "must be True or False")
 
 
 def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import sys
 
+from dsv3.errors import run_cli
 from dsv3.train.cli import train_main
 
-sys.exit(train_main())
+sys.exit(run_cli("dsv3 train", train_main))

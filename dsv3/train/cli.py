@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from dsv3.cli import positive_int
 from dsv3.config import ConfigError
+from dsv3.threads import add_threads_argument, configure_threads
+from dsv3.threads import oversubscription_warning as oversubscription_warning  # its old home
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -30,12 +33,17 @@ def _train_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="with --resume: start over when no checkpoint of --out is valid"
     )
     p.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    add_threads_argument(p)
     p.add_argument("--ep", type=int, help="expert-parallel size (under torchrun; same as parallel.ep=N)")
     p.add_argument("--dp", type=int, help="data-parallel size (under torchrun; same as parallel.dp=N)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="anywhere on the line, e.g. lr=3e-4")
     return p
+
+
+def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
+    """The train options, with key=value overrides accepted before, between or after them."""
+    return _train_parser().parse_intermixed_args(argv)
 
 
 def build_config(args: argparse.Namespace):
@@ -47,7 +55,20 @@ def build_config(args: argparse.Namespace):
             values[name] = getattr(args, name)
     overrides = list(args.overrides)
     overrides += [f"parallel.{k}={getattr(args, k)}" for k in ("ep", "dp") if getattr(args, k) is not None]
-    return TrainConfig.build(values, overrides)
+    cfg = TrainConfig.build(values, overrides)
+    _check_world_size(cfg)
+    return cfg
+
+
+def _check_world_size(cfg) -> None:
+    """Parallel sizes that need more processes than this launch has fail here, before any data is
+    prepared, instead of inside the trainer."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    par = cfg.parallel
+    need = int(par.get("ep", 1)) * int(par.get("dp") or 1) * int(par.get("pp", 1))
+    if world == 1 and need > 1:
+        sizes = ", ".join(f"parallel.{k}={par[k]}" for k in ("ep", "dp", "pp") if par.get(k) not in (None, 1))
+        raise ConfigError(f"{sizes}: needs {need} processes; launch with torchrun --nproc-per-node {need}")
 
 
 def _init_distributed() -> None:
@@ -70,32 +91,12 @@ def _init_distributed() -> None:
         start_watchdog()
 
 
-def oversubscription_warning(threads: int, load: float, cpus: int) -> str | None:
-    """A warning when `threads` intra-op threads would share the cores with other busy processes
-    (1-minute load average `load` on `cpus` cores): OpenMP threads then spin-wait on each other and a
-    step can run 10x slower (measured: 1.9 s -> 24 s on 2 cores next to another training run)."""
-    if threads <= 1 or load + threads <= cpus + 0.5:
-        return None
-    return (
-        f"load average {load:.1f} on {cpus} cores: {threads} torch threads will compete with other "
-        f"busy processes and may run many times slower; consider --threads {max(1, cpus - round(load))} "
-        f"(or OMP_NUM_THREADS)"
-    )
-
-
 def train_main(argv: list[str] | None = None) -> int:
-    args = _train_parser().parse_args(argv)
-    try:
-        cfg = build_config(args)
-    except ConfigError as e:
-        print(f"dsv3 train: {e}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif hasattr(os, "getloadavg") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        warning = oversubscription_warning(torch.get_num_threads(), os.getloadavg()[0], os.cpu_count() or 1)
-        if warning:
-            print(f"dsv3 train: warning: {warning}", file=sys.stderr)
+    args = parse_train_args(argv)
+    cfg = build_config(
+        args
+    )  # the whole config, model included, before any data is prepared (run_cli prints errors)
+    configure_threads("dsv3 train", args.threads)
     _init_distributed()
     from dsv3.errors import Dsv3Error
     from dsv3.train.loop import Trainer, TrainingDiverged, TrainingInterrupted
@@ -137,24 +138,44 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--ckpt", required=True, help="a checkpoint directory (run/checkpoints/step_...)")
     p.add_argument("--data", help="evaluate on other data (default: the run's validation split)")
-    p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--batches", type=positive_int, default=50, help="validation batches (positive)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     from dsv3.train.config import TrainConfig
-    from dsv3.train.loop import Trainer
 
     ckpt = Path(args.ckpt)
-    state_file = ckpt / "trainer.json"
-    if not state_file.exists():
-        print(f"dsv3 eval: {state_file} not found; --ckpt must be a training checkpoint", file=sys.stderr)
-        return 2
-    saved = json.loads(state_file.read_text())["config"]
+    saved = _saved_config(ckpt)
     saved.update(eval_batches=args.batches, tokenizer=str(ckpt), tensorboard=False)
     if args.data:
         saved["data"] = args.data
     cfg = TrainConfig.build(saved)
+    configure_threads("dsv3 eval", args.threads)
+    from dsv3.train.loop import Trainer
+
     trainer = Trainer.for_checkpoint(cfg, ckpt)
     print(json.dumps(trainer.evaluate(), indent=2))
     return 0
+
+
+def _saved_config(ckpt: Path) -> dict:
+    """The TrainConfig fields a training checkpoint was written with (its trainer.json)."""
+    from dsv3.train.state import TrainCheckpointError
+
+    if not ckpt.is_dir():
+        what = "is not a directory" if ckpt.exists() else "does not exist"
+        raise TrainCheckpointError(
+            f"--ckpt {ckpt}: {what}; give a training checkpoint (RUN/checkpoints/step_N)"
+        )
+    state_file = ckpt / "trainer.json"
+    if not state_file.is_file():
+        raise TrainCheckpointError(f"{state_file}: not found; --ckpt must be a training checkpoint")
+    try:
+        saved = json.loads(state_file.read_text())["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise TrainCheckpointError(f"{state_file}: not a trainer state ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict):
+        raise TrainCheckpointError(f"{state_file}: 'config' is not a mapping")
+    return saved
 
 
 def plot_main(argv: list[str] | None = None) -> int:
@@ -162,12 +183,19 @@ def plot_main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="where to write the PNGs (default: RUN/plots)")
     args = p.parse_args(argv)
+    from dsv3.cli import UsageError
     from dsv3.train.plot import plot_run
 
-    for path in plot_run(args.run, args.out):
+    try:
+        paths = plot_run(args.run, args.out)
+    except json.JSONDecodeError as e:  # a torn or hand-edited log: name the file, not a parser frame
+        raise UsageError(f"{Path(args.run) / 'metrics.jsonl'}: a line is not JSON ({e.msg})") from None
+    for path in paths:
         print(path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    from dsv3.errors import run_cli
+
+    sys.exit(run_cli("dsv3 train", train_main))

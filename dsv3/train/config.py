@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv3 import paper
-from dsv3.config import ConfigError
+from dsv3.config import PRESETS, ConfigError, ModelConfig, check_known_fields, check_typed, parse_typed
 
 _T = 14.8e12  # total pre-training tokens of V3, to turn the paper's milestones into fractions
 
@@ -103,46 +103,92 @@ class TrainConfig:
 
     @classmethod
     def build(cls, values: dict[str, Any] | None = None, overrides: list[str] = ()) -> TrainConfig:
-        """Fields from `values`, then `key=value` overrides (model fields as model.<name>=value)."""
+        """Fields from `values`, then `key=value` overrides (model fields as model.<name>=value,
+        parallelism as parallel.<key>=value), each value parsed by its field's type."""
         values = dict(values or {})
         model = dict(values.pop("model", {}) or {})
         parallel = dict(values.pop("parallel", {}) or {})
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"{sorted(unknown)[0]}: unknown training field")
+        check_known_fields(cls, values, "training field")
         for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r}: expected key=value")
-            key, raw = item.split("=", 1)
+            key, raw = split_override(item)
             if key.startswith("model."):
-                model[key[len("model.") :]] = _parse_value(raw)
+                name = key[len("model.") :]
+                model[name] = parse_typed(key, raw, _field_hint(ModelConfig, name, "model field", "model."))
             elif key.startswith("parallel."):
-                parallel[key[len("parallel.") :]] = _parse_value(raw)
+                name = key[len("parallel.") :]
+                parallel[name] = parse_typed(
+                    key, raw, _field_hint(_parallel_settings(), name, "setting", "parallel.")
+                )
             else:
-                values[key] = _coerce(key, raw)
+                values[key] = parse_typed(key, raw, _field_hint(cls, key, "training field"))
         return cls(**values, model=model, parallel=parallel)
 
+    def model_config(self, **defaults: Any) -> ModelConfig:
+        """The ModelConfig of this run: the preset with the model.<field> overrides, `defaults`
+        (e.g. the tokenizer's vocabulary size) where no override sets the field."""
+        return ModelConfig.from_preset(self.preset, **(defaults | self.model))
 
-def _parse_value(raw: str) -> Any:
+
+def split_override(item: str) -> tuple[str, str]:
+    """`key=value` -> (key, value); a ConfigError for anything else."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. lr=3e-4 or model.n_layers=4)")
+    return key.strip(), raw
+
+
+def _field_hint(cls: type, name: str, what: str, prefix: str = "") -> Any:
+    check_known_fields(cls, {name: None}, what, prefix)
+    return typing.get_type_hints(cls)[name]
+
+
+def _parallel_settings() -> type:
+    from dsv3.parallel.strategy import ParallelSettings  # imports torch.distributed: only when used
+
+    return ParallelSettings
+
+
+def _check_types(c: TrainConfig) -> None:
+    """Every field against its annotation (values from a --config file or Python are not parsed);
+    lists become tuples for tuple fields."""
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        value = check_typed(name, getattr(c, name), hint)
+        if value is not getattr(c, name):
+            object.__setattr__(c, name, value)
+
+
+def _check_model(c: TrainConfig) -> None:
+    """The preset and model.<field> overrides make a valid ModelConfig whose max_seq_len holds
+    seq_len: checked here, before any data is prepared or model built."""
+    if c.preset not in PRESETS:
+        raise ConfigError(f"preset: unknown {c.preset!r}; choose one of {sorted(PRESETS)}")
+    check_known_fields(ModelConfig, c.model, "model field", "model.")
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+        model = c.model_config()
+    except ConfigError as e:
+        raise ConfigError(f"model.{e}") from None
+    if c.seq_len > model.max_seq_len:
+        raise ConfigError(
+            f"seq_len: {c.seq_len} exceeds model.max_seq_len ({model.max_seq_len} for preset {c.preset!r}); "
+            "lower seq_len or raise model.max_seq_len"
+        )
 
 
-def _coerce(key: str, raw: str) -> Any:
-    hints = typing.get_type_hints(TrainConfig)
-    if key not in hints:
-        raise ConfigError(f"{key}: unknown training field")
-    value = _parse_value(raw)
-    if hints[key] is str or (isinstance(value, (int, float)) and hints[key] == (str | None)):
-        return raw
-    return value
+def _check_parallel(c: TrainConfig) -> None:
+    if not c.parallel:
+        return
+    settings = _parallel_settings()
+    check_known_fields(settings, c.parallel, "setting", "parallel.")
+    hints = typing.get_type_hints(settings)
+    for key, value in c.parallel.items():
+        check_typed(f"parallel.{key}", value, hints[key])
 
 
 def _validate(c: TrainConfig) -> None:
     def fail(name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg} (got {getattr(c, name)!r})")
+
+    _check_types(c)
 
     for name in ("steps", "seq_len", "micro_batch", "batch_start", "batch_end", "log_every", "eval_every",
                  "eval_batches", "ckpt_every", "keep_last", "max_bad_steps"):  # fmt: skip
@@ -176,7 +222,7 @@ def _validate(c: TrainConfig) -> None:
     for name in ("batch_start", "batch_end"):
         if getattr(c, name) % c.micro_batch:
             fail(name, f"must be a multiple of micro_batch ({c.micro_batch})")
-    if not isinstance(c.model, dict):
-        fail("model", "must be a mapping of ModelConfig overrides")
-    if not isinstance(c.parallel, dict):
-        fail("parallel", "must be a mapping of parallelism settings")
+    if not 0 <= c.seed < 2**63:
+        fail("seed", "must be an integer in [0, 2**63)")
+    _check_model(c)
+    _check_parallel(c)

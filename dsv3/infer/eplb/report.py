@@ -93,6 +93,18 @@ def summary(weight: torch.Tensor, before: torch.Tensor, after: torch.Tensor, mov
     )
 
 
+def _read(option: str, path: str, reader):
+    """reader(path), or a UsageError naming the option and the file when it is missing or garbled."""
+    from safetensors import SafetensorError
+
+    from dsv3.cli import UsageError
+
+    try:
+        return reader(path)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise UsageError(f"{option} {path}: cannot read it ({type(e).__name__}: {e})") from None
+
+
 def plan_eplb_main(argv: list[str] | None = None) -> int:
     """Entry point of `dsv3 plan eplb`; returns the process exit code."""
     ap = argparse.ArgumentParser(prog="dsv3 plan eplb", description=__doc__.split("\n")[0])
@@ -111,12 +123,12 @@ def plan_eplb_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heatmap", help="write a GPU-load heatmap PNG here")
     ap.add_argument("--out", help="write the plan (phy2log, log2phy, logcnt) as safetensors here")
     args = ap.parse_args(argv)
+    weight = _read("--loads", args.loads, read_loads).double()
+    current = _read("--current", args.current, load_plan) if args.current else None
     try:
-        weight = read_loads(args.loads).double()
         resolved = check_args(weight, args.replicas, args.groups, args.nodes, args.gpus, args.policy)
         if args.max_moves is not None and args.current is None:
             raise ValueError("max-moves: needs --current (the placement to move from)")
-        current = load_plan(args.current) if args.current else None
         t0 = time.perf_counter()
         if current is not None and args.max_moves is not None:
             from dsv3.infer.eplb.incremental import rebalance_incremental
@@ -160,4 +172,6 @@ def plan_eplb_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(plan_eplb_main())
+    from dsv3.errors import run_cli
+
+    raise SystemExit(run_cli("dsv3 plan eplb", plan_eplb_main))

@@ -1,0 +1,193 @@
+"""Bad invocations of every sub-command: exit code 2, one line naming the culprit, no traceback.
+
+Each row runs `python -m dsv3 ...` in a subprocess, as a user would. The rows fail before any data
+is prepared or (but for a few) any model is loaded, so each costs about one torch import.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig, Transformer
+
+SURROGATE = b"def f(\xff):"  # not UTF-8: Python's argv holds it as a lone surrogate
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny checkpoint with a tokenizer, one without, and bad inputs."""
+    from dsv3.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    model.save_pretrained(root / "ckpt")
+    Tokenizer.train(["def add(a, b):\n    return a + b\n" * 20], 300, show_progress=False).save(root / "ckpt")
+    model.save_pretrained(root / "notok")
+    (root / "bad.txt").write_bytes(b"hello\n\xff\xfe world\n")
+    (root / "bad.json").write_text("{not json")
+    (root / "garbled.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    (root / "train_ckpt").mkdir()
+    (root / "train_ckpt" / "trainer.json").write_text('{"step": 3')  # truncated
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "tr')
+    return root
+
+
+EPLB = ["--replicas", "8", "--groups", "1", "--nodes", "1", "--gpus", "2"]
+# (id, argv with {root} for the fixture directory, text the message must contain)
+CASES = [
+    ("train-model-field", ["train", "--preset", "tiny", "model.foo=1"], "model.foo: unknown model field"),
+    ("train-bool", ["train", "--preset", "tiny", "recompute=maybe"], "recompute: cannot parse 'maybe'"),
+    ("train-override-after-option", ["train", "--preset", "tiny", "lr=1e-3", "--quiet", "tensorboard=perhaps"],
+     "tensorboard: cannot parse"),
+    ("train-seq-len", ["train", "--preset", "tiny", "seq_len=512"], "seq_len: 512 exceeds model.max_seq_len (256"),
+    ("train-not-key-value", ["train", "--preset", "tiny", "lr"], "override 'lr': expected key=value"),
+    ("train-preset", ["train", "--preset", "huge"], "preset: unknown 'huge'"),
+    ("train-seed", ["train", "seed=1180591620717411303424"], "seed: must be an integer"),
+    ("train-threads-0", ["train", "--threads", "0"], "--threads: must be >= 1"),
+    ("train-ep-one-process", ["train", "--preset", "tiny", "--ep", "2"], "parallel.ep=2: needs 2 processes"),
+    ("train-config-file", ["train", "--config", "{root}/bad.json"], "bad.json: cannot parse"),
+    ("eval-missing-ckpt", ["eval", "--ckpt", "{root}/missing"], "--ckpt {root}/missing: does not exist"),
+    ("eval-ckpt-is-file", ["eval", "--ckpt", "{root}/bad.txt"], "is not a directory"),
+    ("eval-truncated-state", ["eval", "--ckpt", "{root}/train_ckpt"], "trainer.json: not a trainer state"),
+    ("plot-torn-log", ["plot", "{root}/run"], "metrics.jsonl: a line is not JSON"),
+    ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/missing", "--prompt", "x"],
+     "--ckpt {root}/missing: no such directory"),
+    ("generate-ckpt-is-file", ["generate", "--ckpt", "{root}/bad.txt", "--prompt", "x"], "is a file"),
+    ("generate-ids", ["generate", "--ckpt", "{root}/ckpt", "--ids", "abc"], "--ids 'abc'"),
+    ("generate-ids-vocab", ["generate", "--ckpt", "{root}/ckpt", "--ids", "0,9999", "--threads", "1"],
+     "--ids: token ids [9999] are outside the vocabulary"),
+    ("generate-input-file", ["generate", "--ckpt", "{root}/ckpt", "--input-file", "{root}/bad.txt"],
+     "bad.txt: line 2 is not valid UTF-8"),
+    ("generate-surrogate", ["generate", "--ckpt", "{root}/ckpt", "--prompt", SURROGATE], "--prompt: not valid UTF-8"),
+    ("generate-seed", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--seed", str(2**70)], "seed: must be"),
+    ("generate-top-p", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--top-p", "0"], "top_p: must be"),
+    ("generate-device", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--device", "cuda"],
+     "--device cuda: CUDA is not available"),
+    ("generate-threads-0", ["generate", "--ckpt", "{root}/ckpt", "--prompt", "x", "--threads", "0"], "--threads: must be >= 1"),
+    ("chat-no-tokenizer", ["chat", "--ckpt", "{root}/notok", "--threads", "1"], "no tokenizer.json"),
+    ("chat-temperature", ["chat", "--ckpt", "{root}/ckpt", "--temperature", "-1"], "temperature: must be"),
+    ("complete-surrogate", ["complete", "--ckpt", "{root}/ckpt", "--prefix", SURROGATE], "--prefix: not valid UTF-8"),
+    ("info-missing", ["info", "--ckpt", "{root}/missing"], "--ckpt {root}/missing"),
+    ("info-not-config", ["info", "--ckpt", "{root}/garbled.safetensors"], "garbled.safetensors: not"),
+    ("convert-missing", ["convert", "--fp8-to-bf16", "{root}/missing", "{root}/out"], "SRC {root}/missing"),
+    ("plan-eplb-loads", ["plan", "eplb", "--loads", "{root}/garbled.safetensors", *EPLB], "--loads {root}/garbled"),
+    ("plan-unknown", ["plan", "nothing"], "choose a planner"),
+    ("pipeline-plan-pp", ["pipeline-plan", "--pp", "0"], "pp:"),
+    ("demo-steps", ["demo", "--steps", "0"], "--steps: must be >= 1"),
+]  # fmt: skip
+
+
+def _run(argv: list, root, timeout: float = 240) -> subprocess.CompletedProcess:
+    args = [a.replace("{root}", str(root)) if isinstance(a, str) else a for a in argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "dsv3", *args], capture_output=True, timeout=timeout, env=env
+    )
+
+
+def _message_lines(stderr: str) -> list[str]:
+    """stderr without argparse's usage block and the thread warning."""
+    lines, in_usage = [], False
+    for line in stderr.splitlines():
+        if line.startswith("usage:"):
+            in_usage = True
+            continue
+        if in_usage and line.startswith(" "):  # usage continues on indented lines
+            continue
+        in_usage = False
+        if line.strip() and ": warning: " not in line:
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("argv,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_invocation_is_one_line_and_exit_2(files, argv, expected):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = _run(argv, files)
+    stderr = r.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in stderr, stderr
+    assert r.returncode == 2, stderr
+    lines = _message_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"dsv3 {argv[0]}"), lines[0]
+    assert expected.replace("{root}", str(files)) in lines[0], lines[0]
+
+
+def test_debug_shows_the_traceback(files):
+    r = _run(["generate", "--ckpt", "{root}/missing", "--prompt", "x", "--debug"], files)
+    assert r.returncode != 0 and "Traceback" in r.stderr.decode() and "UsageError" in r.stderr.decode()
+
+
+# ---- dsv3 chat: long conversations, bad lines, Ctrl-C ---------------------------------------------
+CHAT = ["chat", "--ckpt", "{root}/ckpt", "--max-tokens", "4", "--temperature", "0", "--threads", "1"]
+
+
+def test_chat_drops_old_turns_and_refuses_bad_lines(files):
+    """The tiny model holds 256 positions: a few 100-character lines (about a token per character)
+    overflow it, so the oldest turns go; a non-UTF-8 line and one longer than the context are refused
+    with a note, and the chat carries on to the end of its input."""
+    lines = [f"turn {i} " + "xq" * 48 for i in range(5)]
+    stdin = (
+        "\n".join(lines[:3]).encode()
+        + b"\n\xff\xfe bytes\n"
+        + b"z" * 2000
+        + b"\n"
+        + lines[3].encode()
+        + b"\n"
+    )
+    args = [a.replace("{root}", str(files)) for a in CHAT]
+    r = subprocess.run([sys.executable, "-m", "dsv3", *args], input=stdin, capture_output=True, timeout=300)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "(dropped the 2 oldest messages" in out, out
+    assert "(the line is not valid UTF-8; not sent)" in out
+    assert "(message too long:" in out
+    assert out.count(">>> ") == 7  # 6 lines, then the prompt that meets the end of input
+
+
+def test_chat_exits_cleanly_on_ctrl_c_at_the_prompt(files):
+    import select
+    import signal
+    import time
+
+    args = [a.replace("{root}", str(files)) for a in CHAT]
+    p = subprocess.Popen([sys.executable, "-m", "dsv3", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        seen, deadline = b"", time.monotonic() + 240
+        while b">>> " not in seen and time.monotonic() < deadline:  # wait until it reads the prompt
+            if select.select([p.stdout], [], [], 1)[0]:
+                seen += os.read(p.stdout.fileno(), 4096)
+        assert b">>> " in seen, seen
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode() and b"(interrupted)" in out
+
+
+# ---- --threads on the inference commands (the trainer's oversubscription warning, shared) ---------
+def test_inference_commands_take_threads_and_warn_when_oversubscribed(files, monkeypatch, capsys):
+    import dsv3.threads
+    from dsv3.infer.cli import generate_main
+
+    monkeypatch.setattr(dsv3.threads.os, "getloadavg", lambda: (8.0, 8.0, 8.0), raising=False)
+    monkeypatch.setattr(dsv3.threads.os, "cpu_count", lambda: 2)
+    ckpt = str(files / "ckpt")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert generate_main(["--ckpt", ckpt, "--ids", "0,5", "--max-tokens", "1"]) == 0
+        assert "dsv3 generate: warning: load average 8.0 on 2 cores" in capsys.readouterr().err
+        assert generate_main(["--ckpt", ckpt, "--ids", "0,5", "--max-tokens", "1", "--threads", "1"]) == 0
+        assert "warning" not in capsys.readouterr().err and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
