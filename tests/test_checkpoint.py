@@ -411,11 +411,11 @@ def test_generate_names_every_bad_checkpoint_file_in_one_line(tmp_path, tiny):
         ckpt = tmp_path / f"case{i}" / "ckpt"
         ckpt.parent.mkdir()
         breaks(ckpt, tiny)
-        argv[case], names[case] = ["--ckpt", str(ckpt), "--prompt", "x"], name
+        argv[case], names[case] = ["--ckpt", str(ckpt), "--prompt", "x", "--threads", "1"], name
     good = tmp_path / "good"
     Transformer(tiny).save_pretrained(good)
-    argv["token id outside the vocabulary"] = ["--ckpt", str(good), "--ids", "1,999999"]
-    names["token id outside the vocabulary"] = "prompts[0]: prompt: token ids [999999]"
+    argv["token id outside the vocabulary"] = ["--ckpt", str(good), "--ids", "1,999999", "--threads", "1"]
+    names["token id outside the vocabulary"] = "token ids [999999]"
     r = subprocess.run(
         [sys.executable, "-c", WRAPPED_ALL, json.dumps(argv)],
         capture_output=True,
@@ -429,15 +429,12 @@ def test_generate_names_every_bad_checkpoint_file_in_one_line(tmp_path, tiny):
     assert not bad, bad
 
 
-@pytest.mark.xfail(
-    strict=True, reason="until dsv3 generate runs through dsv3.errors.run_cli (CLI branch); then drop this"
-)
 def test_dsv3_generate_names_the_bad_checkpoint_file(tmp_path):
     ckpt = tmp_path / "ckpt"
     Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
     (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
     r = subprocess.run(
-        [sys.executable, "-m", "dsv3", "generate", "--ckpt", str(ckpt), "--prompt", "x"],
+        [sys.executable, "-m", "dsv3", "generate", "--ckpt", str(ckpt), "--prompt", "x", "--threads", "1"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,6 +3,8 @@ reference of the same contract: FP32 and BF16 weights, column tails, strided vie
 the routed experts; bad inputs fail with the argument's name. The one-call RowDecoder is held to
 the model's forward in test_infer_fast."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -112,6 +114,7 @@ def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path) -> str:
     monkeypatch.setattr(cpu_kernels, "SOURCE", source)
     monkeypatch.setattr(cpu_kernels, "_unavailable", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # not the real cache
     cpu_kernels.kernels()
     assert len(names) == 1
     return names[0]
@@ -136,3 +139,24 @@ def test_build_name_covers_the_flags_and_the_torch_version():
     assert name != cpu_kernels.build_name(src, cflags=("-O2", "-mavx2", "-mfma"))
     assert name != cpu_kernels.build_name(src, torch_version=torch.__version__ + "+other")
     assert name != cpu_kernels.build_name(src + b" ")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    """torch's `lock` file outlives a build that was killed, and every later start waited on it
+    forever; under our flock (released when its holder dies) such a file is stale and removed."""
+    directory = tmp_path / "ext"
+    directory.mkdir()
+    (directory / "lock").write_text("")
+    with pytest.warns(UserWarning, match="interrupted kernel build"):
+        with cpu_kernels.build_lock(directory) as d:
+            assert d == directory and not (directory / "lock").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing stale now: no warning
+        with cpu_kernels.build_lock(directory):
+            pass
+
+
+def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    d = cpu_kernels.build_directory("dsv3_few_rows_x")
+    assert d.parent.parent == tmp_path and d.name == "dsv3_few_rows_x"

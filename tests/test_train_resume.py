@@ -231,8 +231,9 @@ def test_due_checkpoint_is_written_before_the_evaluation_of_its_step(tmp_path, d
 def test_train_command_says_how_it_resumes(tmp_path, data, monkeypatch, capsys):
     """`dsv3 train --resume`: a fresh start is announced; a run with only broken checkpoints is
     refused in one line with exit code 2, naming the directory and --force."""
-    from dsv3.train.cli import train_main
+    from dsv3.cli import main
 
+    train_main = lambda argv: main(["train", *argv])  # noqa: E731  (through run_cli, as `dsv3 train`)
     corpus, cache = data
     monkeypatch.setenv("DSV3_CACHE", cache)
     out = tmp_path / "run"

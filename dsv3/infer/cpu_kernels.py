@@ -28,11 +28,14 @@ Shapes: M rows (a few), K inputs, N outputs, E experts, D dim, I expert hidden s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -131,6 +134,39 @@ def build_name(
     return f"{BASE_NAME}_{h.hexdigest()[:16]}"
 
 
+def build_directory(name: str) -> Path:
+    """Where the extension `name` is built: TORCH_EXTENSIONS_DIR or torch's default root, per
+    Python version (as torch lays it out)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[Path]:
+    """Hold an OS file lock on `directory` while torch builds or loads the extension there.
+
+    torch's own build lock is a plain file (`lock`) that every other process waits on until it is
+    deleted: a build killed half-way (Ctrl-C, kill -9, a test's timeout) leaves it behind and every
+    later start waits forever. Our flock is released by the kernel when its holder dies, and every
+    dsv3 build of this directory takes it first, so a `lock` file found while holding it belongs to
+    a dead build and is removed."""
+    import fcntl  # POSIX; the native kernel is only built on x86-64 Linux/macOS anyway
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "dsv3.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                warnings.warn(f"dsv3: removing {stale}, left by an interrupted kernel build", stacklevel=3)
+                stale.unlink(missing_ok=True)
+            yield directory
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def kernels(native: bool = True) -> Kernels:
     """The native kernel when `native` and it builds here, else the torch reference (the reason
     the native one is not used is in `why_not_native`)."""
@@ -145,12 +181,15 @@ def kernels(native: bool = True) -> Kernels:
 
                 _ninja_on_path()
 
-                module = load(
-                    build_name(SOURCE.read_bytes()),
-                    [str(SOURCE)],
-                    extra_cflags=list(CFLAGS),
-                    verbose=False,
-                )
+                name = build_name(SOURCE.read_bytes())
+                with build_lock(build_directory(name)) as directory:
+                    module = load(
+                        name,
+                        [str(SOURCE)],
+                        extra_cflags=list(CFLAGS),
+                        build_directory=str(directory),
+                        verbose=False,
+                    )
                 _loaded["native"] = Native(module)
             except Exception as e:  # no compiler, no ninja, a build error: decode still works
                 why_not_native = f"the kernel did not build: {type(e).__name__}: {str(e)[:300]}"

@@ -93,19 +93,13 @@ def _init_distributed() -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = parse_train_args(argv)
-    cfg = build_config(
-        args
-    )  # the whole config, model included, before any data is prepared (run_cli prints errors)
+    cfg = build_config(args)  # the whole config, model included, before any data is prepared
     configure_threads("dsv3 train", args.threads)
     _init_distributed()
-    from dsv3.errors import Dsv3Error
     from dsv3.train.loop import Trainer, TrainingDiverged, TrainingInterrupted
 
-    try:
-        trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet, force=args.force)
-    except Dsv3Error as e:
-        print(f"dsv3 train: {e}", file=sys.stderr)
-        return 2
+    # user errors (Dsv3Error) raised from here on are printed as one line by run_cli
+    trainer = Trainer(cfg, resume=args.resume, show_progress=not args.quiet, force=args.force)
     main_rank = trainer.strategy.is_main
     if trainer.resumed_from and main_rank:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})")
