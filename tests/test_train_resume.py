@@ -247,3 +247,41 @@ def test_train_command_says_how_it_resumes(tmp_path, data, monkeypatch, capsys):
         assert train_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err and "--force" in err
+
+
+def test_resume_through_the_cli_keeps_the_saved_settings(tmp_path, data, monkeypatch, capsys):
+    """`dsv3 train --out DIR --resume` continues with the run's own TrainConfig (it used to fall back
+    to the defaults: 1,000 steps, the default lr schedule, precision re-measured), with explicit
+    options and overrides on top and printed; a model change is refused naming the field; and a
+    fresh run into a directory with checkpoints is refused without --force."""
+    from dsv3.cli import main
+
+    corpus, cache = data
+    monkeypatch.setenv("DSV3_CACHE", cache)
+    out = tmp_path / "run"
+    first = ["train", "--quiet", "--threads", "1", "--preset", "tiny", "--steps", "4", "--precision", "fp32",
+             "--data", corpus, "--out", str(out), *[f"{k}={v}" for k, v in SETTINGS.items()]]  # fmt: skip
+    assert main(first) == 0
+    saved = json.loads((list_checkpoints(out / "checkpoints")[-1] / "trainer.json").read_text())["config"]
+    capsys.readouterr()
+
+    # no --preset, --steps, lr or schedule on the line: all come from the checkpoint
+    assert main(["train", "--quiet", "--threads", "1", "--out", str(out), "--resume", "--steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "resume: the settings saved in" in printed and "steps=6 (saved 4)" in printed
+    last = list_checkpoints(out / "checkpoints")[-1]
+    state = json.loads((last / "trainer.json").read_text())
+    assert state["step"] == 6 and state["precision"] == "fp32"
+    assert {k: v for k, v in state["config"].items() if k != "steps"} == {
+        k: v for k, v in saved.items() if k != "steps"
+    }
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+    lrs = [r["lr"] for r in _records(out)]
+    assert lrs[4] == pytest.approx(SETTINGS["lr"]) and max(lrs) == pytest.approx(SETTINGS["lr"])
+
+    assert main(["train", "--quiet", "--out", str(out), "--resume", "model.n_layers=4"]) == 2
+    assert "model.n_layers: a resumed run keeps its checkpoint's model" in capsys.readouterr().err
+    assert main(["train", "--quiet", "--out", str(out), "--resume", "--preset", "small"]) == 2
+    assert "preset: a resumed run keeps" in capsys.readouterr().err
+    assert main(first) == 2  # a fresh run over it, without --force
+    assert "already holds a run (step_00000006)" in capsys.readouterr().err

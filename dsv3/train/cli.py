@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -30,7 +31,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (logs, checkpoints, plots)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument(
-        "--force", action="store_true", help="with --resume: start over when no checkpoint of --out is valid"
+        "--force",
+        action="store_true",
+        help="start over: with --resume when no checkpoint of --out is valid; without it, when --out "
+        "already holds checkpoints (they are deleted)",
     )
     p.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
     add_threads_argument(p)
@@ -47,17 +51,97 @@ def parse_train_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace):
+    """The run's TrainConfig: with --resume, the settings saved in the run's newest checkpoint; then
+    --config, the options and the key=value overrides on top (each printed when it changes a saved
+    setting). A resumed run keeps its checkpoint's model: a preset or model.* change is refused."""
     from dsv3.train.config import TrainConfig
 
-    values = TrainConfig.from_file(args.config) if args.config else {}
+    found = saved_run_config(args.out) if args.resume and args.out else None
+    values = dict(found[0]) if found else {}
+    values.update(TrainConfig.from_file(args.config) if args.config else {})
     for name in ("preset", "steps", "precision", "data", "out"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     overrides = list(args.overrides)
     overrides += [f"parallel.{k}={getattr(args, k)}" for k in ("ep", "dp") if getattr(args, k) is not None]
     cfg = TrainConfig.build(values, overrides)
+    if found:
+        _report_resumed_settings(cfg, *found)
     _check_world_size(cfg)
     return cfg
+
+
+def saved_run_config(out: str | Path) -> tuple[dict, Path] | None:
+    """(TrainConfig fields, checkpoint) of the newest checkpoint of run `out` whose trainer.json
+    reads, or None. `precision=auto` is replaced by the precision that run picked, so a resume never
+    re-measures and switches precision mid-run."""
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.state import list_checkpoints
+
+    for path in reversed(list_checkpoints(Path(out) / "checkpoints")):
+        try:
+            state = json.loads((path / "trainer.json").read_text())
+            values = dict(state["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable checkpoint: the trainer skips it too
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in values.items() if k in known}  # fields a newer dsv3 dropped
+        if values.get("precision") == "auto" and state.get("precision"):
+            values["precision"] = state["precision"]
+        values.pop("out", None)
+        return values, path
+    return None
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples and lists compare equal, as they are saved
+
+
+def _report_resumed_settings(cfg, saved: dict, path: Path) -> None:
+    now = cfg.to_dict()
+    if now["preset"] != saved.get("preset", now["preset"]):
+        raise ConfigError(
+            f"preset: a resumed run keeps its checkpoint's model ({path} is {saved['preset']!r}, "
+            f"given {now['preset']!r}); use another --out for a new run"
+        )
+    saved_model, model = _plain(saved.get("model") or {}), _plain(now["model"])
+    for name in sorted(set(saved_model) | set(model)):
+        if saved_model.get(name) != model.get(name):
+            raise ConfigError(
+                f"model.{name}: a resumed run keeps its checkpoint's model (saved {saved_model.get(name)!r}, "
+                f"given {model.get(name)!r}); use another --out for a new run"
+            )
+    changed = [
+        f"{k}={_plain(now[k])!r} (saved {_plain(saved[k])!r})"
+        for k in sorted(now)
+        if k in saved and k not in ("out", "model") and _plain(now[k]) != _plain(saved[k])
+    ]
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"resume: the settings saved in {path}" + (f"; changed: {', '.join(changed)}" if changed else "")
+        )
+
+
+def _check_fresh_run(cfg, force: bool) -> None:
+    """A run without --resume into a directory that has checkpoints would mix its checkpoints with
+    the old run's (and a later --resume could pick the old run's newer one): refuse, or with
+    --force delete the old checkpoints first."""
+    from dsv3.train.state import list_checkpoints
+
+    root = Path(cfg.out) / "checkpoints"
+    old = list_checkpoints(root)
+    if not old:
+        return
+    if not force:
+        raise ConfigError(
+            f"--out {cfg.out}: already holds a run ({old[-1].name}); pass --resume to continue it, "
+            "--force to delete its checkpoints and start over, or another --out"
+        )
+    if os.environ.get("RANK", "0") == "0":
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"--force: deleted the checkpoints of {cfg.out}")
 
 
 def _check_world_size(cfg) -> None:
@@ -94,6 +178,8 @@ def _init_distributed() -> None:
 def train_main(argv: list[str] | None = None) -> int:
     args = parse_train_args(argv)
     cfg = build_config(args)  # the whole config, model included, before any data is prepared
+    if not args.resume:
+        _check_fresh_run(cfg, args.force)
     configure_threads("dsv3 train", args.threads)
     _init_distributed()
     from dsv3.train.loop import Trainer, TrainingDiverged, TrainingInterrupted

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3 import ModelConfig, Transformer, bf16
+from dsv3 import ConfigError, ModelConfig, Transformer, bf16
 from dsv3.data.corpus import CorpusError
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
@@ -176,7 +176,7 @@ class Trainer:
             state, optimizer_state = load_checkpoint(ckpt)
             self.strategy.load_optimizer_state(self.optimizer, optimizer_state)
             if state.get("dataset_key") != dataset.key:
-                raise RuntimeError(
+                raise TrainCheckpointError(
                     f"{ckpt}: trained on other data (dataset key differs); resume with the same data"
                 )
             self.loader.load_state_dict(state["loader"])
@@ -234,7 +234,7 @@ class Trainer:
         overrides.setdefault("eos_token_id", tok.eos_id)
         cfg = ModelConfig.from_preset(self.cfg.preset, **overrides)
         if tok.vocab_size > cfg.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"model.vocab_size: {cfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}"
             )
         return cfg
