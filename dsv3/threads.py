@@ -16,13 +16,11 @@ import torch
 
 def positive_threads(text: str) -> int:
     """argparse type of --threads: a positive integer (0 is rejected: omit the option for all cores)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n} (omit --threads to use every core)")
-    return n
+    from dsv3.cli import positive_int
+
+    if text.strip() == "0":
+        raise argparse.ArgumentTypeError("must be >= 1, got 0 (omit --threads to use every core)")
+    return positive_int(text)
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from word_corpus import write_word_corpus
 
 from dsv3 import Transformer
 
@@ -22,12 +22,7 @@ WORDS = "experts on every rank receive their tokens by all-to-all and send the o
 
 
 def test_torchrun_trains_with_expert_parallelism_and_zero(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for d in range(30):
-        idx = torch.randint(0, len(WORDS), (80 + 2 * d,), generator=g).tolist()
-        (corpus / f"d{d}.txt").write_text(" ".join(WORDS[i] for i in idx) + ".\n")
+    corpus = write_word_corpus(tmp_path / "corpus", n_docs=30, base_len=80, step=2, words=WORDS)
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
         str(torchrun), "--nproc-per-node", "2", "-m", "dsv3.train", "--preset", "tiny", "--steps", "2",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from word_corpus import write_word_corpus
 
 from dsv3 import Transformer
 from dsv3.data.dataset import DataConfig, prepare_data
@@ -19,7 +20,6 @@ from dsv3.train import TrainConfig, Trainer
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
-WORDS = "the model routes every token to experts while the cache keeps latent keys and values".split()
 STEPS = 4  # the schedules see 4 steps; the first 2 run on 4 ranks, the rest after a resume
 
 
@@ -42,12 +42,7 @@ def train_config(root: str, out: str, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ptrain")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for d in range(40):
-        idx = torch.randint(0, len(WORDS), (60 + 3 * d,), generator=g).tolist()
-        (corpus / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in idx) + ".\n")
+    write_word_corpus(root / "corpus")
     prepare_data(data_config(str(root)))  # the ranks then read the cache
     return str(root)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from word_corpus import write_word_corpus
 
 from dsv3.data.dataset import DataConfig, prepare_data
 from dsv3.train import TrainConfig, Trainer
 from dsv3.train.state import TrainCheckpointError, list_checkpoints
 
-WORDS = "the model routes every token to experts while the cache keeps latent keys and values".split()
 STEPS = 16
 SETTINGS = dict(
     seq_len=32, micro_batch=2, batch_start=4, batch_end=4, lr=3e-3, warmup_steps=3, eval_every=100,
@@ -30,12 +30,7 @@ SETTINGS = dict(
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("resume")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for d in range(40):
-        idx = torch.randint(0, len(WORDS), (60 + 3 * d,), generator=g).tolist()
-        (corpus / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in idx) + ".\n")
+    corpus = write_word_corpus(root / "corpus")
     cache = str(root / "cache")
     prepare_data(DataConfig(data=str(corpus), vocab_size=300, val_fraction=0.1, cache=cache, progress=False))
     return str(corpus), cache

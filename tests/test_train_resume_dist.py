@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
+from word_corpus import write_word_corpus
 
 from dsv3.data.dataset import DataConfig, prepare_data
 from dsv3.parallel.launch import run_ranks
@@ -20,7 +20,6 @@ from dsv3.train.loop import TrainingInterrupted
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
-WORDS = "the model routes every token to experts while the cache keeps latent keys and values".split()
 STEPS, STOP_AT = 8, 3
 # relative bounds; measured 1.3e-8, 2.1e-4, 6.0e-6 (docs/training.md)
 BOUND = {"fp32": 1e-6, "bf16": 2e-3, "fp8": 1e-3}  # FP8 measured 6e-6 and 1.4e-4 (docs/training.md)
@@ -71,12 +70,7 @@ def _fit(rank: int, world: int, root: str, out: str, resume: bool, term_at: int 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("dresume")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for d in range(40):
-        idx = torch.randint(0, len(WORDS), (60 + 3 * d,), generator=g).tolist()
-        (corpus / f"doc{d:02d}.txt").write_text(" ".join(WORDS[i] for i in idx) + ".\n")
+    write_word_corpus(root / "corpus")
     prepare_data(_data_config(str(root)))
     return str(root)
 
