@@ -33,7 +33,9 @@ def files(tmp_path_factory):
     (root / "train_ckpt").mkdir()
     (root / "train_ckpt" / "trainer.json").write_text('{"step": 3')  # truncated
     (root / "run").mkdir()
-    (root / "run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "tr')
+    (root / "run" / "metrics.jsonl").write_text(
+        '{"kind": "train", "step": 1}\n{"kind": "tr\n{"kind": "train", "step": 2}\n'
+    )
     return root
 
 
@@ -54,7 +56,7 @@ CASES = [
     ("eval-missing-ckpt", ["eval", "--ckpt", "{root}/missing"], "--ckpt {root}/missing: does not exist"),
     ("eval-ckpt-is-file", ["eval", "--ckpt", "{root}/bad.txt"], "is not a directory"),
     ("eval-truncated-state", ["eval", "--ckpt", "{root}/train_ckpt"], "trainer.json: not a trainer state"),
-    ("plot-torn-log", ["plot", "{root}/run"], "metrics.jsonl: a line is not JSON"),
+    ("plot-bad-log", ["plot", "{root}/run"], "metrics.jsonl: a line is not JSON"),
     ("generate-missing-ckpt", ["generate", "--ckpt", "{root}/missing", "--prompt", "x"],
      "--ckpt {root}/missing: no such directory"),
     ("generate-ckpt-is-file", ["generate", "--ckpt", "{root}/bad.txt", "--prompt", "x"], "is a file"),

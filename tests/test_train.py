@@ -270,3 +270,16 @@ def test_oversubscription_warning_names_the_load_and_a_thread_count():
     assert oversubscription_warning(threads=1, load=5.0, cpus=2) is None  # one thread never spins
     msg = oversubscription_warning(threads=2, load=1.0, cpus=2)  # another busy process
     assert msg is not None and "load average 1.0 on 2 cores" in msg and "--threads 1" in msg
+
+
+def test_read_log_ignores_a_torn_last_line_but_not_a_bad_middle_one(tmp_path):
+    """kill -9 mid-write leaves a torn last record; `dsv3 plot` on such a run must still work."""
+    from dsv3.train.log import read_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tr')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "tr\n{"kind": "train", "step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_log(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,4 +102,11 @@ def read_log(out: str | Path) -> list[dict[str, Any]]:
     path = Path(out) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no training log (is {out} a run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]  # a bad line in the middle is an error
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:  # the last line torn by a kill mid-write: the run is still plottable
+            warnings.warn(f"{path}: ignoring a torn last line", stacklevel=2)
+    return records
