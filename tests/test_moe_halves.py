@@ -1,8 +1,9 @@
 """The MoE in explicit halves (route -> dispatch -> experts -> combine), the step's expert counts
-reduced in one collective."""
+reduced in one collective, and choices made from one rank's measurement agreed by all ranks."""
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from word_corpus import write_word_corpus
@@ -11,6 +12,7 @@ from dsv3 import ModelConfig
 from dsv3.data.dataset import DataConfig, prepare_data
 from dsv3.model.moe import MoE, balance_loss
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.launch import run_ranks
 from dsv3.parallel.pipeline.phases import PhasedPass, StagePass
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers
 from dsv3.train import TrainConfig, Trainer
@@ -113,3 +115,28 @@ def test_a_step_reduces_the_counts_of_all_layers_in_one_collective(tmp_path):
     assert int(trainer.last_counts.sum()) == 4 * 32 * trainer.model_cfg.n_activated_experts * layers
     after = [m.gate.e_score_correction_bias for m in trainer.model.moe_layers()]
     assert all(not torch.equal(a, b) for a, b in zip(before, after))  # the bias update still ran
+
+
+# ---- rank agreement ------------------------------------------------------------------------------------
+def _disagreeing_rank(rank: int, world: int) -> dict:
+    """Each rank's own measurement says something else: rank 0 slow BF16, rank 1 fast BF16."""
+    from dsv3 import bf16
+    from dsv3.train import metrics
+
+    metrics.matmul_peak = lambda dtype, *a, **k: 1e9 if dtype == torch.float32 else (1e7, 1e10)[rank]
+    bf16.needed = lambda device="cpu": rank == 0
+    return {
+        "precision": metrics.pick_precision("auto"),
+        "requested": metrics.pick_precision("fp32"),
+        "bf16_needed": metrics.decided_by_rank0(bf16.needed),
+    }
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_ranks_take_rank_0s_choice_where_their_measurements_differ():
+    results = run_ranks(_disagreeing_rank, 2, timeout=30, deadline=90)
+    for res in results:
+        assert res["precision"][0] == "fp32" and "slow" in res["precision"][1]  # rank 0's measurement
+        assert res["requested"] == ("fp32", "requested")
+        assert res["bf16_needed"] is True

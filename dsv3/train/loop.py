@@ -36,8 +36,8 @@ from dsv3.optim import param_groups
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
 from dsv3.train.log import RunLog, truncate_logs
+from dsv3.train.metrics import decided_by_rank0, mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.metrics import matmul_peak as measure_peak
-from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.state import (
     TrainCheckpointError,
     latest_valid_checkpoint,
@@ -160,7 +160,7 @@ class Trainer:
             from dsv3.fp8 import convert
 
             convert(self.model)
-        if dtype == torch.bfloat16 and bf16.needed():
+        if dtype == torch.bfloat16 and decided_by_rank0(bf16.needed):  # every rank the same modules
             bf16.convert(self.model)  # BF16 numerics on FP32 kernels: this CPU has no fast BF16 matmul
         if cfg.recompute:
             apply_recompute(self.model)
