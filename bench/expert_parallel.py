@@ -63,8 +63,7 @@ def time_steps(moe, x: torch.Tensor, g: torch.Tensor, steps: int, barrier=None) 
 def worker(rank, world, a, cases):
     import torch.distributed as dist
 
-    from dsv3.parallel.dispatch import all_gather_routed
-    from dsv3.parallel.expert_parallel import ExpertParallel, ExpertParallelMoE
+    from dsv3.parallel.expert_parallel import AllGatherMoE, ExpertParallel, ExpertParallelMoE
     from dsv3.parallel.mesh import build_mesh
 
     meshes, out = {}, {}
@@ -73,9 +72,7 @@ def worker(rank, world, a, cases):
             meshes[rpn] = build_mesh(ep=world, ranks_per_node=rpn)
         cfg = layer_config(a, groups, limited)
         ep = ExpertParallel.from_mesh(meshes[rpn], cfg, two_hop, wire, "bf16" if wire != "same" else "same")
-        moe = ExpertParallelMoE.from_moe(make_layer(cfg), ep)
-        if kind == "naive":
-            moe.routed = lambda x, w, i, m=moe, e=ep: all_gather_routed(x, w, i, m.experts, e.placement, e.ep)
+        moe = (AllGatherMoE if kind == "naive" else ExpertParallelMoE).from_moe(make_layer(cfg), ep)
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(a.tokens, a.dim, generator=gen).requires_grad_(True)
         grad = torch.randn(a.tokens, a.dim, generator=gen)

@@ -48,14 +48,11 @@ def model_batch(world: int) -> torch.Tensor:
 
 # ---- what each rank runs ----------------------------------------------------------------------------------
 def _layer_case(rank, world, mesh, cfg_kw, two_hop, dispatch, combine, naive=False):
-    from dsv3.parallel.dispatch import all_gather_routed
-    from dsv3.parallel.expert_parallel import ExpertParallel, ExpertParallelMoE
+    from dsv3.parallel.expert_parallel import AllGatherMoE, ExpertParallel, ExpertParallelMoE
 
     cfg = layer_cfg(**cfg_kw)
     ep = ExpertParallel.from_mesh(mesh, cfg, two_hop, dispatch, combine)
-    moe = ExpertParallelMoE.from_moe(make_moe(cfg), ep)
-    if naive:
-        moe.routed = lambda x, w, i: all_gather_routed(x, w, i, moe.experts, ep.placement, ep.ep)
+    moe = (AllGatherMoE if naive else ExpertParallelMoE).from_moe(make_moe(cfg), ep)
     xs, gs = layer_inputs(world, cfg.dim)
     x = xs[rank].clone().requires_grad_(True)
     out = moe(x[None])[0]
@@ -151,7 +148,10 @@ def reference_layer(world: int, cfg: ModelConfig, emulate_fp8: bool = False):
                     out = out.index_add(0, rows, weights[rows, k, None] * y)
             return out
 
-        moe.routed = routed
+        # the routed output computed whole in `combine` (the halves before it only run the shared experts)
+        moe.dispatch = lambda call: None
+        moe.run_experts = moe.run_shared
+        moe.combine = lambda call: moe.add_shared(call, routed(call.x, call.weights, call.indices))
     xs, gs = layer_inputs(world, cfg.dim)
     xs.requires_grad_(True)
     outs = [moe(xs[r][None])[0] for r in range(world)]

@@ -23,7 +23,8 @@ dsv3.infer.fused:
   read through the block table, so its blocks need not be consecutive) when the kernels are native
   and W_UK / W_UV are folded, removing the ~200 operator launches per token that otherwise cost as
   much as the weights.
-`MoE.last_counts` is set for every MoE layer, as the model's forward does (EPLB statistics).
+`MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
+(EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
 MTP module 1 for drafting (`mtp_forward`: eh_proj with enorm / hnorm folded in, then its block over
 the MTP layer's cache). The model's forward stays the reference; tests hold this path to it
@@ -179,7 +180,7 @@ class FastDecoder:
             counts = decode_moe.counts(routed, self.n_experts).unbind(0) if routed else []
             keys.finish()
         for moe, c in zip((f.moe for f in w.ffn if f.moe is not None), counts):
-            moe._buffers["last_counts"] = c  # what `moe.last_counts = c` does, minus __setattr__
+            moe.record(c)  # this path routes on its own: it records what `MoE.route` would
         return x
 
     def can_draft(self) -> bool:
@@ -214,7 +215,7 @@ class FastDecoder:
             counts = decode_moe.counts(routed, self.n_experts) if routed else []
             keys.finish()
         if m.ffn.moe is not None:
-            m.ffn.moe._buffers["last_counts"] = counts[0]
+            m.ffn.moe.record(counts[0])
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

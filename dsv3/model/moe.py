@@ -14,12 +14,24 @@ experts see every token. No token is ever dropped.
 Balancing: after each step `update_bias` moves b_i by gamma * sign(mean(c) - c_i) from the expert
 counts c of that step (all data-parallel ranks); the complementary sequence-wise balance loss
 L = sum_i f_i P_i is computed here during training and weighted by alpha in the model's loss.
+Both come out of `MoE.route` as data in the call's state (`MoECall.counts`, `.balance`); the
+model's loss collects every layer's into `LossOutput` (counts [L, E]), which the trainer sums.
+
+The layer runs as four halves, route -> dispatch -> experts -> combine (`MoE`), so that expert
+parallelism (dsv3.parallel.expert_parallel), the EPLB replica router and the decode paths replace
+only the half they change, and a pipeline schedule can run another micro-batch's computation
+between a dispatch and its experts (dsv3.parallel.pipeline.phases).
 
 Shapes: B batch, T tokens per sequence, N = B*T tokens, D dim, E routed experts, K activated,
 G groups, I expert hidden size, M = N*K routed token copies.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,9 +136,73 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, top_k:
     return (f * probs).sum(dim=-1).mean()
 
 
+@dataclass
+class MoECall:
+    """The state of one MoE call, passed through its halves: route -> dispatch -> experts -> combine.
+
+    `route` fills the routing fields (and the two results the trainer needs, as data: `counts` for
+    the bias update and `balance` for the loss); `dispatch` the rows grouped by expert that the
+    grouped GEMM reads; `run_experts` their outputs and the shared experts'; `combine` turns them
+    into the layer's output. A pipeline phase boundary may cut the autograd graph between halves:
+    `tensors()` / `map_tensors()` walk every tensor of the state (not `balance`, a loss term) in a
+    fixed order, the dispatch plan's included.
+
+    The asynchronous seam: an expert-parallel `dispatch` may start its all-to-all and leave the work
+    handle in `pending` instead of waiting; `run_experts` then calls `wait_dispatch()` first, which
+    waits and lets the subclass finish filling `rows` (so the other chunk's computation can run
+    between the two halves). The same holds for `combine`'s all-to-all and a later wait.
+    """
+
+    shape: torch.Size  # the input's [B, T, D]
+    x: torch.Tensor  # [N, D] tokens
+    weights: torch.Tensor  # [N, K] gate values (FP32)
+    indices: torch.Tensor  # [N, K] expert ids
+    scores: torch.Tensor  # [N, E] affinities s (FP32)
+    counts: torch.Tensor  # [E] tokens routed to each expert (long, detached): the bias update's input
+    balance: torch.Tensor | None  # the sequence-wise balance loss (training with gradients), else None
+    rows: torch.Tensor | None = None  # [S, D] dispatched rows, grouped by (local) expert
+    row_counts: torch.Tensor | None = None  # [E or El] rows per expert of `rows`
+    order: torch.Tensor | None = None  # [M] token-copy ids sorted by expert (the source's sort)
+    plan: dict[str, Any] = field(default_factory=dict)  # a subclass's dispatch plan (split sizes, ...)
+    pending: Callable[[], None] | None = None  # completes an asynchronous dispatch (see above)
+    out: torch.Tensor | None = None  # [S, D] expert outputs, in the order of `rows`
+    shared: torch.Tensor | None = None  # [N, D] the shared experts' output
+
+    _STATE = ("x", "weights", "indices", "scores", "counts", "rows", "row_counts", "order", "out", "shared")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the state, in a fixed order (fields, then the plan's tensors)."""
+        out = [getattr(self, f) for f in self._STATE if getattr(self, f) is not None]
+        return out + [v for v in self.plan.values() if isinstance(v, torch.Tensor)]
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MoECall:
+        """A copy with `fn` applied to every tensor of `tensors()` (in the same order)."""
+        fields = {f: fn(getattr(self, f)) for f in self._STATE if getattr(self, f) is not None}
+        plan = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.plan.items()}
+        return dataclasses.replace(self, plan=plan, **fields)
+
+    def wait_dispatch(self) -> None:
+        if self.pending is not None:
+            done, self.pending = self.pending, None
+            done()
+
+
 class MoE(nn.Module):
-    """Shared experts + routed experts. After each forward, `last_counts` [E] holds the tokens
-    routed to each expert and, in training, `balance_loss` the sequence-wise balance loss."""
+    """Shared experts + routed experts, as four halves over a `MoECall` (`forward` runs them in turn):
+
+        route        gate, per-expert counts, balance loss (training)
+        dispatch     the token copies sorted by expert (expert parallelism: the all-to-all out)
+        run_experts  grouped GEMM over the dispatched rows, and the shared experts
+        combine      rows back to token order, weighted by the gate values, summed, + shared
+                     (expert parallelism: the all-to-all back)
+
+    Expert parallelism overrides dispatch and combine, the EPLB replica router dispatch and its
+    experts, the compiled decode path run_experts. (`run_experts`, not `experts`: that name is the
+    fused experts' submodule, whose parameter names the checkpoints use.)
+
+    What a call leaves on the module, for readers outside the forward (the loss's balance term,
+    EPLB load statistics, the pipeline runtime): `last_counts` [E] and `balance_loss`, written
+    only by `record` (called by `route`, and by the fast decode path, which routes on its own)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -143,25 +219,53 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]."""
+        call = self.route(x)
+        self.dispatch(call)
+        self.run_experts(call)
+        return self.combine(call)
+
+    def record(self, counts: torch.Tensor, balance: torch.Tensor | None = None) -> None:
+        """The one writer of `last_counts` and `balance_loss`. Bypasses nn.Module.__setattr__: the
+        fast decode path calls this per layer per token."""
+        self._buffers["last_counts"] = counts
+        object.__setattr__(self, "balance_loss", balance)
+
+    def route(self, x: torch.Tensor) -> MoECall:
+        """x [B, T, D] -> the call's routing: gate values, expert ids, affinities, counts, balance loss."""
         B, T, D = x.shape
         x_flat = x.reshape(B * T, D)
         weights, indices, scores = self.gate(x_flat)
-        self.balance_loss = None
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).detach()
+        balance = None
         if self.training and torch.is_grad_enabled():
-            self.balance_loss = balance_loss(scores, indices, B, self.top_k)
-        out = self.routed(x_flat, weights, indices)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x_flat)
-        return out.view(B, T, D)
+            balance = balance_loss(scores, indices, B, self.top_k)
+        self.record(counts, balance)
+        return MoECall(x.shape, x_flat, weights, indices, scores, counts, balance)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Single-device routed experts: x [N, D], weights/indices [N, K] -> [N, D]."""
-        N, K = indices.shape
-        order, counts = sort_by_expert(indices, self.n_experts)
-        self.last_counts = counts.detach()
-        y_sorted = self.experts(x[order // K], counts)  # (M, D), rows grouped by expert
-        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)  # back to token order
-        return combine(weights, y)
+    def dispatch(self, call: MoECall) -> None:
+        """Single device: the token copies sorted by expert (stable), one row per (token, expert)."""
+        order = call.indices.flatten().argsort(stable=True)
+        call.order, call.rows, call.row_counts = order, call.x[order // self.top_k], call.counts
+
+    def run_experts(self, call: MoECall) -> None:
+        """The grouped experts on the dispatched rows (`out`), and the shared experts on every token."""
+        call.wait_dispatch()
+        call.out = self.experts(call.rows, call.row_counts)  # (M, D), rows grouped by expert
+        self.run_shared(call)
+
+    def run_shared(self, call: MoECall) -> None:
+        call.shared = self.shared_experts(call.x) if self.shared_experts is not None else None
+
+    def combine(self, call: MoECall) -> torch.Tensor:
+        """Expert outputs back to token order, gate-weighted and summed, + shared -> [B, T, D]."""
+        N, K = call.indices.shape
+        y = torch.empty_like(call.out).index_copy_(0, call.order, call.out).view(N, K, -1)
+        return self.add_shared(call, combine(call.weights, y))
+
+    def add_shared(self, call: MoECall, routed: torch.Tensor) -> torch.Tensor:
+        """routed [N, D] + the shared experts' output -> the layer's output [B, T, D]."""
+        out = routed if call.shared is None else routed + call.shared
+        return out.view(call.shape)
 
 
 def combine(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ class LossOutput:
     mtp: torch.Tensor  # mean cross-entropy of the MTP modules (0 without MTP)
     balance: torch.Tensor  # sum over MoE layers of the sequence-wise balance loss (before alpha)
     mtp_per_depth: list[torch.Tensor]
+    counts: torch.Tensor | None = None  # [L, E] tokens per expert of every MoE layer (`moe_layers()` order)
 
 
 class Transformer(nn.Module):
@@ -184,10 +185,15 @@ class Transformer(nn.Module):
             per_depth.append(token_cross_entropy(self.mtp_logits(k, h), targets))
         zero = main.new_zeros(())
         mtp = torch.stack(per_depth).mean() if per_depth else zero
-        bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        layers = self.moe_layers()  # each one ran once above: what it recorded is this batch's
+        bal = [m.balance_loss for m in layers if m.balance_loss is not None]
         balance = torch.stack(bal).sum() if bal else zero
         total = main + mtp_lambda * mtp + balance_alpha * balance
-        return LossOutput(total, main, mtp, balance, per_depth)
+        E = self.config.n_routed_experts
+        counts = (
+            torch.stack([m.last_counts for m in layers]) if layers else torch.zeros(0, E, dtype=torch.long)
+        )
+        return LossOutput(total, main, mtp, balance, per_depth, counts)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     @classmethod

@@ -19,6 +19,11 @@ Two hops (§3.2.2): IB traffic is what limits V3, and a token needs each node on
      and only this per-node partial sum crosses nodes on the way back; the source adds the nodes.
 So with node-limited routing each token crosses the network at most M times each way, whatever K.
 
+Each scheme is two halves, `*_dispatch` (up to the rows this rank's experts receive, grouped by
+local expert: what the grouped GEMM reads) and `*_combine` (from the experts' outputs back to the
+routed output at the source), so that the MoE's `dispatch` and `combine` (`ExpertParallelMoE`) are
+separate steps a pipeline schedule can interleave with another micro-batch's computation.
+
 Every step is a differentiable op (gather, index_add, the all-to-all of `comm.py`), so autograd
 gives the exact gradients of the single-device MoE; ranks with no tokens still take part in every
 collective, so the exchanges of all ranks line up in forward and backward.
@@ -103,28 +108,25 @@ def nodes_per_token(indices: torch.Tensor, placement: Placement) -> torch.Tensor
     return hit.scatter_(1, nodes, True).sum(dim=1)
 
 
-def run_local_experts(experts: nn.Module, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [S, D] received rows, ordered by source then local expert; counts [P, El] rows per (source,
-    expert) -> expert outputs [S, D] in the same order (one grouped GEMM over the local experts)."""
+def by_local_expert(counts: torch.Tensor) -> torch.Tensor:
+    """counts [P, El] received rows per (source, local expert), rows ordered by source then expert
+    -> the permutation [S] that groups them by local expert (stable: by source within an expert)."""
     P, El = counts.shape
-    expert_of_row = torch.arange(El, device=x.device).repeat(P).repeat_interleave(counts.flatten())  # (S,)
-    perm = expert_of_row.argsort(stable=True)  # received order -> grouped by expert
-    y_sorted = experts(x[perm], counts.sum(dim=0))
-    return torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
+    expert_of_row = torch.arange(El, device=counts.device).repeat(P).repeat_interleave(counts.flatten())
+    return expert_of_row.argsort(stable=True)
 
 
-def one_hop(
+def one_hop_dispatch(
     x: torch.Tensor,
-    weights: torch.Tensor,
     indices: torch.Tensor,
-    experts: nn.Module,
     placement: Placement,
     link: Link,
     dispatch_wire: str = "same",
     combine_wire: str = "same",
-) -> torch.Tensor:
-    """x [N, D], weights/indices [N, K] -> routed output [N, D] (see the module docstring)."""
-    N, K = indices.shape
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """x [N, D], indices [N, K] -> (rows [S, D] received for my experts, grouped by local expert;
+    rows per local expert [El]; the plan `one_hop_combine` needs)."""
+    K = indices.shape[1]
     R, El = placement.ranks, placement.local_experts
     flat = indices.flatten()  # (N*K,)
     order = flat.argsort(stable=True)  # copies by expert, hence by destination rank
@@ -132,25 +134,35 @@ def one_hop(
     recv_counts = exchange_counts(send_counts, link)  # (R, El): from source p for my expert j
     send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
     x_recv = all_to_all(x[order // K], send, recv, link, dispatch_wire, combine_wire, "dispatch")
-    y_recv = run_local_experts(experts, x_recv, recv_counts)
-    y_back = all_to_all(y_recv, recv, send, link, combine_wire, combine_wire, "combine")  # (N*K, D)
-    y = torch.empty_like(y_back).index_copy(0, order, y_back).view(N, K, -1)  # back to token order
+    perm = by_local_expert(recv_counts)  # received order -> grouped by expert
+    plan = {"order": order, "perm": perm, "send": send, "recv": recv}
+    return x_recv[perm], recv_counts.sum(dim=0), plan
+
+
+def one_hop_combine(
+    out: torch.Tensor, weights: torch.Tensor, plan: dict, link: Link, combine_wire: str = "same"
+) -> torch.Tensor:
+    """Expert outputs out [S, D] (in the dispatched rows' order), weights [N, K] -> routed [N, D]."""
+    N, K = weights.shape
+    y_recv = torch.empty_like(out).index_copy(0, plan["perm"], out)  # back to received order
+    y_back = all_to_all(y_recv, plan["recv"], plan["send"], link, combine_wire, combine_wire, "combine")
+    y = torch.empty_like(y_back).index_copy(0, plan["order"], y_back).view(N, K, -1)  # token order
     return combine(weights, y)  # weighted and summed at the source
 
 
-def two_hop(
+def two_hop_dispatch(
     x: torch.Tensor,
     weights: torch.Tensor,
     indices: torch.Tensor,
-    experts: nn.Module,
     placement: Placement,
     inter: Link,
     intra: Link,
     dispatch_wire: str = "same",
     combine_wire: str = "same",
-) -> torch.Tensor:
-    """x [N, D], weights/indices [N, K] -> routed output [N, D]: across nodes once per (token, node),
-    then inside the node per (token, expert); partial sums per node on the way back."""
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """x [N, D], weights/indices [N, K] -> (rows [S, D] for my experts grouped by local expert, rows
+    per local expert [El], the plan): across nodes once per (token, node), then inside the node per
+    (token, expert). The gate values travel with the copies (the node sums its partial output)."""
     N, K = indices.shape
     Nn, L, El = placement.n_nodes, placement.ranks_per_node, placement.local_experts
     # hop 1: one copy per (token, node), to my local index on that node
@@ -175,12 +187,28 @@ def two_hop(
     recv_counts = exchange_counts(send_counts, intra)
     send2, recv2 = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
     x2 = all_to_all(x1[c_sorted], send2, recv2, intra, dispatch_wire, combine_wire, "dispatch")
-    y2 = run_local_experts(experts, x2, recv_counts)
-    y2_back = all_to_all(y2, recv2, send2, intra, combine_wire, combine_wire, "combine")
-    # the node's partial sum per token copy, then back across nodes once
-    y1 = y2_back.new_zeros(x1.shape).index_add(0, c_sorted, y2_back * w_sorted[:, None].to(y2_back.dtype))
-    y_back = all_to_all(y1, recv1, send1, inter, combine_wire, combine_wire, "combine")  # (C, D)
-    return y_back.new_zeros(N, x.shape[1]).index_add(0, tok_c, y_back)
+    perm = by_local_expert(recv_counts)
+    plan = {
+        "tok_c": tok_c, "c_sorted": c_sorted, "w_sorted": w_sorted, "perm": perm, "copies": x1.shape[0],
+        "send1": send1, "recv1": recv1, "send2": send2, "recv2": recv2,
+    }  # fmt: skip
+    return x2[perm], recv_counts.sum(dim=0), plan
+
+
+def two_hop_combine(
+    out: torch.Tensor, n_tokens: int, plan: dict, inter: Link, intra: Link, combine_wire: str = "same"
+) -> torch.Tensor:
+    """Expert outputs out [S, D] (dispatched rows' order) -> routed [N, D]: back over hop 2, the
+    node's gate-weighted partial sum per token copy, then back across nodes once."""
+    y2 = torch.empty_like(out).index_copy(0, plan["perm"], out)  # back to received order
+    y2_back = all_to_all(y2, plan["recv2"], plan["send2"], intra, combine_wire, combine_wire, "combine")
+    w_sorted, c_sorted = plan["w_sorted"], plan["c_sorted"]
+    y1 = y2_back.new_zeros(plan["copies"], out.shape[1])
+    y1 = y1.index_add(0, c_sorted, y2_back * w_sorted[:, None].to(y2_back.dtype))
+    y_back = all_to_all(
+        y1, plan["recv1"], plan["send1"], inter, combine_wire, combine_wire, "combine"
+    )  # (C, D)
+    return y_back.new_zeros(n_tokens, out.shape[1]).index_add(0, plan["tok_c"], y_back)
 
 
 def all_gather_routed(

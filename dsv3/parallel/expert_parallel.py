@@ -2,11 +2,11 @@
 
 `parallelize_experts(model, ep)` swaps every `MoE` of the model for an `ExpertParallelMoE`: the
 same gate and shared experts (replicated, data-parallel), the same parameter names, but only this
-rank's block of routed experts (`w1/w3/w2[El, ...]` sliced from the full `[E, ...]`), and a
-`routed()` that dispatches token copies to the experts' ranks and combines the outputs
-(`dispatch.one_hop` or `dispatch.two_hop`). Everything the trainer reads keeps its meaning:
-`last_counts` [E] counts this rank's tokens per expert (the trainer sums them over ranks for the
-bias update), `balance_loss` is per sequence and so local.
+rank's block of routed experts (`w1/w3/w2[El, ...]` sliced from the full `[E, ...]`), and its own
+`dispatch` (token copies to the experts' ranks) and `combine` (outputs back), one hop or two
+(`dispatch.py`); `route` and `run_experts` are the MoE's. Everything the trainer reads keeps its
+meaning: the call's `counts` [E] count this rank's tokens per expert (the trainer sums them over
+ranks for the bias update), its `balance` is per sequence and so local.
 
 `gather_full_state(model, ep)` is the inverse for checkpoints: the model's state dict with every
 expert gathered from the EP group, which builds an ordinary single-device model.
@@ -24,9 +24,17 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.moe import MoE
+from dsv3.model.moe import MoE, MoECall
 from dsv3.parallel.comm import WIRES, CommStats, Link
-from dsv3.parallel.dispatch import Placement, nodes_per_token, one_hop, two_hop
+from dsv3.parallel.dispatch import (
+    Placement,
+    all_gather_routed,
+    nodes_per_token,
+    one_hop_combine,
+    one_hop_dispatch,
+    two_hop_combine,
+    two_hop_dispatch,
+)
 from dsv3.parallel.mesh import Mesh
 
 
@@ -112,24 +120,54 @@ class ExpertParallelMoE(MoE):
         new.ep, new.last_max_nodes = ep, 0
         return new
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights/indices [N, K] -> [N, D], experts on other ranks reached by all-to-all."""
+    def dispatch(self, call: MoECall) -> None:
+        """The token copies to their experts' ranks (all-to-all): `rows` are the copies this rank's
+        experts receive, grouped by local expert, `row_counts` [El]; the plan stays in the call."""
         ep = self.ep
-        self.last_counts = torch.bincount(indices.flatten(), minlength=self.n_experts).detach()
-        fan_out = nodes_per_token(indices, ep.placement)
+        fan_out = nodes_per_token(call.indices, ep.placement)
         self.last_max_nodes = int(fan_out.max()) if fan_out.numel() else 0
         if ep.two_hop:
-            return two_hop(
-                x, weights, indices, self.experts, ep.placement, ep.inter, ep.intra, ep.dispatch_wire,
+            call.rows, call.row_counts, call.plan = two_hop_dispatch(
+                call.x, call.weights, call.indices, ep.placement, ep.inter, ep.intra, ep.dispatch_wire,
                 ep.combine_wire,
             )  # fmt: skip
-        return one_hop(
-            x, weights, indices, self.experts, ep.placement, ep.ep, ep.dispatch_wire, ep.combine_wire
-        )
+        else:
+            call.rows, call.row_counts, call.plan = one_hop_dispatch(
+                call.x, call.indices, ep.placement, ep.ep, ep.dispatch_wire, ep.combine_wire
+            )
+
+    def combine(self, call: MoECall) -> torch.Tensor:
+        """The experts' outputs back to their tokens' ranks (all-to-all), weighted, summed, + shared."""
+        ep = self.ep
+        if ep.two_hop:
+            routed = two_hop_combine(
+                call.out, call.x.shape[0], call.plan, ep.inter, ep.intra, ep.combine_wire
+            )
+        else:
+            routed = one_hop_combine(call.out, call.weights, call.plan, ep.ep, ep.combine_wire)
+        return self.add_shared(call, routed)
 
     def extra_repr(self) -> str:
         first, n = self.ep.index * self.ep.placement.local_experts, self.ep.placement.local_experts
         return f"experts {first}..{first + n - 1} of {self.n_experts}"
+
+
+class AllGatherMoE(ExpertParallelMoE):
+    """The naive alternative to dispatch (a reference for tests and benchmarks): nothing moves in
+    `dispatch`; the experts gather every token of the EP group and reduce-scatter the partial outputs
+    (`dispatch.all_gather_routed`); `combine` adds the shared experts."""
+
+    def dispatch(self, call: MoECall) -> None:
+        fan_out = nodes_per_token(call.indices, self.ep.placement)
+        self.last_max_nodes = int(fan_out.max()) if fan_out.numel() else 0
+
+    def run_experts(self, call: MoECall) -> None:
+        ep = self.ep
+        call.out = all_gather_routed(call.x, call.weights, call.indices, self.experts, ep.placement, ep.ep)
+        self.run_shared(call)
+
+    def combine(self, call: MoECall) -> torch.Tensor:
+        return self.add_shared(call, call.out)
 
 
 def parallelize_experts(model: nn.Module, ep: ExpertParallel) -> list[str]:

@@ -13,8 +13,9 @@ parallelise it from outside.
                   all-to-all), so it is summed over the ranks holding the same experts, / data_world
   ZeRO-1          the optimizer state of both is sharded over those same groups (zero.py)
   clipping        the global norm: replicated weights counted once, expert shards summed
-  bias update     the trainer sums `last_counts` with `reduce_sum`: over every data rank, so every
-                  rank applies the same sign update from the global batch (§2.1.2)
+  bias update     the trainer accumulates the step's counts of every MoE layer ([L, E], from each
+                  micro-batch's `LossOutput.counts`) and sums them with ONE `reduce_sum` over every
+                  data rank, so every rank applies the same sign update from the global batch (§2.1.2)
   checkpoints     `full_model` gathers every expert so the main rank writes one ordinary HF-layout
                   model; `optimizer_state` is the single-process optimizer's state dict, which
                   this strategy re-shards for any world size and the plain `Strategy` loads as is

@@ -36,8 +36,8 @@ from dsv3.optim import param_groups
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
 from dsv3.train.log import RunLog, truncate_logs
+from dsv3.train.metrics import decided_by_rank0, mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.metrics import matmul_peak as measure_peak
-from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.state import (
     TrainCheckpointError,
     latest_valid_checkpoint,
@@ -160,7 +160,7 @@ class Trainer:
             from dsv3.fp8 import convert
 
             convert(self.model)
-        if dtype == torch.bfloat16 and bf16.needed():
+        if dtype == torch.bfloat16 and decided_by_rank0(bf16.needed):  # every rank the same modules
             bf16.convert(self.model)  # BF16 numerics on FP32 kernels: this CPU has no fast BF16 matmul
         if cfg.recompute:
             apply_recompute(self.model)
@@ -260,8 +260,7 @@ class Trainer:
         lam, gamma = schedules.mtp_weight(cfg, step), schedules.bias_update_speed(cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = schedules.learning_rate(cfg, step)
-        moe_layers = model.moe_layers()
-        counts = [torch.zeros_like(m.last_counts) for m in moe_layers]
+        counts = self._zero_counts(len(model.moe_layers()))  # (L, E) the step's, every MoE layer
         parts = torch.zeros(4, dtype=torch.float64)  # total, main, mtp, balance
         for _ in range(accum):
             out = model.loss(self.loader.next_batch(cfg.micro_batch), mtp_lambda=lam, balance_alpha=cfg.alpha)
@@ -269,13 +268,12 @@ class Trainer:
             parts += torch.stack(
                 [out.total.detach(), out.main.detach(), out.mtp.detach(), out.balance.detach()]
             )
-            for c, m in zip(counts, moe_layers):
-                c += m.last_counts
+            counts += out.counts
         parts /= accum
         self.strategy.reduce_gradients(model)
         self.strategy.reduce_mean(parts)
-        for c in counts:  # the bias update must see the whole global batch
-            self.strategy.reduce_sum(c)
+        # the bias update must see the whole global batch: one collective for all layers together
+        self.strategy.reduce_sum(counts)
         grad_norm = self.strategy.clip_grad_norm(model, cfg.grad_clip)
         skipped = not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm))
         if skipped:
@@ -285,13 +283,18 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            model.update_expert_bias(gamma, counts)
+            model.update_expert_bias(gamma, list(counts))
             self.bad_steps = 0
         self.last_counts = counts
         self.step += 1
         self.tokens_seen += batch * cfg.seq_len
         p = parts.tolist()
         return StepResult(p[0], p[1], p[2], p[3], grad_norm, skipped)
+
+    def _zero_counts(self, layers: int) -> torch.Tensor:
+        """Zero token counts [layers, E], to sum a step's (or an evaluation's) `LossOutput.counts` into."""
+        device = self.model.embed_tokens.weight.device
+        return torch.zeros(layers, self.model_cfg.n_routed_experts, dtype=torch.long, device=device)
 
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -301,7 +304,7 @@ class Trainer:
         model.eval()
         main_nats = mtp_nats = 0.0
         n_tokens = n_bytes = 0
-        counts = [torch.zeros_like(m.last_counts) for m in self.main_moe]
+        counts = self._zero_counts(len(self.main_moe))  # (L_main, E)
         batches = val_batches(
             self.data.val, cfg.seq_len, cfg.micro_batch, rank=self.data_rank, world_size=self.data_world,
             max_batches=cfg.eval_batches,
@@ -314,13 +317,11 @@ class Trainer:
             mtp_nats += float(out.mtp) * n
             n_tokens += n
             n_bytes += int(self._token_bytes[labels.numpy().astype(np.int64)].sum())
-            for c, m in zip(counts, self.main_moe):
-                c += m.last_counts
+            counts += out.counts[: len(self.main_moe)]  # main layers first (`moe_layers()` order)
         totals = self.strategy.reduce_sum(
             torch.tensor([main_nats, mtp_nats, n_tokens, n_bytes], dtype=torch.float64)
         )
-        for c in counts:
-            self.strategy.reduce_sum(c)
+        self.strategy.reduce_sum(counts)
         main_nats, mtp_nats, n_tokens, n_bytes = totals.tolist()
         self.val_counts = counts
         loss = main_nats / n_tokens

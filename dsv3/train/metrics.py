@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 
 from dsv3.config import ModelConfig
+
+T = TypeVar("T")
 
 
 def max_violation(counts: torch.Tensor) -> float:
@@ -60,11 +65,28 @@ def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, budget_s: flo
     return 2 * n**3 / best
 
 
+def decided_by_rank0(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 only and its result broadcast to every rank of the default group
+    (a collective: every rank calls it at the same point); without torch.distributed, `decide()`.
+    For every choice a rank would make from its own measurement or hardware (precision=auto, the
+    BF16 kernels): ranks that chose differently would build different models."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box = [decide() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def pick_precision(requested: str) -> tuple[str, str]:
     """Resolve `auto`: BF16 only where BF16 matmul is at least half as fast as FP32 (CPUs without
-    BF16 units run it ~100x slower). Returns (precision, reason)."""
+    BF16 units run it ~100x slower). Returns (precision, reason). Under torch.distributed rank 0
+    measures and every rank takes its choice (`decided_by_rank0`)."""
     if requested != "auto":
         return requested, "requested"
+    return decided_by_rank0(_measure_precision)
+
+
+def _measure_precision() -> tuple[str, str]:
     if torch.cuda.is_available():
         return "bf16", "GPU"
     fp32, bf16 = matmul_peak(torch.float32, 512, 0.1), matmul_peak(torch.bfloat16, 512, 0.1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3.model.moe import GroupedExperts, MoE, combine
+from dsv3.model.moe import GroupedExperts, MoE, MoECall
 
 
 def replica_of_copies(
@@ -51,8 +51,10 @@ class ReplicatedMoE(nn.Module):
     """Wraps a `MoE` (unchanged) and runs its routed experts on the physical slots of a placement.
 
     phy2log [R], log2phy [E, max_replicas], logcnt [E] are one layer's rows of a `Placement`.
-    After each forward, `last_slot_counts` [R] holds the tokens each physical slot processed, and
-    the wrapped layer's `last_counts` the logical counts (so load statistics keep working)."""
+    It replaces the MoE's dispatch (replica choice) and experts (the slots'); route and combine are
+    the wrapped MoE's. After each forward, `last_slot_counts` [R] holds the tokens each physical
+    slot processed, and the wrapped layer's `last_counts` the logical counts (so load statistics
+    keep working)."""
 
     def __init__(self, moe: MoE, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
         super().__init__()
@@ -75,27 +77,26 @@ class ReplicatedMoE(nn.Module):
         self.register_buffer("last_slot_counts", torch.zeros(R, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D], equal to the wrapped MoE's output."""
-        B, T, D = x.shape
-        x_flat = x.reshape(B * T, D)
-        weights, indices, _ = self.moe.gate(x_flat)
-        self.moe.last_counts = torch.bincount(indices.flatten(), minlength=self.moe.n_experts)
-        slots = replica_of_copies(indices, self.log2phy, self.logcnt, self.quota)  # (N, K)
-        out = self._routed(x_flat, weights, slots)
-        if self.moe.shared_experts is not None:
-            out = out + self.moe.shared_experts(x_flat)
-        return out.view(B, T, D)
+        """x [B, T, D] -> [B, T, D], equal to the wrapped MoE's output: the wrapped MoE's route (which
+        records its logical counts) and combine, this layer's dispatch and experts."""
+        call = self.moe.route(x)
+        self.dispatch(call)
+        self.run_experts(call)
+        return self.moe.combine(call)
 
-    def _routed(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights [N, K], slots [N, K] physical ids -> [N, D]."""
-        N, K = slots.shape
-        flat = slots.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.phy2log.shape[0])
+    def dispatch(self, call: MoECall) -> None:
+        """Each routed copy to one replica of its expert; the copies sorted by physical slot."""
+        K = call.indices.shape[1]
+        slots = replica_of_copies(call.indices, self.log2phy, self.logcnt, self.quota).flatten()  # (M,)
+        order = slots.argsort(stable=True)
+        counts = torch.bincount(slots, minlength=self.phy2log.shape[0])
         self.last_slot_counts = counts
-        y_sorted = self.slots(x[order // K], counts)  # (M, D) rows grouped by slot
-        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)
-        return combine(weights, y)
+        call.order, call.rows, call.row_counts = order, call.x[order // K], counts
+
+    def run_experts(self, call: MoECall) -> None:
+        """The physical slots' experts on their rows (one grouped GEMM), and the shared experts."""
+        call.out = self.slots(call.rows, call.row_counts)  # (M, D) rows grouped by slot
+        self.moe.run_shared(call)
 
 
 def replicate_model(

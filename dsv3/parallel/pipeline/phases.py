@@ -5,21 +5,21 @@ DualPipe overlaps a forward chunk with a backward chunk by cutting each into the
 computes. A block's phases:
 
     attention  (compute)  h = h + MLA(norm(h))
-    dispatch   (comm)     route (gate, balance loss, sort by expert), gather token rows per expert:
-                          with expert parallelism, the all-to-all to the experts' ranks
-    mlp        (compute)  routed experts (grouped GEMMs) and shared experts; a dense block's FFN
-    combine    (comm)     scatter rows back to token order, weight by the gate values, add
-                          shared + residual: with expert parallelism, the all-to-all back
+    dispatch   (comm)     `moe.route` (gate, counts, balance loss) and `moe.dispatch` (the copies
+                          sorted by expert; with expert parallelism, the all-to-all out)
+    mlp        (compute)  `moe.run_experts`: routed experts (grouped GEMMs) and shared experts; a
+                          dense block's FFN
+    combine    (comm)     `moe.combine` (back to token order, gate-weighted sum, + shared; with
+                          expert parallelism, the all-to-all back), + residual
 
 plus `embed` on the first stage and `head` (final norm, output head, MTP modules, loss) on the last.
-A dense block has attention and mlp only; an MoE of another class (expert parallel) is one `moe`
-phase, its forward and all-to-alls kept whole, until it exposes its halves. The phases call the
-model's own modules and functions (gate, experts, `sort_by_expert`, `balance_loss`) in the order
-`MoE.forward` does, so the result is the same; `StagePass` (one `PipelineStage.forward`) is the
-reference they are tested against.
+A dense block has attention and mlp only. The MoE phases are the MoE's own halves over one
+`MoECall` (dsv3.model.moe), so any MoE class (single device, expert parallel) is cut the same way
+and computes what its `forward` does; `StagePass` (one `PipelineStage.forward`) is the reference
+they are tested against.
 
 Backward phase by phase: every phase boundary cuts the autograd graph (the next phase starts from
-detached leaves), each phase keeps (input leaves, outputs, loss term), and its backward is one
+detached leaves, an MoE call's tensors included), each phase keeps (input leaves, outputs, loss term), and its backward is one
 `autograd.backward` from its outputs' gradients (plus its own loss term: a dispatch's alpha *
 balance loss, the head's CE terms) to its input leaves' gradients, which feed the phase before.
 
@@ -28,18 +28,18 @@ Shapes: b micro-batch sequences, T tokens, N = b*T, D dim, K routed experts per 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from dsv3.model.moe import MoE, balance_loss, sort_by_expert
-from dsv3.model.moe import combine as combine_experts
+from dsv3.model.moe import MoE, MoECall
 from dsv3.model.transformer import Block
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage
 
 COMPUTE, COMM = "compute", "comm"
-State = tuple[torch.Tensor, ...]
+State = tuple[torch.Tensor | MoECall, ...]  # hidden states, and an MoE call between its halves
 
 
 @dataclass(frozen=True)
@@ -95,23 +95,23 @@ class PhasedPass(StagePass):
     def forward_steps(self) -> Iterator[str]:
         state: State = () if self.x is None else (self.x,)
         for phase in self.phases:
-            inputs = tuple(_cut(t) for t in state)
+            inputs = _cut_state(state)
             state, loss = phase.run(inputs)
             self._saved.append((inputs, state, loss))
             yield phase.name
-        self.hidden = state[0] if state else None
+        self.hidden = state[0] if state else None  # type: ignore[assignment]
 
     def backward_steps(self, grad: Callable[[], torch.Tensor | None], scale: float) -> Iterator[str]:
         grads: tuple[torch.Tensor | None, ...] | None = None
         for phase, (inputs, outputs, loss) in zip(reversed(self.phases), reversed(self._saved)):
             if grads is None:  # the last phase: the stage's output gradient, fetched only now
                 grads = (grad(),) if outputs else ()
-            tensors, gs = list(outputs), list(grads)
+            tensors, gs = _flat(outputs), list(grads)
             if loss is not None:
                 tensors.append(loss * scale)
                 gs.append(torch.ones_like(tensors[-1]))
             _backward(tensors, gs)
-            grads = tuple(t.grad if t.requires_grad else None for t in inputs)
+            grads = tuple(t.grad if t.requires_grad else None for t in _flat(inputs))
             yield phase.name
         self._saved.clear()
         self._input_grad = grads[0] if grads else None
@@ -124,6 +124,16 @@ class PhasedPass(StagePass):
 def _cut(t: torch.Tensor) -> torch.Tensor:
     """A phase boundary: a fresh leaf for tensors that carry gradients, the tensor itself otherwise."""
     return t.detach().requires_grad_() if t.requires_grad else t
+
+
+def _cut_state(state: State) -> State:
+    """Cut every tensor of a state, those inside an MoE call included (a copy of the call)."""
+    return tuple(_cut(t) if isinstance(t, torch.Tensor) else t.map_tensors(_cut) for t in state)
+
+
+def _flat(state: State) -> list[torch.Tensor]:
+    """The tensors of a state in a fixed order (`_cut_state` keeps it), an MoE call's expanded."""
+    return [u for t in state for u in ((t,) if isinstance(t, torch.Tensor) else t.tensors())]
 
 
 def stage_phases(stage: PipelineStage, mb: MicroBatch, parts: torch.Tensor) -> list[Phase]:
@@ -151,41 +161,28 @@ def _block_phases(block: Block, cos, sin, positions, alpha: float, parts: torch.
 
     if not isinstance(block.mlp, MoE):
         return [Phase("attention", COMPUTE, attention), Phase("mlp", COMPUTE, whole_ffn)]
-    if type(block.mlp) is not MoE:  # e.g. expert-parallel: its all-to-alls live inside its forward
-        return [Phase("attention", COMPUTE, attention), Phase("moe", COMM, whole_ffn)]
     moe: MoE = block.mlp
 
     def dispatch(s: State):
         (h,) = s
-        b, t, d = h.shape
-        y = block.post_attention_layernorm(h).reshape(b * t, d)  # (N, D)
-        weights, indices, scores = moe.gate(y)  # (N, K), (N, K), (N, E)
+        call = moe.route(block.post_attention_layernorm(h))
         loss = None
-        moe.balance_loss = None
-        if moe.training and torch.is_grad_enabled():
-            moe.balance_loss = balance_loss(scores, indices, b, moe.top_k)
-            loss = alpha * moe.balance_loss
+        if call.balance is not None:
+            loss = alpha * call.balance
             zero = loss.new_zeros(())
-            parts.add_(torch.stack([loss, zero, zero, moe.balance_loss]).detach().double())
-        order, counts = sort_by_expert(indices, moe.n_experts)  # (M,), (E,)
-        moe.last_counts = counts.detach()
-        rows = y[order // moe.top_k]  # (M, D) grouped by expert: what an all-to-all would send
-        return (h, y, weights, rows, order, counts), loss
+            parts.add_(torch.stack([loss, zero, zero, call.balance]).detach().double())
+        moe.dispatch(call)
+        return (h, call), loss
 
     def mlp(s: State):
-        h, y, weights, rows, order, counts = s
-        out = moe.experts(rows, counts)  # (M, D)
-        shared = moe.shared_experts(y) if moe.shared_experts is not None else None  # (N, D)
-        return (h, weights, out, order) + (() if shared is None else (shared,)), None
+        h, call = s
+        call = dataclasses.replace(call)  # the phase's input state is saved: fill a copy
+        moe.run_experts(call)
+        return (h, call), None
 
     def combine(s: State):
-        h, weights, out, order = s[:4]
-        n, k = weights.shape
-        y = torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1)  # (N, K, D) token order
-        routed = combine_experts(weights, y)  # (N, D)
-        if len(s) == 5:
-            routed = routed + s[4]
-        return (h + routed.view(h.shape),), None
+        h, call = s
+        return (h + moe.combine(call),), None
 
     return [
         Phase("attention", COMPUTE, attention),
