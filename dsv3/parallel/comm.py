@@ -18,16 +18,45 @@ Wire formats (what actually crosses the network, and what the byte counters see)
 Re-quantising an FP8-dequantised tensor with power-of-2 scales is exact (the tile maximum is
 representable and rescaling by 2^k only shifts exponents), so a second hop adds no error.
 
+Asynchronous exchanges (what DualPipe overlaps, paper §3.2.1 / Figure 4):
+`start_all_to_all(x, send, recv, link, ...)` issues the same exchange with `async_op=True` (gloo
+runs it in its worker threads, NCCL on its own stream) and returns a `Pending` at once; the caller
+runs other computation, then `pending.wait()` returns the received tensor -- equal, values and
+gradients, to `all_to_all`'s. Autograd is a Start/Wait pair of Functions joined by a 0-element
+`pending.token`: the Wait's backward *starts* the reverse exchange of the gradient, the Start's
+backward *waits* for it. So the backward overlaps too when the graph is cut at the token:
+
+    pending = start_all_to_all(x, send, recv, link, "fp8", "bf16", "dispatch")   # forward
+    ...  other computation (e.g. the other micro-batch's attention)  ...
+    tok = pending.token.detach().requires_grad_()      # a phase boundary (x requires grad)
+    y = pending.wait(tok)                              # next phase starts from y
+
+    loss_after(y).backward()                           # backward: reverse exchange started,
+    ...  other computation (e.g. the other micro-batch's MLP forward)  ...   # tok.grad arrived
+    torch.autograd.backward(pending.token, tok.grad)   # waits for it; x.grad follows
+
+Without a cut (`y = pending.wait()`) the backward is correct and synchronous: autograd runs the
+Start's backward right after the Wait's. Exchanges on one group must be started in the same order
+on every rank (as any collective); waits may come in any order, and several may be in flight.
+Every wait, forward or backward, is bounded by `link.timeout` (on CUDA by the process group's
+watchdog: a bounded wait would block the CPU) and raises `PeerFailure`; bytes are counted when an
+exchange starts. `Link.latency` (default: DSV3_A2A_LATENCY seconds, else 0) is a test and
+benchmark hook: a dispatch/combine exchange (not "meta") completes no earlier than that long after
+it started, so a synchronous call pays it in full and an overlapped one hides it.
+
 Shapes: S rows sent, R rows received, D row width, Dt = ceil(D / 128) scales per row, P members.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -91,6 +120,7 @@ class Link:
     nodes: list[int]
     stats: CommStats
     timeout: float | None = None
+    latency: float | None = None  # injected seconds per dispatch/combine exchange; None: DSV3_A2A_LATENCY
 
     @property
     def index(self) -> int:
@@ -109,6 +139,26 @@ class Link:
 
     def run(self, what: str, fn: Callable[[], T]) -> T:
         return run_collective(f"{what} in group '{self.name}'", self.members, self.timeout, fn)
+
+    def delay(self, what: str) -> float:
+        """Seconds an exchange of `what` takes at least (the injected latency; 0 for metadata)."""
+        if what == "meta":
+            return 0.0
+        return injected_latency() if self.latency is None else self.latency
+
+
+def injected_latency() -> float:
+    """DSV3_A2A_LATENCY (seconds, default 0): read at each call, so a launcher's environment counts."""
+    raw = os.environ.get("DSV3_A2A_LATENCY", "")
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        from dsv3.config import ConfigError
+
+        raise ConfigError(f"DSV3_A2A_LATENCY: expected seconds >= 0, got {raw!r}")
+    return value
 
 
 # ---- encode / exchange / decode ------------------------------------------------------------------------
@@ -135,14 +185,69 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t.element_size() * math.prod(t.shape[1:])
 
 
-def _exchange(x: torch.Tensor, send: list[int], recv: list[int], link: Link, wire: str, what: str):
+@dataclass
+class _InFlight:
+    """One issued exchange: the backend's work handle (None once complete), the send buffer (kept
+    alive while in flight), the receive buffer, how to decode it, and the earliest time it may
+    complete (the injected latency)."""
+
+    work: Any
+    payload: torch.Tensor | None
+    out: torch.Tensor
+    wire: str
+    width: int
+    dtype: torch.dtype
+    link: Link
+    what: str
+    ready_at: float
+
+    def done(self) -> bool:
+        """Complete without waiting (the caller may poll)."""
+        work_done = self.work is None or self.work.is_completed()
+        return work_done and time.monotonic() >= self.ready_at
+
+    def finish(self) -> torch.Tensor:
+        """Wait (bounded by the link's timeout; a failed peer raises PeerFailure) and decode."""
+        if self.work is not None:
+            work, self.work = self.work, None
+            # On CPU (gloo) the wait blocks this thread: bound it by the link's timeout. On CUDA a
+            # plain wait only orders the current stream after the exchange; a timeout would block
+            # the CPU until the exchange ends, and the process group's watchdog bounds it anyway.
+            bounded = self.link.timeout and self.out.device.type == "cpu"
+            limit = timedelta(seconds=self.link.timeout) if bounded else None
+            self.link.run(
+                f"all-to-all ({self.what}) wait", lambda: work.wait(limit) if limit else work.wait()
+            )
+        self.payload = None  # sent: the buffer may go
+        _sleep_until(self.ready_at)  # the injected latency not yet hidden behind other work
+        return _decode(self.out, self.wire, self.width, self.dtype)
+
+
+def _sleep_until(deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+
+
+def _issue(
+    x: torch.Tensor, send: list[int], recv: list[int], link: Link, wire: str, what: str, async_op: bool
+) -> _InFlight:
+    """Encode and send; async_op=True returns while the exchange is in flight."""
     payload = _encode(x, wire)
     out = payload.new_empty((sum(recv), *payload.shape[1:]))
     link.count(what, send, _row_bytes(payload))
-    link.run(
-        f"all-to-all ({what})", lambda: dist.all_to_all_single(out, payload, recv, send, group=link.group)
+    ready_at = time.monotonic() + link.delay(what)
+    label = f"all-to-all ({what})" + (" start" if async_op else "")
+    work = link.run(
+        label, lambda: dist.all_to_all_single(out, payload, recv, send, group=link.group, async_op=async_op)
     )
-    return _decode(out, wire, x.shape[-1], x.dtype)
+    if not async_op:  # a blocking exchange returns complete: the injected latency is paid here
+        _sleep_until(ready_at)
+    return _InFlight(work, payload, out, wire, x.shape[-1], x.dtype, link, what, ready_at)
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], link: Link, wire: str, what: str):
+    return _issue(x, send, recv, link, wire, what, async_op=False).finish()
 
 
 class _AllToAll(torch.autograd.Function):
@@ -170,6 +275,100 @@ def all_to_all(
     """x [S, D] rows sorted by destination -> [sum(recv), D]; differentiable (backward: the reverse
     exchange in `grad_wire`)."""
     return _AllToAll.apply(x, send, recv, link, wire, grad_wire, what)
+
+
+# ---- asynchronous: start now, wait later (module docstring) ------------------------------------------------
+@dataclass
+class _Exchange:
+    """What the Start and Wait of one asynchronous all-to-all share: the arguments and the
+    exchanges in flight (the forward's, then the backward's)."""
+
+    send: list[int]
+    recv: list[int]
+    link: Link
+    wire: str
+    grad_wire: str
+    what: str
+    forward: _InFlight | None = None
+    backward: _InFlight | None = None
+
+
+class _Start(torch.autograd.Function):
+    """Forward: issue the exchange, return the token. Backward: wait for the gradient's reverse
+    exchange that the Wait's backward started."""
+
+    @staticmethod
+    def forward(ctx, x, ex):  # type: ignore[override]
+        ctx.ex = ex
+        ex.forward = _issue(x, ex.send, ex.recv, ex.link, ex.wire, ex.what, async_op=True)
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token_grad):  # type: ignore[override]
+        ex: _Exchange = ctx.ex
+        if ex.backward is None:
+            raise RuntimeError(f"all-to-all ({ex.what}): backward of the start before that of the wait")
+        back, ex.backward = ex.backward, None
+        return back.finish(), None
+
+
+class _Wait(torch.autograd.Function):
+    """Forward: wait for the exchange, return the received rows. Backward: start the reverse
+    exchange of the gradient (in `grad_wire`) and return at once."""
+
+    @staticmethod
+    def forward(ctx, token, ex):  # type: ignore[override]
+        ctx.ex = ex
+        inflight, ex.forward = ex.forward, None
+        return inflight.finish()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ex: _Exchange = ctx.ex
+        ex.backward = _issue(
+            grad.contiguous(), ex.recv, ex.send, ex.link, ex.grad_wire, ex.what + "_grad", async_op=True
+        )
+        return grad.new_zeros(0), None
+
+
+class Pending:
+    """An all-to-all in flight (from `start_all_to_all`). `wait()` returns the received rows;
+    `token` is the autograd link between start and wait, where a phase boundary may cut the graph
+    so that the backward's reverse exchange overlaps too (module docstring)."""
+
+    def __init__(self, token: torch.Tensor, ex: _Exchange) -> None:
+        self.token = token
+        self._ex = ex
+        self._result: torch.Tensor | None = None
+
+    def done(self) -> bool:
+        """True when wait() would not block (the exchange, and its injected latency, are over)."""
+        return self._result is not None or self._ex.forward is None or self._ex.forward.done()
+
+    def wait(self, token: torch.Tensor | None = None) -> torch.Tensor:
+        """[sum(recv), D]: the received rows (the same tensor on a second call). `token`: the
+        detached copy of `self.token` that a phase boundary made, to cut the graph there."""
+        if self._result is None:
+            self._result = _Wait.apply(self.token if token is None else token, self._ex)
+        return self._result
+
+
+def start_all_to_all(
+    x: torch.Tensor,
+    send: list[int],
+    recv: list[int],
+    link: Link,
+    wire: str = "same",
+    grad_wire: str = "same",
+    what: str = "dispatch",
+) -> Pending:
+    """`all_to_all`, started: returns while the rows are in flight; `.wait()` gives the same result,
+    with the same gradients (the backward's reverse exchange is started by the wait's backward and
+    waited for by the start's)."""
+    if wire not in WIRES or grad_wire not in WIRES:  # before anything is sent: no rank is left waiting
+        raise ValueError(f"wire format: expected one of {WIRES}, got {wire!r} / {grad_wire!r}")
+    ex = _Exchange(list(send), list(recv), link, wire, grad_wire, what)
+    return Pending(_Start.apply(x, ex), ex)
 
 
 def exchange_rows(x: torch.Tensor, send: list[int], recv: list[int], link: Link, what: str = "meta"):
