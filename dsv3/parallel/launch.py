@@ -211,6 +211,9 @@ def _worker(fn, rank, world, store, results, args, timeout, threads, env) -> Non
             world_size=world,
             timeout=timedelta(seconds=timeout),
         )
+        # every rank finishes connecting before any runs `fn`: a rank whose `fn` exits at once must not
+        # close its sockets while a slower peer is still inside gloo's full-mesh connect
+        dist.barrier()
         watchdog = start_watchdog(on_failure=lambda message: _report_and_flush(results, rank, message, t0))
         value = fn(rank, world, *args)
         watchdog.stop()
