@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import load_pretrained, save_pretrained
 from dsv3.infer.llm import LLM
 from dsv3.infer.paged_cache import cache_bytes_per_token
 from dsv3.infer.sampling import SamplingParams
@@ -188,7 +189,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.ckpt
         if path is None:
-            Transformer(ModelConfig.from_preset("small")).save_pretrained(tmp)
+            save_pretrained(Transformer(ModelConfig.from_preset("small")), tmp)
             path = tmp
         cfg = ModelConfig.from_hf(path)
         what = args.ckpt or "a RANDOMLY INITIALISED `small` model (pass --ckpt for a trained one)"
@@ -213,7 +214,7 @@ def main() -> None:
                 throughput(sides, hf, batches, cfg.vocab_size, args)
             if "bf16" in args.checkpoint_dtypes.split(","):
                 bf16_path = Path(tmp) / "bf16"  # the same model saved as a BF16 checkpoint
-                Transformer.from_pretrained(path).save_pretrained(bf16_path, dtype=torch.bfloat16)
+                save_pretrained(load_pretrained(path), bf16_path, dtype=torch.bfloat16)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     hf16 = load_hf(bf16_path)  # FP32 compute on the BF16 values: its faster choice here

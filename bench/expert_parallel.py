@@ -25,7 +25,7 @@ import time
 import torch
 
 from dsv3 import ModelConfig
-from dsv3.parallel.dispatch import Placement
+from dsv3.parallel.expert.dispatch import Placement
 from dsv3.parallel.launch import run_ranks
 
 
@@ -63,7 +63,7 @@ def time_steps(moe, x: torch.Tensor, g: torch.Tensor, steps: int, barrier=None) 
 def worker(rank, world, a, cases):
     import torch.distributed as dist
 
-    from dsv3.parallel.expert_parallel import AllGatherMoE, ExpertParallel, ExpertParallelMoE
+    from dsv3.parallel.expert.moe import AllGatherMoE, ExpertParallel, ExpertParallelMoE
     from dsv3.parallel.mesh import build_mesh
 
     meshes, out = {}, {}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import ModelConfig, Transformer, bf16
+from dsv3.checkpoint import load_pretrained, save_pretrained
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -100,16 +101,16 @@ def main() -> None:
     header = f"{'dtype':<5} {'implementation':<38} {'tokens/s':>9}"
     print(f"{header} {'vs HF eager':>11} {'vs HF fast':>10} {'MFU':>7}")
     with tempfile.TemporaryDirectory() as d:
-        base.save_pretrained(d)
+        save_pretrained(base, d)
         for name in args.dtypes.split(","):
             dtype = DTYPES[name]
             peak = matmul_peak(dtype)
             if dtype == torch.bfloat16 and bf16.needed():  # BF16 numerics run at FP32 kernel speed here
                 peak = max(peak, matmul_peak(torch.float32))
-            ours = Transformer.from_pretrained(d, dtype=dtype).train()
+            ours = load_pretrained(d, dtype=dtype).train()
             native = None
             if dtype == torch.bfloat16 and bf16.needed():
-                native = Transformer.from_pretrained(d, dtype=dtype).train()  # ATen's BF16 kernels
+                native = load_pretrained(d, dtype=dtype).train()  # ATen's BF16 kernels
                 bf16.convert(ours)  # what dsv3 runs (and trains with) on a CPU without BF16 units
 
             def ours_full(model=ours):

@@ -10,7 +10,7 @@ injected point-to-point latency, next to what the schedule simulator predicts fo
    alike). Step time = the slowest rank's wall time from a common barrier; median over `--steps`.
    `--latency` seconds are added to every message between ranks (`comm.P2P`: the receiver may not
    use a message before send time + latency; the sender is not delayed), the same for every schedule.
-3. Prediction: `dsv3.parallel.plan.simulate` on the same op lists with the measured per-stage costs
+3. Prediction: `dsv3.parallel.pipeline.plan.simulate` on the same op lists with the measured per-stage costs
    and the same latency, assuming one core per rank; and the CPU bound, total compute / cores, for
    when there are fewer cores than ranks (this machine: 2 cores for 4 ranks).
 
@@ -35,11 +35,11 @@ from dsv3.model.transformer import Transformer
 from dsv3.parallel.launch import run_ranks
 from dsv3.parallel.pipeline import PipelineRunner
 from dsv3.parallel.pipeline.phases import StagePass
+from dsv3.parallel.pipeline.plan import Costs, Interval, Simulation, simulate
+from dsv3.parallel.pipeline.schedule import BACKWARD, FORWARD, INPUT_GRAD, Op, build_schedule
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers
+from dsv3.parallel.pipeline.timeline import draw_timeline
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
-from dsv3.parallel.plan import Costs, Interval, Simulation, simulate
-from dsv3.parallel.schedule import BACKWARD, FORWARD, INPUT_GRAD, Op, build_schedule
-from dsv3.parallel.timeline import draw_timeline
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Prints Markdown tables (the ones in docs/pipeline.md) for three cost settings: t
 F=1, B=2, W=1, F&B=F+B (Figure 5's equal cells), the same with a real compute overlap (F&B=2.5), and
 one that breaks the DualPipe formula's condition F = B - W, to show by how much. Writes one timeline
 PNG per schedule at PP=8 with 20 micro-batches (Figure 5's setting) and DualPipe at the paper's PP=16.
-No model runs here: this is the schedule simulator (dsv3.parallel.plan); bench/pipeline.py will time
+No model runs here: this is the schedule simulator (dsv3.parallel.pipeline.plan); bench/pipeline.py will time
 the real runtime.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dsv3.parallel.plan import Costs, simulate, summarize
-from dsv3.parallel.schedule import SCHEDULES, build_schedule
-from dsv3.parallel.timeline import draw_timeline
+from dsv3.parallel.pipeline.plan import Costs, simulate, summarize
+from dsv3.parallel.pipeline.schedule import SCHEDULES, build_schedule
+from dsv3.parallel.pipeline.timeline import draw_timeline
 
 GRID = {4: (8, 16), 8: (16, 20, 32), 16: (32, 64)}  # PP -> micro-batch counts valid for every schedule
 COST_SETTINGS = [

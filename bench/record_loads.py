@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3 import Transformer
+from dsv3.checkpoint import load_pretrained
 from dsv3.data.dataset import DataConfig, prepare_data
 from dsv3.data.loader import val_batches
 from dsv3.infer.eplb.stats import ExpertLoadStats
@@ -33,7 +33,7 @@ def main() -> None:
     saved = json.loads((ckpt / "trainer.json").read_text())["config"]
     data = prepare_data(DataConfig(data=saved["data"], tokenizer=str(ckpt), seed=saved["seed"],
                                    val_fraction=saved["val_fraction"], fim_rate=saved["fim_rate"]))  # fmt: skip
-    model = Transformer.from_pretrained(ckpt).eval()
+    model = load_pretrained(ckpt).eval()
     main_moe = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
     stats = ExpertLoadStats(len(main_moe), model.config.n_routed_experts, window=args.batches)
     for batch in val_batches(data.val, saved["seq_len"], saved["micro_batch"], max_batches=args.batches):

@@ -91,7 +91,11 @@ DELEGATED = {
     "train": ("dsv3.train.cli", "train_main", "train with the V3 recipe (see dsv3 train -h)"),
     "eval": ("dsv3.train.cli", "eval_main", "evaluate a training checkpoint"),
     "plot": ("dsv3.train.cli", "plot_main", "PNG plots of a training run"),
-    "pipeline-plan": ("dsv3.parallel.plan", "pipeline_plan_main", "pipeline schedule timelines and bubbles"),
+    "pipeline-plan": (
+        "dsv3.parallel.pipeline.cli",
+        "pipeline_plan_main",
+        "pipeline schedule timelines and bubbles",
+    ),
     "generate": ("dsv3.infer.cli", "generate_main", "generate from a checkpoint (batched, --speculative)"),
     "chat": ("dsv3.infer.cli", "chat_main", "interactive chat with a checkpoint (/exit, /clear)"),
     "complete": ("dsv3.infer.cli", "complete_main", "fill in the middle between --prefix and --suffix"),

@@ -11,7 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv3 import ModelConfig, Transformer
-from dsv3.checkpoint import CheckpointError, convert_fp8_to_bf16, hf_state_dict
+from dsv3.checkpoint import (
+    CheckpointError,
+    convert_fp8_to_bf16,
+    hf_state_dict,
+    load_pretrained,
+    save_pretrained,
+)
 
 
 def _same_weights(a: Transformer, b: Transformer) -> bool:
@@ -37,8 +43,8 @@ def test_round_trip(tmp_path, tiny, dtype):
     model = Transformer(tiny).to(dtype)
     for moe in model.moe_layers():
         moe.gate.e_score_correction_bias.normal_(0, 0.1)
-    model.save_pretrained(tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path, dtype=dtype)
     assert _same_weights(model, loaded)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 1 and cfg["torch_dtype"] == str(dtype)[6:]
@@ -46,12 +52,12 @@ def test_round_trip(tmp_path, tiny, dtype):
 
 def test_sharded_checkpoint_with_index(tmp_path, tiny):
     model = Transformer(tiny)
-    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    save_pretrained(model, tmp_path, max_shard_bytes=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((tmp_path / s).exists() for s in shards)
     assert not (tmp_path / "model.safetensors").exists()
-    assert _same_weights(model, Transformer.from_pretrained(tmp_path))
+    assert _same_weights(model, load_pretrained(tmp_path))
 
 
 def _rewrite(path, fn):
@@ -62,38 +68,38 @@ def _rewrite(path, fn):
 
 
 def test_missing_unexpected_and_mismatched_keys_are_named(tmp_path, tiny):
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     _rewrite(tmp_path, lambda t: t.pop("model.layers.2.mlp.experts.3.up_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): layers.2.mlp.experts.w3\[expert 3\]"):
-        Transformer.from_pretrained(tmp_path)
-    Transformer(tiny).save_pretrained(tmp_path)
+        load_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
     with pytest.raises(
         CheckpointError, match=r"unexpected keys \(1\): model.layers.0.self_attn.extra.weight"
     ):
-        Transformer.from_pretrained(tmp_path)
-    Transformer(tiny).save_pretrained(tmp_path)
+        load_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"model.norm.weight: checkpoint \(3,\) vs model \(64,\)"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_missing_shard_and_no_weights(tmp_path, tiny):
     with pytest.raises(Exception, match="config.json"):
-        Transformer.from_pretrained(tmp_path)
-    Transformer(tiny).save_pretrained(tmp_path, max_shard_bytes=200_000)
+        load_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path, max_shard_bytes=200_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="listed in model.safetensors.index.json but missing"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def test_checkpoint_without_mtp_weights_drops_mtp(tmp_path, tiny):
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     _rewrite(
         tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith(f"model.layers.{tiny.n_layers}.")]
     )
     with pytest.warns(UserWarning, match="no MTP weights"):
-        model = Transformer.from_pretrained(tmp_path)
+        model = load_pretrained(tmp_path)
     assert model.config.n_mtp_layers == 0 and len(model.mtp) == 0
 
 
@@ -139,11 +145,11 @@ def fp8_cfg(tiny) -> ModelConfig:
 
 
 def test_fp8_checkpoint_dequantises_edge_blocks(tmp_path, fp8_cfg):
-    Transformer(fp8_cfg).save_pretrained(tmp_path)
+    save_pretrained(Transformer(fp8_cfg), tmp_path)
     reference = _to_fp8_checkpoint(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv").shape == (5, 2)
-    model = Transformer.from_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
     got = dict(hf_state_dict(model))
     for k, want in reference.items():
         assert torch.equal(got[k].float(), want), k
@@ -152,7 +158,7 @@ def test_fp8_checkpoint_dequantises_edge_blocks(tmp_path, fp8_cfg):
 
 def test_convert_fp8_to_bf16(tmp_path, fp8_cfg):
     src, dst = tmp_path / "fp8", tmp_path / "bf16"
-    Transformer(fp8_cfg).save_pretrained(src)
+    save_pretrained(Transformer(fp8_cfg), src)
     reference = _to_fp8_checkpoint(src)
     (src / "tokenizer.json").write_text("{}")
     convert_fp8_to_bf16(src, dst)
@@ -163,7 +169,7 @@ def test_convert_fp8_to_bf16(tmp_path, fp8_cfg):
     assert out["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert "quantization_config" not in json.loads((dst / "config.json").read_text())
     assert (dst / "tokenizer.json").exists()
-    Transformer.from_pretrained(dst, dtype=torch.bfloat16)  # loads as an ordinary BF16 checkpoint
+    load_pretrained(dst, dtype=torch.bfloat16)  # loads as an ordinary BF16 checkpoint
     with pytest.raises(CheckpointError, match="must differ"):
         convert_fp8_to_bf16(src, src)
 
@@ -175,7 +181,7 @@ def test_keep_fp8_returns_stored_projections_without_dequantising(tmp_path, fp8_
     import dsv3.fp8.quant as quant
     from dsv3.checkpoint import _hf_prefix, load_pretrained
 
-    Transformer(fp8_cfg).save_pretrained(tmp_path)
+    save_pretrained(Transformer(fp8_cfg), tmp_path)
     reference = _to_fp8_checkpoint(tmp_path)
     stored = load_file(tmp_path / "model.safetensors")
     dequantised = []
@@ -221,18 +227,18 @@ def test_a_verified_training_checkpoint_loads(tmp_path, tiny):
     model = Transformer(tiny)
     ckpt = _training_checkpoint(tmp_path, model)
     assert (ckpt / "manifest.json").exists()
-    assert _same_weights(model, Transformer.from_pretrained(ckpt))
+    assert _same_weights(model, load_pretrained(ckpt))
 
 
 def test_flipped_bytes_fail_the_manifest_check_and_verify_false_skips_it(tmp_path, tiny):
     ckpt = _training_checkpoint(tmp_path, Transformer(tiny))
     _flip_data_byte(ckpt / "model.safetensors", at=5)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt \(SHA-256"):
-        Transformer.from_pretrained(ckpt)
-    Transformer.from_pretrained(ckpt, verify=False)  # the opt-out loads it as it is
+        load_pretrained(ckpt)
+    load_pretrained(ckpt, verify=False)  # the opt-out loads it as it is
     (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:-8])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or altered"):
-        Transformer.from_pretrained(ckpt)
+        load_pretrained(ckpt)
 
 
 def test_llm_verifies_and_has_the_opt_out(tmp_path, tiny):
@@ -249,23 +255,23 @@ def test_official_checkpoints_have_nothing_to_hash(tmp_path, tiny, monkeypatch):
     """No manifest (an HF release): loading never hashes the files, so it stays as fast as before."""
     import dsv3.data.fetch as fetch
 
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     monkeypatch.setattr(fetch, "sha256_file", lambda p: pytest.fail(f"hashed {p}"))
-    Transformer.from_pretrained(tmp_path)
+    load_pretrained(tmp_path)
 
 
 def test_integer_tensors_for_float_weights_are_refused(tmp_path, tiny):
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(tiny.dim, dtype=torch.int32)}))
     for verify in (True, False):
         with pytest.raises(CheckpointError, match=r"model\.safetensors: model\.norm\.weight is int32"):
-            Transformer.from_pretrained(tmp_path, verify=verify)
+            load_pretrained(tmp_path, verify=verify)
 
 
 def test_non_finite_weights_give_one_warning_naming_them(tmp_path, tiny):
     import warnings
 
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
 
     def poison(t):
         t["model.norm.weight"][3] = float("nan")
@@ -274,13 +280,13 @@ def test_non_finite_weights_give_one_warning_naming_them(tmp_path, tiny):
     _rewrite(tmp_path, poison)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
     msgs = [str(w.message) for w in caught if "non-finite" in str(w.message)]
     assert len(msgs) == 1, msgs
     assert "2 tensor(s)" in msgs[0] and "norm.weight" in msgs[0] and "layers.1.mlp.experts.w2" in msgs[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Transformer.from_pretrained(tmp_path, verify=False)  # the opt-out skips the scan
+        load_pretrained(tmp_path, verify=False)  # the opt-out skips the scan
 
 
 # ---- unreadable checkpoints: one line naming the file ---------------------------------------------
@@ -294,7 +300,7 @@ def _truncate(path) -> None:
 
 
 def _sharded_without(path, tiny, what: str) -> None:
-    Transformer(tiny).save_pretrained(path, max_shard_bytes=200_000)
+    save_pretrained(Transformer(tiny), path, max_shard_bytes=200_000)
     index = path / "model.safetensors.index.json"
     if what == "shard":
         next(path.glob("model-00002-*.safetensors")).unlink()
@@ -318,26 +324,32 @@ BAD_CHECKPOINTS = {
     "a file": (lambda ckpt, tiny: ckpt.write_text("{}"), "ckpt"),
     "no config.json": (lambda ckpt, tiny: ckpt.mkdir(), "config.json"),
     "invalid config.json": (
-        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), (ckpt / "config.json").write_text("{x")),
+        lambda ckpt, tiny: (
+            save_pretrained(Transformer(tiny), ckpt),
+            (ckpt / "config.json").write_text("{x"),
+        ),
         "config.json",
     ),
     "config.json without a field": (
-        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), (ckpt / "config.json").write_text("{}")),
+        lambda ckpt, tiny: (
+            save_pretrained(Transformer(tiny), ckpt),
+            (ckpt / "config.json").write_text("{}"),
+        ),
         "config.json",
     ),
     "config.json not an object": (
         lambda ckpt, tiny: (
-            Transformer(tiny).save_pretrained(ckpt),
+            save_pretrained(Transformer(tiny), ckpt),
             (ckpt / "config.json").write_text("[1]"),
         ),
         "config.json",
     ),
     "truncated safetensors": (
-        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), _truncate(ckpt)),
+        lambda ckpt, tiny: (save_pretrained(Transformer(tiny), ckpt), _truncate(ckpt)),
         "model.safetensors",
     ),
     "garbled safetensors": (
-        lambda ckpt, tiny: (Transformer(tiny).save_pretrained(ckpt), _garble(ckpt, "garbage")),
+        lambda ckpt, tiny: (save_pretrained(Transformer(tiny), ckpt), _garble(ckpt, "garbage")),
         "model.safetensors",
     ),
     "malformed index": (
@@ -365,7 +377,7 @@ def test_unreadable_checkpoints_are_one_line_errors_naming_the_file(tmp_path, ti
     ckpt = tmp_path / "ckpt"
     breaks(ckpt, tiny)
     with pytest.raises(CheckpointError) as e:
-        Transformer.from_pretrained(ckpt)
+        load_pretrained(ckpt)
     msg = str(e.value)
     assert isinstance(e.value, Dsv3Error)
     assert "\n" not in msg and str(ckpt) in msg and names in msg, msg
@@ -413,7 +425,7 @@ def test_generate_names_every_bad_checkpoint_file_in_one_line(tmp_path, tiny):
         breaks(ckpt, tiny)
         argv[case], names[case] = ["--ckpt", str(ckpt), "--prompt", "x", "--threads", "1"], name
     good = tmp_path / "good"
-    Transformer(tiny).save_pretrained(good)
+    save_pretrained(Transformer(tiny), good)
     argv["token id outside the vocabulary"] = ["--ckpt", str(good), "--ids", "1,999999", "--threads", "1"]
     names["token id outside the vocabulary"] = "token ids [999999]"
     r = subprocess.run(
@@ -431,7 +443,7 @@ def test_generate_names_every_bad_checkpoint_file_in_one_line(tmp_path, tiny):
 
 def test_dsv3_generate_names_the_bad_checkpoint_file(tmp_path):
     ckpt = tmp_path / "ckpt"
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), ckpt)
     (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
     r = subprocess.run(
         [sys.executable, "-m", "dsv3", "generate", "--ckpt", str(ckpt), "--prompt", "x", "--threads", "1"],

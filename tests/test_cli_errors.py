@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import save_pretrained
 
 SURROGATE = b"def f(\xff):"  # not UTF-8: Python's argv holds it as a lone surrogate
 
@@ -24,9 +25,9 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny"))
-    model.save_pretrained(root / "ckpt")
+    save_pretrained(model, root / "ckpt")
     Tokenizer.train(["def add(a, b):\n    return a + b\n" * 20], 300, show_progress=False).save(root / "ckpt")
-    model.save_pretrained(root / "notok")
+    save_pretrained(model, root / "notok")
     (root / "bad.txt").write_bytes(b"hello\n\xff\xfe world\n")
     (root / "bad.json").write_text("{not json")
     (root / "garbled.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import load_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +37,7 @@ def test_dsv3_weights_in_transformers(tmp_path, variant):
     cfg = ModelConfig.from_preset("tiny", **VARIANTS[variant])
     model = Transformer(cfg).eval()
     _randomise_biases(model)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = _hf_model(tmp_path)
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_transformers_weights_in_dsv3(tmp_path, variant):
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0, 0.05)
     hf.save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path).eval()
+    model = load_pretrained(tmp_path).eval()
     assert model.config.yarn_active == cfg.yarn_active
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
     hf = _hf_model(tmp_path)  # reload: the same path both sides read

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3 import Transformer
+from dsv3.checkpoint import save_pretrained
 from dsv3.data.tokenizer import Tokenizer
 from dsv3.fp8.quant import dequantize_blocks, quantize_blocks
 from dsv3.infer import LLM, SamplingParams
@@ -25,7 +26,7 @@ def ckpt(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt")
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(path)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), path)
     Tokenizer.train(TEXTS, 300, show_progress=False).save(path)
     return path
 
@@ -77,7 +78,7 @@ def test_chat_uses_the_chat_format(ckpt, monkeypatch):
 
 
 def test_token_prompts_without_tokenizer_and_clear_error_for_strings(tmp_path, tiny):
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     llm = LLM(tmp_path)
     assert llm.tokenizer is None
     out = llm.generate([[0, 5, 9]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
@@ -88,7 +89,7 @@ def test_token_prompts_without_tokenizer_and_clear_error_for_strings(tmp_path, t
 
 def test_fp8_checkpoint_generates_like_its_dequantised_weights(tmp_path, tiny):
     """Official FP8 layout: e4m3 weights + weight_scale_inv per 128x128 block, dequantised on load."""
-    Transformer(tiny).save_pretrained(tmp_path)
+    save_pretrained(Transformer(tiny), tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     for k in list(tensors):
         if k.endswith(("proj.weight", "proj_with_mqa.weight")):
@@ -111,7 +112,7 @@ def test_bf16_checkpoint_decodes_on_bf16_weights_exactly(tmp_path, tiny):
     """A BF16 checkpoint computed in FP32: the fast path keeps its feed-forward matrices and head in
     BF16 (half the bytes per token), and greedy output equals the FP32 reference on the same values."""
     torch.manual_seed(0)
-    Transformer(tiny).save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(Transformer(tiny), tmp_path, dtype=torch.bfloat16)
     llm = LLM(tmp_path)
     assert llm.engine.config.weight_dtype == torch.bfloat16
     assert llm.engine.runner.fast.weights.head.dtype == torch.bfloat16
@@ -159,7 +160,7 @@ def test_fp8_weights_stay_fp8_and_run_the_block_scaled_gemm(tmp_path, tiny):
     from dsv3.infer.fp8_weights import Fp8WeightLinear
 
     cfg = tiny.replace(dim=160, inter_dim=200)  # partial 128-blocks in both dimensions
-    Transformer(cfg).save_pretrained(tmp_path)
+    save_pretrained(Transformer(cfg), tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     for k in list(tensors):
         if k.endswith(("proj.weight", "proj_with_mqa.weight")):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from word_corpus import write_word_corpus
 
-from dsv3 import Transformer
+from dsv3.checkpoint import load_pretrained
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(150)]
 
@@ -42,7 +42,7 @@ def test_torchrun_trains_with_expert_parallelism_and_zero(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     assert "val_loss" in json.loads(proc.stdout[proc.stdout.index("{") :])  # rank 0 prints the last eval
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
-    model = Transformer.from_pretrained(ckpt)  # one ordinary checkpoint with all 8 experts
+    model = load_pretrained(ckpt)  # one ordinary checkpoint with all 8 experts
     assert model.moe_layers()[0].experts.w1.shape[0] == 8
 
 

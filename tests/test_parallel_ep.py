@@ -15,7 +15,7 @@ from torch import nn
 from dsv3 import ModelConfig, Transformer
 from dsv3.fp8.quant import dequantize_tiles, quantize_tiles
 from dsv3.model.moe import MoE
-from dsv3.parallel.dispatch import Placement, nodes_per_token
+from dsv3.parallel.expert.dispatch import Placement, nodes_per_token
 from dsv3.parallel.launch import run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
@@ -48,7 +48,7 @@ def model_batch(world: int) -> torch.Tensor:
 
 # ---- what each rank runs ----------------------------------------------------------------------------------
 def _layer_case(rank, world, mesh, cfg_kw, two_hop, dispatch, combine, naive=False):
-    from dsv3.parallel.expert_parallel import AllGatherMoE, ExpertParallel, ExpertParallelMoE
+    from dsv3.parallel.expert.moe import AllGatherMoE, ExpertParallel, ExpertParallelMoE
 
     cfg = layer_cfg(**cfg_kw)
     ep = ExpertParallel.from_mesh(mesh, cfg, two_hop, dispatch, combine)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from word_corpus import write_word_corpus
 
-from dsv3 import Transformer
+from dsv3.checkpoint import load_pretrained
 from dsv3.data.dataset import DataConfig, prepare_data
 from dsv3.parallel.launch import run_ranks
 from dsv3.train import TrainConfig, Trainer
@@ -77,7 +77,7 @@ def four_ranks(root):
 def test_zero1_expert_parallel_losses_equal_single_process(four_ranks, reference):
     for res in four_ranks:
         assert res["losses"] == pytest.approx(reference[:2], rel=1e-5)
-    full = Transformer.from_pretrained(four_ranks[0]["path"]).num_params()
+    full = load_pretrained(four_ranks[0]["path"]).num_params()
     for res in four_ranks:  # the optimizer really is sharded: at most ~1/2 of the model on each rank
         assert res["state_numel"] < 0.6 * full
 
@@ -85,7 +85,7 @@ def test_zero1_expert_parallel_losses_equal_single_process(four_ranks, reference
 def test_four_rank_checkpoint_is_an_ordinary_single_device_one(four_ranks):
     path = Path(four_ranks[0]["path"])
     assert all(res["path"] is None for res in four_ranks[1:])  # only the main rank writes
-    model = Transformer.from_pretrained(path)  # every expert is there, in the HF layout
+    model = load_pretrained(path)  # every expert is there, in the HF layout
     state = torch.load(path / "optimizer.pt", weights_only=False)
     params = list(model.parameters())
     assert sum(len(g["params"]) for g in state["param_groups"]) == len(params)

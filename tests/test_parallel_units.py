@@ -8,7 +8,7 @@ import torch
 from dsv3 import ModelConfig
 from dsv3.fp8.quant import dequantize_tiles, quantize_tiles
 from dsv3.model.moe import Gate
-from dsv3.parallel.dispatch import Placement, nodes_per_token
+from dsv3.parallel.expert.dispatch import Placement, nodes_per_token
 from dsv3.parallel.mesh import MeshLayout
 from dsv3.parallel.strategy import ParallelSettings, build_strategy
 from dsv3.train.strategy import Strategy

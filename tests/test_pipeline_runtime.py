@@ -17,8 +17,8 @@ from dsv3 import ModelConfig
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.launch import RanksFailed, run_ranks
 from dsv3.parallel.pipeline import PipelineRunner
-from dsv3.parallel.plan import formula_activations, peak_activations
-from dsv3.parallel.schedule import ScheduleError
+from dsv3.parallel.pipeline.plan import formula_activations, peak_activations
+from dsv3.parallel.pipeline.schedule import ScheduleError
 
 pytestmark = pytest.mark.dist
 LAMBDA, ALPHA, SEQ = 0.3, 0.01, 12  # large alpha: a lost balance-loss gradient would show

@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from dsv3.parallel.plan import Costs, simulate
-from dsv3.parallel.schedule import SCHEDULES, ScheduleError, build_schedule, validate
+from dsv3.parallel.pipeline.plan import Costs, simulate
+from dsv3.parallel.pipeline.schedule import SCHEDULES, ScheduleError, build_schedule, validate
 
 # (schedule, pp stages, chunks): the minimum settings, uneven ones, and the paper's PP = 16
 CASES = [

@@ -10,18 +10,18 @@ import random
 
 import pytest
 
-from dsv3.parallel.plan import (
+from dsv3.parallel.pipeline.cli import pipeline_plan_main
+from dsv3.parallel.pipeline.plan import (
     Costs,
     formula_activations,
     formula_bubble,
     formula_conditions,
     peak_activations,
-    pipeline_plan_main,
     simulate,
     summarize,
 )
-from dsv3.parallel.schedule import build_schedule
-from dsv3.parallel.timeline import text_timeline
+from dsv3.parallel.pipeline.schedule import build_schedule
+from dsv3.parallel.pipeline.timeline import text_timeline
 
 SETTINGS = {  # (pp, chunks): minimums, uneven chunk counts, and the paper's PP = 16
     "1f1b": [(2, 2), (4, 4), (4, 9), (8, 8), (8, 21), (16, 32)],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3.checkpoint import load_pretrained
 from dsv3.infer.engine import Engine, EngineConfig, RequestFailed, RequestOutput
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.scheduler import RequestError
@@ -86,7 +87,7 @@ class LLM:
 
                 self.model = load_fp8_model(model, dtype=dtype, device=device, verify=verify)
             else:
-                self.model = Transformer.from_pretrained(model, dtype=dtype, device=device, verify=verify)
+                self.model = load_pretrained(model, dtype=dtype, device=device, verify=verify)
                 if dtype == torch.float32 and bf16_checkpoint(model):
                     engine_options.setdefault("weight_dtype", torch.bfloat16)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)

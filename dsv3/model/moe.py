@@ -18,7 +18,7 @@ Both come out of `MoE.route` as data in the call's state (`MoECall.counts`, `.ba
 model's loss collects every layer's into `LossOutput` (counts [L, E]), which the trainer sums.
 
 The layer runs as four halves, route -> dispatch -> experts -> combine (`MoE`), so that expert
-parallelism (dsv3.parallel.expert_parallel), the EPLB replica router and the decode paths replace
+parallelism (dsv3.parallel.expert.moe), the EPLB replica router and the decode paths replace
 only the half they change, and a pipeline schedule can run another micro-batch's computation
 between a dispatch and its experts (dsv3.parallel.pipeline.phases).
 

@@ -11,7 +11,6 @@ Shapes: B batch, T tokens, D dim, V vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -194,31 +193,6 @@ class Transformer(nn.Module):
             torch.stack([m.last_counts for m in layers]) if layers else torch.zeros(0, E, dtype=torch.long)
         )
         return LossOutput(total, main, mtp, balance, per_depth, counts)
-
-    # ---- checkpoints ------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        verify: bool = True,
-    ) -> Transformer:
-        """Load a checkpoint in the official Hugging Face layout (BF16/FP32, or FP8 + weight_scale_inv).
-        verify: check a training checkpoint's manifest (SHA-256) and warn on NaN/inf weights
-        (dsv3.checkpoint.load_pretrained); False skips both."""
-        from dsv3.checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, verify=verify)
-
-    def save_pretrained(
-        self, path: str | Path, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
-    ) -> None:
-        """Write config.json and safetensors shards (with an index when sharded) in the official
-        layout; `dtype` (e.g. torch.bfloat16) converts the floating weights, the routing bias stays FP32."""
-        from dsv3.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

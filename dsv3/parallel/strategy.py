@@ -5,7 +5,7 @@ trainer drives; the order of application is torchtitan's: build the single-devic
 parallelise it from outside.
 
   parallelize     broadcast the initial weights from the stage's first rank (every rank starts
-                  identical), then shard the routed experts over the EP group (expert_parallel.py)
+                  identical), then shard the routed experts over the EP group (expert/moe.py)
   data shard      every rank of a stage reads different tokens: data_rank / data_world are its
                   index among them (EP ranks are data-parallel ranks for everything else)
   gradients       replicated weights: summed over the stage, / data_world. Routed experts: each
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.parallel.comm import CommStats, Link
-from dsv3.parallel.expert_parallel import (
+from dsv3.parallel.expert.moe import (
     ExpertParallel,
     expert_param_names,
     gather_full_state,
@@ -84,7 +84,7 @@ def build_strategy(**settings: Any) -> Strategy:
         )
     if s.pp != 1:
         raise ValueError(
-            f"parallel.pp={s.pp}: the trainer does not run pipeline stages yet (dsv3.parallel.schedule "
+            f"parallel.pp={s.pp}: the trainer does not run pipeline stages yet (dsv3.parallel.pipeline.schedule "
             "plans them); use pp=1"
         )
     return ParallelStrategy(s)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.parallel.comm import Link
-from dsv3.parallel.expert_parallel import gather_rows
+from dsv3.parallel.expert.moe import gather_rows
 
 
 @dataclass

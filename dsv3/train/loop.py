@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dsv3 import ConfigError, ModelConfig, Transformer, bf16
+from dsv3.checkpoint import load_pretrained
 from dsv3.data.corpus import CorpusError
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
@@ -150,9 +151,7 @@ class Trainer:
             dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
         self.data = dataset
         if ckpt is not None:
-            self.model = Transformer.from_pretrained(
-                ckpt, dtype=dtype, verify=False
-            )  # load_checkpoint verifies
+            self.model = load_pretrained(ckpt, dtype=dtype, verify=False)  # load_checkpoint verifies
         else:
             self.model = Transformer(self.model_config(dataset)).to(dtype)
         self.model_cfg = self.model.config

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint import DiskFullError, disk_full_message, is_disk_full
+from dsv3.checkpoint import DiskFullError, disk_full_message, is_disk_full, save_pretrained
 from dsv3.data.fetch import sha256_file
 from dsv3.errors import Dsv3Error
 
@@ -94,7 +94,7 @@ def _write_contents(
 ) -> None:
     """Every file of the checkpoint, the manifest last, all fsynced: into the directory `tmp`."""
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    save_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
     _torch_save(optimizer_state, tmp / "optimizer.pt")
@@ -168,7 +168,7 @@ def latest_valid_checkpoint(root: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify `path` and restore the RNG state; return (trainer state, optimizer state). The model
-    is loaded by `Transformer.from_pretrained(path)` before the optimizer is built."""
+    is loaded by `load_pretrained(path)` before the optimizer is built."""
     path = Path(path)
     verify_checkpoint(path)
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))

@@ -7,7 +7,7 @@ while the current one computes (`torch.distributed.batch_isend_irecv`, which NCC
 runs as asynchronous isend/irecv). Sends return at once; their handles are waited at the end of the
 step. A rank therefore only ever blocks waiting for an input the schedule says it needs next, so the
 runtime makes progress exactly when the schedule's dependency graph does: the event simulator
-(`dsv3.parallel.plan.simulate`) checks that graph for deadlocks.
+(`dsv3.parallel.pipeline.plan.simulate`) checks that graph for deadlocks.
 
 Injected latency (for the benchmark): with `latency` > 0 every message carries the sender's clock
 (`time.time()`, one host) and the receiver does not use it before send time + latency. This models

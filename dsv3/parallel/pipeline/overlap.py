@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from dsv3.parallel.schedule import Task
+from dsv3.parallel.pipeline.schedule import Task
 
 if TYPE_CHECKING:
     from dsv3.parallel.pipeline.runtime import PipelineRunner

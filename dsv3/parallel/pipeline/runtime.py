@@ -1,6 +1,6 @@
 """Execute a pipeline `Schedule` with torch.distributed: one training step over C micro-batches.
 
-Each rank walks its op list (`dsv3.parallel.schedule`) in order; the same lists drive the event
+Each rank walks its op list (`dsv3.parallel.pipeline.schedule`) in order; the same lists drive the event
 simulator, so the planner's timelines and memory figures describe exactly what runs here.
 
   F  receive the activation (stage 0: embed the tokens), run the stage, keep (input, output) for
@@ -41,9 +41,7 @@ from dsv3.model.transformer import Transformer
 from dsv3.parallel.pipeline.comm import ACTIVATION, GRADIENT, P2P, exchange_sum, message_tag
 from dsv3.parallel.pipeline.overlap import run_pair
 from dsv3.parallel.pipeline.phases import PhasedPass, StagePass
-from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers, stage_parameter_names
-from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
-from dsv3.parallel.schedule import (
+from dsv3.parallel.pipeline.schedule import (
     BACKWARD,
     FORWARD,
     INPUT_GRAD,
@@ -52,6 +50,8 @@ from dsv3.parallel.schedule import (
     Task,
     build_schedule,
 )
+from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers, stage_parameter_names
+from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The model is cut into S stages (stage 0 holds the embedding, stage S-1 the final
 the MTP modules). A micro-batch runs forward through the stages in order and backward in reverse.
 A schedule says, for every rank, in which order it runs which piece of work; the sends and receives
 follow from the data dependencies (`Schedule.dependencies`, `recv_from`, `send_to`), so the same
-object drives the event simulator (`dsv3.parallel.plan`) and, later, the torch.distributed runtime.
+object drives the event simulator (`dsv3.parallel.pipeline.plan`) and, later, the torch.distributed runtime.
 
 Work items (`Task.kind`):
   F  forward of one micro-batch through one stage

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsv3.parallel.plan import Simulation
-from dsv3.parallel.schedule import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Task
+from dsv3.parallel.pipeline.plan import Simulation
+from dsv3.parallel.pipeline.schedule import BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Task
 
 # kind -> (family 0, family 1) colours: forwards light, backwards dark, weight gradients green
 _COLORS = {

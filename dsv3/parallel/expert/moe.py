@@ -26,7 +26,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.moe import MoE, MoECall
 from dsv3.parallel.comm import WIRES, CommStats, Link
-from dsv3.parallel.dispatch import (
+from dsv3.parallel.expert.dispatch import (
     Placement,
     all_gather_routed,
     nodes_per_token,
