@@ -563,6 +563,35 @@ PRESETS: dict[str, ModelConfig] = {
         original_seq_len=1024,
         init_std=0.02,
     ),  # fmt: skip
+    # DeepSeek-V3's attention geometry exactly (q_lora 1536, kv_lora 512, nope 128, rope 64, v 128:
+    # W_UK does not fold into the query projection, as on the real model; whether W_UV folds into
+    # o_proj depends on the width, and at 512 it does) and its router (sigmoid, 4 groups of
+    # which 2 kept, a shared expert), scaled down in width, depth, heads and experts so that a CPU
+    # decodes it at interactive speed: what the inference fast paths are measured on
+    "v3-mini": ModelConfig(
+        vocab_size=8192,
+        dim=512,
+        n_layers=4,
+        n_dense_layers=1,
+        inter_dim=1536,
+        n_heads=8,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        moe_inter_dim=256,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        n_activated_experts=4,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        route_scale=2.5,
+        n_mtp_layers=1,
+        max_seq_len=1024,
+        original_seq_len=1024,
+        init_std=0.02,
+    ),  # fmt: skip
     # the shapes of DeepSeek-V2-Lite (15.7B total, 2.4B activated) with its V2 softmax gate
     "16b": ModelConfig(
         vocab_size=102400,

@@ -40,7 +40,7 @@ def test_bad_values_fail_naming_the_field(tiny, changes, field):
 
 
 def test_presets_are_valid_and_small_is_about_14m():
-    for name in ("tiny", "small", "16b", "671b"):
+    for name in ("tiny", "small", "v3-mini", "16b", "671b"):
         ModelConfig.from_preset(name)
     assert 13e6 < ModelConfig.from_preset("small").param_counts()["total"] < 15e6
     c16 = ModelConfig.from_preset("16b").param_counts()
@@ -53,7 +53,15 @@ def test_q_lora_zero_means_none(tiny):
     assert tiny.replace(q_lora_rank=0).q_lora_rank is None
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "16b", "671b"])
+def test_v3_mini_has_the_attention_geometry_and_router_of_v3():
+    mini, v3 = ModelConfig.from_preset("v3-mini"), ModelConfig.from_preset("671b")
+    same = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "score_func")
+    assert {k: getattr(mini, k) for k in same} == {k: getattr(v3, k) for k in same}
+    assert mini.n_expert_groups > 1 and mini.n_shared_experts == 1 and mini.route_scale == v3.route_scale
+    assert mini.param_counts()["total"] < 60e6  # decodes on a CPU at interactive speed
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "v3-mini", "16b", "671b"])
 def test_hf_round_trip(name):
     cfg = ModelConfig.from_preset(name)
     assert ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg

@@ -1,4 +1,4 @@
-"""The native few-row kernels (dsv3.infer.cpu_kernels, csrc/few_rows.cpp) held to the torch
+"""The native few-row kernels (dsv3.infer.decode.kernels, csrc/few_rows.cpp) held to the torch
 reference of the same contract: FP32 and BF16 weights, column tails, strided views, accumulation,
 the routed experts; bad inputs fail with the argument's name. The one-call RowDecoder is held to
 the model's forward in test_infer_fast."""
@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from dsv3.infer import cpu_kernels
+from dsv3.infer.decode import kernels as cpu_kernels
 
 REF = cpu_kernels.Reference()
 

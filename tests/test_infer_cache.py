@@ -85,7 +85,7 @@ def test_bytes_per_token_equals_formula(tiny):
 
 def test_decode_moe_equals_the_model_moe(tiny):
     """The fast path's small-batch routed experts (gathered weights) against the grouped GEMM."""
-    from dsv3.infer.fast import DecodeMoE, swap_moe
+    from dsv3.infer.decode.compiled import DecodeMoE, swap_moe
     from dsv3.model.moe import MoE
 
     model = _model(tiny)

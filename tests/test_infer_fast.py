@@ -1,4 +1,4 @@
-"""The fast decode path (dsv3.infer.decode on the fused weights of dsv3.infer.fused) held to the
+"""The fast decode path (dsv3.infer.decode on the fused weights of dsv3.infer.decode.weights) held to the
 model's forward: logits within 1e-5 and identical greedy tokens, the same MoE load counts; it
 follows in-place weight changes and steps aside for forward hooks and module swaps."""
 
@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from dsv3 import ModelConfig, Transformer
-from dsv3.infer import cpu_kernels, decode
-from dsv3.infer.decode import FastDecoder
+from dsv3.infer.decode import kernels as cpu_kernels
+from dsv3.infer.decode import step as decode
+from dsv3.infer.decode.compiled import DecodeMoE
+from dsv3.infer.decode.step import FastDecoder
+from dsv3.infer.decode.weights import folds
 from dsv3.infer.engine import Engine, EngineConfig
-from dsv3.infer.fast import DecodeMoE
-from dsv3.infer.fused import folds
 from dsv3.infer.paged_cache import PagedLatentCache, make_context
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model.moe import MoE
@@ -24,6 +25,10 @@ VARIANTS = {
     "yarn": dict(max_seq_len=512, original_seq_len=64, rope_factor=4.0),
     "q_proj": dict(q_lora_rank=0),  # no query compression: the query comes from w_in directly
     "softmax_gate": dict(score_func="softmax", n_expert_groups=1, n_limited_groups=1, n_shared_experts=0),
+    # DeepSeek-V3's attention geometry on the tiny width: the shape no fold rule was tuned for
+    "v3_geometry": dict(
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
+    ),
 }
 
 
@@ -294,7 +299,13 @@ def test_fast_path_steps_aside_for_hooks_and_module_swaps(tiny):
 
 
 def test_fold_rule_folds_the_small_presets_and_not_v3():
-    for name, expected in (("tiny", (True, True)), ("small", (True, True)), ("671b", (False, False))):
+    cases = (
+        ("tiny", (True, True)),
+        ("small", (True, True)),
+        ("v3-mini", (False, True)),
+        ("671b", (False, False)),
+    )
+    for name, expected in cases:
         c = ModelConfig.from_preset(name)
         assert (
             folds(c.q_lora_rank or c.dim, c.dim, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank) == expected

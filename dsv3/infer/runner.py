@@ -20,8 +20,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from dsv3.infer.decode import FastDecoder
-from dsv3.infer.fused import supported
+from dsv3.infer.decode.step import FastDecoder
+from dsv3.infer.decode.weights import supported
 from dsv3.infer.paged_cache import PagedLatentCache, make_context
 from dsv3.infer.scheduler import Sequence
 from dsv3.model.transformer import Transformer
@@ -45,8 +45,8 @@ class ModelRunner:
         self.fast: FastDecoder | None = None  # the eager fast decode path, when it knows the model
         if fast and supported(model) is None:
             self.fast = FastDecoder(model, cache, weight_dtype=weight_dtype)
-        if compile:  # the model's decode forward compiled (dsv3.infer.fast); prefill stays eager
-            from dsv3.infer.fast import compiled_decode, swap_moe
+        if compile:  # the model's decode forward compiled (dsv3.infer.decode.compiled); prefill stays eager
+            from dsv3.infer.decode.compiled import compiled_decode, swap_moe
 
             self.decode_forward = compiled_decode(swap_moe(model))
 

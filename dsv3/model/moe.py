@@ -64,20 +64,58 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> gate values [N, K] (FP32), expert ids [N, K], affinities s [N, E] (FP32)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores.detach() + self.e_score_correction_bias  # s': selection only
-        if self.n_groups > 1:
-            grouped = choice.view(x.shape[0], self.n_groups, -1)  # (N, G, E/G)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
-            keep = group_scores.topk(self.topk_groups, dim=-1).indices
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices  # (N, K)
-        weights = scores.gather(1, indices)  # gate values come from s, not s + b
-        if self.score_func == "sigmoid":
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices, scores
+        return self.route_logits(F.linear(x.float(), self.weight.float()))
+
+    def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate from its logits [N, E] (FP32): see `route`."""
+        return route(
+            logits,
+            self.e_score_correction_bias,
+            score_func=self.score_func,
+            top_k=self.top_k,
+            n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
+            route_scale=self.route_scale,
+        )
+
+
+def _best(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of each row, best first; on a tie the lower index wins
+    (torch.topk leaves ties in any order, and the native decode kernel must agree exactly)."""
+    return x.sort(dim=-1, descending=True, stable=True).indices[..., :k].contiguous()
+
+
+def route(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    score_func: str,
+    top_k: int,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    route_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router on gate logits [N, E] (FP32): gate values [N, K], expert ids [N, K] (best
+    first), affinities s [N, E]. The one implementation: the model's gate, the decode fast path and
+    (mirrored in C++, tested against this) the native decode kernel.
+
+    s = sigmoid (V3) or softmax of the logits; s' = s + bias chooses the experts but never weighs
+    them (§2.1.2); with groups, a group's score is the sum of its two best s' and only the
+    `topk_groups` best groups are eligible (node-limited routing's single-device form); the gate
+    values are s of the chosen experts, normalised over them for sigmoid, times `route_scale`."""
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores.detach() + bias  # s': selection only
+    if n_groups > 1:
+        grouped = choice.view(logits.shape[0], n_groups, -1)  # (N, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): values only, ties harmless
+        keep = _best(group_scores, topk_groups)
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+    indices = _best(choice, top_k)  # (N, K)
+    weights = scores.gather(1, indices)  # gate values come from s, not s + b
+    if score_func == "sigmoid":
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * route_scale, indices, scores
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

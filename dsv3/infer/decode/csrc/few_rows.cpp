@@ -1,4 +1,4 @@
-// Few-row matrix products for the fast decode path (dsv3/infer/cpu_kernels.py has the contract).
+// Few-row matrix products for the fast decode path (dsv3/infer/decode/kernels.py has the contract).
 //
 // out[m, :] (+)= alpha * x[m, :] @ w for a handful of rows m, w [K, N] in FP32 or BF16 (widened
 // to FP32 as it is loaded: exact), FP32 accumulation. One decode token reads each weight once, so
@@ -153,7 +153,7 @@ void addmm_(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w, d
   rows(x, w, out, static_cast<float>(alpha), true);
 }
 
-// ---- one row through the whole model: dsv3/infer/decode.py's single-sequence step in one call ----
+// ---- one row through the whole model: dsv3/infer/decode/step.py's single-sequence step in one call ----
 
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -243,13 +243,13 @@ void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w
   experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J);
 }
 
-struct Attn {  // dsv3.infer.fused.AttnWeights with W_UK and W_UV folded
+struct Attn {  // dsv3.infer.decode.weights.AttnWeights with W_UK and W_UV folded
   torch::Tensor w_in, w_q, kv_norm, w_o, pool;  // pool: this layer's cache rows [slots, R + P]
   int64_t q_rank;
   double norm_eps, q_eps, kv_eps;
 };
 
-struct Ffn {  // dsv3.infer.fused.FfnWeights plus the MoE gate's settings (E = 0: a dense MLP)
+struct Ffn {  // dsv3.infer.decode.weights.FfnWeights plus the MoE gate's settings (E = 0: a dense MLP)
   torch::Tensor w_in, w_down, norm_w, gate_w, bias, w13, w2;  // undefined when absent
   int64_t hidden, E, fused_gate, top_k, n_groups, topk_groups;
   bool sigmoid;
@@ -457,7 +457,7 @@ class RowDecoder {
     experts_rows(xrows.data(), in(xgrows), T, w.w13, w.w2, ids.data(), gates.data(), w.top_k);
   }
 
-  // decode_moe._route on one token's logits: the same order of operations and the same ties
+  // dsv3.model.moe.route on one token's logits: the same order of operations and the same ties (lower id first)
   static void route(const Ffn& w, const float* logits, std::vector<int64_t>& ids, std::vector<double>& gates) {
     const int64_t E = w.E;
     std::vector<float> s(E), c(E);

@@ -3,7 +3,7 @@
 Decoding a few sequences is bound by reading every weight once and by per-operator overhead (an
 FP32 `small` step reads ~24 MB of weights for ~6M multiply-adds), so this path computes the
 model's absorbed-MLA decode step with as few operators and matmuls as it can, on the weights of
-dsv3.infer.fused:
+dsv3.infer.decode.weights:
 - attention: one matmul for q_a | kv_a | rope key, one for the query (W_UK and the softmax scale
   folded in), RoPE as x * cos + rot(x) * sin, the scores over the cached rows [c_kv | k_pe] in ONE
   matmul (the query is laid out [q_lat | rope(q_pe)] like a cache row), and one matmul for the
@@ -14,9 +14,9 @@ dsv3.infer.fused:
   writes its new row in place; otherwise the keys of ALL layers are gathered once per step (one
   index operator, not one per layer), each layer puts its new row into them, and the new rows of
   all layers go to the pool in one write at the end of the step;
-- MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode_moe
+- MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode.moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
-- matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.cpu_kernels (native C++ on AVX2 CPUs:
+- matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.decode.kernels (native C++ on AVX2 CPUs:
   weights streamed once, FP32 or BF16 storage, FP32 accumulation), more rows on ATen's GEMM; and a
   lone sequence's new tokens (one in plain decoding, 1 + k in verification) go through the whole
   stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, its keys
@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.infer import decode_moe
-from dsv3.infer.cpu_kernels import Kernels, Reference, kernels
-from dsv3.infer.fused import AttnWeights, DecodeWeights, FfnWeights
+from dsv3.infer.decode import moe as decode_moe
+from dsv3.infer.decode.kernels import Kernels, Reference, kernels
+from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
 
@@ -120,14 +120,14 @@ class GatheredKeys:
         self.data.index_copy_(1, self.slots, self.new)
 
 
-KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.cpu_kernels; more: ATen's GEMM
+KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: ATen's GEMM
 _ATEN = Reference()
 
 
 class FastDecoder:
     """The main model on T new tokens per row (1 in plain decoding) over the engine's paged cache.
-    weight_dtype: storage dtype of the feed-forward matrices and the head (dsv3.infer.fused);
-    native: use the C++ few-row kernels when they build (dsv3.infer.cpu_kernels)."""
+    weight_dtype: storage dtype of the feed-forward matrices and the head (dsv3.infer.decode.weights);
+    native: use the C++ few-row kernels when they build (dsv3.infer.decode.kernels)."""
 
     def __init__(
         self,
@@ -369,8 +369,9 @@ class FastDecoder:
             return x
         logits = a[:, :E] if w.gate_w is None else xn.float() @ w.gate_w
         B, native = x.shape[0], self.kernels is not _ATEN
-        if B <= decode_moe.FEW_ROWS:
-            routes = decode_moe.route_rows(w.moe.gate, logits)
+        weights, idx, _ = w.moe.gate.route_logits(logits)
+        if B <= decode_moe.FEW_ROWS:  # the routing to Python once, then the few selected experts
+            routes = list(zip(idx.tolist(), weights.tolist()))
             if native:  # every row's experts in one call
                 ids = [e for r, _ in routes for e in r]
                 self.kernels.experts_(x, xg, w.w13_all, w.w2_all, ids, [g for _, gs in routes for g in gs])
@@ -380,7 +381,6 @@ class FastDecoder:
                 decode_moe.experts_few(x, xg, w, routes)
             routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
         else:
-            weights, idx = decode_moe.route(w.moe.gate, logits)
             decode_moe.experts(x, xg, w, weights, idx)
             routed.append(idx)
         return x
