@@ -106,6 +106,11 @@ class PipelineStrategy(ParallelStrategy):
         model.num_params = lambda: full_params  # the logged size is the whole model's
         return model
 
+    def describe(self) -> str:
+        s, sched = self.settings, self._run().schedule
+        return (f"pipeline: {sched.name} over pp={s.pp} ranks ({sched.num_stages} stages), "
+                f"{sched.num_microbatches} micro-batches per step, ep={s.ep}, {self.data_world} data ranks")  # fmt: skip
+
     def _run(self) -> PipelineRunner:
         if self.runner is None:
             raise RuntimeError("PipelineStrategy: parallelize() must be called first")
@@ -149,7 +154,8 @@ class PipelineStrategy(ParallelStrategy):
             )
         for stage in runner.module:
             stage.mtp_lambda, stage.balance_alpha = mtp_lambda, balance_alpha
-        loss = runner.step(torch.cat(batches))
+        batch = torch.cat(batches)
+        loss = self.pp.run("pipeline step", lambda: runner.step(batch))  # a dead stage: PeerFailure
         parts = torch.tensor([loss.total, loss.main, loss.mtp, loss.balance], dtype=torch.float64)
         return parts, self._layer_counts(model, runner.expert_counts)
 

@@ -357,6 +357,8 @@ class Trainer:
             log.write("run", 0, {"precision": self.precision, "precision_reason": self.precision_reason,
                                  "params": self.model.num_params(), **self.data.stats})  # fmt: skip
         last_eval: dict[str, float] = {}
+        if self.strategy.is_main and self.strategy.describe():
+            log.message(self.strategy.describe())
 
         def on_signal(signum: int) -> None:
             log.message(f"{signal.Signals(signum).name}: stopping after the step under way, then saving "

@@ -42,6 +42,10 @@ class Strategy:
         """The rank that writes logs and checkpoints."""
         return self.rank == 0
 
+    def describe(self) -> str | None:
+        """A line for the run's log about how the step is spread (None: nothing to say)."""
+        return None
+
     def parallelize(self, model: nn.Module) -> nn.Module:
         return model
 
