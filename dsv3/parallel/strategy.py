@@ -54,7 +54,8 @@ class ParallelSettings:
 
     ep: int = 1  # expert-parallel size: the routed experts are sharded over this many ranks
     dp: int | None = None  # replicas of the expert sharding (default: world / (pp * ep))
-    pp: int = 1  # pipeline stages (the mesh has them; the trainer runs pp = 1 only)
+    pp: int = 1  # pipeline ranks per pipeline (dualpipev: 2 model stages on each)
+    schedule: str = "1f1b"  # pipeline schedule with pp > 1: 1f1b | zb1p | dualpipe | dualpipev
     ranks_per_node: int | None = None  # "node" size for node-limited routing (default LOCAL_WORLD_SIZE)
     zero: bool = True  # ZeRO-1: shard the optimizer state over the data-parallel ranks
     two_hop: bool = False  # dispatch across nodes first, then inside the node (§3.2.2)
@@ -71,8 +72,9 @@ class ParallelSettings:
         return cls(**values)
 
 
-def build_strategy(**settings: Any) -> Strategy:
-    """The Strategy for `parallel.*` settings: the plain one for one process, else ParallelStrategy."""
+def build_strategy(chunks: int | None = None, **settings: Any) -> Strategy:
+    """The Strategy for `parallel.*` settings: the plain one for one process, ParallelStrategy for
+    pp = 1, PipelineStrategy for pp > 1 (`chunks`: micro-batches per step of one pipeline)."""
     s = ParallelSettings.from_dict(settings)
     if not (dist.is_available() and dist.is_initialized()):
         if s.ep == 1 and s.dp in (None, 1) and s.pp == 1:
@@ -83,10 +85,9 @@ def build_strategy(**settings: Any) -> Strategy:
             f"`torchrun --nproc-per-node {size} -m dsv3.train ...`"
         )
     if s.pp != 1:
-        raise ValueError(
-            f"parallel.pp={s.pp}: the trainer does not run pipeline stages yet (dsv3.parallel.pipeline.schedule "
-            "plans them); use pp=1"
-        )
+        from dsv3.parallel.pipelined import PipelineStrategy  # the runtime is only imported when used
+
+        return PipelineStrategy(s, chunks)
     return ParallelStrategy(s)
 
 

@@ -152,6 +152,9 @@ class ZeroOptimizer:
         shard: bool = True,
     ) -> None:
         self.norm_link, self.shard = norm_link, shard
+        # param id -> ranks outside norm_link's data-parallel copies holding the same weight (a
+        # pipeline's shared embedding, DualPipe's two copies of a stage): counted 1/k in the norm
+        self.copies: dict[int, int] = {}
         self.buckets: list[_Bucket] = []
         where: dict[int, tuple[_Bucket, int]] = {}
         for pset in sets:
@@ -187,9 +190,9 @@ class ZeroOptimizer:
         local = torch.zeros((), dtype=torch.float64)
         for b in self.buckets:
             copies = 1 if self.shard else b.set.link.size  # identical copies across the stage
-            for s in b.shards:
+            for p, s in zip(b.params, b.shards):
                 if s.grad is not None:
-                    local += s.grad.detach().double().square().sum() / copies
+                    local += s.grad.detach().double().square().sum() / (copies * self.copies.get(id(p), 1))
         link = self.norm_link
         link.run("gradient norm all-reduce", lambda: dist.all_reduce(local, group=link.group))
         total = float(local.sqrt())

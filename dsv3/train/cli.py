@@ -40,6 +40,7 @@ def _train_parser() -> argparse.ArgumentParser:
     add_threads_argument(p)
     p.add_argument("--ep", type=int, help="expert-parallel size (under torchrun; same as parallel.ep=N)")
     p.add_argument("--dp", type=int, help="data-parallel size (under torchrun; same as parallel.dp=N)")
+    p.add_argument("--pp", type=int, help="pipeline ranks (under torchrun; same as parallel.pp=N)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="anywhere on the line, e.g. lr=3e-4")
     return p
@@ -63,7 +64,9 @@ def build_config(args: argparse.Namespace):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     overrides = list(args.overrides)
-    overrides += [f"parallel.{k}={getattr(args, k)}" for k in ("ep", "dp") if getattr(args, k) is not None]
+    overrides += [
+        f"parallel.{k}={getattr(args, k)}" for k in ("ep", "dp", "pp") if getattr(args, k) is not None
+    ]
     cfg = TrainConfig.build(values, overrides)
     if found:
         _report_resumed_settings(cfg, *found)

@@ -27,18 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsv3 import ConfigError, ModelConfig, Transformer, bf16
+from dsv3 import ConfigError, ModelConfig, Transformer
 from dsv3.checkpoint import load_pretrained
 from dsv3.data.corpus import CorpusError
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
 from dsv3.model.moe import MoE
 from dsv3.optim import param_groups
+from dsv3.parallel.parallelize import Parallelization, apply_recompute, parallelize, pipeline_chunks  # noqa: F401
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
 from dsv3.train.log import RunLog, truncate_logs
-from dsv3.train.metrics import decided_by_rank0, mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.metrics import matmul_peak as measure_peak
+from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.state import (
     TrainCheckpointError,
     latest_valid_checkpoint,
@@ -101,16 +102,6 @@ class StepResult:
     skipped: bool
 
 
-def apply_recompute(model: Transformer) -> None:
-    """Activation checkpointing of every block (main and MTP), applied from outside the model."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = list(model.layers) + [m.block for m in model.mtp]
-    for block in blocks:
-        inner = block.forward
-        block.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
-
-
 class Trainer:
     def __init__(
         self,
@@ -155,15 +146,12 @@ class Trainer:
         else:
             self.model = Transformer(self.model_config(dataset)).to(dtype)
         self.model_cfg = self.model.config
-        if self.precision == "fp8":
-            from dsv3.fp8 import convert
-
-            convert(self.model)
-        if dtype == torch.bfloat16 and decided_by_rank0(bf16.needed):  # every rank the same modules
-            bf16.convert(self.model)  # BF16 numerics on FP32 kernels: this CPU has no fast BF16 matmul
-        if cfg.recompute:
-            apply_recompute(self.model)
-        self.model = self.strategy.parallelize(self.model)
+        chunks = pipeline_chunks(cfg.batch_start, cfg.batch_end, cfg.micro_batch, self.strategy.data_world,
+                                 cfg.parallel.get("pp", 1))  # fmt: skip
+        # precision, recomputation, expert parallelism, pipeline stages (ZeRO-1: at the optimizer)
+        self.model = parallelize(
+            self.model, Parallelization(self.precision, cfg.recompute, chunks), self.strategy
+        )
         self.optimizer = self._build_optimizer()
         self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
         self.loader = PackedLoader(
@@ -255,24 +243,16 @@ class Trainer:
         model.train()
         step = self.step
         batch = schedules.global_batch(cfg, step, self.data_world)
-        accum = batch // (cfg.micro_batch * self.world)
+        accum = batch // (cfg.micro_batch * self.data_world)  # micro-batches per data rank (pipeline)
         lam, gamma = schedules.mtp_weight(cfg, step), schedules.bias_update_speed(cfg, step)
         for group in self.optimizer.param_groups:
             group["lr"] = schedules.learning_rate(cfg, step)
-        counts = self._zero_counts(len(model.moe_layers()))  # (L, E) the step's, every MoE layer
-        parts = torch.zeros(4, dtype=torch.float64)  # total, main, mtp, balance
-        for _ in range(accum):
-            out = model.loss(self.loader.next_batch(cfg.micro_batch), mtp_lambda=lam, balance_alpha=cfg.alpha)
-            (out.total / accum).backward()
-            parts += torch.stack(
-                [out.total.detach(), out.main.detach(), out.mtp.detach(), out.balance.detach()]
-            )
-            counts += out.counts
-        parts /= accum
+        batches = [self.loader.next_batch(cfg.micro_batch) for _ in range(accum)]
+        parts, counts = self.strategy.forward_backward(model, batches, lam, cfg.alpha)
         self.strategy.reduce_gradients(model)
         self.strategy.reduce_mean(parts)
         # the bias update must see the whole global batch: one collective for all layers together
-        self.strategy.reduce_sum(counts)
+        self.strategy.reduce_counts(counts)
         grad_norm = self.strategy.clip_grad_norm(model, cfg.grad_clip)
         skipped = not (math.isfinite(float(parts[0])) and math.isfinite(grad_norm))
         if skipped:
@@ -282,7 +262,7 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            model.update_expert_bias(gamma, list(counts))
+            self.strategy.update_expert_bias(model, gamma, counts)
             self.bad_steps = 0
         self.last_counts = counts
         self.step += 1
@@ -292,7 +272,7 @@ class Trainer:
 
     def _zero_counts(self, layers: int) -> torch.Tensor:
         """Zero token counts [layers, E], to sum a step's (or an evaluation's) `LossOutput.counts` into."""
-        device = self.model.embed_tokens.weight.device
+        device = next(p.device for p in self.model.parameters() if p.device.type != "meta")
         return torch.zeros(layers, self.model_cfg.n_routed_experts, dtype=torch.long, device=device)
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -309,18 +289,18 @@ class Trainer:
             max_batches=cfg.eval_batches,
         )  # fmt: skip
         for batch in batches:
-            out = model.loss(batch, mtp_lambda=0.0, balance_alpha=0.0)
+            main, mtp, layer_counts = self.strategy.eval_loss(model, batch)
             labels = batch[:, 1:]
             n = labels.numel()
-            main_nats += float(out.main) * n
-            mtp_nats += float(out.mtp) * n
+            main_nats += main * n
+            mtp_nats += mtp * n
             n_tokens += n
             n_bytes += int(self._token_bytes[labels.numpy().astype(np.int64)].sum())
-            counts += out.counts[: len(self.main_moe)]  # main layers first (`moe_layers()` order)
+            counts += layer_counts[: len(self.main_moe)]  # main layers first (`moe_layers()` order)
         totals = self.strategy.reduce_sum(
             torch.tensor([main_nats, mtp_nats, n_tokens, n_bytes], dtype=torch.float64)
         )
-        self.strategy.reduce_sum(counts)
+        self.strategy.reduce_counts(counts)
         main_nats, mtp_nats, n_tokens, n_bytes = totals.tolist()
         self.val_counts = counts
         loss = main_nats / n_tokens
@@ -377,6 +357,8 @@ class Trainer:
             log.write("run", 0, {"precision": self.precision, "precision_reason": self.precision_reason,
                                  "params": self.model.num_params(), **self.data.stats})  # fmt: skip
         last_eval: dict[str, float] = {}
+        if self.strategy.is_main and self.strategy.describe():
+            log.message(self.strategy.describe())
 
         def on_signal(signum: int) -> None:
             log.message(f"{signal.Signals(signum).name}: stopping after the step under way, then saving "

@@ -42,8 +42,43 @@ class Strategy:
         """The rank that writes logs and checkpoints."""
         return self.rank == 0
 
+    def describe(self) -> str | None:
+        """A line for the run's log about how the step is spread (None: nothing to say)."""
+        return None
+
     def parallelize(self, model: nn.Module) -> nn.Module:
         return model
+
+    def forward_backward(
+        self, model: nn.Module, batches: list[torch.Tensor], mtp_lambda: float, balance_alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of the step's micro-batches on this rank (gradients of their mean
+        loss accumulate into the parameters); returns (float64 [4] mean total, main, MTP, balance
+        loss; [L, E] tokens per expert of every MoE layer, in `moe_layers()` order)."""
+        parts = torch.zeros(4, dtype=torch.float64)
+        counts = None
+        for batch in batches:
+            out = model.loss(batch, mtp_lambda=mtp_lambda, balance_alpha=balance_alpha)
+            (out.total / len(batches)).backward()
+            parts += torch.stack(
+                [out.total.detach(), out.main.detach(), out.mtp.detach(), out.balance.detach()]
+            )
+            counts = out.counts.clone() if counts is None else counts + out.counts
+        return parts / len(batches), counts
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """(main CE, MTP CE, [L, E] counts) of one validation batch [b, T+1], without gradients."""
+        out = model.loss(batch, mtp_lambda=0.0, balance_alpha=0.0)
+        return float(out.main), float(out.mtp), out.counts
+
+    def reduce_counts(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum expert counts [L, E] over every rank that saw different tokens, for every layer."""
+        return self.reduce_sum(t)
+
+    def update_expert_bias(self, model: nn.Module, gamma: float, counts: torch.Tensor) -> None:
+        """The sign-rule bias update of every MoE layer this rank holds, from the step's counts."""
+        model.update_expert_bias(gamma, list(counts))
 
     def build_optimizer(
         self, model: nn.Module, make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer], groups
