@@ -27,7 +27,8 @@ the schedule simulator's prediction for the same settings, and how much all-to-a
    cores than ranks it can make the share negative. The injected latency runs from each rank's own
    start of an exchange, so time spent waiting for a late peer also absorbs latency.
 
-Also writes the measured timelines of the last step (with the largest latency) as PNGs.
+Also writes the measured timelines of the last step (with the largest latency) as PNGs, and
+simulated timelines at the paper's PP = 16 with the measured cost ratios.
 Do not record numbers measured on a loaded machine: the 2-core machine these scripts are tested on
 runs 4 ranks on 2 cores, so the ranks' compute cannot overlap there.
 """
@@ -372,6 +373,14 @@ def main(argv: list[str] | None = None) -> str:
                      f"{args.chunks} micro-batches, all-to-all latency {latency * 1e3:.2f} ms "
                      "(boxes: compute, gaps: waiting)")  # fmt: skip
             print("wrote", draw_timeline(sim, img / f"pipeline-measured-{name}.png", title=title))
+        c = costs[args.pp]
+        ratio = Costs(f=1.0, b=c.b / c.f, w=c.w / c.f)
+        for name in ("1f1b", "dualpipe"):
+            sim = simulate(build_schedule(name, 16, 32), ratio, args.latency / c.f)
+            title = (f"{name} simulated at PP=16, 32 micro-batches, measured cost ratios F=1 B={ratio.b:.2f} "
+                     f"W={ratio.w:.2f}, latency {args.latency / c.f:.2f}: makespan {sim.makespan:.1f}, "
+                     f"bubble {sim.bubble():.1f}")  # fmt: skip
+            print("wrote", draw_timeline(sim, img / f"pipeline-pp16-{name}.png", title=title))
     return report
 
 
