@@ -56,6 +56,12 @@ def _parity_worker(rank: int, world: int, cases: list[tuple[str, bool]], chunks:
             0, ref.config.vocab_size, (2 * chunks, seq + 1), generator=torch.Generator().manual_seed(1)
         )
         mine = batch[mesh.data_rank * chunks : (mesh.data_rank + 1) * chunks]
+        if overlap:  # forwards only, no gradients (and no balance loss), phases back to back
+            with torch.no_grad():
+                want_eval = (
+                    sum(float(ref.loss(mb, mtp_lambda=LAMBDA).total) for mb in mine.chunk(chunks)) / chunks
+                )
+            eval_err = abs(runner.evaluate(mine).total - want_eval)
         got = runner.step(mine)
         # the reference: both pipelines' mean losses summed (the experts see both pipelines' tokens)
         wants = []
@@ -85,6 +91,7 @@ def _parity_worker(rank: int, world: int, cases: list[tuple[str, bool]], chunks:
                 "loss_err": abs(got.total - float(wants[mesh.data_rank].detach())),
                 "grad_err": err,
                 "norm_err": abs(norm - ref_norm),
+                "eval_err": eval_err if overlap else 0.0,
                 "pair_exchanges": exchanges,
             }
         )
@@ -95,12 +102,13 @@ def _parity_worker(rank: int, world: int, cases: list[tuple[str, bool]], chunks:
 def test_overlapped_pairs_with_expert_parallelism_equal_the_single_process_model():
     """DualPipeV on pp=2 x ep=2, overlapped and not, and ZB1P (split backward over sharded grouped
     experts): losses, gradients (experts: this rank's block; replicated weights: summed over the
-    stage's ranks) and the clipping norm equal the single-process model's within 1e-5 (FP32)."""
+    stage's ranks), the clipping norm and the forward-only evaluation equal the single-process model's within 1e-5 (FP32)."""
     cases = [("dualpipev", True), ("dualpipev", False), ("zb1p", True)]
     results = run_ranks(_parity_worker, 4, cases, 4, 12, timeout=40, deadline=140)
     for rank, per_case in enumerate(results):
         for r in per_case:
             assert r["loss_err"] < 1e-5 and r["grad_err"] < 1e-5 and r["norm_err"] < 1e-5, (rank, r)
+            assert r["eval_err"] < 1e-5, (rank, r)
         # the F&B pairs of DualPipeV did issue expert-parallel all-to-alls
         assert per_case[0]["pair_exchanges"] > 0 and per_case[2]["pair_exchanges"] == 0, (rank, per_case)
 
