@@ -1,21 +1,36 @@
-"""Step time of the pipeline runtime: 1F1B against DualPipe (and ZB1P) on 4 CPU processes, with an
-injected point-to-point latency, next to what the schedule simulator predicts for the same costs.
+"""Step time of pipelined training with expert parallelism: 1F1B, ZB1P, DualPipe and DualPipeV on
+pp x ep gloo processes (default 2 x 2 = 4), without and with an injected all-to-all latency, next to
+the schedule simulator's prediction for the same settings, and how much all-to-all time is hidden.
 
-    .venv/bin/python bench/pipeline.py --img-dir docs/img
+    .venv/bin/python bench/pipeline.py --img-dir docs/img          # on a quiet machine
 
-1. Costs: in this process (one thread), every stage's forward F, full backward B, input-gradient
-   backward I and weight-gradient backward W are timed on one micro-batch (median of repeats).
-2. Runtime: `--pp` gloo processes (one intra-op thread each) build the same model and one
-   `PipelineRunner` per schedule; steps alternate between the schedules (so machine noise hits all
-   alike). Step time = the slowest rank's wall time from a common barrier; median over `--steps`.
-   `--latency` seconds are added to every message between ranks (`comm.P2P`: the receiver may not
-   use a message before send time + latency; the sender is not delayed), the same for every schedule.
-3. Prediction: `dsv3.parallel.pipeline.plan.simulate` on the same op lists with the measured per-stage costs
-   and the same latency, assuming one core per rank; and the CPU bound, total compute / cores, for
-   when there are fewer cores than ranks (this machine: 2 cores for 4 ranks).
+1. Costs, in this process (one thread): every stage's forward F, full backward B and weight-gradient
+   backward W on one micro-batch (median of repeats, CPU seconds), for 2 and 4 stages (DualPipeV
+   cuts pp ranks into 2 pp stages), and the mean compute time of one attention or MLP phase. The
+   injected latency "auto" is that phase time: a block's forward then has as much all-to-all time
+   (dispatch + combine) as computation (attention + MLP), the paper's 1:1 ratio (§3.2.1).
+2. Runtime: pp x ep processes (`build_mesh(ep, pp)`: every pipeline reads its own micro-batches,
+   the ranks holding a stage form its EP group), one training step function per schedule
+   (`training_step`, the seam for `dsv3 train`'s step), steps alternating between the schedules so
+   that machine noise hits all alike. Step time = the slowest rank's wall time from a common barrier,
+   median over `--steps`. `--a2a-latency` seconds are added to every dispatch/combine all-to-all
+   (`Link.latency`: an exchange completes no earlier than that long after it started; a wait blocks
+   only for what is left), `--latency` to every pipeline message (`comm.P2P`).
+3. Prediction: `plan.simulate` on the same op lists with the measured costs, plus the all-to-all
+   time: exposed in full in a lone F, B or I (each MoE block's two exchanges), hidden behind the
+   pair's computation in an F&B (cost max(compute, communication), Figure 4's ideal), assuming one
+   core per rank; and the CPU bound (total compute / cores) for machines with fewer cores than ranks.
+4. Hidden all-to-all time: 1 - blocked / injected, injected = exchanges x latency, blocked = the
+   time spent in all-to-all waits, over the whole step and over its F&B pairs only (the issue's
+   target for DualPipe: >= 50%). Conservative: waiting for a slower EP peer counts as blocked (the
+   column "blocked without latency" shows how much of that there is); on a machine with fewer
+   cores than ranks it can make the share negative. The injected latency runs from each rank's own
+   start of an exchange, so time spent waiting for a late peer also absorbs latency.
 
-Also writes the measured timelines of the last step (latency > 0) and simulated timelines at the
-paper's PP = 16 with the measured cost ratios as PNGs.
+Also writes the measured timelines of the last step (with the largest latency) as PNGs, and
+simulated timelines at the paper's PP = 16 with the measured cost ratios.
+Do not record numbers measured on a loaded machine: the 2-core machine these scripts are tested on
+runs 4 ranks on 2 cores, so the ranks' compute cannot overlap there.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,36 +47,56 @@ import torch
 import torch.distributed as dist
 
 from dsv3 import ModelConfig
+from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.launch import run_ranks
 from dsv3.parallel.pipeline import PipelineRunner
-from dsv3.parallel.pipeline.phases import StagePass
+from dsv3.parallel.pipeline.phases import COMPUTE, PhasedPass, StagePass
 from dsv3.parallel.pipeline.plan import Costs, Interval, Simulation, simulate
 from dsv3.parallel.pipeline.schedule import BACKWARD, FORWARD, INPUT_GRAD, Op, build_schedule
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers
 from dsv3.parallel.pipeline.timeline import draw_timeline
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
 
+SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+
 
 @dataclass(frozen=True)
 class StageCosts(Costs):
-    """Costs that differ per stage (the first stage embeds, the last runs the heads and MTP)."""
+    """Costs that differ per stage (the first stage embeds, the last runs the heads and MTP), with
+    the all-to-all time of each stage's forward (and as much again of its backward)."""
 
     per_stage: tuple[tuple[float, float, float], ...] = ()  # (F, B, W) of each stage
+    a2a: tuple[float, ...] = ()  # all-to-all seconds of one forward (or backward) of each stage
 
     def of(self, op: Op) -> float:
-        total = 0.0
+        compute = comm = 0.0
         for t in op.tasks:
             f, b, w = self.per_stage[t.stage]
-            total += {FORWARD: f, BACKWARD: b, INPUT_GRAD: b - w}.get(t.kind, w)
-        return total
+            compute += {FORWARD: f, BACKWARD: b, INPUT_GRAD: b - w}.get(t.kind, w)
+            comm += self.a2a[t.stage] if t.kind in (FORWARD, BACKWARD, INPUT_GRAD) else 0.0
+        if len(op.tasks) == 2:  # F&B: the all-to-alls in flight while the other half computes
+            return max(compute, comm)
+        return compute + comm
+
+    def with_latency(self, latency: float, exchanges: tuple[int, ...]) -> StageCosts:
+        a2a = tuple(n * latency for n in exchanges)
+        return StageCosts(self.f, self.b, self.w, per_stage=self.per_stage, a2a=a2a)
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig.from_preset(args.preset, n_layers=args.layers, vocab_size=args.vocab)
 
 
-def measure_costs(cfg: ModelConfig, stages: int, seq: int, repeats: int) -> StageCosts:
+def stage_exchanges(model: Transformer, stages: int) -> tuple[int, ...]:
+    """All-to-alls of one forward of each stage: dispatch + combine per MoE block (MTP's included)."""
+    cfg = model.config
+    layout = split_layers(cfg.n_layers, cfg.n_mtp_layers, stages)
+    mods = [PipelineStage(model, s, layout, 0.3, 1e-4) for s in range(stages)]
+    return tuple(2 * sum(isinstance(m, MoE) for m in mod.modules()) for mod in mods)
+
+
+def measure_costs(cfg: ModelConfig, stages: int, seq: int, b: int, repeats: int) -> StageCosts:
     """Per stage: median F, full B, and W (from a split I + W) on one micro-batch, in CPU seconds of
     this one-thread process (so the other programs of a shared machine do not inflate them)."""
     torch.manual_seed(0)
@@ -69,7 +105,7 @@ def measure_costs(cfg: ModelConfig, stages: int, seq: int, repeats: int) -> Stag
     mods = [PipelineStage(model, s, layout, 0.3, 1e-4) for s in range(stages)]
     store = WeightGradStore()
     defer_weight_grads(torch.nn.ModuleList(mods), store)
-    mb = split_batch(torch.randint(0, cfg.vocab_size, (1, seq + 1)), None, 1)[0]
+    mb = split_batch(torch.randint(0, cfg.vocab_size, (b, seq + 1)), None, 1)[0]
     samples: dict[str, list[list[float]]] = {k: [[] for _ in range(stages)] for k in "FBW"}
     clock = time.process_time
 
@@ -100,38 +136,121 @@ def measure_costs(cfg: ModelConfig, stages: int, seq: int, repeats: int) -> Stag
             model.zero_grad(set_to_none=True)
     per_stage = tuple(tuple(statistics.median(samples[k][s]) for k in "FBW") for s in range(stages))
     mean = [statistics.mean(c[i] for c in per_stage) for i in range(3)]
-    return StageCosts(f=mean[0], b=mean[1], w=min(mean[2], 0.99 * mean[1]), per_stage=per_stage)
+    zero = (0.0,) * stages
+    return StageCosts(f=mean[0], b=mean[1], w=min(mean[2], 0.99 * mean[1]), per_stage=per_stage, a2a=zero)
 
 
-def _worker(rank: int, world: int, cfg: ModelConfig, args: argparse.Namespace) -> dict:
-    """Steps of every schedule, alternating; per (schedule, latency) and step: the slowest rank's
-    wall time, and this rank's CPU time, compute inside ops and waiting inside ops."""
-    runners = {}
-    for name in args.schedules:
-        torch.manual_seed(0)
-        runners[name] = PipelineRunner(Transformer(cfg), name, args.chunks)
+def phase_time(cfg: ModelConfig, seq: int, b: int, repeats: int) -> float:
+    """Median CPU seconds of one attention or MLP phase of an MoE block (forward, one micro-batch)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    stage = PipelineStage(model, 0, split_layers(cfg.n_layers, cfg.n_mtp_layers, 1), 0.3, 1e-4)
+    mb = split_batch(torch.randint(0, cfg.vocab_size, (b, seq + 1)), None, 1)[0]
+    times = []
+    for rep in range(repeats + 1):
+        p = PhasedPass(stage, None, mb)
+        kinds = [ph.kind for ph in p.phases if ph.step]
+        moe = [isinstance(blk.mlp, MoE) for blk in stage.layers]
+        t, steps = time.process_time(), []
+        for _ in p.forward_steps():
+            steps.append(time.process_time() - t)
+            t = time.process_time()
+        if rep:
+            # the phases of MoE blocks: embed (1), then per block 4 (MoE) or 2 (dense)
+            i = 1
+            for is_moe in moe:
+                if is_moe:
+                    times += [steps[i], steps[i + 2]]  # attention, mlp
+                    assert kinds[i] == kinds[i + 2] == COMPUTE
+                i += 4 if is_moe else 2
+    return statistics.median(times)
+
+
+# ---- the seam: one training step ------------------------------------------------------------------------
+def training_step(
+    cfg: ModelConfig, schedule: str, args: argparse.Namespace, mesh
+) -> tuple[Callable[[torch.Tensor], float], PipelineRunner]:
+    """Build what one training step of `schedule` runs and return (step(batch) -> loss, runner).
+
+    This is the place to swap in `dsv3 train`'s own step once the trainer runs pipelines (issue
+    14 part 5): it must run the same PipelineRunner (pp group, expert parallelism, schedule) and
+    reduce the replicated gradients over the stage's data-parallel ranks, as done here."""
+    from dsv3.parallel.expert.moe import ExpertParallel
+
+    torch.manual_seed(0)
+    ep = ExpertParallel.from_mesh(mesh, cfg) if mesh.layout.ep > 1 else None
+    runner = PipelineRunner(
+        Transformer(cfg), schedule, args.chunks, group=mesh.group("pp"), latency=args.latency, ep=ep
+    )
+    replicated = [p for n, p in runner.module.named_parameters() if ".experts." not in n]
+
+    def step(batch: torch.Tensor) -> float:
+        out = runner.step(batch)
+        if mesh.data_world > 1:  # the data-parallel part of expert parallelism
+            for p in replicated:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=mesh.group("stage"))
+        for p in runner.parameters():
+            p.grad = None
+        return out.total
+
+    return step, runner
+
+
+def _links(runner: PipelineRunner) -> list:
+    ep = runner.ep
+    return [] if ep is None else [ep.ep, ep.inter, ep.intra]
+
+
+def _worker(
+    rank: int, world: int, cfg: ModelConfig, args: argparse.Namespace, latencies: list[float]
+) -> dict:
+    """Steps of every schedule, alternating; per (schedule, a2a latency) and step: the slowest rank's
+    wall time, and this rank's compute, pipeline waits, all-to-all waits and exchanges."""
+    from dsv3.parallel.mesh import build_mesh
+
+    torch.set_num_threads(1)
+    mesh = build_mesh(ep=args.ep, pp=args.pp, ranks_per_node=world)
+    steps = {name: training_step(cfg, name, args, mesh) for name in args.schedules}
     gen = torch.Generator().manual_seed(1)
-    batch = torch.randint(0, cfg.vocab_size, (args.chunks, args.seq + 1), generator=gen)
-    out: dict = {"steps": {}, "traces": {}}
-    for latency in args.latency:
-        for r in runners.values():
-            r.p2p.latency = latency  # every rank changes it between the same two steps
-        for step in range(args.warmup + args.steps):
-            for name, runner in runners.items():  # alternate: noise of a shared machine hits all alike
+    n = args.chunks * args.batch
+    batch = torch.randint(0, cfg.vocab_size, (mesh.data_world * n, args.seq + 1), generator=gen)
+    mine = batch[mesh.data_rank * n : (mesh.data_rank + 1) * n]
+    out: dict = {
+        "steps": {},
+        "traces": {},
+        "pp_rank": dist.get_rank(mesh.group("pp")),
+        "pp": mesh.members["pp"],
+    }
+    for latency in latencies:
+        for _, runner in steps.values():
+            for link in _links(runner):
+                link.latency = latency  # every rank changes it between the same two steps
+        for i in range(args.warmup + args.steps):
+            for name, (step, runner) in steps.items():  # alternate: noise hits all schedules alike
                 dist.barrier()
-                t, c = time.time(), time.process_time()
-                runner.step(batch)
+                t = time.time()
+                step(mine)
                 elapsed = torch.tensor([time.time() - t], dtype=torch.float64)
-                cpu = time.process_time() - c  # this process's CPU seconds, gloo threads included
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                for p in runner.parameters():
-                    p.grad = None
-                if step >= args.warmup:
-                    wait = sum(o.wait for o in runner.trace)
-                    busy = sum(o.end - o.start for o in runner.trace) - wait
-                    out["steps"].setdefault((name, latency), []).append((float(elapsed), cpu, busy, wait))
-        for name, runner in runners.items():
-            out["traces"][(name, latency)] = [(o.start, o.end, o.wait, o.op) for o in runner.trace]
+                if i >= args.warmup:
+                    tr = runner.trace
+                    pairs = [o for o in tr if len(o.op.tasks) == 2]
+                    out["steps"].setdefault((name, latency), []).append(
+                        {
+                            "wall": float(elapsed),
+                            "compute": sum(o.compute for o in tr),
+                            "wait": sum(o.wait for o in tr),
+                            "comm_wait": sum(o.comm_wait for o in tr),
+                            "exchanges": sum(o.exchanges for o in tr),
+                            "pair_comm_wait": sum(o.comm_wait for o in pairs),
+                            "pair_exchanges": sum(o.exchanges for o in pairs),
+                        }
+                    )
+        for name, (_, runner) in steps.items():
+            out["traces"][(name, latency)] = [
+                (o.start, o.end, o.wait + o.comm_wait, o.op) for o in runner.trace
+            ]
     return out
 
 
@@ -142,84 +261,127 @@ def measured_timeline(schedule, traces: list[list[tuple]], costs: Costs) -> Simu
     return Simulation(schedule, costs, rows)
 
 
-def table(args: argparse.Namespace, costs: StageCosts, results: list[dict]) -> str:
-    """Markdown: measured step time next to the simulator's, and where each rank's time went."""
+def hidden_share(
+    steps: list[dict], base: list[dict] | None, latency: float, comm: str, count: str
+) -> float | None:
+    """1 - exposed / injected all-to-all time over `steps` (dicts of the worker's figures): exposed =
+    the time blocked in all-to-all waits, less what the same steps block without latency (`base`:
+    waiting for a slower peer, which is not the latency's), per step on average."""
+    injected = statistics.mean(s[count] for s in steps) * latency
+    if injected <= 0:
+        return None
+    blocked = statistics.mean(s[comm] for s in steps)
+    if base:
+        blocked -= statistics.mean(s[comm] for s in base)
+    return 1.0 - blocked / injected
+
+
+def table(
+    args, costs: dict[int, StageCosts], exchanges: dict[int, tuple[int, ...]], latencies, results
+) -> str:
+    """Markdown: measured step time next to the simulator's, and the hidden all-to-all time."""
     cores = os.cpu_count() or 1
     rows = [
-        "| schedule | latency (ms) | step (s, median) | min | simulated, 1 core per rank (s) | CPU bound (s) "
-        "| measured vs 1F1B | simulated vs 1F1B | CPU per rank (s) | in ops (s) | waiting (s) |",
+        "| schedule | a2a latency (ms) | step (s, median) | simulated (s) | measured / simulated | CPU bound (s) "
+        "| a2a injected per rank (s) | a2a blocked (s) | blocked without latency (s) | hidden a2a | hidden in F&B |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for latency in args.latency:
-        base_meas = base_sim = None
+    fmt = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+    for latency in latencies:
         for name in args.schedules:
+            stages = 2 * args.pp if name == "dualpipev" else args.pp
+            sched = build_schedule(name, stages, args.chunks)
+            sim = simulate(sched, costs[stages].with_latency(latency, exchanges[stages]), args.latency)
             key = (name, latency)
-            sim = simulate(build_schedule(name, args.pp, args.chunks), costs, latency)
-            wall = [w for w, *_ in results[0]["steps"][key]]
-            # per rank: medians over steps; then the mean over ranks
-            cpu, busy, wait = (
-                statistics.mean(statistics.median(step[i] for step in r["steps"][key]) for r in results)
-                for i in (1, 2, 3)
+            wall = statistics.median(s["wall"] for s in results[0]["steps"][key])
+            per_rank = [r["steps"][key] for r in results]
+            compute = sum(statistics.median(s["compute"] for s in st) for st in per_rank)
+            injected = statistics.mean(
+                statistics.median(s["exchanges"] for s in st) * latency for st in per_rank
             )
-            bound = sum(statistics.median(st[1] for st in r["steps"][key]) for r in results) / cores
-            med = statistics.median(wall)
-            base_meas, base_sim = base_meas or med, base_sim or sim.makespan
+            every = [s for st in per_rank for s in st]
+            base = [s for r in results for s in r["steps"].get((name, 0.0), [])]
+            blocked = statistics.mean(s["comm_wait"] for s in every)
+            blocked0 = statistics.mean(s["comm_wait"] for s in base) if base else float("nan")
             rows.append(
-                f"| {name} | {latency * 1e3:g} | {med:.3f} | {min(wall):.3f} | {sim.makespan:.3f} "
-                f"| {max(bound, sim.makespan):.3f} | {med / base_meas:.2f}x | {sim.makespan / base_sim:.2f}x "
-                f"| {cpu:.3f} | {busy:.3f} | {wait:.3f} |"
+                f"| {name} | {latency * 1e3:.2f} | {wall:.3f} | {sim.makespan:.3f} | {wall / sim.makespan:.2f} "
+                f"| {max(compute / cores, sim.makespan):.3f} | {injected:.3f} | {blocked:.3f} | {blocked0:.3f} "
+                f"| {fmt(hidden_share(every, None, latency, 'comm_wait', 'exchanges'))} "
+                f"| {fmt(hidden_share(every, None, latency, 'pair_comm_wait', 'pair_exchanges'))} |"
             )
     return "\n".join(rows)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pp", type=int, default=4, help="processes (model stages)")
-    p.add_argument("--chunks", type=int, default=8, help="micro-batches per step (one sequence each)")
-    p.add_argument("--schedules", nargs="+", default=["1f1b", "zb1p", "dualpipe"])
+    p.add_argument("--pp", type=int, default=2, help="pipeline ranks")
+    p.add_argument("--ep", type=int, default=2, help="expert-parallel ranks per stage (processes: pp x ep)")
+    p.add_argument("--chunks", type=int, default=8, help="micro-batches per step and pipeline")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     p.add_argument("--preset", default="small")
-    p.add_argument("--layers", type=int, default=7, help="7 blocks + 1 MTP = 2 units per stage at PP=4")
+    p.add_argument("--layers", type=int, default=7, help="7 blocks + 1 MTP = 2 units per stage at 4 stages")
     p.add_argument("--vocab", type=int, default=1024, help="small, so the heads do not dwarf a block")
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--latency", type=float, nargs="+", default=[0.0, 0.05], help="seconds per message")
+    p.add_argument(
+        "--a2a-latency", nargs="+", default=["0", "auto"],
+        help="seconds per all-to-all; 'auto': the measured compute time of one attention or MLP phase",
+    )  # fmt: skip
+    p.add_argument("--latency", type=float, default=0.0, help="seconds per pipeline message")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5, help="cost measurement repeats")
     p.add_argument("--img-dir", default=None)
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     cfg = model_config(args)
     load0 = os.getloadavg()[0]
-    costs = measure_costs(cfg, args.pp, args.seq, args.repeats)
+    stage_counts = sorted({2 * args.pp if s == "dualpipev" else args.pp for s in args.schedules})
+    costs = {n: measure_costs(cfg, n, args.seq, args.batch, args.repeats) for n in stage_counts}
+    torch.manual_seed(0)
+    exchanges = {n: stage_exchanges(Transformer(cfg), n) for n in stage_counts}
+    phase = phase_time(cfg, args.seq, args.batch, args.repeats)
+    latencies = [phase if v == "auto" else float(v) for v in args.a2a_latency]
+    world = args.pp * args.ep
     print(f"model: {args.preset} with {args.layers} layers, vocab {args.vocab}, {cfg.n_mtp_layers} MTP; "
-          f"{args.chunks} micro-batches of 1 x {args.seq} tokens; {args.pp} processes, 1 thread each, "
-          f"{os.cpu_count()} cores")  # fmt: skip
-    per_stage = [f"stage {s}: F {f * 1e3:.1f} B {b * 1e3:.1f} W {w * 1e3:.1f}" for s, (f, b, w) in
-                 enumerate(costs.per_stage)]  # fmt: skip
-    print("measured per-stage costs (ms, one thread): " + "; ".join(per_stage))
-    results = run_ranks(_worker, args.pp, cfg, args, timeout=300, deadline=1800)
+          f"{args.chunks} micro-batches of {args.batch} x {args.seq} tokens per pipeline; pp={args.pp} x "
+          f"ep={args.ep} = {world} processes, 1 thread each, {os.cpu_count()} cores")  # fmt: skip
+    for n, c in costs.items():
+        per_stage = [
+            f"{s}: F {f * 1e3:.1f} B {b * 1e3:.1f} W {w * 1e3:.1f}" for s, (f, b, w) in enumerate(c.per_stage)
+        ]
+        print(f"measured costs at {n} stages (ms, one thread): " + "; ".join(per_stage))
+    print(f"one attention/MLP phase: {phase * 1e3:.2f} ms ('auto' all-to-all latency)")
+    results = run_ranks(_worker, world, cfg, args, latencies, timeout=300, deadline=3600)
     load1 = os.getloadavg()[0]
-    traces = [r["traces"] for r in results]
-
+    report = table(args, costs, exchanges, latencies, results)
     print(f"\nload average (1 min) before/after: {load0:.1f} / {load1:.1f}\n")
-    print(table(args, costs, results))
+    print(report)
     if args.img_dir:
         img = Path(args.img_dir)
-        latency = max(args.latency)
+        latency = max(latencies)
+        pipeline0 = sorted((r for r in results if r["pp"] == results[0]["pp"]), key=lambda r: r["pp_rank"])
         for name in args.schedules:
-            sched = build_schedule(name, args.pp, args.chunks)
-            sim = measured_timeline(sched, [t[(name, latency)] for t in traces], costs)
-            title = (f"{name} measured on {args.pp} CPU processes ({os.cpu_count()} cores), {args.chunks} "
-                     f"micro-batches, latency {latency * 1e3:g} ms (boxes: compute, gaps: waiting)")  # fmt: skip
+            stages = 2 * args.pp if name == "dualpipev" else args.pp
+            sched = build_schedule(name, stages, args.chunks)
+            sim = measured_timeline(sched, [r["traces"][(name, latency)] for r in pipeline0], costs[stages])
+            title = (f"{name} measured, pp={args.pp} x ep={args.ep} CPU processes ({os.cpu_count()} cores), "
+                     f"{args.chunks} micro-batches, all-to-all latency {latency * 1e3:.2f} ms "
+                     "(boxes: compute, gaps: waiting)")  # fmt: skip
             print("wrote", draw_timeline(sim, img / f"pipeline-measured-{name}.png", title=title))
-        ratio = Costs(f=1.0, b=costs.b / costs.f, w=costs.w / costs.f)
+        c = costs[args.pp]
+        ratio = Costs(f=1.0, b=c.b / c.f, w=c.w / c.f)
         for name in ("1f1b", "dualpipe"):
-            sim = simulate(build_schedule(name, 16, 32), ratio, latency / costs.f)
+            sim = simulate(build_schedule(name, 16, 32), ratio, args.latency / c.f)
             title = (f"{name} simulated at PP=16, 32 micro-batches, measured cost ratios F=1 B={ratio.b:.2f} "
-                     f"W={ratio.w:.2f}, latency {latency / costs.f:.2f}: makespan {sim.makespan:.1f}, "
+                     f"W={ratio.w:.2f}, latency {args.latency / c.f:.2f}: makespan {sim.makespan:.1f}, "
                      f"bubble {sim.bubble():.1f}")  # fmt: skip
             print("wrote", draw_timeline(sim, img / f"pipeline-pp16-{name}.png", title=title))
+    return report
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ the gate and the norms already compute in FP32). Models in FP32 are left as they
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.model.layers import Submit, accumulate_grad
 from dsv3.model.moe import GroupedExperts, grouped_linear
 
 
@@ -43,40 +46,65 @@ class _LinearFn(torch.autograd.Function):
     """y = x @ w^T with FP32 arithmetic on (possibly BF16) operands; y in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, defer: Defer | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, w)
+        ctx.defer = defer
         return F.linear(_wide(x), _wide(w)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
         dy32 = _wide(dy)
-        dx = dw = None
+        dx = None
         if ctx.needs_input_grad[0]:
             dx = (dy32 @ _wide(w)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (dy32.reshape(-1, dy.shape[-1]).t() @ _wide(x).reshape(-1, x.shape[-1])).to(w.dtype)
-        return dx, dw
+
+        def wgrad() -> torch.Tensor:
+            return (dy32.reshape(-1, dy.shape[-1]).t() @ _wide(x).reshape(-1, x.shape[-1])).to(w.dtype)
+
+        return dx, _weight_grad(ctx, wgrad), None
 
 
 class _GroupedFn(torch.autograd.Function):
     """x [M, in] (rows grouped by expert) @ w [E, in, out] per group, FP32 arithmetic; -> x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, defer: Defer | None = None
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, w, offsets)
+        ctx.defer = defer
         return grouped_linear(_wide(x), _wide(w), offsets).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, offsets = ctx.saved_tensors
         dy32 = _wide(dy).contiguous()
-        dx = dw = None
+        dx = None
         if ctx.needs_input_grad[0]:
             dx = grouped_linear(dy32, _wide(w).transpose(1, 2), offsets).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _grouped_wgrad(_wide(x), dy32, offsets).to(w.dtype)
-        return dx, dw, None
+        return dx, _weight_grad(ctx, lambda: _grouped_wgrad(_wide(x), dy32, offsets).to(w.dtype)), None, None
+
+
+Defer = Callable[[Callable[[], torch.Tensor]], None]  # takes a split backward's weight-gradient work
+
+
+def _sink(submit: Submit | None, param: nn.Parameter) -> Defer | None:
+    """A Function's `defer` from a module's: the gradient work becomes work that accumulates it."""
+    if submit is None:
+        return None
+    return lambda wgrad: submit(lambda: accumulate_grad(param, wgrad()))
+
+
+def _weight_grad(ctx, wgrad: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """The weight gradient now, or None with the work handed to `ctx.defer` (a split backward,
+    dsv3.parallel.pipeline.wgrad: computed later, in the W of a zero-bubble schedule)."""
+    if not ctx.needs_input_grad[1]:
+        return None
+    if ctx.defer is None:
+        return wgrad()
+    ctx.defer(wgrad)
+    return None
 
 
 def _grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -90,8 +118,10 @@ def _grouped_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor) -> 
 class Bf16Linear(nn.Linear):
     """nn.Linear whose GEMMs run on FP32 kernels (BF16 numerics for BF16 tensors)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _LinearFn.apply(x, self.weight)
+    def forward(self, x: torch.Tensor, defer: Submit | None = None) -> torch.Tensor:
+        """`defer` (a split backward, dsv3.parallel.pipeline.wgrad): receives the work that
+        accumulates the weight's gradient instead of autograd (the bias's stays in autograd: small)."""
+        y = _LinearFn.apply(x, self.weight, _sink(defer, self.weight))
         return y if self.bias is None else y + self.bias
 
     @classmethod
@@ -102,10 +132,12 @@ class Bf16Linear(nn.Linear):
 class Bf16GroupedExperts(GroupedExperts):
     """GroupedExperts whose grouped GEMMs run on FP32 kernels (BF16 numerics for BF16 tensors)."""
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, defer: Submit | None = None) -> torch.Tensor:
+        """`defer`: as for `Bf16Linear`, for w1, w3 and w2."""
         offsets = counts.cumsum(0).to(torch.int32)
-        h = F.silu(_GroupedFn.apply(x, self.w1, offsets)) * _GroupedFn.apply(x, self.w3, offsets)
-        return _GroupedFn.apply(h, self.w2, offsets)
+        d1, d3, d2 = (_sink(defer, w) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(_GroupedFn.apply(x, self.w1, offsets, d1)) * _GroupedFn.apply(x, self.w3, offsets, d3)
+        return _GroupedFn.apply(h, self.w2, offsets, d2)
 
     @classmethod
     def from_experts(cls, experts: GroupedExperts) -> Bf16GroupedExperts:

@@ -18,19 +18,24 @@ FP32 accumulation, BF16 outputs. Shapes: M tokens (all leading dims), K in_featu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from dsv3.fp8.operand import FP8, GemmConfig, Operand, act, cache_act, mm, retile, weight
+from dsv3.model.layers import Submit, accumulate_grad
+
+Defer = Callable[[Callable[[], torch.Tensor]], None]  # takes a split backward's Wgrad work (see `linear`)
 
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig, defer: Defer | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         xq, cached = cache_act(x2, cfg)
         y = mm(xq, weight(w, cfg))  # (M, N)
-        ctx.cfg, ctx.x_shape = cfg, x.shape
+        ctx.cfg, ctx.x_shape, ctx.defer = cfg, x.shape, defer
         ctx.save_for_backward(cached.data, cached.scale, w)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
@@ -44,15 +49,27 @@ class _LinearFn(torch.autograd.Function):
             dx = mm(act(dy2, cfg, pow2=cfg.pow2_grad), weight(w, cfg).t())  # (M, K)
             dx = dx.to(dy.dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dy_t = act(dy2.t(), cfg, pow2=cfg.pow2_grad)  # (N, M), tiles along M
-            x_t = retile(Operand(data, scale), cfg, pow2=cfg.pow2_input or cfg.cache_e5m6)  # (K, M)
-            dw = mm(dy_t, x_t, torch.float32).to(w.dtype)  # (N, K)
-        return dx, dw, None
+
+            def wgrad() -> torch.Tensor:
+                dy_t = act(dy2.t(), cfg, pow2=cfg.pow2_grad)  # (N, M), tiles along M
+                x_t = retile(Operand(data, scale), cfg, pow2=cfg.pow2_input or cfg.cache_e5m6)  # (K, M)
+                return mm(dy_t, x_t, torch.float32).to(w.dtype)  # (N, K)
+
+            if ctx.defer is None:
+                dw = wgrad()
+            else:
+                ctx.defer(wgrad)  # a split backward: the weight gradient is computed later (W)
+        return dx, dw, None, None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig = FP8) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T -> [..., N] with the GEMM precision of `cfg`."""
-    return _LinearFn.apply(x, w, cfg)
+def linear(
+    x: torch.Tensor, w: torch.Tensor, cfg: GemmConfig = FP8, defer: Defer | None = None
+) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T -> [..., N] with the GEMM precision of `cfg`.
+
+    `defer` (a split backward, `dsv3.parallel.pipeline.wgrad`): the backward hands it the Wgrad
+    work (a function returning dW [N, K]) instead of running it, and returns no gradient for w."""
+    return _LinearFn.apply(x, w, cfg, defer)
 
 
 class Fp8Linear(nn.Linear):
@@ -70,8 +87,13 @@ class Fp8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.cfg = cfg
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.cfg)
+    def forward(self, x: torch.Tensor, defer: Submit | None = None) -> torch.Tensor:
+        """`defer` (a split backward, dsv3.parallel.pipeline.wgrad): receives the work that
+        accumulates the weight's gradient instead of autograd (the bias's stays in autograd: small)."""
+        sink = None
+        if defer is not None:
+            sink = lambda wgrad: defer(lambda: accumulate_grad(self.weight, wgrad()))  # noqa: E731
+        y = linear(x, self.weight, self.cfg, sink)
         return y if self.bias is None else y + self.bias
 
     @classmethod

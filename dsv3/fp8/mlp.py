@@ -20,11 +20,13 @@ weights as transposed views [1, D, I] / [1, I, D].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from dsv3.fp8.operand import FP8, GemmConfig, Operand, act, cache_act, mm, retile, weight
-from dsv3.model.layers import MLP
+from dsv3.model.layers import MLP, Submit, accumulate_grad
 from dsv3.model.moe import GroupedExperts
 
 
@@ -47,7 +49,7 @@ def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts: list[int], cfg: GemmConfig):
+    def forward(ctx, x, w1, w3, w2, counts: list[int], cfg: GemmConfig, defer):
         """x [M, D], w1/w3 [E, D, I], w2 [E, I, D] -> y [M, D]."""
         xq, x_cache = cache_act(x, cfg)
         q1, q3, q2 = weight(w1, cfg), weight(w3, cfg), weight(w2, cfg)
@@ -62,7 +64,7 @@ class _SwiGLUFn(torch.autograd.Function):
         for i, s, e in _segments(counts):
             y[s:e] = mm(_rows(h, s, e), _expert(q2, i).t())  # (Me, D)
         gq, uq = act(g, cfg), act(u, cfg)  # the SwiGLU inputs, cached in FP8 (§3.3.3)
-        ctx.cfg, ctx.counts = cfg, counts
+        ctx.cfg, ctx.counts, ctx.defer = cfg, counts, defer
         ctx.save_for_backward(x_cache.data, x_cache.scale, gq.data, gq.scale, uq.data, uq.scale, w1, w3, w2)
         return y.to(x.dtype)
 
@@ -84,19 +86,28 @@ class _SwiGLUFn(torch.autograd.Function):
         dg = dh * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg = sig * (1 + g (1 - sig))
         dgq, duq = act(dg, cfg), act(du, cfg)
         dx = dy.new_zeros(dy.shape[0], w1.shape[1], dtype=torch.float32)
-        dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w3), torch.zeros_like(w2)
-        x_pow2 = cfg.pow2_input or cfg.cache_e5m6
-        for i, s, e in _segments(ctx.counts):
-            # Dgrad: both products accumulate in FP32, the sum is rounded once
+        segments = _segments(ctx.counts)
+        for i, s, e in segments:  # Dgrad: both products accumulate in FP32, the sum is rounded once
             dx[s:e] = mm(_rows(dgq, s, e), _expert(q1, i), torch.float32)
             dx[s:e] += mm(_rows(duq, s, e), _expert(q3, i), torch.float32)
-            # Wgrad: every operand re-tiled along this expert's rows (128x1 tiles)
-            x_t = retile(_rows(x_cache, s, e), cfg, pow2=x_pow2)  # (D, Me)
-            dw1[i] = mm(x_t, act(dg[s:e].t(), cfg), torch.float32)  # x^T dg: (D, I)
-            dw3[i] = mm(x_t, act(du[s:e].t(), cfg), torch.float32)
-            dy_t = act(dy[s:e].t(), cfg, pow2=cfg.pow2_grad)  # (D, Me)
-            dw2[i] = mm(act(h[s:e].t(), cfg), dy_t, torch.float32)  # h^T dy: (I, D)
-        return dx.bfloat16().to(dy.dtype), dw1, dw3, dw2, None, None
+
+        def wgrad() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w3), torch.zeros_like(w2)
+            x_pow2 = cfg.pow2_input or cfg.cache_e5m6
+            for i, s, e in segments:  # every operand re-tiled along this expert's rows (128x1 tiles)
+                x_t = retile(_rows(x_cache, s, e), cfg, pow2=x_pow2)  # (D, Me)
+                dw1[i] = mm(x_t, act(dg[s:e].t(), cfg), torch.float32)  # x^T dg: (D, I)
+                dw3[i] = mm(x_t, act(du[s:e].t(), cfg), torch.float32)
+                dy_t = act(dy[s:e].t(), cfg, pow2=cfg.pow2_grad)  # (D, Me)
+                dw2[i] = mm(act(h[s:e].t(), cfg), dy_t, torch.float32)  # h^T dy: (I, D)
+            return dw1, dw3, dw2
+
+        dws: tuple[torch.Tensor | None, ...] = (None, None, None)
+        if ctx.defer is None:
+            dws = wgrad()
+        else:
+            ctx.defer(wgrad)  # a split backward: the weight gradients are computed later (W)
+        return dx.bfloat16().to(dy.dtype), *dws, None, None, None
 
 
 def swiglu_experts(
@@ -106,14 +117,19 @@ def swiglu_experts(
     w2: torch.Tensor,
     counts: list[int],
     cfg: GemmConfig = FP8,
+    defer: Callable[[Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None] | None = None,
 ) -> torch.Tensor:
     """x [M, D] (rows grouped by expert, counts[i] rows for expert i), w1/w3 [E, D, I], w2 [E, I, D]
-    -> [M, D]: each expert's SwiGLU MLP with the GEMM precision of `cfg`."""
+    -> [M, D]: each expert's SwiGLU MLP with the GEMM precision of `cfg`.
+
+    `defer` (a split backward, `dsv3.parallel.pipeline.wgrad`): the backward hands it the Wgrad
+    work (a function returning dW1, dW3, dW2, shaped like w1, w3, w2) instead of running it, and
+    returns no gradients for the weights."""
     if sum(counts) != x.shape[0] or len(counts) != w1.shape[0]:
         raise ValueError(
             f"counts: {len(counts)} experts / {sum(counts)} rows for x {tuple(x.shape)}, w1 {tuple(w1.shape)}"
         )
-    return _SwiGLUFn.apply(x, w1, w3, w2, counts, cfg)
+    return _SwiGLUFn.apply(x, w1, w3, w2, counts, cfg, defer)
 
 
 class Fp8MLP(MLP):
@@ -129,10 +145,22 @@ class Fp8MLP(MLP):
         new.cfg = cfg
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, defer: Submit | None = None) -> torch.Tensor:
+        """`defer`: as for `Fp8GroupedExperts` (each gradient back to its nn.Linear's layout)."""
         x2 = x.reshape(-1, x.shape[-1])  # (M, D)
-        w1, w3, w2 = (lin.weight.t()[None] for lin in (self.gate_proj, self.up_proj, self.down_proj))
-        return swiglu_experts(x2, w1, w3, w2, [x2.shape[0]], self.cfg).view_as(x)
+        lins = (self.gate_proj, self.up_proj, self.down_proj)
+        w1, w3, w2 = (lin.weight.t()[None] for lin in lins)
+        sink = None
+        if defer is not None:
+
+            def sink(wgrad):
+                def run() -> None:
+                    for lin, g in zip(lins, wgrad()):  # g [1, in, out] of the weight's transposed view
+                        accumulate_grad(lin.weight, g[0].t())
+
+                defer(run)
+
+        return swiglu_experts(x2, w1, w3, w2, [x2.shape[0]], self.cfg, sink).view_as(x)
 
     def extra_repr(self) -> str:
         return f"cfg={self.cfg}"
@@ -151,8 +179,21 @@ class Fp8GroupedExperts(GroupedExperts):
         new.cfg = cfg
         return new
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return swiglu_experts(x, self.w1, self.w3, self.w2, counts.tolist(), self.cfg)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, defer: Submit | None = None) -> torch.Tensor:
+        """`defer` (a split backward, dsv3.parallel.pipeline.wgrad): receives the work that
+        accumulates the three weights' gradients instead of autograd."""
+        sink = None
+        if defer is not None:
+            ws = (self.w1, self.w3, self.w2)
+
+            def sink(wgrad):
+                def run() -> None:
+                    for w, g in zip(ws, wgrad()):
+                        accumulate_grad(w, g)
+
+                defer(run)
+
+        return swiglu_experts(x, self.w1, self.w3, self.w2, counts.tolist(), self.cfg, sink)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.w1.shape)}, cfg={self.cfg}"

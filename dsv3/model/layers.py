@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,3 +35,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+Submit = Callable[[Callable[[], None]], None]  # takes work to run now or later (a split backward)
+
+
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """param.grad += grad, as autograd accumulates (a deferred weight gradient, computed outside it)."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)

@@ -185,10 +185,12 @@ class MoECall:
     `tensors()` / `map_tensors()` walk every tensor of the state (not `balance`, a loss term) in a
     fixed order, the dispatch plan's included.
 
-    The asynchronous seam: an expert-parallel `dispatch` may start its all-to-all and leave the work
-    handle in `pending` instead of waiting; `run_experts` then calls `wait_dispatch()` first, which
-    waits and lets the subclass finish filling `rows` (so the other chunk's computation can run
-    between the two halves). The same holds for `combine`'s all-to-all and a later wait.
+    The asynchronous seam (`MoE.start_dispatch` / `start_combine`, used by the pipeline's phases):
+    an expert-parallel MoE may start its dispatch all-to-all and leave in `pending` the function
+    that finishes it; `run_experts` then calls `wait_dispatch()` first, which calls it on the call
+    it is given (a phase boundary may have copied the call, cutting its tensors: the wait must use
+    the copy's), so that the other chunk's computation runs between the two halves. Likewise
+    `start_combine` may leave the combine all-to-all in flight and `finish_combine` wait for it.
     """
 
     shape: torch.Size  # the input's [B, T, D]
@@ -202,7 +204,7 @@ class MoECall:
     row_counts: torch.Tensor | None = None  # [E or El] rows per expert of `rows`
     order: torch.Tensor | None = None  # [M] token-copy ids sorted by expert (the source's sort)
     plan: dict[str, Any] = field(default_factory=dict)  # a subclass's dispatch plan (split sizes, ...)
-    pending: Callable[[], None] | None = None  # completes an asynchronous dispatch (see above)
+    pending: Callable[[MoECall], None] | None = None  # completes an asynchronous dispatch (see above)
     out: torch.Tensor | None = None  # [S, D] expert outputs, in the order of `rows`
     shared: torch.Tensor | None = None  # [N, D] the shared experts' output
 
@@ -222,7 +224,7 @@ class MoECall:
     def wait_dispatch(self) -> None:
         if self.pending is not None:
             done, self.pending = self.pending, None
-            done()
+            done(self)
 
 
 class MoE(nn.Module):
@@ -299,6 +301,20 @@ class MoE(nn.Module):
         N, K = call.indices.shape
         y = torch.empty_like(call.out).index_copy_(0, call.order, call.out).view(N, K, -1)
         return self.add_shared(call, combine(call.weights, y))
+
+    # ---- the asynchronous halves (pipeline phases; `forward` uses the synchronous ones above) ----------
+    def start_dispatch(self, call: MoECall) -> None:
+        """`dispatch`, possibly left in flight (`call.pending`; `run_experts` waits). Here: no
+        communication, so it is `dispatch`."""
+        self.dispatch(call)
+
+    def start_combine(self, call: MoECall) -> None:
+        """Start what `combine` sends (expert parallelism: the all-to-all back); `finish_combine`
+        returns the layer's output. Here nothing is sent: all the work is in `finish_combine`."""
+
+    def finish_combine(self, call: MoECall) -> torch.Tensor:
+        """The layer's output [B, T, D] once `start_combine`'s exchange has arrived."""
+        return self.combine(call)
 
     def add_shared(self, call: MoECall, routed: torch.Tensor) -> torch.Tensor:
         """routed [N, D] + the shared experts' output -> the layer's output [B, T, D]."""

@@ -92,6 +92,8 @@ class CommStats:
 
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     calls: int = 0
+    exchanges: int = 0  # dispatch/combine exchanges (and their gradients') issued: not "meta"
+    waited: float = 0.0  # seconds blocked finishing them (the injected latency included)
 
     def add(self, what: str, scope: str, n: int) -> None:
         self.sent[f"{what}.{scope}"] += n
@@ -106,6 +108,7 @@ class CommStats:
     def reset(self) -> None:
         self.sent.clear()
         self.calls = 0
+        self.exchanges, self.waited = 0, 0.0
 
 
 @dataclass
@@ -208,6 +211,7 @@ class _InFlight:
 
     def finish(self) -> torch.Tensor:
         """Wait (bounded by the link's timeout; a failed peer raises PeerFailure) and decode."""
+        start = time.perf_counter()
         if self.work is not None:
             work, self.work = self.work, None
             # On CPU (gloo) the wait blocks this thread: bound it by the link's timeout. On CUDA a
@@ -220,6 +224,8 @@ class _InFlight:
             )
         self.payload = None  # sent: the buffer may go
         _sleep_until(self.ready_at)  # the injected latency not yet hidden behind other work
+        if self.what != "meta":
+            self.link.stats.waited += time.perf_counter() - start
         return _decode(self.out, self.wire, self.width, self.dtype)
 
 
@@ -238,11 +244,16 @@ def _issue(
     link.count(what, send, _row_bytes(payload))
     ready_at = time.monotonic() + link.delay(what)
     label = f"all-to-all ({what})" + (" start" if async_op else "")
+    start = time.perf_counter()
     work = link.run(
         label, lambda: dist.all_to_all_single(out, payload, recv, send, group=link.group, async_op=async_op)
     )
+    if what != "meta":
+        link.stats.exchanges += 1
     if not async_op:  # a blocking exchange returns complete: the injected latency is paid here
         _sleep_until(ready_at)
+        if what != "meta":
+            link.stats.waited += time.perf_counter() - start
     return _InFlight(work, payload, out, wire, x.shape[-1], x.dtype, link, what, ready_at)
 
 

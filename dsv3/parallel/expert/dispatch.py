@@ -19,6 +19,12 @@ Two hops (§3.2.2): IB traffic is what limits V3, and a token needs each node on
      and only this per-node partial sum crosses nodes on the way back; the source adds the nodes.
 So with node-limited routing each token crosses the network at most M times each way, whatever K.
 
+Asynchronous one hop (what DualPipe's F&B overlaps, paper §3.2.1): `one_hop_start_dispatch`
+starts the rows' all-to-all (`comm.start_all_to_all`) and returns the plan with the exchange in
+flight (`plan["pending"]`, its autograd token `plan["token"]`); `one_hop_finish_dispatch` waits and
+groups the rows by local expert. `one_hop_start_combine` / `one_hop_finish_combine` do the same for
+the way back. Values and gradients equal the synchronous functions'. (Two hops stay synchronous.)
+
 Each scheme is two halves, `*_dispatch` (up to the rows this rank's experts receive, grouped by
 local expert: what the grouped GEMM reads) and `*_combine` (from the experts' outputs back to the
 routed output at the source), so that the MoE's `dispatch` and `combine` (`ExpertParallelMoE`) are
@@ -47,6 +53,7 @@ from dsv3.parallel.comm import (
     exchange_counts,
     exchange_rows,
     reduce_scatter_rows,
+    start_all_to_all,
 )
 
 
@@ -148,6 +155,55 @@ def one_hop_combine(
     y_back = all_to_all(y_recv, plan["recv"], plan["send"], link, combine_wire, combine_wire, "combine")
     y = torch.empty_like(y_back).index_copy(0, plan["order"], y_back).view(N, K, -1)  # token order
     return combine(weights, y)  # weighted and summed at the source
+
+
+def one_hop_start_dispatch(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    placement: Placement,
+    link: Link,
+    dispatch_wire: str = "same",
+    combine_wire: str = "same",
+) -> dict:
+    """`one_hop_dispatch` up to the rows' all-to-all, which is left in flight: x [N, D], indices
+    [N, K] -> the plan, with "pending" (the exchange) and "token" (its autograd link: a phase
+    boundary cuts it like any tensor of the plan). The counts exchange before it is synchronous."""
+    K = indices.shape[1]
+    R, El = placement.ranks, placement.local_experts
+    flat = indices.flatten()  # (N*K,)
+    order = flat.argsort(stable=True)
+    send_counts = torch.bincount(flat, minlength=placement.n_experts).view(R, El)
+    recv_counts = exchange_counts(send_counts, link)  # (R, El)
+    send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+    pending = start_all_to_all(x[order // K], send, recv, link, dispatch_wire, combine_wire, "dispatch")
+    perm = by_local_expert(recv_counts)
+    return {
+        "order": order, "perm": perm, "send": send, "recv": recv, "row_counts": recv_counts.sum(dim=0),
+        "pending": pending, "token": pending.token,
+    }  # fmt: skip
+
+
+def one_hop_finish_dispatch(plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wait for the dispatch of `plan` (through its possibly cut "token") -> (rows [S, D] grouped by
+    local expert, rows per local expert [El])."""
+    x_recv = plan["pending"].wait(plan["token"])
+    return x_recv[plan["perm"]], plan["row_counts"]
+
+
+def one_hop_start_combine(out: torch.Tensor, plan: dict, link: Link, combine_wire: str = "same"):
+    """Expert outputs out [S, D] -> the exchange back in flight (a `comm.Pending`)."""
+    y_recv = torch.empty_like(out).index_copy(0, plan["perm"], out)  # back to received order
+    return start_all_to_all(y_recv, plan["recv"], plan["send"], link, combine_wire, combine_wire, "combine")
+
+
+def one_hop_finish_combine(
+    pending, token: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
+) -> torch.Tensor:
+    """Wait for the combine exchange (through `token`), weights [N, K] -> routed [N, D]."""
+    N, K = weights.shape
+    y_back = pending.wait(token)
+    y = torch.empty_like(y_back).index_copy(0, order, y_back).view(N, K, -1)  # token order
+    return combine(weights, y)
 
 
 def two_hop_dispatch(

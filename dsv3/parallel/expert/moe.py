@@ -32,6 +32,10 @@ from dsv3.parallel.expert.dispatch import (
     nodes_per_token,
     one_hop_combine,
     one_hop_dispatch,
+    one_hop_finish_combine,
+    one_hop_finish_dispatch,
+    one_hop_start_combine,
+    one_hop_start_dispatch,
     two_hop_combine,
     two_hop_dispatch,
 )
@@ -147,6 +151,43 @@ class ExpertParallelMoE(MoE):
             routed = one_hop_combine(call.out, call.weights, call.plan, ep.ep, ep.combine_wire)
         return self.add_shared(call, routed)
 
+    # ---- asynchronous (one hop; two hops fall back to the synchronous halves) ---------------------
+    def start_dispatch(self, call: MoECall) -> None:
+        """Start the dispatch all-to-all and leave it in flight: `run_experts` waits for it
+        (`call.pending`), so another micro-batch's computation can run in between."""
+        if self.ep.two_hop:
+            self.dispatch(call)
+            return
+        ep = self.ep
+        fan_out = nodes_per_token(call.indices, ep.placement)
+        self.last_max_nodes = int(fan_out.max()) if fan_out.numel() else 0
+        call.plan = one_hop_start_dispatch(
+            call.x, call.indices, ep.placement, ep.ep, ep.dispatch_wire, ep.combine_wire
+        )
+        call.order = call.plan["order"]
+        call.pending = self._finish_dispatch
+
+    @staticmethod
+    def _finish_dispatch(call: MoECall) -> None:
+        call.rows, call.row_counts = one_hop_finish_dispatch(call.plan)
+
+    def start_combine(self, call: MoECall) -> None:
+        """Start the all-to-all back (one hop), in flight until `finish_combine`. The pending
+        exchange and its token go into `call.plan`: fill a copy of the call and of its plan."""
+        if self.ep.two_hop:
+            return
+        pending = one_hop_start_combine(call.out, call.plan, self.ep.ep, self.ep.combine_wire)
+        call.plan = {**call.plan, "combine_pending": pending, "combine_token": pending.token}
+
+    def finish_combine(self, call: MoECall) -> torch.Tensor:
+        if "combine_pending" not in call.plan:
+            return self.combine(call)
+        plan = call.plan
+        routed = one_hop_finish_combine(
+            plan["combine_pending"], plan["combine_token"], call.weights, plan["order"]
+        )
+        return self.add_shared(call, routed)
+
     def extra_repr(self) -> str:
         first, n = self.ep.index * self.ep.placement.local_experts, self.ep.placement.local_experts
         return f"experts {first}..{first + n - 1} of {self.n_experts}"
@@ -171,8 +212,13 @@ class AllGatherMoE(ExpertParallelMoE):
 
 
 def parallelize_experts(model: nn.Module, ep: ExpertParallel) -> list[str]:
-    """Swap every MoE of `model` (in place) for an ExpertParallelMoE; returns their module names."""
-    names = [name for name, m in model.named_modules() if isinstance(m, MoE)]
+    """Swap every MoE of `model` (in place) for an ExpertParallelMoE; returns their module names.
+    Idempotent: MoEs that are already expert-parallel are left as they are."""
+    names = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, MoE) and not isinstance(m, ExpertParallelMoE)  # already parallel: kept
+    ]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

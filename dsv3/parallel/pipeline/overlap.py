@@ -11,16 +11,23 @@ all-to-alls of expert parallelism) sits next to a computation phase of the other
 fetches its output gradient only at its first phase, while the forward's attention computes, and
 each half sends its result the moment its last phase ends (asynchronous isend).
 
-What overlaps on this CPU build: the pipeline's point-to-point transfers. gloo's isend/irecv run on
-its transport threads, so a sent activation travels while the other half computes, and receives
-posted ahead fill while this rank computes. Inside a stage nothing is communicated here (the MoE
-is single-device, its dispatch and combine are local permutations), so the phase interleaving
-only fixes the order. With expert parallelism the dispatch/combine phases would start their
-all-to-all asynchronously (`async_op=True`; gloo runs collectives on worker threads, NCCL on a
-separate stream, DeepEP with dedicated SMs) and the next phase of the same micro-batch would wait
-for it, after the other micro-batch's compute phase has run in between. On GPUs, the computation
-of the two halves also overlaps at the kernel level only through such streams; on CPU the two
-halves' compute runs one after the other.
+What overlaps: with expert parallelism in the stage (`PipelineRunner(ep=...)`), the dispatch and
+combine phases start their all-to-all (`comm.start_all_to_all`, `async_op=True`) and return; the
+micro-batch's next phase waits for it, after the other half's step has run in between (`phases.py`).
+In the backward, the phase whose forward waited starts the reverse exchange and the comm phase
+before it waits for it, so the gradients' all-to-alls overlap the same way. On gloo (this CPU
+build) an exchange runs on gloo's worker threads while this thread computes the other half, so an
+all-to-all's time (the injected `Link.latency` of the tests and the benchmark, or a real network's)
+is hidden behind the other micro-batch's computation; on NCCL it would run on its own stream (with
+DeepEP, on dedicated SMs), and the two halves' kernels would also overlap with each other, which
+on a CPU they do not (the two halves' computation runs one after the other on this thread).
+The pipeline's point-to-point transfers overlap too: gloo's isend/irecv run on its transport
+threads, so a sent activation travels while the other half computes, and receives posted ahead
+fill while this rank computes. Without expert parallelism the dispatch and combine are local
+permutations and the interleaving only fixes the order.
+
+Every rank of an EP group runs the same pairs in the same phase order (the order depends on the
+schedule only, never on timing), so their collectives are issued in the same order.
 """
 
 from __future__ import annotations

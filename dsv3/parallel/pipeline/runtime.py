@@ -38,6 +38,8 @@ from torch import nn
 
 from dsv3 import paper
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.comm import CommStats
+from dsv3.parallel.expert.moe import ExpertParallel, ExpertParallelMoE, parallelize_experts
 from dsv3.parallel.pipeline.comm import ACTIVATION, GRADIENT, P2P, exchange_sum, message_tag
 from dsv3.parallel.pipeline.overlap import run_pair
 from dsv3.parallel.pipeline.phases import PhasedPass, StagePass
@@ -60,8 +62,15 @@ class OpTime:
 
     start: float
     end: float
-    wait: float  # blocked on receives inside the op: end - start - wait is its compute
+    wait: float  # blocked on pipeline receives inside the op
     op: Op
+    comm_wait: float = 0.0  # blocked finishing expert-parallel all-to-alls (injected latency included)
+    exchanges: int = 0  # expert-parallel dispatch/combine all-to-alls the op issued (their grads too)
+
+    @property
+    def compute(self) -> float:
+        """Seconds the op computed: its time less both kinds of waiting."""
+        return self.end - self.start - self.wait - self.comm_wait
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,18 @@ class PipelineRunner:
     stages `schedule` puts on this rank (`self.module`, what the optimizer should see) and routes
     their work. A later trainer may build only those stages (meta device) to save memory.
     Schedules with I/W (ZB1P, DualPipe, DualPipeV) route the stages' linear and expert layers
-    through `wgrad` (same results outside a split backward; `restore_weight_grads` undoes it).
+    (plain, FP8; grouped experts too) through `wgrad` (same results outside a split backward;
+    `restore_weight_grads` undoes it).
+
+    Expert parallelism inside a stage: `ep` (its group: the ranks that hold the same stage in the
+    pipelines of a pp x ep layout, `Mesh` group "ep"; `group` is then the "pp" group) swaps the
+    MoEs of this rank's stages for `ExpertParallelMoE` (a model whose MoEs are already expert
+    parallel works without it). Every pipeline of the EP group runs the same schedule on its own
+    tokens, so their all-to-alls line up. In F&B pairs the dispatch and combine all-to-alls are
+    started in one phase and waited for in the micro-batch's next one, after a phase of the other
+    micro-batch (`phases.py`, `overlap.py`); overlap=False waits at once (the reference). The
+    replicated weights' gradients are this pipeline's only: the caller reduces them over the
+    stage's data-parallel ranks (the "stage" group) as for any data parallelism.
     """
 
     def __init__(
@@ -95,6 +115,8 @@ class PipelineRunner:
         latency: float = 0.0,
         lookahead: int = 2,
         phased: bool | None = None,
+        ep: ExpertParallel | None = None,
+        overlap: bool = True,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"lookahead: must be >= 0 ops, got {lookahead}")
@@ -103,6 +125,7 @@ class PipelineRunner:
         num_stages = 2 * world if schedule == "dualpipev" else world
         self.schedule: Schedule = build_schedule(schedule, num_stages, chunks)
         self._check_agreement(model)
+        self.ep, self.overlap = ep, overlap
         cfg = model.config
         self.layout = split_layers(cfg.n_layers, cfg.n_mtp_layers, num_stages)
         self.lookahead, self.dim = lookahead, cfg.dim
@@ -111,6 +134,8 @@ class PipelineRunner:
             for d in self._directions():
                 if self.schedule.rank_of(s, d) == self.rank:
                     stage = PipelineStage(model, s, self.layout, mtp_lambda, balance_alpha)
+                    if ep is not None:
+                        parallelize_experts(stage, ep)  # in place: the model's blocks are the stage's
                     self.chunks[self.schedule.chunk_of(s, d)] = stage
         self.module = nn.ModuleList(self.chunks[c] for c in sorted(self.chunks))
         # phase by phase where F&B pairs interleave two passes (DualPipe, DualPipeV), else whole stages
@@ -120,6 +145,7 @@ class PipelineRunner:
         self.store = WeightGradStore()
         if self.schedule.split_backward:
             defer_weight_grads(self.module, self.store)
+        self._comm = self._comm_stats()
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._moe_names = {id(m): n for n, m in model.named_modules() if m in set(self._local_moe())}
         self._holders = self._parameter_holders(model)
@@ -144,6 +170,13 @@ class PipelineRunner:
                 for r, s in enumerate(seen)
             )
             raise ValueError(f"PipelineRunner: ranks disagree on the schedule or the model: {per_rank}")
+
+    def _comm_stats(self) -> CommStats:
+        """The counters of this rank's expert-parallel exchanges (a fresh, unused one without EP)."""
+        for m in self._local_moe():
+            if isinstance(m, ExpertParallelMoE):
+                return m.ep.stats
+        return CommStats()
 
     def _local_moe(self) -> list[nn.Module]:
         return [m for st in self.module for m in st.moe_layers()]
@@ -171,11 +204,21 @@ class PipelineRunner:
         for i, op in enumerate(ops):
             self._post_receives([t for o in ops[i : i + 1 + self.lookahead] for t in o.tasks])
             start, waited = time.time(), self.p2p.waited
+            comm_waited, exchanges = self._comm.waited, self._comm.exchanges
             if len(op.tasks) == 2:
                 run_pair(self, *op.tasks)  # F&B
             else:
                 self.run_task(op.tasks[0])
-            self.trace.append(OpTime(start, time.time(), self.p2p.waited - waited, op))
+            self.trace.append(
+                OpTime(
+                    start,
+                    time.time(),
+                    self.p2p.waited - waited,
+                    op,
+                    self._comm.waited - comm_waited,
+                    self._comm.exchanges - exchanges,
+                )
+            )
         self.p2p.finish()
         if self._saved or self.store.pending():
             raise RuntimeError(f"rank {self.rank}: state left after the step: {list(self._saved)}")
@@ -260,6 +303,8 @@ class PipelineRunner:
     def begin_forward(self, task: Task) -> StagePass:
         stage = self._stage(task)
         x = None if stage.is_first else self._receive(task).requires_grad_()
+        if self._pass_cls is PhasedPass:
+            return PhasedPass(stage, x, self._mbs[task.mb], self.overlap)
         return self._pass_cls(stage, x, self._mbs[task.mb])
 
     def end_forward(self, task: Task, p: StagePass) -> None:
@@ -344,12 +389,28 @@ class PipelineRunner:
         return StepLoss(*(float(v) for v in parts))
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip by the norm of the whole model's gradient (each shared weight counted once); returns it."""
+        """Clip by the norm of the whole model's gradient (each shared weight counted once); returns it.
+        With expert parallelism the experts' shards are summed over the EP group; the replicated
+        weights' gradients must have been reduced over the stage's data-parallel ranks first."""
+        experts = {
+            id(p): m.ep.ep.group
+            for m in self._local_moe()
+            if isinstance(m, ExpertParallelMoE)
+            for p in m.experts.parameters()
+        }
         sq = torch.zeros((), dtype=torch.float64)
+        sq_experts = torch.zeros((), dtype=torch.float64)
         for p in self.module.parameters():
             if p.grad is not None:
                 copies = len(self._holders[self._names[id(p)]])
-                sq += p.grad.double().pow(2).sum() / copies
+                term = p.grad.double().pow(2).sum() / copies
+                if id(p) in experts:
+                    sq_experts += term
+                else:
+                    sq += term
+        if experts:  # every rank of an EP group holds the same stages, so all of them get here
+            dist.all_reduce(sq_experts, group=next(iter(experts.values())))
+        sq += sq_experts
         dist.all_reduce(sq, group=self.group)
         norm = float(sq.sqrt())
         coef = max_norm / (norm + 1e-6)

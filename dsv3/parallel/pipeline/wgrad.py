@@ -5,21 +5,25 @@ for, and dW = dy^T x, which nobody waits for until the optimizer step. Zero-bubb
 (ZB1P, the tail of DualPipe) run the first at once and defer the second to fill a bubble.
 
 How: `defer_weight_grads(module, store)` gives every plain `nn.Linear` and every `GroupedExperts`
-(the routed experts' grouped GEMMs) of `module` a forward through the autograd functions below.
-Their backward always returns dx, never dW; it hands the dW work to `store.submit` as a closure
-over (x, dy). Outside `store.deferring(key)` the closure runs immediately, so a full backward (B)
+(the routed experts' grouped GEMMs; an expert-parallel MoE's shard is one too) of `module` a
+forward through the autograd functions below, and every FP8 or BF16-on-FP32 GEMM module
+(`Fp8Linear`, `Fp8MLP`, `Fp8GroupedExperts`, `Bf16Linear`, `Bf16GroupedExperts`) its own forward
+with `defer=store.submit` (their Functions split Dgrad from Wgrad the same way). Their backward
+always returns dx, never dW; it hands the dW work to `store.submit` as a closure over what Wgrad
+reads (x and dy; FP8: the cached FP8 operands). Outside `store.deferring(key)` the closure runs immediately, so a full backward (B)
 is unchanged; inside, the closures are kept under `key` and `store.run(key)` runs them later (W),
 accumulating into `weight.grad` as autograd would. Keeping (x, dy) alive until W is the memory
 cost of deferral: a micro-batch stays "in flight" until its W (DESIGN §5's activation column).
 
 Not deferred (autograd computes them during I, they are small): RMSNorm weights, the router's gate
-weight, the embedding, and layers of other types (e.g. `Fp8Linear`, which has its own backward).
+weight, the embedding, biases of the FP8/BF16 linears, and layers of other types.
 
 Shapes: M tokens (all leading dims flattened), K in features, N out features, E experts.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.model.layers import accumulate_grad
 from dsv3.model.moe import GroupedExperts, grouped_linear
 
 
@@ -71,13 +76,6 @@ class WeightGradStore:
         return list(self._pending)
 
 
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
-
-
 class _LinearFn(torch.autograd.Function):
     """y = x W^T (+ b); backward returns dx and submits dW (and db) to the store."""
 
@@ -98,9 +96,9 @@ class _LinearFn(torch.autograd.Function):
             def weight_grad() -> None:
                 dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, N), (M, K)
                 if ctx.needs_input_grad[1]:
-                    _accumulate(weight, dy2.t() @ x2)  # (N, K)
+                    accumulate_grad(weight, dy2.t() @ x2)  # (N, K)
                 if bias is not None:
-                    _accumulate(bias, dy2.sum(0))
+                    accumulate_grad(bias, dy2.sum(0))
 
             ctx.store.submit(weight_grad)
         return dx, None, None, None
@@ -130,7 +128,9 @@ class _GroupedLinearFn(torch.autograd.Function):
         weight = ctx.weight
         dx = grouped_linear(dy, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
-            ctx.store.submit(lambda: _accumulate(weight, _grouped_weight_grad(x, dy, offsets)))  # (E, K, N)
+            ctx.store.submit(
+                lambda: accumulate_grad(weight, _grouped_weight_grad(x, dy, offsets))
+            )  # (E, K, N)
         return dx, None, None, None
 
 
@@ -147,21 +147,34 @@ def _experts_forward(self: GroupedExperts, x: torch.Tensor, counts: torch.Tensor
     return _GroupedLinearFn.apply(F.silu(gate) * up, self.w2, offsets, store)  # (M, D)
 
 
+def _deferring_classes() -> tuple[type, ...]:
+    """GEMM modules whose forward takes `defer` (imported here: the FP8 package is optional work)."""
+    from dsv3.bf16 import Bf16GroupedExperts, Bf16Linear
+    from dsv3.fp8.linear import Fp8Linear
+    from dsv3.fp8.mlp import Fp8GroupedExperts, Fp8MLP
+
+    return (Fp8Linear, Fp8MLP, Fp8GroupedExperts, Bf16Linear, Bf16GroupedExperts)
+
+
 def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> int:
-    """Route the weight gradients of every plain nn.Linear and GroupedExperts in `module` through
-    `store`; returns how many layers were changed. Idempotent; subclasses (FP8) are left alone."""
+    """Route the weight gradients of every GEMM layer in `module` (plain nn.Linear, GroupedExperts,
+    their FP8 and BF16 versions) through `store`; returns how many layers were changed. Idempotent."""
     changed = 0
+    own = _deferring_classes()
     for m in module.modules():
+        if getattr(m, "_wgrad_store", None) is store:
+            continue
         if type(m) is nn.Linear:
-            patched = _linear_forward
+            patched = types.MethodType(_linear_forward, m)
         elif type(m) is GroupedExperts:
-            patched = _experts_forward
+            patched = types.MethodType(_experts_forward, m)
+        elif type(m) in own:
+            patched = functools.partial(type(m).forward, m, defer=store.submit)
         else:
             continue
-        if getattr(m, "_wgrad_store", None) is not store:
-            m._wgrad_store = store
-            m.forward = types.MethodType(patched, m)  # instance attribute: the class stays untouched
-            changed += 1
+        m._wgrad_store = store
+        m.forward = patched  # instance attribute: the class stays untouched
+        changed += 1
     return changed
 
 
