@@ -138,6 +138,7 @@ def test_build_name_covers_the_flags_and_the_torch_version():
     assert name == cpu_kernels.build_name(src)
     assert name != cpu_kernels.build_name(src, cflags=("-O2", "-mavx2", "-mfma"))
     assert name != cpu_kernels.build_name(src, torch_version=torch.__version__ + "+other")
+    assert name != cpu_kernels.build_name(src, ldflags=())  # e.g. built without OpenMP
     assert name != cpu_kernels.build_name(src + b" ")
 
 

@@ -14,7 +14,9 @@ the bytes again. So this module offers three operations with one contract and tw
 x, out and the activations are FP32; w may be FP32 or BF16 (widened to FP32 when loaded, which is
 exact), accumulation is FP32, so a BF16 weight gives the same products as its FP32 copy.
 
-`Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA, one thread), compiled on first use by
+`Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA; the output columns of a product, and
+the heads of the attention, split across torch's intra-op threads through at::parallel_for, with
+results independent of the thread count), compiled on first use by
 torch.utils.cpp_extension into torch's extension cache (~30 s once per machine; set
 DSV3_NATIVE_KERNELS=0 to skip it). The extension's name, and so its build directory in that cache,
 carries a hash of the source, the compiler flags and the torch version (`build_name`): torch keys
@@ -43,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
-CFLAGS = ("-O3", "-mavx2", "-mfma")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
+LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the runtime torch has already loaded (one thread pool)
 BASE_NAME = "dsv3_few_rows"
 
 
@@ -122,13 +125,17 @@ def _ninja_on_path() -> None:
 
 
 def build_name(
-    source: bytes, cflags: tuple[str, ...] = CFLAGS, torch_version: str = torch.__version__
+    source: bytes,
+    cflags: tuple[str, ...] = CFLAGS,
+    torch_version: str = torch.__version__,
+    ldflags: tuple[str, ...] = LDFLAGS,
 ) -> str:
-    """The extension name for this source, these flags and this torch: `dsv3_few_rows_<hash>`.
+    """The extension name for this source, these compiler / linker flags and this torch:
+    `dsv3_few_rows_<hash>`.
     Everything that changes the built library goes into the hash, so a build is reused exactly
     when it is the same build (a valid Python identifier: the name is the module's PyInit_ symbol)."""
     h = hashlib.sha256()
-    for part in (source, "\0".join(cflags).encode(), torch_version.encode()):
+    for part in (source, "\0".join(cflags).encode(), torch_version.encode(), "\0".join(ldflags).encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return f"{BASE_NAME}_{h.hexdigest()[:16]}"
@@ -187,6 +194,7 @@ def kernels(native: bool = True) -> Kernels:
                         name,
                         [str(SOURCE)],
                         extra_cflags=list(CFLAGS),
+                        extra_ldflags=list(LDFLAGS),
                         build_directory=str(directory),
                         verbose=False,
                     )
