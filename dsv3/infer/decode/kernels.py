@@ -112,6 +112,36 @@ def _unavailable() -> str | None:
     return None
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what kernel choice reads
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """The flags of CPU_FLAGS this CPU has, from /proc/cpuinfo's first `flags` line (or the given
+    text); empty where there is no such file (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def describe_cpu() -> str:
+    """One line naming the CPU, its vector extensions and torch's view of them (benchmark headers)."""
+    name = "unknown CPU"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                name = ln.partition(":")[2].strip()
+                break
+    except OSError:
+        name = platform.processor() or name
+    flags = " ".join(cpu_flags()) or "no flags read"
+    return f"{name}; flags: {flags}; torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _ninja_on_path() -> None:
     """torch's extension builder runs `ninja` from PATH; the pip package's copy is not there when
     the virtual environment is not activated."""

@@ -220,9 +220,25 @@ void product(const float* const* x, int64_t M, const torch::Tensor& w, float* co
   }
 }
 
+// y[m] (+)= alpha * x[m] @ w[:, n0:n1] into y[m] + n0 .. n1 for M rows, on the calling thread (w 2-d,
+// or with `index` the matrix `index` of a contiguous 3-d w)
+void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
+                  int64_t index, int64_t n0, int64_t n1) {
+  std::vector<float*> ys(M);
+  for (int64_t m = 0; m < M; ++m) ys[m] = y[m] + n0;
+  const int64_t K = w.size(-2), N = w.size(-1), ld = w.stride(-2), off = (index < 0 ? 0 : index * K * N) + n0;
+  if (w.scalar_type() == torch::kBFloat16)
+    few_serial(x, M, reinterpret_cast<const uint16_t*>(w.data_ptr()) + off, ld, ys.data(), K, n1 - n0, alpha, acc);
+  else
+    few_serial(x, M, w.data_ptr<float>() + off, ld, ys.data(), K, n1 - n0, alpha, acc);
+}
+
 // y[m] += sum_j gates[m J + j] * expert_e(xn[m]), e = ids[m J + j], for M rows; w13 [E, D, 2I],
 // w2 [E, I, D] contiguous. Each chosen expert runs once for all the rows that chose it (its weights
-// read once), the gate scaling the hidden so that w2 is read once too.
+// read once), the gate scaling the hidden so that w2 is read once too. Two parallel regions, not two
+// per expert: every chosen expert's w1 | w3 columns (in runs of kCols) split across the threads,
+// then w2's output columns, each thread adding the experts into its columns in the order of first
+// use (the order, and so the sums, of one thread).
 void experts_rows(float* const* y, const float* const* xn, int64_t M, const torch::Tensor& w13,
                   const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J) {
   std::vector<std::vector<std::pair<int64_t, double>>> users(w13.size(0));  // expert -> (row, gate)
@@ -231,26 +247,44 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
     if (users[ids[i]].empty()) order.push_back(ids[i]);
     users[ids[i]].push_back({i / J, gates[i]});
   }
-  const int64_t I = w2.size(1);
-  std::vector<float> t(M * 2 * I), h(M * I);  // [n, 2I] w1 | w3 outputs, [n, I] gated hidden
-  std::vector<const float*> xs(M), hs(M);
-  std::vector<float*> ts(M), ys(M);
-  for (int64_t e : order) {
-    const auto& u = users[e];
-    const int64_t n = static_cast<int64_t>(u.size());
-    for (int64_t i = 0; i < n; ++i) {
-      xs[i] = xn[u[i].first];
-      ys[i] = y[u[i].first];
-      ts[i] = t.data() + i * 2 * I;
-      hs[i] = h.data() + i * I;
+  const int64_t D = w13.size(1), I = w2.size(1), n_e = static_cast<int64_t>(order.size()), pairs = M * J;
+  std::vector<float> t(pairs * 2 * I), h(pairs * I);  // per (row, expert) pair: w1 | w3 outputs, gated hidden
+  std::vector<const float*> xs(pairs), hs(pairs);
+  std::vector<float*> ts(pairs), ys(pairs);
+  std::vector<float> gs(pairs);
+  std::vector<int64_t> first(n_e + 1);  // expert k's pairs are first[k] .. first[k + 1] - 1
+  int64_t p = 0;
+  for (int64_t k = 0; k < n_e; ++k) {
+    first[k] = p;
+    for (const auto& [row, gate] : users[order[k]]) {
+      xs[p] = xn[row];
+      ys[p] = y[row];
+      ts[p] = t.data() + p * 2 * I;
+      hs[p] = h.data() + p * I;
+      gs[p++] = static_cast<float>(gate);
     }
-    product(xs.data(), n, w13, ts.data(), 1.f, false, e);
-    for (int64_t i = 0; i < n; ++i) {
-      const float gate = static_cast<float>(u[i].second);
-      for (int64_t k = 0; k < I; ++k) h[i * I + k] = gate * (silu(ts[i][k]) * ts[i][I + k]);
-    }
-    product(hs.data(), n, w2, ys.data(), 1.f, true, e);
   }
+  first[n_e] = p;
+  const int64_t runs = (2 * I + kCols - 1) / kCols;  // of w1 | w3, per expert
+  at::parallel_for(0, n_e * runs, std::max<int64_t>(1, kMinWeights / (D * kCols)), [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e;) {  // the consecutive runs of one expert in one call: a contiguous slab
+      const int64_t k = task / runs, last = std::min(e, (k + 1) * runs);
+      const int64_t n0 = (task % runs) * kCols, n1 = std::min(2 * I, ((last - 1) % runs + 1) * kCols);
+      product_cols(xs.data() + first[k], first[k + 1] - first[k], w13, ts.data() + first[k], 1.f, false, order[k],
+                   n0, n1);
+      task = last;
+    }
+  });
+  for (int64_t q = 0; q < pairs; ++q)
+    for (int64_t i = 0; i < I; ++i) h[q * I + i] = gs[q] * (silu(ts[q][i]) * ts[q][I + i]);
+  const int64_t cols = (D + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kMinWeights / std::max<int64_t>(1, n_e * I * kCols));
+  at::parallel_for(0, cols, grain, [&](int64_t b, int64_t e) {
+    const int64_t n0 = b * kCols, n1 = std::min(D, e * kCols);
+    for (int64_t k = 0; k < n_e; ++k)
+      product_cols(hs.data() + first[k], first[k + 1] - first[k], w2, ys.data() + first[k], 1.f, true, order[k], n0,
+                   n1);
+  });
 }
 
 // out [M, D] += sum_j gates[m, j] * w2[e] (silu(xn[m] @ w1[e]) * (xn[m] @ w3[e])), e = ids[m, j];
@@ -446,6 +480,8 @@ class RowDecoder {
     // folded (q_lat | q_pe | rot(q_pe)), else in ql (q_lat = q_nope @ W_UK[h])
     float* qlp = w.w_uk.defined() ? grow(ql, T * H * W) : qp;
     const int64_t qs = w.w_uk.defined() ? W : Qw;
+    // the attention output fed to o_proj: the latent [T, H * R], or values [T, H * V] through W_UV
+    float* vp = w.w_uv.defined() ? grow(v, T * H * w.Vo) : op;
     at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t hd = h0; hd < h1; ++hd) {
         for (int64_t t = 0; t < T; ++t) {
@@ -479,23 +515,17 @@ class RowDecoder {
             for (int64_t i = 0; i < R; ++i) oh[i] += pr * k[i];
           }
         }
-      }
-    });
-    float* vp = op;  // the attention output fed to o_proj: latent [T, H * R], or values [T, H * V]
-    if (w.w_uv.defined()) {
-      vp = grow(v, T * H * w.Vo);
-      at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-        std::vector<const float*> xs(T);
-        std::vector<float*> ys(T);
-        for (int64_t hd = h0; hd < h1; ++hd) {  // T rows of this head through its W_UV [R, V]
+        if (w.w_uv.defined()) {  // T rows of this head through its W_UV [R, V]
+          std::vector<const float*> xs(T);
+          std::vector<float*> ys(T);
           for (int64_t t = 0; t < T; ++t) {
             xs[t] = op + (t * H + hd) * R;
             ys[t] = vp + (t * H + hd) * w.Vo;
           }
           product(xs.data(), T, w.w_uv, ys.data(), 1.f, false, hd, true);
         }
-      });
-    }
+      }
+    });
     auto xrows = at(x, T, Dm);
     product(in(at(vp, T, H * w.Vo)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj
   }
