@@ -14,6 +14,16 @@ throughout (this CPU has no BF16 units, a BF16 matmul is ~100x slower).
     python bench/decode.py                          # random `small` model saved to a temp dir
     python bench/decode.py --ckpt DIR               # e.g. the model `make demo` trains
     python bench/decode.py --batches 1 --repeats 5 --threads 2
+    python bench/decode.py --thread-scaling                   # small and v3-mini, 1 vs 2 threads
+
+`--thread-scaling` measures only dsv3's decode rate (random models of the given presets, no
+transformers): output tokens/s of the decode steps (the time spent in the runner's decode forward
+and head, so prefill, scheduling and sampling are excluded) at each thread count of
+`--scaling-threads`, the speed-up over the first, and whether the greedy tokens are the same at
+every thread count; the table header
+names the CPU and its flags (AVX2 / AVX-512 / AVX512_BF16 / AMX) and whether the native kernels
+run. `671b-layer` is one layer of DeepSeek-V3 671B (its attention, 8 of 16 routed experts of its
+size and the shared one: a token's per-layer cost; ~8 GB in FP32) with an 8192-token vocabulary.
 """
 
 from __future__ import annotations
@@ -42,6 +52,73 @@ def time_dsv3(llm: LLM, prompts: list[list[int]], new: int) -> tuple[float, list
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     return time.perf_counter() - t, [o.token_ids for o in outs]
+
+
+def preset_config(name: str) -> ModelConfig:
+    """A preset by name, or `671b-layer`: one MoE layer of the 671B geometry (see the docstring)."""
+    if name == "671b-layer":
+        return ModelConfig.from_preset("671b").replace(
+            n_layers=1, n_dense_layers=0, n_routed_experts=16, vocab_size=8192, n_mtp_layers=0
+        )
+    return ModelConfig.from_preset(name)
+
+
+def decode_rate(
+    llm: LLM, spent: list[float], prompts: list[list[int]], new: int
+) -> tuple[float, list[list[int]]]:
+    """Output tokens/s of the decode steps alone (time in the runner's `decode_logits`, accumulated
+    in `spent` = [seconds, calls] by `time_calls`: no prefill, scheduling or sampling), and the tokens."""
+    spent[:] = [0.0, 0]
+    _, tokens = time_dsv3(llm, prompts, new)
+    return len(prompts) * spent[1] / max(spent[0], 1e-9), tokens
+
+
+def thread_scaling(args) -> None:
+    """dsv3's decode tok/s per preset, batch and thread count, interleaved; speed-up over the first count."""
+    from dsv3.infer.decode import kernels as cpu_kernels
+
+    counts = [int(n) for n in args.scaling_threads.split(",")]
+    native = cpu_kernels.kernels().name == "native"
+    print(f"CPU: {cpu_kernels.describe_cpu()}")
+    print(
+        f"native kernels: {'yes' if native else 'no (' + str(cpu_kernels.why_not_native) + ')'}; "
+        f"torch {torch.__version__}; prompts {args.prompt_len} tokens, {args.new} new tokens each, "
+        f"greedy; decode steps only; medians of {args.repeats} (best)"
+    )
+    cells = " | ".join(f"{n} thr tok/s" for n in counts)
+    ratios = " | ".join(f"{n} / {counts[0]}" for n in counts[1:])
+    print(f"\n| model | weights | batch | {cells} | {ratios} | same tokens | load |")
+    print("|---|---|---:|" + "---:|" * (2 * len(counts) - 1) + "---|---|")
+    threads = torch.get_num_threads()
+    try:
+        for preset in args.presets.split(","):
+            torch.manual_seed(0)
+            model = Transformer(preset_config(preset)).eval()
+            vocab = model.config.vocab_size
+            for wd in args.scaling_weights.split(","):
+                dtype = {"fp32": None, "bf16": torch.bfloat16}[wd]
+                llm = LLM(model, weight_dtype=dtype, max_num_seqs=64, max_num_batched_tokens=8192)
+                spent = time_calls(llm.engine.runner, ["decode_logits"])["decode_logits"]
+                for B in map(int, args.batches.split(",")):
+                    prompts = torch.randint(0, vocab, (B, args.prompt_len)).tolist()
+                    load = os.getloadavg()[0]
+                    rates: dict[int, list[float]] = {n: [] for n in counts}
+                    outs: dict[int, list[list[int]]] = {}
+                    time_dsv3(llm, prompts, 2)  # warm-up
+                    for _ in range(args.repeats):  # interleaved: each count sees the same load
+                        for n in counts:
+                            torch.set_num_threads(n)
+                            rate, outs[n] = decode_rate(llm, spent, prompts, args.new)
+                            rates[n].append(rate)
+                    med = {n: statistics.median(r) for n, r in rates.items()}
+                    row = " | ".join(f"{med[n]:.1f} ({max(rates[n]):.1f})" for n in counts)
+                    up = " | ".join(f"{med[n] / med[counts[0]]:.2f}x" for n in counts[1:])
+                    same = "yes" if all(outs[n] == outs[counts[0]] for n in counts) else "NO"
+                    load = f"{load:.1f}-{os.getloadavg()[0]:.1f}"
+                    print(f"| {preset} | {wd} | {B} | {row} | {up} | {same} | {load} |", flush=True)
+            del model, llm
+    finally:
+        torch.set_num_threads(threads)
 
 
 def time_hf(hf, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
@@ -181,7 +258,16 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true", help="only the speculative and cache tables")
     ap.add_argument("--synthetic-draft", action="store_true",
                     help="speculative table on a synthetic model whose MTP agrees (not trained)")  # fmt: skip
+    ap.add_argument("--thread-scaling", action="store_true",
+                    help="only dsv3's decode tok/s at each of --scaling-threads on random --presets models")  # fmt: skip
+    ap.add_argument("--presets", default="small,v3-mini", help="--thread-scaling: presets (or 671b-layer)")
+    ap.add_argument("--scaling-threads", default="1,2", help="--thread-scaling: thread counts")
+    ap.add_argument("--scaling-weights", default="fp32",
+                    help="--thread-scaling: fast-path weight storage, fp32 and/or bf16")  # fmt: skip
     args = ap.parse_args()
+    if args.thread_scaling:
+        torch.manual_seed(0)
+        return thread_scaling(args)
     import transformers
 
     torch.set_num_threads(args.threads)

@@ -138,6 +138,7 @@ def test_build_name_covers_the_flags_and_the_torch_version():
     assert name == cpu_kernels.build_name(src)
     assert name != cpu_kernels.build_name(src, cflags=("-O2", "-mavx2", "-mfma"))
     assert name != cpu_kernels.build_name(src, torch_version=torch.__version__ + "+other")
+    assert name != cpu_kernels.build_name(src, ldflags=())  # e.g. built without OpenMP
     assert name != cpu_kernels.build_name(src + b" ")
 
 
@@ -160,3 +161,46 @@ def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     d = cpu_kernels.build_directory("dsv3_few_rows_x")
     assert d.parent.parent == tmp_path and d.name == "dsv3_few_rows_x"
+
+
+def test_cpu_flags_reads_the_flags_line():
+    text = "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx2 fma avx512f amx_tile amx_bf16\n"
+    assert cpu_kernels.cpu_flags(text) == ["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"]
+    assert cpu_kernels.cpu_flags("processor\t: 0\n") == []
+    assert "torch capability" in cpu_kernels.describe_cpu()
+
+
+def _at_threads(n: int, fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_and_experts_do_not_depend_on_the_thread_count(native, dtype):
+    """Sizes large enough to be split (columns in runs of 64, experts' w1 | w3 and w2 columns), with a
+    column tail (N % 8 != 0): 1 and 2 threads give bit-identical results, both close to the reference."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 256, generator=g), torch.randn(256, 1030, generator=g).to(dtype)
+    one, two = (_at_threads(n, lambda: native.mm(x, w)) for n in (1, 2))
+    assert torch.equal(one, two)
+    _close(two, REF.mm(x, w), 256)
+    E, D, H = 8, 512, 132  # 2I = 264: a partial run of columns
+    w13 = torch.randn(E, D, 2 * H, generator=g).to(dtype)
+    w2 = torch.randn(E, H, D, generator=g).to(dtype)
+    xn, base = torch.randn(3, D, generator=g), torch.randn(3, D, generator=g)
+    ids, gates = [4, 1, 4, 7, 0, 1], [0.3, 0.9, 1.1, 0.2, 0.6, 0.4]
+
+    def experts() -> torch.Tensor:
+        out = base.clone()
+        native.experts_(out, xn, w13, w2, ids, gates)
+        return out
+
+    one, two = (_at_threads(n, experts) for n in (1, 2))
+    assert torch.equal(one, two)
+    ref = base.clone()
+    REF.experts_(ref, xn, w13, w2, ids, gates)
+    _close(two, ref, D * H)

@@ -47,57 +47,110 @@ def _bf16_valued(model: Transformer) -> Transformer:
     return model
 
 
+# one layer of DeepSeek-V3 671B: its attention (dim 7168, 128 heads, q_lora 1536, kv_lora 512, nope
+# 128, rope 64, v 128, YaRN) and router settings, with few small experts and a small vocabulary
+V3_LAYER = dict(
+    n_layers=1, n_dense_layers=0, vocab_size=512, n_routed_experts=32, moe_inter_dim=16, n_mtp_layers=0
+)
+
+
 @pytest.mark.parametrize("weights", ["model", "bf16"])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("fold", [None, False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fast_logits_equal_full_forward(tiny, variant, fold, native, weights):
     """Rows prefilled on the naive path, then decoded by the fast path, in turn batched (gathered
-    keys) and one row at a time (a pool slice when the row's blocks are consecutive; with the
-    native kernels and folded weights, the one-call RowDecoder). `bf16`: a model with BF16 values
+    keys) and one row at a time (with the native kernels the one-call RowDecoder, folded or not;
+    else a pool slice when the row's blocks are consecutive). `bf16`: a model with BF16 values
     whose fast path stores the feed-forward matrices and head in BF16: exact, same tolerance."""
-    model = _model(tiny.replace(**VARIANTS[variant]))
-    cache = PagedLatentCache(model.config, num_blocks=40, block_size=4)
+    _check_fast_equals_forward(_model(tiny.replace(**VARIANTS[variant])), fold, native, weights)
+
+
+@pytest.mark.slow
+def test_fast_logits_equal_full_forward_on_one_671b_layer():
+    """The real V3 geometry, where neither W_UK nor W_UV folds: the RowDecoder (native kernels)
+    applies both per head; the batched rows run the same weights on ATen (the torch and BF16
+    variants of this geometry are covered on the tiny width, `v3_geometry`). ~200M parameters."""
+    torch.manual_seed(0)
+    model = _model(ModelConfig.from_preset("671b").replace(**V3_LAYER))
+    assert folds(1536, 7168, 128, 128, 512) == (False, False)
+    _check_fast_equals_forward(model, None, True, "model")
+
+
+def _check_fast_equals_forward(model: Transformer, fold: bool | None, native: bool, weights: str) -> None:
+    """5 rows (rows 1 and 3 with non-consecutive blocks), T = 1 batched and alone, T = 3 batched and
+    alone, T = 2 alone: logits and final hidden states within 1e-5 of the forward's, relative to
+    their largest magnitude (at least 1: absolute for the small presets)."""
+    cfg = model.config
+    cache = PagedLatentCache(cfg, num_blocks=60, block_size=4)
     dtype = None
     if weights == "bf16":
         model, dtype = _bf16_valued(model), torch.bfloat16
     fast = FastDecoder(model, cache, fold=fold, weight_dtype=dtype, native=native)
     assert fast.weights.head.dtype == (dtype or torch.float32)
     assert (fast.kernels.name == "native") == (native and cpu_kernels.why_not_native is None)
-    folded = fast.weights.attn[0].w_uk is None and fast.weights.attn[0].w_uv is None
-    assert (fast._row_decoders()[0] is not None) == (fast.kernels.name == "native" and folded)
-    lens = [5, 9, 7]
-    tables = [cache.allocator.allocate(8) for _ in lens]  # rows 0 and 2 consecutive
-    tables[1] = [tables[1][i] for i in (1, 0, 2, 3, 4, 5, 6, 7)]  # row 1 is not
-    ids = torch.randint(0, tiny.vocab_size, (3, 20))
+    assert (fast._row_decoders()[0] is not None) == (fast.kernels.name == "native")  # any geometry
+    lens = [5, 9, 7, 6, 8]
+    tables = [cache.allocator.allocate(8) for _ in lens]  # rows 0, 2, 4 consecutive
+    for b in (1, 3):  # rows 1 and 3 are not
+        tables[b] = [tables[b][i] for i in (1, 0, 2, 4, 3, 5, 6, 7)]
+    B = len(lens)
+    ids = torch.randint(0, cfg.vocab_size, (B, 24))
     with torch.no_grad():
-        full = model(ids)
+        h_full = model.hidden_states(ids)
+        full = model.lm_head(h_full)  # what model(ids) returns
         for b, n in enumerate(lens):
             pos = torch.arange(n)[None]
             cache.bind(make_context([tables[b]], pos, [n], 4))
             model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
-    for step in range(6):
+
+    def check(rows: list[int], p: list[int], T: int) -> None:
+        tok = [ids[b, q : q + T].tolist() for b, q in zip(rows, p)]
+        x = fast.forward(tok, p, [tables[b] for b in rows])  # (len(rows) * T, D)
+        logits, hidden = fast.logits(x).view(len(rows), T, -1), fast.hidden(x).view(len(rows), T, -1)
+        for i, (b, q) in enumerate(zip(rows, p)):
+            for got, want in ((logits[i], full[b, q : q + T]), (hidden[i], h_full[b, q : q + T])):
+                assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+    for step in range(4):  # T = 1: all rows batched, then each row alone
         pos = [n + step for n in lens]
-        tok = [[int(ids[b, p])] for b, p in enumerate(pos)]
         if step % 2 == 0:
-            logits = fast.logits(fast.forward(tok, pos, tables))
+            check(list(range(B)), pos, 1)
         else:
-            logits = torch.cat([fast.logits(fast.forward([tok[b]], [pos[b]], [tables[b]])) for b in range(3)])
-        for b in range(3):
-            assert (logits[b] - full[b, pos[b]]).abs().max() <= 1e-5
-    pos = [n + 6 for n in lens]  # T = 3 new tokens per row, causal among them (verification)
-    tok = [ids[b, p : p + 3].tolist() for b, p in enumerate(pos)]
-    x = fast.forward(tok, pos, tables)  # (B*3, D)
-    logits, hidden = fast.logits(x).view(3, 3, -1), fast.hidden(x).view(3, 3, -1)
+            for b in range(B):
+                check([b], [pos[b]], 1)
+    check(list(range(B)), [n + 4 for n in lens], 3)  # T = 3 (verification), causal among them
+    for b in (0, 1):  # T = 3 and T = 2 alone: consecutive blocks (row 0) and not (row 1)
+        check([b], [lens[b] + 7], 3)
+        check([b], [lens[b] + 10], 2)
+
+
+@pytest.mark.parametrize("fold", [None, False], ids=["uv_folded", "unfolded"])
+def test_row_decoder_does_not_depend_on_the_thread_count(tiny, fold):
+    """The native RowDecoder splits columns, heads and W_UK / W_UV across torch's threads: 1 and 2
+    threads give bit-identical outputs (T = 1 and T = 3, the V3 attention geometry)."""
+    model = _model(tiny.replace(**VARIANTS["v3_geometry"]))
+    cache = PagedLatentCache(model.config, num_blocks=40, block_size=4)
+    fast = FastDecoder(model, cache, fold=fold)
+    if fast._row_decoders()[0] is None:
+        pytest.skip(f"no native RowDecoder here ({cpu_kernels.why_not_native})")
+    table = cache.allocator.allocate(8)
+    table = [table[i] for i in (2, 0, 1, 3, 4, 5, 6, 7)]
+    ids = torch.randint(0, tiny.vocab_size, (1, 16))
     with torch.no_grad():
-        h_full = model.hidden_states(ids)
-    for b, p in enumerate(pos):
-        assert (logits[b] - full[b, p : p + 3]).abs().max() <= 1e-5
-        assert (hidden[b] - h_full[b, p : p + 3]).abs().max() <= 1e-5
-    for b in range(3):  # T = 2 for one row: a pool slice (rows 0, 2) or gathered keys (row 1)
-        p = lens[b] + 9
-        x = fast.forward([ids[b, p : p + 2].tolist()], [p], [tables[b]])
-        assert (fast.logits(x) - full[b, p : p + 2]).abs().max() <= 1e-5
+        pos = torch.arange(6)[None]
+        cache.bind(make_context([table], pos, [6], 4))
+        model.hidden_states(ids[:, :6], pos, cache, absorb=False)
+    threads = torch.get_num_threads()
+    try:
+        for p, T in ((6, 1), (7, 3)):
+            out = []
+            for n in (1, 2):  # the same step again overwrites its cache rows with the same values
+                torch.set_num_threads(n)
+                out.append(fast.logits(fast.forward([ids[0, p : p + T].tolist()], [p], [table])))
+            assert torch.equal(out[0], out[1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])

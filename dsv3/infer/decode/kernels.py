@@ -14,7 +14,9 @@ the bytes again. So this module offers three operations with one contract and tw
 x, out and the activations are FP32; w may be FP32 or BF16 (widened to FP32 when loaded, which is
 exact), accumulation is FP32, so a BF16 weight gives the same products as its FP32 copy.
 
-`Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA, one thread), compiled on first use by
+`Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA; the output columns of a product, and
+the heads of the attention, split across torch's intra-op threads through at::parallel_for, with
+results independent of the thread count), compiled on first use by
 torch.utils.cpp_extension into torch's extension cache (~30 s once per machine; set
 DSV3_NATIVE_KERNELS=0 to skip it). The extension's name, and so its build directory in that cache,
 carries a hash of the source, the compiler flags and the torch version (`build_name`): torch keys
@@ -43,7 +45,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
-CFLAGS = ("-O3", "-mavx2", "-mfma")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
+LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the runtime torch has already loaded (one thread pool)
 BASE_NAME = "dsv3_few_rows"
 
 
@@ -109,6 +112,36 @@ def _unavailable() -> str | None:
     return None
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what kernel choice reads
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """The flags of CPU_FLAGS this CPU has, from /proc/cpuinfo's first `flags` line (or the given
+    text); empty where there is no such file (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def describe_cpu() -> str:
+    """One line naming the CPU, its vector extensions and torch's view of them (benchmark headers)."""
+    name = "unknown CPU"
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                name = ln.partition(":")[2].strip()
+                break
+    except OSError:
+        name = platform.processor() or name
+    flags = " ".join(cpu_flags()) or "no flags read"
+    return f"{name}; flags: {flags}; torch capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _ninja_on_path() -> None:
     """torch's extension builder runs `ninja` from PATH; the pip package's copy is not there when
     the virtual environment is not activated."""
@@ -122,13 +155,17 @@ def _ninja_on_path() -> None:
 
 
 def build_name(
-    source: bytes, cflags: tuple[str, ...] = CFLAGS, torch_version: str = torch.__version__
+    source: bytes,
+    cflags: tuple[str, ...] = CFLAGS,
+    torch_version: str = torch.__version__,
+    ldflags: tuple[str, ...] = LDFLAGS,
 ) -> str:
-    """The extension name for this source, these flags and this torch: `dsv3_few_rows_<hash>`.
+    """The extension name for this source, these compiler / linker flags and this torch:
+    `dsv3_few_rows_<hash>`.
     Everything that changes the built library goes into the hash, so a build is reused exactly
     when it is the same build (a valid Python identifier: the name is the module's PyInit_ symbol)."""
     h = hashlib.sha256()
-    for part in (source, "\0".join(cflags).encode(), torch_version.encode()):
+    for part in (source, "\0".join(cflags).encode(), torch_version.encode(), "\0".join(ldflags).encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return f"{BASE_NAME}_{h.hexdigest()[:16]}"
@@ -187,6 +224,7 @@ def kernels(native: bool = True) -> Kernels:
                         name,
                         [str(SOURCE)],
                         extra_cflags=list(CFLAGS),
+                        extra_ldflags=list(LDFLAGS),
                         build_directory=str(directory),
                         verbose=False,
                     )

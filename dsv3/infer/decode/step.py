@@ -20,9 +20,11 @@ dsv3.infer.decode.weights:
   weights streamed once, FP32 or BF16 storage, FP32 accumulation), more rows on ATen's GEMM; and a
   lone sequence's new tokens (one in plain decoding, 1 + k in verification) go through the whole
   stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, its keys
-  read through the block table, so its blocks need not be consecutive) when the kernels are native
-  and W_UK / W_UV are folded, removing the ~200 operator launches per token that otherwise cost as
-  much as the weights.
+  read through the block table, so its blocks need not be consecutive) whenever the kernels are
+  native, on any geometry: where W_UK / W_UV are not folded (V3's shapes) it applies them per head
+  to the query and to the attention output, as `_attention` does. That removes the ~200 operator
+  launches per token that otherwise cost as much as the weights, and it splits its work across
+  torch's threads (dsv3.infer.decode.kernels).
 `MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
 (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
@@ -242,8 +244,8 @@ class FastDecoder:
 
     # ---- pieces -------------------------------------------------------------------------------------
     def _row_decoders(self) -> tuple:
-        """The native one-row decoders (main layers, MTP module 1), None where they cannot run: no
-        native kernels, or W_UK / W_UV not folded (V3's shapes). Rebuilt with the weights, and when
+        """The native one-row decoders (main layers, MTP module 1), None where they cannot run (no
+        native kernels); any geometry, W_UK / W_UV folded or not. Rebuilt with the weights, and when
         a routing bias tensor was replaced (the decoders hold the tensors, not the modules)."""
         w, built = self.weights, self._rows
         if (
@@ -261,11 +263,13 @@ class FastDecoder:
 
     def _row_decoder(self, attn: list[AttnWeights], ffn: list[FfnWeights], pools: list[torch.Tensor]):
         make = getattr(self.kernels, "RowDecoder", None)
-        if make is None or any(a.w_uk is not None or a.w_uv is not None for a in attn):
+        if make is None:
             return None
         row = make(self.H, self.R, self.P)
         for a, f, pool in zip(attn, ffn, pools):
-            row.add_attention(a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps)
+            row.add_attention(
+                a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.w_uk, a.w_uv, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps
+            )
             gate = f.moe.gate if f.moe is not None else None
             row.add_ffn(
                 f.w_in, f.w_down, f.norm_w, f.gate_w,

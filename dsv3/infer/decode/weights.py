@@ -118,9 +118,9 @@ def _attention(mla: MLA, norm: RMSNorm, fold: bool | None) -> AttnWeights:
     kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
     rows = [kv_a, _rotated_pairs(kv_a[R:])]
     rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]
-    w_o = mla.o_proj.weight.to(F64).T  # (H * V, D)
+    w_o = mla.o_proj.weight.T  # (H * V, D): as it is when not folded (no FP64 round trip: V3's is 117M)
     if fold_o:
-        w_o = torch.einsum("hvr,hvd->hrd", w_uv, w_o.view(H, V, D)).flatten(0, 1)  # (H * R, D)
+        w_o = torch.einsum("hvr,hvd->hrd", w_uv, w_o.to(F64).view(H, V, D)).flatten(0, 1)  # (H * R, D)
     return AttnWeights(
         w_in=_in_out(rows, norm, dtype),
         w_q=_in_out([q_rows], mla.q_a_layernorm, dtype) if lora else torch.empty(0),

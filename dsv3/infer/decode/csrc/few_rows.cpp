@@ -2,11 +2,18 @@
 //
 // out[m, :] (+)= alpha * x[m, :] @ w for a handful of rows m, w [K, N] in FP32 or BF16 (widened
 // to FP32 as it is loaded: exact), FP32 accumulation. One decode token reads each weight once, so
-// the loop is shaped for streaming (see `row`). Compiled with -mavx2 -mfma; loaded only on CPUs
+// the loop is shaped for streaming (see `block`). Compiled with -mavx2 -mfma; loaded only on CPUs
 // that have both.
+//
+// Threads: with -fopenmp, at::parallel_for splits a product's output columns (in runs of kCols,
+// a multiple of 8), the attention's heads and the per-head W_UK / W_UV products across torch's
+// intra-op threads (torch.set_num_threads). Every output element is computed by one thread with the
+// same sequence of operations whatever the split (a column's vector-or-scalar path depends only on
+// its index in the whole matrix), so results do not depend on the thread count.
 //
 // Shapes: M rows, K inputs, N outputs, E experts, I expert hidden size, D model dim.
 
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <immintrin.h>
@@ -88,9 +95,10 @@ void block(const float* const* x, const T* w, int64_t ldw, float* const* y, int6
   }
 }
 
+// one thread: all M rows against w's N columns
 template <typename T>
-void few(const float* const* x, int64_t M, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N,
-         float alpha, bool acc) {
+void few_serial(const float* const* x, int64_t M, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N,
+                float alpha, bool acc) {
   for (int64_t m = 0; m < M; m += 4) {
     switch (std::min<int64_t>(4, M - m)) {
       case 1: block<1>(x + m, w, ldw, y + m, K, N, alpha, acc); break;
@@ -99,6 +107,29 @@ void few(const float* const* x, int64_t M, const T* w, int64_t ldw, float* const
       default: block<4>(x + m, w, ldw, y + m, K, N, alpha, acc);
     }
   }
+}
+
+constexpr int64_t kCols = 64;               // columns per unit of work split across threads (multiple of 8)
+constexpr int64_t kMinWeights = 1 << 15;  // weights per thread below which a fork costs more than it saves
+
+// few_serial with the columns split across torch's threads, in runs of kCols: each thread reads its
+// own slab of every weight row. A column ends in block's scalar tail only when it is one of the
+// last N % 8 of w, whatever the split (every run but the last is a multiple of 8 wide).
+template <typename T>
+void few(const float* const* x, int64_t M, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N,
+         float alpha, bool acc) {
+  const int64_t runs = (N + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kMinWeights / std::max<int64_t>(1, K * kCols));
+  if (runs <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    few_serial(x, M, w, ldw, y, K, N, alpha, acc);
+    return;
+  }
+  at::parallel_for(0, runs, grain, [&](int64_t r0, int64_t r1) {
+    const int64_t n0 = r0 * kCols, n1 = std::min(N, r1 * kCols);
+    std::vector<float*> ys(M);
+    for (int64_t m = 0; m < M; ++m) ys[m] = y[m] + n0;
+    few_serial(x, M, w + n0, ldw, ys.data(), K, n1 - n0, alpha, acc);
+  });
 }
 
 void check_rows(const torch::Tensor& t, const char* name) {
@@ -176,18 +207,38 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // y[m] (+)= alpha * x[m] @ w for M rows (any M, four per read of w), w a 2-d weight tensor (FP32
 // or BF16, unit column stride); with `index`, w is a contiguous 3-d tensor and its matrix `index`
 // is used (an expert)
+// `serial`: on the calling thread only (a caller that already splits its work across threads)
 void product(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
-             int64_t index = -1) {
+             int64_t index = -1, bool serial = false) {
   const int64_t K = w.size(-2), N = w.size(-1), ld = w.stride(-2), off = index < 0 ? 0 : index * K * N;
+  if (w.scalar_type() == torch::kBFloat16) {
+    const auto* p = reinterpret_cast<const uint16_t*>(w.data_ptr()) + off;
+    serial ? few_serial(x, M, p, ld, y, K, N, alpha, acc) : few(x, M, p, ld, y, K, N, alpha, acc);
+  } else {
+    const float* p = w.data_ptr<float>() + off;
+    serial ? few_serial(x, M, p, ld, y, K, N, alpha, acc) : few(x, M, p, ld, y, K, N, alpha, acc);
+  }
+}
+
+// y[m] (+)= alpha * x[m] @ w[:, n0:n1] into y[m] + n0 .. n1 for M rows, on the calling thread (w 2-d,
+// or with `index` the matrix `index` of a contiguous 3-d w)
+void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
+                  int64_t index, int64_t n0, int64_t n1) {
+  std::vector<float*> ys(M);
+  for (int64_t m = 0; m < M; ++m) ys[m] = y[m] + n0;
+  const int64_t K = w.size(-2), N = w.size(-1), ld = w.stride(-2), off = (index < 0 ? 0 : index * K * N) + n0;
   if (w.scalar_type() == torch::kBFloat16)
-    few(x, M, reinterpret_cast<const uint16_t*>(w.data_ptr()) + off, ld, y, K, N, alpha, acc);
+    few_serial(x, M, reinterpret_cast<const uint16_t*>(w.data_ptr()) + off, ld, ys.data(), K, n1 - n0, alpha, acc);
   else
-    few(x, M, w.data_ptr<float>() + off, ld, y, K, N, alpha, acc);
+    few_serial(x, M, w.data_ptr<float>() + off, ld, ys.data(), K, n1 - n0, alpha, acc);
 }
 
 // y[m] += sum_j gates[m J + j] * expert_e(xn[m]), e = ids[m J + j], for M rows; w13 [E, D, 2I],
 // w2 [E, I, D] contiguous. Each chosen expert runs once for all the rows that chose it (its weights
-// read once), the gate scaling the hidden so that w2 is read once too.
+// read once), the gate scaling the hidden so that w2 is read once too. Two parallel regions, not two
+// per expert: every chosen expert's w1 | w3 columns (in runs of kCols) split across the threads,
+// then w2's output columns, each thread adding the experts into its columns in the order of first
+// use (the order, and so the sums, of one thread).
 void experts_rows(float* const* y, const float* const* xn, int64_t M, const torch::Tensor& w13,
                   const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J) {
   std::vector<std::vector<std::pair<int64_t, double>>> users(w13.size(0));  // expert -> (row, gate)
@@ -196,26 +247,44 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
     if (users[ids[i]].empty()) order.push_back(ids[i]);
     users[ids[i]].push_back({i / J, gates[i]});
   }
-  const int64_t I = w2.size(1);
-  std::vector<float> t(M * 2 * I), h(M * I);  // [n, 2I] w1 | w3 outputs, [n, I] gated hidden
-  std::vector<const float*> xs(M), hs(M);
-  std::vector<float*> ts(M), ys(M);
-  for (int64_t e : order) {
-    const auto& u = users[e];
-    const int64_t n = static_cast<int64_t>(u.size());
-    for (int64_t i = 0; i < n; ++i) {
-      xs[i] = xn[u[i].first];
-      ys[i] = y[u[i].first];
-      ts[i] = t.data() + i * 2 * I;
-      hs[i] = h.data() + i * I;
+  const int64_t D = w13.size(1), I = w2.size(1), n_e = static_cast<int64_t>(order.size()), pairs = M * J;
+  std::vector<float> t(pairs * 2 * I), h(pairs * I);  // per (row, expert) pair: w1 | w3 outputs, gated hidden
+  std::vector<const float*> xs(pairs), hs(pairs);
+  std::vector<float*> ts(pairs), ys(pairs);
+  std::vector<float> gs(pairs);
+  std::vector<int64_t> first(n_e + 1);  // expert k's pairs are first[k] .. first[k + 1] - 1
+  int64_t p = 0;
+  for (int64_t k = 0; k < n_e; ++k) {
+    first[k] = p;
+    for (const auto& [row, gate] : users[order[k]]) {
+      xs[p] = xn[row];
+      ys[p] = y[row];
+      ts[p] = t.data() + p * 2 * I;
+      hs[p] = h.data() + p * I;
+      gs[p++] = static_cast<float>(gate);
     }
-    product(xs.data(), n, w13, ts.data(), 1.f, false, e);
-    for (int64_t i = 0; i < n; ++i) {
-      const float gate = static_cast<float>(u[i].second);
-      for (int64_t k = 0; k < I; ++k) h[i * I + k] = gate * (silu(ts[i][k]) * ts[i][I + k]);
-    }
-    product(hs.data(), n, w2, ys.data(), 1.f, true, e);
   }
+  first[n_e] = p;
+  const int64_t runs = (2 * I + kCols - 1) / kCols;  // of w1 | w3, per expert
+  at::parallel_for(0, n_e * runs, std::max<int64_t>(1, kMinWeights / (D * kCols)), [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e;) {  // the consecutive runs of one expert in one call: a contiguous slab
+      const int64_t k = task / runs, last = std::min(e, (k + 1) * runs);
+      const int64_t n0 = (task % runs) * kCols, n1 = std::min(2 * I, ((last - 1) % runs + 1) * kCols);
+      product_cols(xs.data() + first[k], first[k + 1] - first[k], w13, ts.data() + first[k], 1.f, false, order[k],
+                   n0, n1);
+      task = last;
+    }
+  });
+  for (int64_t q = 0; q < pairs; ++q)
+    for (int64_t i = 0; i < I; ++i) h[q * I + i] = gs[q] * (silu(ts[q][i]) * ts[q][I + i]);
+  const int64_t cols = (D + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, kMinWeights / std::max<int64_t>(1, n_e * I * kCols));
+  at::parallel_for(0, cols, grain, [&](int64_t b, int64_t e) {
+    const int64_t n0 = b * kCols, n1 = std::min(D, e * kCols);
+    for (int64_t k = 0; k < n_e; ++k)
+      product_cols(hs.data() + first[k], first[k + 1] - first[k], w2, ys.data() + first[k], 1.f, true, order[k], n0,
+                   n1);
+  });
 }
 
 // out [M, D] += sum_j gates[m, j] * w2[e] (silu(xn[m] @ w1[e]) * (xn[m] @ w3[e])), e = ids[m, j];
@@ -243,9 +312,10 @@ void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w
   experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J);
 }
 
-struct Attn {  // dsv3.infer.decode.weights.AttnWeights with W_UK and W_UV folded
+struct Attn {  // dsv3.infer.decode.weights.AttnWeights
   torch::Tensor w_in, w_q, kv_norm, w_o, pool;  // pool: this layer's cache rows [slots, R + P]
-  int64_t q_rank;
+  torch::Tensor w_uk, w_uv;  // [H, N, R], [H, R, V] when not folded (undefined when folded)
+  int64_t q_rank, Qn, Vo;    // per-head query width before W_UK (N, or R folded), value width (V, or R)
   double norm_eps, q_eps, kv_eps;
 };
 
@@ -260,12 +330,27 @@ class RowDecoder {
  public:
   RowDecoder(int64_t heads, int64_t rank, int64_t rope) : H(heads), R(rank), P(rope) {}
 
+  // w_uk [H, N, R] / w_uv [H, R, V]: the absorbed MLA products per head when W_UK / W_UV are not
+  // folded into the query projection / o_proj (None when folded)
   void add_attention(torch::Tensor w_in, torch::Tensor w_q, torch::Tensor kv_norm, torch::Tensor w_o,
-                     torch::Tensor pool, int64_t q_rank, double norm_eps, double q_eps, double kv_eps) {
+                     torch::Tensor pool, c10::optional<torch::Tensor> w_uk, c10::optional<torch::Tensor> w_uv,
+                     int64_t q_rank, double norm_eps, double q_eps, double kv_eps) {
     TORCH_CHECK(pool.dim() == 2 && pool.size(1) == R + P && pool.is_contiguous() &&
                     pool.scalar_type() == torch::kFloat32, "pool: expected contiguous float32 [slots, ", R + P, "]");
-    TORCH_CHECK(w_o.size(0) == H * R, "w_o: expected ", H * R, " rows (W_UV folded), got ", w_o.size(0));
-    attn.push_back({w_in, w_q, kv_norm.contiguous(), w_o, pool, q_rank, norm_eps, q_eps, kv_eps});
+    auto per_head = [&](const c10::optional<torch::Tensor>& t, const char* name, int64_t rows, int64_t cols) {
+      if (!t.has_value()) return torch::Tensor();
+      TORCH_CHECK(t->dim() == 3 && t->size(0) == H && t->is_contiguous() &&
+                      (rows < 0 || t->size(1) == rows) && (cols < 0 || t->size(2) == cols) &&
+                      (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kBFloat16),
+                  name, ": expected a contiguous float32 or bfloat16 [", H, ", *, *] per-head matrix, got ", t->sizes());
+      return *t;
+    };
+    const torch::Tensor uk = per_head(w_uk, "w_uk", -1, R), uv = per_head(w_uv, "w_uv", R, -1);
+    const int64_t Qn = uk.defined() ? uk.size(1) : R, Vo = uv.defined() ? uv.size(2) : R;
+    const int64_t Qin = q_rank ? w_q.size(1) : w_in.size(1) - q_rank - R - 2 * P;
+    TORCH_CHECK(Qin == H * (Qn + 2 * P), "w_q: expected ", H * (Qn + 2 * P), " query columns, got ", Qin);
+    TORCH_CHECK(w_o.size(0) == H * Vo, "w_o: expected ", H * Vo, " rows, got ", w_o.size(0));
+    attn.push_back({w_in, w_q, kv_norm.contiguous(), w_o, pool, uk, uv, q_rank, Qn, Vo, norm_eps, q_eps, kv_eps});
   }
 
   void add_ffn(c10::optional<torch::Tensor> w_in, c10::optional<torch::Tensor> w_down,
@@ -330,7 +415,7 @@ class RowDecoder {
   int64_t H, R, P;
   std::vector<Attn> attn;
   std::vector<Ffn> ffn;
-  std::vector<float> xn, xg, a, q, scores, o, h;
+  std::vector<float> xn, xg, a, q, ql, scores, o, v, h;
   std::vector<int64_t> rows_;  // pool row of each position of the current sequence
 
   int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
@@ -357,14 +442,16 @@ class RowDecoder {
     }
   }
 
-  // x[t] += o_proj(MLA(norm(x[t]))), writing the new cache rows (decode.py FastDecoder._attention)
+  // x[t] += o_proj(MLA(norm(x[t]))), writing the new cache rows (step.py FastDecoder._attention).
+  // Absorbed MLA: scores against the cached latents [c_kv | k_pe], so without folds the query's
+  // nope part goes through W_UK first (per head) and the latent output through W_UV after.
   void attention(float* x, int64_t T, const Attn& w, const float* cos, const float* sin, int64_t pos) {
-    const int64_t Dm = D(), C = w.w_in.size(1), W = R + P, Qw = R + 2 * P;
+    const int64_t Dm = D(), C = w.w_in.size(1), W = R + P, Qn = w.Qn, Qw = Qn + 2 * P, S = pos + T;
     float* xnp = grow(xn, T * Dm);
     float* ap = grow(a, T * C);
     float* qp = grow(q, T * H * Qw);
     float* op = grow(o, T * H * R);
-    float* sp = grow(scores, pos + T);
+    float* sp = grow(scores, T * H * S);
     normalise(x, xnp, T, Dm, w.norm_eps);
     auto arows = at(ap, T, C);
     product(in(at(xnp, T, Dm)), T, w.w_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
@@ -389,27 +476,58 @@ class RowDecoder {
       for (int64_t i = 0; i < R; ++i) row_out[i] = kv[i] * rk * g[i];
       for (int64_t i = 0; i < P; ++i) row_out[R + i] = kv[R + i] * ct[i] + kv[R + P + i] * st[i];
     }
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t S = pos + t + 1;  // causal: this token and those before it
-      const float *ct = cos + t * P, *st = sin + t * P;
-      for (int64_t hd = 0; hd < H; ++hd) {
-        float* qh = qp + (t * H + hd) * Qw;  // q_lat (R) | q_pe (P) | rot(q_pe) (P) -> q_lat | rope(q_pe)
-        for (int64_t i = 0; i < P; ++i) qh[R + i] = qh[R + i] * ct[i] + qh[R + P + i] * st[i];
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < S; ++j) mx = std::max(mx, sp[j] = dot(qh, pool + rows_[j] * W, W));
-        float sum = 0.f;
-        for (int64_t j = 0; j < S; ++j) sum += sp[j] = std::exp(sp[j] - mx);
-        float* oh = op + (t * H + hd) * R;
-        std::fill(oh, oh + R, 0.f);
-        for (int64_t j = 0; j < S; ++j) {
-          const float pr = sp[j] / sum;
-          const float* k = pool + rows_[j] * W;
-          for (int64_t i = 0; i < R; ++i) oh[i] += pr * k[i];
+    // per (token, head) query as a cache row [q_lat (R) | rope(q_pe) (P)]: in q itself when W_UK is
+    // folded (q_lat | q_pe | rot(q_pe)), else in ql (q_lat = q_nope @ W_UK[h])
+    float* qlp = w.w_uk.defined() ? grow(ql, T * H * W) : qp;
+    const int64_t qs = w.w_uk.defined() ? W : Qw;
+    // the attention output fed to o_proj: the latent [T, H * R], or values [T, H * V] through W_UV
+    float* vp = w.w_uv.defined() ? grow(v, T * H * w.Vo) : op;
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t hd = h0; hd < h1; ++hd) {
+        for (int64_t t = 0; t < T; ++t) {
+          float* qh = qp + (t * H + hd) * Qw;
+          const float *ct = cos + t * P, *st = sin + t * P;
+          float* dst = qlp + (t * H + hd) * qs + R;
+          for (int64_t i = 0; i < P; ++i) dst[i] = qh[Qn + i] * ct[i] + qh[Qn + P + i] * st[i];
+        }
+        if (w.w_uk.defined()) {  // T rows of this head through its W_UK [N, R]: one read of it
+          std::vector<const float*> xs(T);
+          std::vector<float*> ys(T);
+          for (int64_t t = 0; t < T; ++t) {
+            xs[t] = qp + (t * H + hd) * Qw;
+            ys[t] = qlp + (t * H + hd) * W;
+          }
+          product(xs.data(), T, w.w_uk, ys.data(), 1.f, false, hd, true);
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t St = pos + t + 1;  // causal: this token and those before it
+          const float* qh = qlp + (t * H + hd) * qs;
+          float* sc = sp + (t * H + hd) * S;
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < St; ++j) mx = std::max(mx, sc[j] = dot(qh, pool + rows_[j] * W, W));
+          float sum = 0.f;
+          for (int64_t j = 0; j < St; ++j) sum += sc[j] = std::exp(sc[j] - mx);
+          float* oh = op + (t * H + hd) * R;
+          std::fill(oh, oh + R, 0.f);
+          for (int64_t j = 0; j < St; ++j) {
+            const float pr = sc[j] / sum;
+            const float* k = pool + rows_[j] * W;
+            for (int64_t i = 0; i < R; ++i) oh[i] += pr * k[i];
+          }
+        }
+        if (w.w_uv.defined()) {  // T rows of this head through its W_UV [R, V]
+          std::vector<const float*> xs(T);
+          std::vector<float*> ys(T);
+          for (int64_t t = 0; t < T; ++t) {
+            xs[t] = op + (t * H + hd) * R;
+            ys[t] = vp + (t * H + hd) * w.Vo;
+          }
+          product(xs.data(), T, w.w_uv, ys.data(), 1.f, false, hd, true);
         }
       }
-    }
+    });
     auto xrows = at(x, T, Dm);
-    product(in(at(op, T, H * R)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj (W_UV folded)
+    product(in(at(vp, T, H * w.Vo)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj
   }
 
   // x[t] += FFN(norm(x[t])): dense MLP, or shared + routed experts (decode.py FastDecoder._ffn)
