@@ -324,6 +324,7 @@ class EngineLoop:
             return
         self.engine.abort_request(rid)
         self._stats.aborted += 1
+        self._stats.finished["abort"] = self._stats.finished.get("abort", 0) + 1
         self._unqueue([r])
         self._push(r, Delta(rid, "", [], None, True, "abort", r.num_prompt, r.sent_tokens))
 

@@ -88,6 +88,9 @@ class Metrics:
             "dsv3:http_requests", "HTTP responses by endpoint and status.", ["endpoint", "status"],
             registry=self.registry,
         )  # fmt: skip
+        self.rejected.labels(model_name)  # exported as 0 before the first rejection
+        for h in (self.ttft, self.itl, self.e2e, self.queue):
+            h.labels(model_name)
         self.registry.register(_EngineCollector(loop, model_name))
 
     def observe(self, hist: Histogram, seconds: float) -> None:
