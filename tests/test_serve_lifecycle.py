@@ -18,7 +18,7 @@ QUEUE = 64
 def server(tmp_path_factory):
     ckpt = make_ckpt(tmp_path_factory.mktemp("serve_ckpt"))
     s = Server(ckpt, "--max-queued-requests", str(QUEUE), "--max-num-seqs", "8", "--num-blocks", "256",
-               "--block-size", "8", "--drain-timeout", "60")  # fmt: skip
+               "--block-size", "8", "--drain-timeout", "60", "--enable-prefix-caching")  # fmt: skip
     yield s
     if s.proc.poll() is None:
         s.proc.kill()
@@ -112,6 +112,18 @@ def test_clients_that_disconnect_leave_no_blocks(server):
     assert metric(text, "dsv3:kv_cache_blocks_used") == 0 and metric(text, "dsv3:num_requests_running") == 0
     name = json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["id"]
     assert float(text.split(aborted % name)[1].split()[0]) >= 16 + 8  # the second wave had not started
+
+
+def test_a_repeated_prompt_reports_cached_tokens(server):
+    prompt = list(range(100, 200))  # 100 tokens: 12 full blocks of 8 can come from the cache
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    first = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    second = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, "dsv3:prefix_cache_hits_total") >= 96
+    assert metric(text, "dsv3:prefix_cache_queries_total") >= 200
 
 
 def test_sigterm_drains_running_requests_and_exits_0(server):

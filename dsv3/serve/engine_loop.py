@@ -426,9 +426,9 @@ class EngineLoop:
         st.steps = e.stats.steps
         spec = e.spec_stats  # every verification proposes k drafts
         st.spec_proposed, st.spec_accepted = spec.verifications * spec.k, sum(spec.accepted)
-        pc = getattr(e.cache, "prefix", None)
-        if pc is not None:
-            st.prefix_queries, st.prefix_hits = pc.queries, pc.hits
+        alloc = e.cache.allocator
+        if getattr(alloc, "prefix_caching", False):
+            st.prefix_queries, st.prefix_hits = alloc.queries, alloc.hits
 
     def _fail_inbox(self) -> None:
         while True:
