@@ -99,6 +99,7 @@ DELEGATED = {
     "generate": ("dsv3.infer.cli", "generate_main", "generate from a checkpoint (batched, --speculative)"),
     "chat": ("dsv3.infer.cli", "chat_main", "interactive chat with a checkpoint (/exit, /clear)"),
     "complete": ("dsv3.infer.cli", "complete_main", "fill in the middle between --prefix and --suffix"),
+    "serve": ("dsv3.serve.cli", "serve_main", "OpenAI-compatible HTTP server (docs/serving.md)"),
 }
 # `dsv3 plan <what>`: planners.
 PLANNERS = {"eplb": ("dsv3.infer.eplb.report", "plan_eplb_main")}

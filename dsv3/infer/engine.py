@@ -59,6 +59,7 @@ class EngineConfig:
     # halves the bytes a decode step reads and is exact for a BF16 checkpoint (LLM picks it then)
     weight_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the model's decode forward (what the fast path does not run)
+    prefix_caching: bool = False  # share full prompt blocks between requests (PrefixCachingAllocator)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens"):
@@ -73,6 +74,8 @@ class EngineConfig:
             )
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"num_blocks: must be positive or None, got {self.num_blocks}")
+        if self.prefix_caching and self.speculative:  # shared blocks would need valid MTP-layer KV too
+            raise ConfigError("prefix_caching: not supported with speculative decoding yet")
         if self.speculative and self.max_num_batched_tokens < self.num_speculative_tokens + 1:
             raise ConfigError(
                 "max_num_batched_tokens: must hold one verification (num_speculative_tokens + 1)"
@@ -89,6 +92,7 @@ class RequestOutput:
     text: str | None = None  # set when the engine has a tokenizer
     logprobs: list[dict[int, float]] | None = None  # per token: {token: logprob} (raw distribution)
     error: BaseException | None = field(default=None, repr=False, compare=False)  # finish_reason "error"
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class RequestFailed(RuntimeError):
@@ -130,7 +134,10 @@ class Engine:
         if num_blocks is None:
             per_block = n_layers * cfg.kv_cache_dim * param.element_size() * config.block_size
             num_blocks = max(1, config.cache_memory // per_block)
-        self.cache = PagedLatentCache(cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device)
+        self.cache = PagedLatentCache(
+            cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device,
+            prefix_caching=config.prefix_caching, model_key=repr(cfg),
+        )  # fmt: skip
         self.runner = ModelRunner(
             model,
             self.cache,
@@ -408,6 +415,7 @@ class Engine:
             seq.text,
             seq.logprobs,
             seq.error,
+            seq.num_cached,
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

@@ -21,6 +21,8 @@ cache width, B rows, T new tokens per row, S key positions (longest context of t
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,82 @@ class BlockAllocator:
         self._free.extend(reversed(blocks))
         if len(self._free) > self.num_blocks:
             raise RuntimeError("free: more blocks returned than allocated (double free)")
+
+
+class PrefixCachingAllocator(BlockAllocator):
+    """A BlockAllocator whose full blocks are shared between sequences with the same prefix.
+
+    A full block is keyed by a hash chain: key_i = H(key_{i-1}, its tokens), key_{-1} = H(model).
+    Blocks carry reference counts; a cached block whose count drops to zero is not free-listed but
+    kept, least recently used first, and handed out again only when the free list is empty (its key
+    is then forgotten). `num_free` counts both, as both can be allocated. A sequence takes the
+    longest run of cached blocks its prompt starts with (`match` then `take`) and skips their prefill.
+    """
+
+    prefix_caching = True
+
+    def __init__(self, num_blocks: int, model_key: str = "") -> None:
+        super().__init__(num_blocks)
+        self.root = hashlib.blake2b(model_key.encode(), digest_size=16).digest()
+        self.ref = [0] * num_blocks
+        self.key_of: dict[int, bytes] = {}  # cached block -> its key
+        self.block_of: dict[bytes, int] = {}  # key -> cached block
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced, LRU first
+        self.queries = self.hits = 0  # prompt tokens looked up / found (the hit rate)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self.evictable)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise RuntimeError(f"allocate: {n} blocks requested, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:  # evict the least recently used cached block
+                b, _ = self.evictable.popitem(last=False)
+                del self.block_of[self.key_of.pop(b)]
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in reversed(blocks):
+            if self.ref[b] <= 0:
+                raise RuntimeError(f"free: block {b} is not allocated (double free)")
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self.key_of:
+                    self.evictable[b] = None  # most recently used last
+                else:
+                    self._free.append(b)
+
+    def key(self, prev: bytes | None, tokens: list[int]) -> bytes:
+        h = hashlib.blake2b(prev if prev is not None else self.root, digest_size=16)
+        h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
+        return h.digest()
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of keys (not taken yet)."""
+        out = []
+        for k in keys:
+            b = self.block_of.get(k)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def take(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.evictable.pop(b, None)
+            self.ref[b] += 1
+
+    def register(self, block: int, key: bytes) -> None:
+        """Block `block` (allocated, full, its KV computed) now holds the tokens of `key`."""
+        if key not in self.block_of and block not in self.key_of:
+            self.block_of[key], self.key_of[block] = block, key
 
 
 @dataclass
@@ -131,7 +209,11 @@ class PagedLatentCache:
         n_layers: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        prefix_caching: bool = False,
+        model_key: str = "",
     ) -> None:
+        """prefix_caching: share full blocks between sequences (PrefixCachingAllocator); model_key
+        names the model, whose hash starts every block key."""
         if block_size <= 0:
             raise ValueError(f"block_size: must be positive, got {block_size}")
         self.block_size = block_size
@@ -139,7 +221,9 @@ class PagedLatentCache:
         n = cfg.n_layers + cfg.n_mtp_layers if n_layers is None else n_layers
         # one spare row after the blocks takes the writes of padding tokens
         self.data = torch.zeros(n, num_blocks * block_size + 1, cfg.kv_cache_dim, dtype=dtype, device=device)
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = (
+            PrefixCachingAllocator(num_blocks, model_key) if prefix_caching else BlockAllocator(num_blocks)
+        )
         self.context: CacheContext | None = None
 
     @property

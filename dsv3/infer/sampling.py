@@ -1,8 +1,8 @@
 """Sampling: per-request parameters, the distribution they define, and seeded draws.
 
-The distribution a request samples from is the model's softmax at `temperature`, restricted to the
-`top_k` most likely tokens and then to the smallest set whose mass reaches `top_p`, renormalised
-(`target_probs`). Temperature 0 is greedy: argmax of the raw logits, bit-exact with the reference
+The distribution a request samples from is the model's softmax at `temperature`, without the tokens
+less likely than `min_p` times the most likely one, restricted to the `top_k` most likely tokens and
+then to the smallest set whose mass reaches `top_p`, renormalised (`target_probs`). Temperature 0 is greedy: argmax of the raw logits, bit-exact with the reference
 decoder. Speculative sampling (dsv3.infer.speculative) preserves exactly this distribution.
 
 Draws use inverse-CDF sampling with one uniform per token from the request's own generator (seeded
@@ -34,6 +34,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # keep the k most likely tokens; 0: all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one; 0: none
     max_tokens: int = 16  # new tokens at most
     stop: tuple[str, ...] = ()  # stop strings (needs a tokenizer); the text is cut before them
     stop_token_ids: tuple[int, ...] = ()  # extra end tokens, besides the model's eos
@@ -69,6 +70,8 @@ def _check(p: SamplingParams) -> None:
         fail("temperature", "must be a finite number >= 0")
     if not isinstance(p.top_p, (int, float)) or not 0 < p.top_p <= 1:
         fail("top_p", "must be in (0, 1]")
+    if not isinstance(p.min_p, (int, float)) or not 0 <= p.min_p <= 1:
+        fail("min_p", "must be in [0, 1]")
     if not _is_int(p.top_k) or p.top_k < 0:
         fail("top_k", "must be a non-negative integer (0: all)")
     if not _is_int(p.max_tokens) or p.max_tokens < 1:
@@ -91,6 +94,10 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     logits = logits.float()
     temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     probs = (logits / temp[:, None]).softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):  # before top-k/top-p, as vLLM applies it
+        min_p = torch.tensor([p.min_p for p in params], device=probs.device)
+        probs = probs * (probs >= min_p[:, None] * probs.amax(dim=-1, keepdim=True))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):

@@ -60,6 +60,10 @@ class Sequence:
     drafts: list[int] = field(default_factory=list)  # draft tokens after the last token
     draft_probs: torch.Tensor | None = None  # [k, V] draft distributions (sampling rows)
     mtp_computed: int = 0  # positions whose MTP-layer KV is valid
+    # prefix caching (PrefixCachingAllocator): keys of the leading full blocks registered so far,
+    # and the prompt tokens the cache supplied when the sequence was admitted
+    block_keys: list[bytes] = field(default_factory=list)
+    num_cached: int = 0
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -79,7 +83,7 @@ class Sequence:
 
     def reset_cache_state(self) -> None:
         self.num_computed = self.mtp_computed = 0
-        self.block_table = []
+        self.block_table, self.block_keys = [], []
         self.drafts, self.draft_probs = [], None
 
 
@@ -115,6 +119,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.live: dict[str, Sequence] = {}  # request id -> its unfinished sequence (waiting or running)
         self.num_preemptions = 0
+        self.prefix = getattr(allocator, "prefix_caching", False)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -141,6 +146,9 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.budget
+        if self.prefix:  # the blocks the last step filled can serve the sequences admitted now
+            for seq in self.running:
+                self._register(seq)
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -161,17 +169,46 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self.blocks_for(n + self.lookahead)
-            if need > self.allocator.num_free:
+            shared, keys = self._cached_prefix(seq) if self.prefix else ([], [])
+            start = len(shared) * self.block_size
+            n = min(seq.num_tokens - start, budget)
+            need = self.blocks_for(start + n + self.lookahead) - len(shared)
+            reviving = sum(b in self.allocator.evictable for b in shared) if shared else 0
+            if need > self.allocator.num_free - reviving:
                 break  # admission control: wait for blocks to be freed
             self.waiting.popleft()
-            seq.block_table = self.allocator.allocate(need)
+            if self.prefix:
+                self.allocator.take(shared)
+                self.allocator.queries += seq.num_tokens
+                self.allocator.hits += start
+            seq.block_table = shared + self.allocator.allocate(need)
+            seq.block_keys, seq.num_computed, seq.num_cached = keys, start, start
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.prefills.append((seq, 0, n))
+            batch.prefills.append((seq, start, start + n))
             budget -= n
         return batch
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        """The cached blocks seq's tokens start with and their keys. At least the last token is
+        recomputed (its logits are needed), so a shared block is never written."""
+        bs, keys, prev = self.block_size, [], None
+        for i in range((seq.num_tokens - 1) // bs):
+            prev = self.allocator.key(prev, seq.tokens[i * bs : (i + 1) * bs])
+            keys.append(prev)
+        shared = self.allocator.match(keys)
+        return shared, keys[: len(shared)]
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer seq's newly filled blocks (all positions' KV computed) to the prefix cache."""
+        bs = self.block_size
+        while len(seq.block_keys) < min(seq.num_computed // bs, len(seq.block_table)):
+            i = len(seq.block_keys)
+            key = self.allocator.key(
+                seq.block_keys[-1] if seq.block_keys else None, seq.tokens[i * bs : (i + 1) * bs]
+            )
+            self.allocator.register(seq.block_table[i], key)
+            seq.block_keys.append(key)
 
     def _grow(self, seq: Sequence, n_tokens: int) -> bool:
         """Give seq blocks for n_tokens, preempting the newest sequences if needed. False if seq
@@ -189,6 +226,8 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and queue it first; it is recomputed from its tokens when readmitted."""
         self.running.remove(seq)
+        if self.prefix:
+            self._register(seq)  # its computed blocks may serve its own readmission
         self.allocator.free(seq.block_table)
         seq.reset_cache_state()
         seq.status = Status.WAITING
@@ -205,5 +244,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.live.pop(seq.request_id, None)
+        if self.prefix and reason != "error":  # an error may have left a block half written
+            self._register(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []

@@ -1,0 +1,175 @@
+"""`dsv3 serve CKPT`: the OpenAI-compatible server (docs/serving.md).
+
+dsv3 serve runs/demo/ckpt --port 8000 [--api-key KEY --served-model-name NAME --speculative ...]
+
+The socket is bound before the model loads (so `--port 0` picks a free port and a taken port fails
+at once), then the engine thread starts and one line `dsv3 serve: ready on http://HOST:PORT ...`
+is printed. SIGTERM (or Ctrl-C) drains: new requests get 503, running ones finish for up to
+--drain-timeout seconds, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from dsv3.cli import UsageError, existing_dir, positive_int
+from dsv3.threads import add_threads_argument, configure_threads
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsv3 serve", description="OpenAI-compatible HTTP server over the engine."
+    )
+    p.add_argument("ckpt", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed when ready)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="model name(s) clients pass as `model` (default: the checkpoint directory name)")  # fmt: skip
+    p.add_argument("--max-queued-requests", type=positive_int, default=None,
+                   help="accepted requests without a first token at most; beyond: 503 + Retry-After")  # fmt: skip
+    p.add_argument("--max-queued-tokens", type=positive_int, default=None,
+                   help="prompt tokens of those requests at most; beyond: 503 + Retry-After")  # fmt: skip
+    p.add_argument("--max-request-bytes", type=positive_int, default=4 * 2**20, help="body size limit (413)")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests"
+    )
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and cache (default fp32)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    g.add_argument("--num-speculative-tokens", type=positive_int, default=1)
+    g.add_argument("--draft-vocab", type=positive_int, default=None, help="MTP drafts among ids below this")
+    g.add_argument("--block-size", type=positive_int, default=16, help="tokens per cache block")
+    g.add_argument(
+        "--num-blocks", type=positive_int, default=None, help="cache blocks (default: --cache-memory)"
+    )
+    g.add_argument("--cache-memory", type=positive_int, default=256, help="MiB of KV cache (default 256)")
+    g.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences running at once")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="tokens per step")
+    g.add_argument("--max-model-len", type=positive_int, default=None, help="prompt + output tokens at most")
+    g.add_argument("--enable-prefix-caching", action="store_true", help="share cached prompt blocks")
+    g.add_argument("--weight-dtype", choices=["fp32", "bf16"], default=None, help="fast-path decode weights")
+    g.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's projections in FP8")
+    g.add_argument("--no-verify", action="store_true", help="skip the checkpoint's SHA-256 manifest check")
+    g.add_argument("--seed", type=int, default=0, help="seeds requests without their own seed")
+    add_threads_argument(g)
+    return p
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    opts = {
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "draft_vocab": args.draft_vocab,
+        "block_size": args.block_size,
+        "num_blocks": args.num_blocks,
+        "cache_memory": args.cache_memory * 2**20,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "seed": args.seed,
+    }
+    if args.enable_prefix_caching:
+        opts["prefix_caching"] = True
+    if args.weight_dtype is not None:
+        opts["weight_dtype"] = DTYPES[args.weight_dtype]
+    return opts
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (UsageError naming --port when it is taken)."""
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port {port}: must be in [0, 65535]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"--host {host} --port {port}: cannot listen ({e.strerror})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    existing_dir("CKPT", args.ckpt)
+    if args.num_speculative_tokens > 1 and not args.speculative:
+        raise UsageError("--num-speculative-tokens: needs --speculative")
+    sock = bind(args.host, args.port)
+    configure_threads("dsv3 serve", args.threads)
+    import uvicorn
+
+    from dsv3.infer.llm import LLM
+    from dsv3.serve.app import ServerSettings, build_app
+    from dsv3.serve.engine_loop import EngineLoop
+
+    llm = LLM(
+        args.ckpt,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        speculative=args.speculative,
+        fp8_weights=args.fp8_weights,
+        verify=not args.no_verify,
+        **engine_options(args),
+    )
+    names = args.served_model_name or [Path(args.ckpt).resolve().name]
+    host, port = sock.getsockname()[:2]
+    loop = EngineLoop(llm.engine, args.max_queued_requests, args.max_queued_tokens)
+    settings = ServerSettings(
+        names,
+        api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+        ready_message=f"dsv3 serve: ready on http://{host}:{port} (model {names[0]}, "
+        f"{llm.engine.cache.num_blocks} cache blocks of {args.block_size} tokens, "
+        f"max_model_len {llm.engine.max_model_len})",
+    )
+    app = build_app(loop, settings)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=args.drain_timeout,
+        access_log=False,
+        lifespan="on",
+    )
+    server = DrainingServer(config, app)
+    server.run(sockets=[sock])
+    print("dsv3 serve: stopped", flush=True)
+    return 0
+
+
+class DrainingServer:
+    """uvicorn's Server whose SIGTERM/SIGINT first marks the app draining (503 for new requests,
+    /health 503) and ends with exit code 0 instead of re-raising the signal."""
+
+    def __new__(cls, config, app):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame) -> None:
+                app.state.draining = True
+                super().handle_exit(sig, frame)
+                if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
+                    self._captured_signals.remove(sig)  # a drained shutdown is a clean exit
+
+        return _Server(config)
+
+
+def main() -> int:
+    from dsv3.errors import run_cli
+
+    return run_cli("dsv3 serve", serve_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
