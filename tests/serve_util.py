@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import save_pretrained
 from dsv3.data.tokenizer import Tokenizer
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "To be, or not to be: that is the question.\n"] * 20
@@ -24,7 +25,7 @@ START_TIMEOUT = 180  # a loaded 2-core machine can take a minute to import torch
 
 def make_ckpt(path: Path) -> Path:
     torch.manual_seed(0)
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(path)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), path)
     Tokenizer.train(TEXTS, 300, show_progress=False).save(path)
     return path
 
