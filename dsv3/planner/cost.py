@@ -121,13 +121,14 @@ def forward_flops(
 
 # ---- roofline -------------------------------------------------------------------------------------
 def gemm_time(hw: Hardware, m: float, k: int, n: int, fp8: bool, weights: int = 1) -> float:
-    """Seconds for `weights` GEMMs [m, k] x [k, n] (m tokens each; FP8 or BF16 weights and inputs)."""
+    """Seconds for `weights` GEMMs [m, k] x [k, n] (m tokens each; FP8 or BF16 weights and inputs),
+    run as one (grouped) kernel."""
     if m <= 0:
         return 0.0
     elt = 1 if fp8 else 2
     flops = 2.0 * m * k * n * weights
     moved = weights * (k * n * elt + m * (k * elt + n * 2))  # weights + inputs + BF16 outputs
-    return max(flops / hw.gemm_flops(fp8), moved / hw.hbm_bytes) + weights * hw.kernel_us * 1e-6
+    return max(flops / hw.gemm_flops(fp8), moved / hw.hbm_bytes) + hw.kernel_us * 1e-6
 
 
 def roofline(hw: Hardware, flops: float, bytes_: float, rate: float, kernels: int = 1) -> float:
@@ -245,7 +246,10 @@ class Traffic:
         return self.dispatch_inter + self.dispatch_intra + self.combine_inter + self.combine_intra
 
     def seconds(self, hw: Hardware, rounds: int = 2) -> float:
-        """IB and NVLink run at once (two hops pipeline them); each exchange pays a latency."""
+        """IB and NVLink run at once (two hops pipeline them); each exchange pays a latency. Nothing
+        to send (one GPU): no exchange at all."""
+        if self.total == 0:
+            return 0.0
         inter = (self.dispatch_inter + self.combine_inter) / hw.ib_bytes
         intra = (self.dispatch_intra + self.combine_intra) / hw.nvlink_bytes
         return max(inter, intra) + rounds * hw.net_latency_us * 1e-6

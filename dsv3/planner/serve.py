@@ -232,7 +232,9 @@ def _decode_step(
         + 6 * hw.kernel_us * 1e-6
     )
     d, i = cfg.dim, cfg.moe_inter_dim
-    expert = 3 * cost.gemm_time(hw, rows, d, i, lay.fp8, slots)
+    # a slot that gets no copy is not read: slots x P(at least one of the GPU's copies lands there)
+    touched = slots * (1.0 - (1.0 - 1.0 / slots) ** (rows * slots)) if slots > 1 else 1.0
+    expert = 3 * cost.gemm_time(hw, rows * slots / touched, d, i, lay.fp8, max(1, round(touched)))
     if not lay.shared_as_routed:
         expert += 3 * cost.gemm_time(hw, tokens, d, i * cfg.n_shared_experts, lay.fp8)
     dense = 3 * cost.gemm_time(hw, tokens, d, cfg.inter_dim, lay.fp8)

@@ -183,25 +183,31 @@ def forward_parts(
     return t
 
 
+def model_costs(
+    cfg: ModelConfig, hw: Hardware, tokens: int, pairs: float, fp8: bool, ep: int = 1, recompute: bool = True
+) -> tuple[float, float, float, dict[str, float]]:
+    """(F, B, W, forward parts) in seconds of the whole model (MTP included) for `tokens` tokens
+    whose attention covers `pairs` (query, key) pairs per layer, on one GPU, no communication."""
+    parts = forward_parts(cfg, hw, tokens, pairs, fp8, ep=ep)
+    gemm = sum(v for k, v in parts.items() if k not in ("attention_core", "elementwise"))
+    total = sum(parts.values())
+    # MTP: one more block and the head again, for every token (§2.2)
+    mtp = cfg.n_mtp_layers * ((total - parts["head"]) / cfg.n_layers + parts["head"])
+    gemm_mtp = cfg.n_mtp_layers * ((gemm - parts["head"]) / cfg.n_layers + parts["head"])
+    f_all, w_all = total + mtp, gemm + gemm_mtp
+    redo = 0.0
+    if recompute:  # RMSNorm and the MLA up-projections run again in the backward
+        ups = [n for n in ("q_b", "kv_b") if n in cost.attention_weights(cfg)]
+        redo = cfg.n_layers * sum(cost.gemm_time(hw, tokens, *_kn(cfg, n), fp8) for n in ups)
+        redo += parts["elementwise"] / 4
+    i_all = w_all + 2 * parts["attention_core"] + 2 * parts["elementwise"] + redo
+    return f_all, i_all + w_all, w_all, {**parts, "mtp": mtp}
+
+
 def chunk_costs(cfg: ModelConfig, hw: Hardware, lay: TrainLayout) -> ChunkCosts:
     tokens = lay.micro_batch * lay.seq_len
     pairs = lay.micro_batch * cost.causal_pairs(lay.seq_len)
-    parts = forward_parts(cfg, hw, tokens, pairs, lay.fp8, ep=lay.ep)
-    gemm = sum(v for k, v in parts.items() if k not in ("attention_core", "elementwise"))
-    total = sum(parts.values())
-    # MTP: one more MoE block and the head again, for every token (§2.2)
-    mtp = cfg.n_mtp_layers * (total - parts["head"]) / cfg.n_layers + cfg.n_mtp_layers * parts["head"]
-    gemm_mtp = cfg.n_mtp_layers * (gemm - parts["head"]) / cfg.n_layers + cfg.n_mtp_layers * parts["head"]
-    f_all, w_all = total + mtp, gemm + gemm_mtp
-    recompute = 0.0
-    if lay.recompute:  # RMSNorm and the MLA up-projections run again in the backward
-        up = sum(
-            cost.gemm_time(hw, tokens, *_kn(cfg, n), lay.fp8)
-            for n in ("q_b", "kv_b")
-            if n in cost.attention_weights(cfg)
-        )
-        recompute = cfg.n_layers * up + parts["elementwise"] / 4
-    i_all = w_all + 2 * parts["attention_core"] + 2 * parts["elementwise"] + recompute
+    f_all, b_all, w_all, parts = model_costs(cfg, hw, tokens, pairs, lay.fp8, lay.ep, lay.recompute)
     pp = lay.pp
     comm_f = comm_b = p2p = 0.0
     if lay.communication:
@@ -211,10 +217,7 @@ def chunk_costs(cfg: ModelConfig, hw: Hardware, lay: TrainLayout) -> ChunkCosts:
         bwd = cost.traffic(copies, tokens, cfg.dim, K, "bf16", "bf16")
         comm_f, comm_b = moe * fwd.seconds(hw) / pp, moe * bwd.seconds(hw) / pp
         p2p = tokens * cfg.dim * 2 / hw.ib_bytes + hw.net_latency_us * 1e-6
-    return ChunkCosts(
-        f=f_all / pp, b=(i_all + w_all) / pp, w=w_all / pp, comm_f=comm_f, comm_b=comm_b, p2p=p2p,
-        parts={**parts, "mtp": mtp},
-    )  # fmt: skip
+    return ChunkCosts(f_all / pp, b_all / pp, w_all / pp, comm_f, comm_b, p2p, parts)
 
 
 def schedule_costs(cc: ChunkCosts, schedule: str, sm_fraction: float) -> Costs:
