@@ -107,7 +107,12 @@ DELEGATED = {
     ),
 }
 # `dsv3 plan <what>`: planners.
-PLANNERS = {"eplb": ("dsv3.infer.eplb.report", "plan_eplb_main")}
+PLANNERS = {
+    "eplb": ("dsv3.infer.eplb.report", "plan_eplb_main"),
+    "serve": ("dsv3.planner.serve", "plan_serve_main"),
+    "train": ("dsv3.planner.train", "plan_train_main"),
+    "calibrate": ("dsv3.planner.calibrate", "plan_calibrate_main"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_convert)
     for name, (_, _, help_) in DELEGATED.items():
         sub.add_parser(name, help=help_, add_help=False)
-    sub.add_parser("plan", help="planners: `dsv3 plan eplb ...` (expert placement with redundant experts)")
+    sub.add_parser("plan", help="planners: `dsv3 plan eplb|serve|train|calibrate ...` (docs/planning.md)")
     return p
 
 

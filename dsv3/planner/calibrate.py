@@ -1,0 +1,308 @@
+"""`dsv3 plan calibrate`: measure this machine as a `Hardware` profile, then check the planner's
+predictions against real dsv3 runs that were not used to build the profile.
+
+Fit (what the profile is made of):
+  matmul    FP32 GEMM FLOP/s of one thread (the CPU model computes in FP32) -> bf16/fp8_tflops
+  copy      bytes/s of a large tensor copy -> hbm_gbps, halved: the cost model counts BF16 weights
+            and activations (2 bytes), the CPU moves FP32 (4), so the profile is in BF16 units
+  overhead  kernel_us: the per-kernel cost that makes the engine's batch-1 decode step of the
+            calibration model match (solved from that one measurement)
+  gloo      two processes exchange all_to_all_single payloads of two sizes -> bandwidth (IB and
+            "NVLink" alike: one machine) and latency per exchange
+  The efficiencies are 1: the rates are what was reached, not peaks.
+
+Held out (predicted by the planner with the fitted profile, then measured):
+  decode-B  the single-process engine (the model's decode path), B sequences, step time
+  train     one forward + backward of the model on one process
+  ep2       one forward + backward with the routed experts over 2 gloo ranks (one hop, FP32 wire)
+  pp2       one 1F1B step over 2 gloo ranks (pipeline runtime), 4 micro-batches
+
+Timings are wall-clock medians; on a loaded machine they mean little (docs/planning.md). Run it
+on an idle machine with one thread per process:  dsv3 plan calibrate --out cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from dsv3.config import ModelConfig
+from dsv3.planner import cost
+from dsv3.planner.hardware import PRESETS, Hardware
+from dsv3.planner.serve import ServeLayout, _decode_step
+from dsv3.planner.train import model_costs
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    predicted: float
+    measured: float
+    held_out: bool
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1
+
+
+def _median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ---- micro-benchmarks --------------------------------------------------------------------------------
+def measure_matmul(n: int = 384, repeats: int = 5) -> float:
+    """FP32 FLOP/s of an n x n x n matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _median_time(lambda: a @ b, repeats)
+
+
+def measure_copy(mb: int = 64, repeats: int = 5) -> float:
+    """Bytes/s moved by a copy (read + write) of `mb` MB."""
+    x, y = torch.empty(mb * 2**18), torch.randn(mb * 2**18)
+    return 2 * x.numel() * 4 / _median_time(lambda: x.copy_(y), repeats)
+
+
+def _gloo_worker(rank: int, world: int, sizes: tuple[int, int], repeats: int) -> list[float]:
+    import torch.distributed as dist
+
+    out = []
+    for n in sizes:
+        x, y = torch.randn(world * n), torch.empty(world * n)
+
+        def run(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+            dist.all_to_all_single(y, x)
+
+        dist.barrier()
+        out.append(_median_time(run, repeats))
+    return out
+
+
+def measure_gloo(repeats: int = 5) -> tuple[float, float]:
+    """(bytes/s, seconds per exchange) of a 2-rank all_to_all_single, from a small and a large one."""
+    from dsv3.parallel.launch import run_ranks
+
+    small, large = 16, 1 << 18  # FP32 values per peer
+    times = max(run_ranks(_gloo_worker, 2, (small, large), repeats, timeout=60, deadline=120))
+    # bytes sent to the peer over the extra time of the large exchange (at least a tenth of its
+    # time: on a noisy machine the difference can vanish)
+    bandwidth = (large - small) * 4 / max(times[1] - times[0], 0.1 * times[1])
+    return bandwidth, max(times[0], 1e-6)
+
+
+# ---- the real runs -------------------------------------------------------------------------------------
+def _model(cfg: ModelConfig):
+    from dsv3.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+def measure_decode(cfg: ModelConfig, batch: int, prompt: int, steps: int) -> float:
+    """Median step time of the engine's decode steps (model path) with `batch` sequences."""
+    from dsv3.infer.engine import Engine, EngineConfig
+    from dsv3.infer.sampling import SamplingParams
+
+    engine = Engine(
+        _model(cfg), EngineConfig(fast_decode=False, max_num_seqs=batch, max_num_batched_tokens=4096)
+    )
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(torch.randint(2, cfg.vocab_size, (prompt,), generator=g).tolist(), params)
+    engine.step()  # the prefills
+    times = []
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:] or times)
+
+
+def measure_train(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float:
+    model = _model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        model.loss(x).total.backward()
+        model.zero_grad(set_to_none=True)
+
+    return _median_time(step, repeats)
+
+
+def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
+    import torch.distributed as dist
+
+    from dsv3.parallel.pipeline import PipelineRunner
+    from dsv3.parallel.strategy import build_strategy
+
+    torch.set_num_threads(1)
+    x = torch.randint(0, cfg.vocab_size, (world, batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    strategy = build_strategy(ep=2, zero=False, ranks_per_node=2)
+    model = strategy.parallelize(_model(cfg))
+
+    def ep_step() -> None:
+        dist.barrier()
+        model.loss(x[rank]).total.backward()
+        model.zero_grad(set_to_none=True)
+
+    out = {"ep2": _median_time(ep_step, repeats)}
+    chunks = 4
+    runner = PipelineRunner(_model(cfg), "1f1b", chunks)
+    mbs = torch.randint(0, cfg.vocab_size, (chunks, seq + 1), generator=torch.Generator().manual_seed(1))
+
+    def pp_step() -> None:
+        dist.barrier()
+        runner.step(mbs)
+        for p in runner.parameters():
+            p.grad = None
+
+    out["pp2"] = _median_time(pp_step, repeats)
+    return out
+
+
+# ---- predictions ---------------------------------------------------------------------------------------
+def predict_decode(cfg: ModelConfig, hw: Hardware, batch: int, prompt: int, steps: int) -> float:
+    lay = ServeLayout(
+        decode_gpus=1, decode_tp=1, decode_ep=1, decode_redundant=0, shared_as_routed=False, mtp=False,
+        batch=batch, fp8=False, kv_bytes=2.0, decode_overlap=False, input_len=prompt, output_len=steps, prefill_gpus=1,
+        prefill_tp=1, prefill_ep=1, prefill_redundant=0,
+    )  # fmt: skip
+    return _decode_step(cfg, hw, lay, batch, 1.0)[0]
+
+
+def predict_train(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, ep: int = 1) -> tuple[float, float]:
+    """(compute, communication) seconds of one forward + backward on one rank."""
+    f, b, _, _ = model_costs(cfg, hw, batch * seq, batch * cost.causal_pairs(seq), False, ep, recompute=False)
+    comm = 0.0
+    if ep > 1:
+        copies = cost.expected_copies(cfg, ep, ep, two_hop=False)
+        t = cost.traffic(copies, batch * seq, cfg.dim, cfg.n_activated_experts, "same", "same")
+        comm = 2 * (cfg.n_moe_layers + cfg.n_mtp_layers) * t.seconds(hw, rounds=3)  # + the counts
+    return f + b, comm
+
+
+def predict_pipeline(cfg: ModelConfig, hw: Hardware, seq: int, chunks: int = 4) -> float:
+    from dsv3.parallel.plan import Costs, simulate
+    from dsv3.parallel.schedule import build_schedule
+
+    f, b, w, _ = model_costs(cfg, hw, seq, cost.causal_pairs(seq), False, recompute=False)
+    p2p = seq * cfg.dim * 4 / hw.ib_bytes + hw.net_latency_us * 1e-6  # FP32 activations
+    return simulate(build_schedule("1f1b", 2, chunks), Costs(f / 2, b / 2, w / 2), p2p).makespan
+
+
+# ---- the command ---------------------------------------------------------------------------------------
+def fit_profile(
+    cfg: ModelConfig, prompt: int, steps: int, repeats: int, dist: bool
+) -> tuple[Hardware, float]:
+    """The fitted profile and the measured batch-1 decode step it was fitted on."""
+    flops, copy = measure_matmul(repeats=repeats), measure_copy(repeats=repeats)
+    hw = replace(
+        PRESETS["cpu"], bf16_tflops=flops / 1e12, fp8_tflops=flops / 1e12, hbm_gbps=copy / 2 / 1e9,
+        kernel_us=0.0, gemm_eff=1.0, attn_eff=1.0, hbm_eff=1.0, net_eff=1.0,
+    )  # fmt: skip
+    if dist:
+        bw, lat = measure_gloo(repeats)
+        hw = replace(hw, nvlink_gbps=bw / 1e9, ib_gbps=bw / 1e9, net_latency_us=lat * 1e6)
+    measured = measure_decode(cfg, 1, prompt, steps)
+    base = predict_decode(cfg, hw, 1, prompt, steps)
+    probe = predict_decode(cfg, replace(hw, kernel_us=1.0), 1, prompt, steps) - base  # s per kernel_us
+    return replace(hw, kernel_us=max(0.0, (measured - base) / probe)), measured
+
+
+def calibrate(
+    cfg: ModelConfig, batches: tuple[int, ...], prompt: int, steps: int, train: tuple[int, int], repeats: int,
+    dist: bool = True,
+) -> tuple[Hardware, list[Row]]:  # fmt: skip
+    hw, fit_step = fit_profile(cfg, prompt, steps, repeats, dist)
+    rows = [Row("decode-1 (fit)", predict_decode(cfg, hw, 1, prompt, steps), fit_step, False)]
+    for b in batches:
+        rows.append(
+            Row(
+                f"decode-{b}",
+                predict_decode(cfg, hw, b, prompt, steps),
+                measure_decode(cfg, b, prompt, steps),
+                True,
+            )
+        )
+    tb, ts = train
+    rows.append(
+        Row(
+            f"train {tb}x{ts}", sum(predict_train(cfg, hw, tb, ts)), measure_train(cfg, tb, ts, repeats), True
+        )
+    )
+    if dist:
+        from dsv3.parallel.launch import run_ranks
+
+        res = run_ranks(_dist_worker, 2, cfg, tb, ts, repeats, timeout=120, deadline=600)
+        rows.append(
+            Row(
+                f"ep2 train {tb}x{ts}",
+                sum(predict_train(cfg, hw, tb, ts, ep=2)),
+                max(r["ep2"] for r in res),
+                True,
+            )
+        )
+        rows.append(Row(f"pp2 1f1b 4x{ts}", predict_pipeline(cfg, hw, ts), max(r["pp2"] for r in res), True))
+    return hw, rows
+
+
+def format_rows(hw: Hardware, rows: list[Row]) -> str:
+    lines = [
+        f"profile: GEMM {hw.bf16_tflops * 1e3:.1f} GFLOP/s, memory {hw.hbm_gbps:.1f} GB/s (BF16 units), "
+        f"kernel {hw.kernel_us:.1f} us, gloo {hw.ib_gbps:.2f} GB/s + {hw.net_latency_us:.0f} us",
+        f"{'run':<22} {'predicted ms':>13} {'measured ms':>12} {'error':>7}",
+    ]
+    for r in rows:
+        lines.append(f"{r.name:<22} {r.predicted * 1e3:>13.2f} {r.measured * 1e3:>12.2f} {r.error:>+7.1%}")
+    held = [r for r in rows if r.held_out]
+    within = sum(abs(r.error) <= 0.2 for r in held)
+    lines.append(f"held-out runs within 20%: {within} of {len(held)}; load average {os.getloadavg()[0]:.2f} "
+                 f"on {os.cpu_count()} cores (numbers from a loaded machine mean little)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plan_calibrate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dsv3 plan calibrate", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small", help="model of the runs (small; tiny for a quick check)")
+    p.add_argument("--batches", default="4,16,64", help="held-out decode batch sizes")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per decode sequence")
+    p.add_argument("--steps", type=int, default=8, help="decode steps timed per batch size")
+    p.add_argument("--train", default="2x128", help="training batch: SEQUENCESxTOKENS")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-dist", action="store_true", help="skip the gloo measurements and runs")
+    p.add_argument("--out", help="write the fitted profile here (JSON, or YAML for .yaml)")
+    args = p.parse_args(argv)
+    from dsv3.cli import UsageError
+
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",") if b)
+        tb, ts = (int(v) for v in args.train.lower().split("x"))
+    except ValueError:
+        raise UsageError(
+            f"--batches {args.batches!r} / --train {args.train!r}: expected 4,16 and 2x128"
+        ) from None
+    torch.set_num_threads(1)
+    cfg = ModelConfig.from_preset(args.preset)
+    hw, rows = calibrate(cfg, batches, args.prompt, args.steps, (tb, ts), args.repeats, not args.no_dist)
+    print(format_rows(hw, rows))
+    if args.out:
+        print(f"profile: {hw.save(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from dsv3.errors import run_cli
+
+    raise SystemExit(run_cli("dsv3 plan calibrate", plan_calibrate_main))
