@@ -80,7 +80,7 @@ def _ep_case(rank, world, ranks_per_node, two_hop):
     from torch import nn
 
     from dsv3.model.moe import MoE
-    from dsv3.parallel.expert_parallel import ExpertParallel, ExpertParallelMoE
+    from dsv3.parallel.expert.moe import ExpertParallel, ExpertParallelMoE
     from dsv3.parallel.mesh import build_mesh
 
     cfg = ModelConfig.from_preset("tiny")

@@ -11,8 +11,8 @@ import pytest
 
 from dsv3 import ModelConfig
 from dsv3.config import ConfigError
-from dsv3.parallel.plan import formula_bubble
-from dsv3.parallel.schedule import SCHEDULES
+from dsv3.parallel.pipeline.plan import formula_bubble
+from dsv3.parallel.pipeline.schedule import SCHEDULES
 from dsv3.planner.hardware import PRESETS
 from dsv3.planner.train import ChunkCosts, TrainLayout, chunk_costs, plan_train
 

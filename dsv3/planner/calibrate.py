@@ -194,8 +194,8 @@ def predict_train(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, ep: int 
 
 
 def predict_pipeline(cfg: ModelConfig, hw: Hardware, seq: int, chunks: int = 4) -> float:
-    from dsv3.parallel.plan import Costs, simulate
-    from dsv3.parallel.schedule import build_schedule
+    from dsv3.parallel.pipeline.plan import Costs, simulate
+    from dsv3.parallel.pipeline.schedule import build_schedule
 
     f, b, w, _ = model_costs(cfg, hw, seq, cost.causal_pairs(seq), False, recompute=False)
     p2p = seq * cfg.dim * 4 / hw.ib_bytes + hw.net_latency_us * 1e-6  # FP32 activations

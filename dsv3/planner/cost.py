@@ -18,7 +18,7 @@ decode memory-bound (every expert a GPU hosts is read for a handful of tokens) a
 prefill compute-bound. The expert GEMMs run on the busiest GPU's tokens: the mean times the
 balance (max/mean GPU load) that `dsv3.planner.loads` gets from the real EPLB planner.
 
-All-to-all (§3.2.2, dsv3.parallel.dispatch): a dispatched row is D bytes of E4M3 plus one FP32
+All-to-all (§3.2.2, dsv3.parallel.expert.dispatch): a dispatched row is D bytes of E4M3 plus one FP32
 scale per 128 values (`wire_bytes("fp8")`), a combined row 2D bytes of BF16; the backward sends
 BF16 both ways. One hop sends one copy per (token, expert on another GPU); two hops send one copy
 per (token, other node) over IB, carrying the token's K gate values, then one per (token, expert on

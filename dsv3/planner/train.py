@@ -1,7 +1,7 @@
 """`dsv3 plan train`: step time, bubble, MFU, memory and GPU-hours of a training layout.
 
-The pipeline part is the project's own: `dsv3.parallel.schedule.build_schedule` makes the per-rank
-op lists of 1F1B, ZB1P, DualPipe or DualPipeV and `dsv3.parallel.plan.simulate` runs them, fed
+The pipeline part is the project's own: `dsv3.parallel.pipeline.schedule.build_schedule` makes the per-rank
+op lists of 1F1B, ZB1P, DualPipe or DualPipeV and `dsv3.parallel.pipeline.plan.simulate` runs them, fed
 with per-chunk costs from the cost model (`dsv3.planner.cost`):
 
   F   forward of one stage for one micro-batch: its GEMMs (FP8 or BF16), attention core (BF16),
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from dsv3.config import ConfigError, ModelConfig, check_known_fields, parse_typed
-from dsv3.parallel.plan import Costs, Simulation, peak_activations, simulate, summarize
-from dsv3.parallel.schedule import SCHEDULES, ScheduleError, build_schedule
+from dsv3.parallel.pipeline.plan import Costs, Simulation, peak_activations, simulate, summarize
+from dsv3.parallel.pipeline.schedule import SCHEDULES, ScheduleError, build_schedule
 from dsv3.planner import cost
 from dsv3.planner.hardware import Hardware, resolve_hardware
 
@@ -391,7 +391,7 @@ def plan_train_main(argv: list[str] | None = None) -> int:
     plan = plan_train(resolve_model(args.model), hw, parse_layout(args.layout))
     print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan, hw))
     if args.timeline:
-        from dsv3.parallel.timeline import draw_timeline
+        from dsv3.parallel.pipeline.timeline import draw_timeline
 
         title = f"{plan.layout.schedule}, {hw.name}: step {plan.step_time:.2f} s, bubble {plan.bubble:.2f} s"
         print(f"timeline: {draw_timeline(plan.sim, Path(args.timeline), title)}")
