@@ -89,7 +89,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 DELEGATED = {
     "demo": ("dsv3.demo", "main", "the main job: train `small` on the bundled corpus, evaluate, sample"),
     "train": ("dsv3.train.cli", "train_main", "train with the V3 recipe (see dsv3 train -h)"),
-    "eval": ("dsv3.train.cli", "eval_main", "evaluate a training checkpoint"),
+    "eval": (
+        "dsv3.evals.cli",
+        "eval_main",
+        "validation loss of a checkpoint, or --tasks: the evaluation harness",
+    ),
     "plot": ("dsv3.train.cli", "plot_main", "PNG plots of a training run"),
     "pipeline-plan": ("dsv3.parallel.plan", "pipeline_plan_main", "pipeline schedule timelines and bubbles"),
     "generate": ("dsv3.infer.cli", "generate_main", "generate from a checkpoint (batched, --speculative)"),
