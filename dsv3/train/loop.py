@@ -155,6 +155,10 @@ class Trainer:
             )  # load_checkpoint verifies
         else:
             self.model = Transformer(self.model_config(dataset)).to(dtype)
+            if cfg.init:  # weights and gate biases of another run; optimizer and schedule start afresh
+                from dsv3.train.phases import load_init_weights
+
+                load_init_weights(self.model, cfg.init)
         self.model_cfg = self.model.config
         if self.precision == "fp8":
             from dsv3.fp8 import convert
