@@ -1,5 +1,6 @@
-"""`dsv3 eval`: with --tasks, the evaluation harness; without, the validation loss of a training
-checkpoint (dsv3.train.cli.eval_main, unchanged)."""
+"""`dsv3 eval`: with --tasks, the evaluation harness; with --long-context, passkey retrieval and the
+loss by position (dsv3.evals.long_context); otherwise the validation loss of a training checkpoint
+(dsv3.train.cli.eval_main, unchanged)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,10 @@ def tasks_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--long-context" in argv:
+        from dsv3.evals.long_context import long_context_main
+
+        return long_context_main(argv)
     if any(a == "--tasks" or a.startswith("--tasks=") for a in argv):
         return tasks_main(argv)
     from dsv3.train.cli import eval_main as loss_main
