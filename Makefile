@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsv3-installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo post-training test lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/dsv3 demo
+
+# after `make demo`: extend its context, SFT, and score every stage (docs/post-training.md)
+post-training: setup
+	$(PY) bench/post_training.py --base runs/demo/checkpoints/step_00000500 --work runs/post
 
 test: setup
 	$(PY) -m pytest

@@ -69,17 +69,49 @@ def cmd_info(args: argparse.Namespace) -> int:
     print_param_counts(cfg, args.ckpt or args.preset)
     print(f"KV cache: {cfg.kv_cache_dim} values per token and layer, "
           f"{(cfg.n_layers) * cfg.kv_cache_dim * 2 / 1024:.1f} KiB per token in BF16")  # fmt: skip
+    print(context_line(cfg, args.ckpt))
     return 0
+
+
+def context_line(cfg, ckpt: str | None = None) -> str:
+    """The effective context: max_seq_len, with YaRN's settings when it extends the RoPE, and for a
+    training checkpoint the phase and seq_len it was trained at (trainer.json)."""
+    from dsv3.model.rope import softmax_scale
+
+    if cfg.yarn_active:
+        scale = softmax_scale(cfg) * cfg.qk_head_dim**0.5
+        line = (f"context: {cfg.max_seq_len} positions (YaRN x{cfg.rope_factor:g} from {cfg.original_seq_len}; "
+                f"beta_fast {cfg.beta_fast}, beta_slow {cfg.beta_slow}, mscale {cfg.mscale:g}: "
+                f"attention logits x{scale:.4f})")  # fmt: skip
+    else:
+        line = f"context: {cfg.max_seq_len} positions (plain RoPE, no YaRN)"
+    state = Path(ckpt) / "trainer.json" if ckpt else None
+    if state is not None and state.is_file():
+        import json
+
+        try:
+            saved = json.loads(state.read_text())["config"]
+            line += f"; trained at seq_len {saved['seq_len']}, phase {saved.get('phase') or 'pre-training'}"
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable trainer state: the model's context is still known
+    return line
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from dsv3.checkpoint import convert_fp8_to_bf16
 
-    if not args.fp8_to_bf16:
-        raise UsageError("say what to convert, e.g. --fp8-to-bf16 SRC DST")
+    if not (args.fp8_to_bf16 or args.add_chat_tokens):
+        raise UsageError("say what to convert, e.g. --fp8-to-bf16 SRC DST or --add-chat-tokens SRC DST")
     existing_dir("SRC", args.src)
     if Path(args.dst).resolve() == Path(args.src).resolve():
         raise UsageError(f"DST {args.dst}: must differ from SRC")
+    if args.add_chat_tokens:
+        from dsv3.data.chat import migrate_checkpoint
+
+        info = migrate_checkpoint(args.src, args.dst)
+        print(f"wrote {args.dst}: <｜User｜> = {info['user_id']}, <｜Assistant｜> = {info['assistant_id']}, "
+              f"vocab {info['vocab_size']}" + ("" if info["added_tokens"] else " (the tokenizer had them already)"))  # fmt: skip
+        return 0
     convert_fp8_to_bf16(args.src, args.dst)
     print(f"wrote a BF16 copy of {args.src} to {args.dst}")
     return 0
@@ -89,13 +121,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
 DELEGATED = {
     "demo": ("dsv3.demo", "main", "the main job: train `small` on the bundled corpus, evaluate, sample"),
     "train": ("dsv3.train.cli", "train_main", "train with the V3 recipe (see dsv3 train -h)"),
-    "eval": ("dsv3.train.cli", "eval_main", "evaluate a training checkpoint"),
+    "eval": (
+        "dsv3.evals.cli",
+        "eval_main",
+        "validation loss of a checkpoint, or --tasks: the evaluation harness",
+    ),
     "plot": ("dsv3.train.cli", "plot_main", "PNG plots of a training run"),
     "pipeline-plan": (
         "dsv3.parallel.pipeline.cli",
         "pipeline_plan_main",
         "pipeline schedule timelines and bubbles",
     ),
+    "sft": (
+        "dsv3.train.sft",
+        "sft_main",
+        "chat SFT on JSONL conversations (V3 chat format, assistant-only loss)",
+    ),
+    "synth": ("dsv3.data.chat_synth", "synth_main", "synthesise the demo chat set from the corpus"),
     "generate": ("dsv3.infer.cli", "generate_main", "generate from a checkpoint (batched, --speculative)"),
     "chat": ("dsv3.infer.cli", "chat_main", "interactive chat with a checkpoint (/exit, /clear)"),
     "complete": ("dsv3.infer.cli", "complete_main", "fill in the middle between --prefix and --suffix"),
@@ -126,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert", help="checkpoint conversions")
     s.add_argument("--fp8-to-bf16", action="store_true", help="dequantise an official FP8 checkpoint")
+    s.add_argument("--add-chat-tokens", action="store_true",
+                   help="add <｜User｜>/<｜Assistant｜> special tokens to an older checkpoint (grows the vocabulary)")  # fmt: skip
     s.add_argument("src")
     s.add_argument("dst")
     s.set_defaults(fn=cmd_convert)

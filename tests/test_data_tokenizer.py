@@ -38,14 +38,16 @@ def test_special_ids_and_strings(tok):
         "<｜fim▁hole｜>",
         "<｜fim▁begin｜>",
         "<｜fim▁end｜>",
+        "<｜User｜>",
+        "<｜Assistant｜>",
     )
     assert "\uff5c" in BOS and "\u2581" in BOS  # full-width bar and lower one-eighth block, not ASCII
     assert (tok.bos_id, tok.eos_id, tok.fim_hole_id, tok.fim_begin_id, tok.fim_end_id) == (0, 1, 2, 3, 4)
     for s in SPECIAL_TOKENS:
         assert tok.encode(s) == [tok.hf.token_to_id(s)]  # one token each
-    assert tok.user_id is None and tok.assistant_id is None
+    assert (tok.user_id, tok.assistant_id) == (5, 6)  # real special tokens, not text
     # a corpus this small runs out of pairs to merge before the budget: the size is an upper bound
-    assert 256 + 5 < tok.vocab_size <= VOCAB
+    assert 256 + 7 < tok.vocab_size <= VOCAB
 
 
 @pytest.mark.parametrize(
@@ -114,7 +116,7 @@ def test_token_bytes_count_utf8_exactly(tok):
         assert table[ids].sum() == len(text.encode("utf-8"))
 
 
-def test_chat_template_fallback_markers(tok):
+def test_chat_template_markers_are_special_tokens(tok):
     msgs = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -124,7 +126,8 @@ def test_chat_template_fallback_markers(tok):
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert text == f"{BOS}Be brief.{USER}Hi{ASSISTANT}Hello{EOS}{USER}Bye{ASSISTANT}"
     ids = tok.apply_chat_template(msgs)
-    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1  # markers spelled as text here
+    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1
+    assert ids.count(tok.user_id) == 2 and ids.count(tok.assistant_id) == 2  # one id per marker
     assert tok.decode(ids) == text
     no_gen = tok.apply_chat_template(msgs[:3], add_generation_prompt=False, tokenize=False)
     assert no_gen.endswith(f"Hello{EOS}")
@@ -133,8 +136,9 @@ def test_chat_template_fallback_markers(tok):
 
 
 def test_chat_content_cannot_inject_special_tokens(tok):
-    ids = tok.apply_chat_template([{"role": "user", "content": f"x{EOS}y"}])
+    ids = tok.apply_chat_template([{"role": "user", "content": f"x{EOS}y{ASSISTANT}"}])
     assert ids.count(tok.eos_id) == 0 and ids.count(tok.bos_id) == 1
+    assert ids.count(tok.assistant_id) == 1  # only the generation prompt's
 
 
 def test_punct_newline_splitting(tok):

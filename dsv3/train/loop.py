@@ -145,6 +145,10 @@ class Trainer:
             self.model = load_pretrained(ckpt, dtype=dtype, verify=False)  # load_checkpoint verifies
         else:
             self.model = Transformer(self.model_config(dataset)).to(dtype)
+            if cfg.init:  # weights and gate biases of another run; optimizer and schedule start afresh
+                from dsv3.train.phases import load_init_weights
+
+                load_init_weights(self.model, cfg.init)
         self.model_cfg = self.model.config
         chunks = pipeline_chunks(cfg.batch_start, cfg.batch_end, cfg.micro_batch, self.strategy.data_world,
                                  cfg.parallel.get("pp", 1))  # fmt: skip

@@ -1,0 +1,148 @@
+"""After pre-training, end to end (issue 19): pre-train the demo model, extend its context with
+YaRN (256 -> 1,024), fine-tune it on the synthesised chat set, and score every stage.
+
+Stages, each the documented command run in this process (dsv3.cli.main), timed:
+1. pre-train `small` as `make demo` does (500 steps of 8 x 256), or reuse --base CKPT;
+2. extend: `dsv3 train --init BASE --phase ctx1 seq_len=1024` (the scaled §4.3 recipe, 4x here);
+3. passkey retrieval and loss by position, base vs extended: `dsv3 eval --long-context`;
+4. `dsv3 synth` the demo chat set, then `dsv3 sft --init EXTENDED` (held-out chat loss before/after);
+5. `dsv3 eval --tasks smoke` on the base, extended and SFT models;
+then RESULTS.md in --work with every table (and the plots beside it).
+
+    .venv/bin/python bench/post_training.py --work runs/post            # the demo scale: ~an hour, quiet machine
+    .venv/bin/python bench/post_training.py --toy --work /tmp/post      # a few steps of `tiny`: the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dsv3.cli import main as dsv3
+
+DEMO = {"preset": "small", "steps": 500, "seq_len": 256, "extend_seq_len": 1024, "extend_steps": 200,
+        "lengths": "128,256,512,1024", "per_cell": 5, "chats": 600, "sft_steps": None, "eval_limit": None,
+        "temperatures": None, "train_extra": ["micro_batch=8", "batch_start=8", "batch_end=8", "lr=2e-3",
+        "eval_every=125", "eval_batches=16", "ckpt_every=250", "keep_last=1"]}  # fmt: skip
+TOY = {"preset": "tiny", "steps": 3, "seq_len": 32, "extend_seq_len": 128, "extend_steps": 2,
+       "lengths": "128,192", "per_cell": 1, "chats": 24, "sft_steps": 2, "eval_limit": 1, "temperatures": "0",
+       "train_extra": ["micro_batch=2", "batch_start=2", "batch_end=2", "eval_every=3", "eval_batches=1",
+       "ckpt_every=3", "precision=fp32", "tensorboard=false"]}  # fmt: skip
+
+
+def run(stage: str, argv: list[str], times: dict[str, float]) -> None:
+    print(f"\n== {stage}: dsv3 {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    rc = dsv3(argv)
+    times[stage] = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"post_training: stage {stage} failed (exit {rc})")
+
+
+def newest(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+
+
+def stages(args: argparse.Namespace, s: dict) -> dict:
+    work = Path(args.work)
+    threads = ["--threads", str(args.threads)]
+    times: dict[str, float] = {}
+    data = ["--data", args.data] if args.data else []
+    if args.base:
+        base = Path(args.base)
+    else:
+        run("pretrain", ["train", "--preset", s["preset"], "--steps", str(s["steps"]), "--out", str(work / "base"),
+                         "--quiet", "--force", *data, *threads, f"seq_len={s['seq_len']}", *s["train_extra"]], times)  # fmt: skip
+        base = newest(work / "base")
+    run("extend", ["train", "--init", str(base), "--phase", "ctx1", "--out", str(work / "extended"), "--quiet",
+                   "--force", *threads, f"seq_len={s['extend_seq_len']}", f"steps={s['extend_steps']}"], times)  # fmt: skip
+    extended = newest(work / "extended")
+    run("long_context", ["eval", "--long-context", "--ckpt", str(base), str(extended), "--lengths", s["lengths"],
+                         "--per-cell", str(s["per_cell"]), "--seq-len", str(s["extend_seq_len"]),
+                         "--out", str(work / "long_context"), *threads], times)  # fmt: skip
+    chats = work / "chats.jsonl"
+    run("synth", ["synth", "--out", str(chats), "--n", str(s["chats"])], times)
+    sft_steps = ["--max-steps", str(s["sft_steps"])] if s["sft_steps"] else []
+    run("sft", ["sft", "--init", str(extended), "--data", str(chats), "--out", str(work / "sft"),
+                "--seq-len", str(s["extend_seq_len"]), *sft_steps, *threads], times)  # fmt: skip
+    sft = newest(work / "sft")
+    limit = ["--limit", str(s["eval_limit"])] if s["eval_limit"] else []
+    temps = ["--temperatures", s["temperatures"]] if s["temperatures"] else []
+    for name, ckpt in (("base", base), ("extended", extended), ("sft", sft)):
+        run(f"eval_{name}", ["eval", "--tasks", "smoke", "--ckpt", str(ckpt), "--report", str(work / f"eval_{name}.json"),
+                             *limit, *temps, *threads], times)  # fmt: skip
+    return {"base": str(base), "extended": str(extended), "sft": str(sft), "times": times}
+
+
+def results_markdown(work: Path, info: dict) -> str:
+    lc = json.loads((work / "long_context" / "report.json").read_text())
+    lines = ["# Post-training results", "", f"Checkpoints: base `{info['base']}`, extended `{info['extended']}`, "
+             f"SFT `{info['sft']}`.", "", "## Passkey accuracy by prompt length", ""]  # fmt: skip
+    names = list(lc)
+    lengths = lc[names[0]]["passkey"]["lengths"]
+    lines += ["| model | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for name in names:
+        by = lc[name]["passkey"]["by_length"]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{by.get(str(n), float('nan')):.2f}" for n in lengths) + " |"
+        )
+    lines += ["", "![passkey](long_context/passkey.png)", ""]
+    if any("loss_by_position" in lc[n] for n in names):
+        buckets = next(lc[n] for n in names if "loss_by_position" in lc[n])["loss_by_position"]
+        lines += ["## Validation loss by position", "",
+                  "| model | " + " | ".join(f"{b['start']}-{b['end']}" for b in buckets) + " |",
+                  "|---|" + "---:|" * len(buckets)]  # fmt: skip
+        for name in names:
+            if "loss_by_position" in lc[name]:
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{b['loss']:.3f}" for b in lc[name]["loss_by_position"])
+                    + " |"
+                )
+        lines += ["", "![loss by position](long_context/loss_by_position.png)", ""]
+    sft_state = json.loads((Path(info["sft"]) / "trainer.json").read_text())
+    lines += ["## SFT", "", "| held-out chat loss | nats per assistant token |", "|---|---:|",
+              f"| before (extended model) | {sft_state['val_chat_loss_before']:.4f} |",
+              f"| after SFT | {sft_state['val_chat_loss_after']:.4f} |", "", "## Smoke tasks", ""]  # fmt: skip
+    reports = {
+        n: json.loads((work / f"eval_{n}.json").read_text())["tasks"] for n in ("base", "extended", "sft")
+    }
+    tasks = [t["task"] for t in reports["base"]]
+    lines += ["| model | " + " | ".join(f"{t} [smoke]" for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines.append("| random baseline | " + " | ".join(
+        f"{t['random_baseline']:.3f}" if t["kind"] == "multiple_choice" else "0.000" for t in reports["base"]) + " |")  # fmt: skip
+    for name, rep in reports.items():
+        cells = [
+            f"{t['acc']:.3f}" if t["kind"] == "multiple_choice" else f"{t['pass@1']['mean']:.3f}" for t in rep
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Multiple choice: acc; generation: pass@1, mean over the temperatures.", "", "## Times", "",
+              "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in info["times"].items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="runs/post", help="directory for every run, report and plot")
+    p.add_argument(
+        "--base", help="reuse this pre-trained checkpoint (e.g. runs/demo/checkpoints/step_00000500)"
+    )
+    p.add_argument("--data", help="pre-training data (default: the bundled corpus)")
+    p.add_argument(
+        "--toy", action="store_true", help="a few steps of `tiny`: tests the script, not the model"
+    )
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    settings = TOY if args.toy else DEMO
+    info = stages(args, settings)
+    out = Path(args.work) / "RESULTS.md"
+    out.write_text(results_markdown(Path(args.work), info))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

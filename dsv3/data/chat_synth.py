@@ -1,0 +1,118 @@
+"""`dsv3 synth`: a small chat data set for the demo, synthesised locally from the training corpus
+(as V3's non-reasoning SFT data was generated, §5.1, here by rules rather than by a model).
+
+Four kinds of conversations, each answer checkable from the corpus itself:
+- code: "Write a Python function NAME(ARGS): DOC" -> the standard library's function (short ones);
+- returns: "What does this function return?" + a short function -> its return statement(s);
+- continue: "Continue this passage: ..." (two Shakespeare lines) -> the next line;
+- source: "Which Shakespeare work is this line from?" -> the work's title.
+A fifth of the conversations have a system prompt, a quarter are two turns (multi-turn).
+Not done: generating answers with a model and keeping those that pass a check (rejection sampling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SYSTEM = "You are a helpful assistant. Answer briefly."
+MAX_FUNCTION_CHARS = 600
+
+
+def code_pairs(max_pairs: int = 400) -> list[tuple[str, str]]:
+    """(question, answer) pairs from short documented top-level functions of the standard library."""
+    from dsv3.data.corpus import stdlib_documents
+
+    pairs: list[tuple[str, str]] = []
+    for doc in stdlib_documents():
+        try:
+            tree = ast.parse(doc.text)
+        except (SyntaxError, ValueError):
+            continue
+        lines = doc.text.splitlines()
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            source = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            docstring = ast.get_docstring(node)
+            if not docstring or len(source) > MAX_FUNCTION_CHARS or node.decorator_list:
+                continue
+            summary = docstring.strip().splitlines()[0]
+            args = ", ".join(a.arg for a in node.args.args)
+            pairs.append((f"Write a Python function {node.name}({args}): {summary}", source))
+            returns = [
+                ast.get_source_segment(doc.text, r) for r in ast.walk(node) if isinstance(r, ast.Return)
+            ]
+            returns = [r for r in returns if r and r != "return"]
+            if returns:
+                pairs.append(
+                    (f"What does this function return?\n{source}", "It returns: " + "; ".join(returns[:3]))
+                )
+            if len(pairs) >= max_pairs:
+                return pairs
+    return pairs
+
+
+def verse_pairs(max_pairs: int = 400, seed: int = 0) -> list[tuple[str, str]]:
+    from dsv3.data.corpus import shakespeare_documents
+    from dsv3.evals.smoke_build import verse_lines
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for doc in shakespeare_documents():
+        title = doc.name.split("/")[-1].removesuffix("_gut").replace("_", " ").title()
+        runs = verse_lines([doc.text])
+        for _ in range(max(1, max_pairs // 40)):
+            if not runs:
+                break
+            run = runs[int(rng.integers(len(runs)))]
+            i = int(rng.integers(2, len(run)))
+            pairs.append((f"Continue this passage:\n{run[i - 2]}\n{run[i - 1]}", run[i]))
+            pairs.append((f"Which Shakespeare work is this line from?\n{run[i]}", title))
+    return pairs[:max_pairs]
+
+
+def synthesise(n: int = 600, seed: int = 0) -> list[dict]:
+    """`n` conversations mixing the four kinds, shuffled by `seed`."""
+    rng = np.random.default_rng(seed)
+    pairs = code_pairs(n) + verse_pairs(n, seed)  # enough for n conversations of up to two turns
+    order = rng.permutation(len(pairs)).tolist()
+    conversations, i = [], 0
+    while i < len(order) and len(conversations) < n:
+        messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.2 else []
+        turns = 2 if rng.random() < 0.25 and i + 1 < len(order) else 1
+        for q, a in (pairs[j] for j in order[i : i + turns]):
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        i += turns
+        conversations.append({"messages": messages})
+    return conversations
+
+
+def synth_main(argv: list[str] | None = None) -> int:
+    from dsv3.cli import positive_int
+
+    p = argparse.ArgumentParser(
+        prog="dsv3 synth", description="Synthesise the demo chat set from the corpus."
+    )
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--n", type=positive_int, default=600, help="conversations")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    rows = synthesise(args.n, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    print(f"wrote {len(rows)} conversations to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from dsv3.errors import run_cli
+
+    sys.exit(run_cli("dsv3 synth", synth_main))

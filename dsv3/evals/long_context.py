@@ -1,0 +1,241 @@
+"""Long-context evaluation (§4.3): passkey retrieval ("needle in a haystack") at lengths up to the
+model's context, scored by exact match and plotted by length and depth; and the validation loss by
+position bucket (does the model use, or at least survive, positions past its pre-training length?).
+
+A passkey prompt is filler text from the corpus (Shakespeare) with one sentence holding a random
+5-digit key inserted at a relative depth (0: the start, 1: just before the question), then the
+question; the model must write the key:
+
+    <bos> ...filler... The pass key is 48213. Remember it. 48213 is the pass key. ...filler...
+    What is the pass key? The pass key is
+
+Lengths are in tokens of the whole prompt (bos included), so a row of length L tests positions up
+to L - 1 and the answer's positions just past it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsv3.evals.tasks import Task
+
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def filler_text(max_chars: int = 400_000) -> str:
+    """Shakespeare's works, concatenated (the haystack)."""
+    from dsv3.data.corpus import shakespeare_documents
+
+    text = "\n".join(d.text for d in shakespeare_documents())
+    return text[:max_chars]
+
+
+def passkey_rows(
+    tok,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    per_cell: int,
+    seed: int = 0,
+    filler: str | None = None,
+) -> list[dict[str, Any]]:
+    """`per_cell` prompts for every (length, depth), each with its own key and filler window."""
+    filler_ids = tok.encode(filler if filler is not None else filler_text())
+    rng = np.random.default_rng(seed)
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(per_cell):
+                key = str(int(rng.integers(10_000, 100_000)))
+                needle, question = tok.encode(NEEDLE.format(key=key)), tok.encode(QUESTION)
+                room = length - 1 - len(needle) - len(question)
+                if room < 0:
+                    from dsv3.cli import UsageError
+
+                    raise UsageError(f"--lengths {length}: too short for the needle and the question")
+                start = int(rng.integers(0, len(filler_ids) - room))
+                hay = filler_ids[start : start + room]
+                cut = round(depth * room)
+                # decode pieces separately: the token count is what the model sees, up to merges
+                prompt = (
+                    tok.decode(hay[:cut])
+                    + NEEDLE.format(key=key)
+                    + tok.decode(hay[cut:])
+                    + QUESTION.lstrip(" ")
+                )
+                rows.append({"prompt": prompt, "answer": key, "length": length, "depth": depth})
+    return rows
+
+
+def passkey_task(tok, lengths, depths, per_cell: int = 5, seed: int = 0, filler: str | None = None) -> Task:
+    rows = passkey_rows(tok, lengths, depths, per_cell, seed, filler)
+    return Task(name="passkey", kind="generate", rows=rows, scoring="exact_match", extract="first_word",
+                max_tokens=8, temperatures=(0.0,), description="passkey retrieval by length and depth")  # fmt: skip
+
+
+def accuracy_grid(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy by (length, depth) and by length, from an `evaluate_task` result of passkey_task."""
+    cells: dict[tuple[int, float], list[int]] = {}
+    for d in result["runs"][0]["details"]:
+        row = task.rows[d["row"]]
+        cells.setdefault((row["length"], row["depth"]), []).append(d["correct"])
+    lengths = sorted({k[0] for k in cells})
+    depths = sorted({k[1] for k in cells})
+    grid = [[float(np.mean(cells[(n, d)])) for d in depths] for n in lengths]
+    by_length = {
+        str(n): float(np.mean([c for (m, _), v in cells.items() if m == n for c in v])) for n in lengths
+    }
+    return {"lengths": lengths, "depths": depths, "accuracy": grid, "by_length": by_length}
+
+
+def plot_passkey(grids: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Accuracy by length (one line per model) and a length x depth heatmap per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(grids)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4 * (n + 1), 3.4), squeeze=False)
+    ax = axes[0][0]
+    for name, g in grids.items():
+        ax.plot(g["lengths"], [g["by_length"][str(x)] for x in g["lengths"]], marker="o", label=name)
+    ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), xscale="log")
+    ax.legend()
+    for ax, (name, g) in zip(axes[0][1:], grids.items()):
+        im = ax.imshow(
+            np.array(g["accuracy"]).T, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower"
+        )
+        ax.set_xticks(range(len(g["lengths"])), [str(x) for x in g["lengths"]])
+        ax.set_yticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]])
+        ax.set(title=name, xlabel="length", ylabel="depth")
+    fig.colorbar(im, ax=axes[0][-1])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def loss_by_position(model, batches, n_buckets: int = 8) -> list[dict[str, float]]:
+    """Mean next-token loss in `n_buckets` equal position ranges over packed batches [B, T+1]."""
+    total, count = None, None
+    for batch in batches:
+        logits = model(batch[:, :-1]).float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch[:, 1:], reduction="none"
+        )  # (B, T)
+        total = nll.sum(0) if total is None else total + nll.sum(0)
+        count = batch.shape[0] if count is None else count + batch.shape[0]
+    if total is None:
+        raise ValueError("loss_by_position: no batches")
+    T = total.shape[0]
+    edges = [round(i * T / n_buckets) for i in range(n_buckets + 1)]
+    return [{"start": a, "end": b, "loss": float(total[a:b].sum() / (count * (b - a)))}
+            for a, b in zip(edges, edges[1:]) if b > a]  # fmt: skip
+
+
+def plot_loss_by_position(
+    curves: dict[str, list[dict[str, float]]], path: str | Path, mark: int | None = None
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, buckets in curves.items():
+        ax.plot(
+            [(b["start"] + b["end"]) / 2 for b in buckets],
+            [b["loss"] for b in buckets],
+            marker="o",
+            label=name,
+        )
+    if mark:
+        ax.axvline(mark, color="grey", linestyle="--", label=f"pre-training length {mark}")
+    ax.set(xlabel="position", ylabel="validation loss (nats)")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def checkpoint_val_batches(ckpt: str | Path, seq_len: int, batch_size: int, max_batches: int):
+    """Validation batches of the run that wrote training checkpoint `ckpt`, at `seq_len`."""
+    from dsv3.data.dataset import DataConfig, prepare_data
+    from dsv3.data.loader import val_batches
+    from dsv3.train.cli import _saved_config
+    from dsv3.train.config import TrainConfig
+
+    cfg = TrainConfig.build({**_saved_config(Path(ckpt)), "tokenizer": str(ckpt)})
+    data = prepare_data(DataConfig(data=cfg.data, tokenizer=str(ckpt), val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                   max_bytes=cfg.max_corpus_bytes, fim_rate=cfg.fim_rate, progress=False))  # fmt: skip
+    return list(val_batches(data.val, seq_len, batch_size, max_batches=max_batches))
+
+
+def long_context_main(argv: list[str]) -> int:
+    """`dsv3 eval --long-context --ckpt CKPT [...]`: passkey accuracy and loss by position."""
+    import argparse
+    import json
+
+    from dsv3.cli import existing_dir, positive_int
+    from dsv3.evals.backends import LocalBackend
+    from dsv3.evals.runner import evaluate_task
+    from dsv3.threads import add_threads_argument, configure_threads
+
+    p = argparse.ArgumentParser(prog="dsv3 eval --long-context", description=__doc__.split("\n\n")[0])
+    p.add_argument("--long-context", action="store_true")
+    p.add_argument(
+        "--ckpt", required=True, nargs="+", help="checkpoint(s); several are compared in the plots"
+    )
+    p.add_argument("--lengths", default="128,256,512,1024", help="prompt lengths in tokens")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions)")
+    p.add_argument("--per-cell", type=positive_int, default=5, help="prompts per (length, depth)")
+    p.add_argument(
+        "--buckets", type=int, default=8, help="position buckets of the validation loss (0: skip it)"
+    )
+    p.add_argument(
+        "--seq-len", type=positive_int, help="sequence length of the loss by position (default: max length)"
+    )
+    p.add_argument("--batches", type=positive_int, default=4)
+    p.add_argument("--out", default="long_context", help="directory for report.json and the plots")
+    p.add_argument("--seed", type=int, default=0)
+    add_threads_argument(p)
+    args = p.parse_args(argv)
+    configure_threads("dsv3 eval", args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    report, grids, curves = {}, {}, {}
+    for ckpt in args.ckpt:
+        backend = LocalBackend.from_checkpoint(str(existing_dir("--ckpt", ckpt)))
+        name = Path(ckpt).parent.parent.name if Path(ckpt).parent.name == "checkpoints" else Path(ckpt).name
+        fits = [n for n in lengths if n + 8 <= backend.max_len]
+        task = passkey_task(backend.tok, fits, depths, args.per_cell, args.seed)
+        grids[name] = accuracy_grid(task, evaluate_task(task, backend))
+        entry: dict[str, Any] = {"checkpoint": str(ckpt), "passkey": grids[name]}
+        if args.buckets > 0 and (Path(ckpt) / "trainer.json").is_file():
+            seq_len = min(args.seq_len or max(lengths), backend.max_len)
+            batches = checkpoint_val_batches(ckpt, seq_len, 2, args.batches)
+            curves[name] = entry["loss_by_position"] = loss_by_position(backend.model, batches, args.buckets)
+        report[name] = entry
+        print(
+            f"{name}: passkey accuracy by length "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in grids[name]["by_length"].items())
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(plot_passkey(grids, out / "passkey.png"))
+    if curves:
+        print(plot_loss_by_position(curves, out / "loss_by_position.png"))
+    return 0

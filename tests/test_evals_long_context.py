@@ -1,0 +1,103 @@
+"""Long-context evaluation: passkey prompts of the asked length and depth, accuracy by length and
+depth, the plots, and the validation loss by position bucket."""
+
+import json
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.data.tokenizer import Tokenizer
+from dsv3.evals.long_context import (
+    NEEDLE,
+    QUESTION,
+    accuracy_grid,
+    loss_by_position,
+    passkey_task,
+    plot_loss_by_position,
+    plot_passkey,
+)
+from dsv3.evals.runner import evaluate_task
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "To be, or not to be: that is the question.\n"] * 20
+FILLER = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n" * 200
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXTS + [FILLER[:2000]], 300, show_progress=False)
+
+
+def test_passkey_prompts_have_their_length_depth_and_key(tok):
+    task = passkey_task(tok, [128, 192], [0.0, 0.5, 1.0], per_cell=2, filler=FILLER)
+    assert len(task.rows) == 2 * 3 * 2 and task.temperatures == (0.0,)
+    keys = set()
+    for row in task.rows:
+        n = len([tok.bos_id, *tok.encode(row["prompt"])])
+        assert abs(n - row["length"]) <= 4, (n, row["length"])  # merges at the joins move it a token or two
+        needle = NEEDLE.format(key=row["answer"])
+        before = len(tok.encode(row["prompt"][: row["prompt"].index(needle)]))  # haystack tokens before it
+        hay = n - 1 - len(tok.encode(needle)) - len(tok.encode(QUESTION))
+        assert abs(before / hay - row["depth"]) < 0.1
+        assert row["prompt"].endswith("What is the pass key? The pass key is")
+        keys.add(row["answer"])
+    assert len(keys) > 6  # every prompt its own key
+
+
+class KeyAtShortLengths:
+    """Answers with the key for rows of length <= limit, with a wrong key for the others."""
+
+    name = "scripted"
+
+    def __init__(self, task, limit):
+        self.by_prompt = {r["prompt"]: r for r in task.rows}
+        self.limit = limit
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            row = self.by_prompt[r.prompt]
+            out.append(f" {row['answer']}. Yes" if row["length"] <= self.limit else " 12345")
+        return out
+
+
+def test_accuracy_by_length_and_depth_and_the_plots(tok, tmp_path):
+    task = passkey_task(tok, [128, 192], [0.0, 1.0], per_cell=3, filler=FILLER)
+    grid = accuracy_grid(task, evaluate_task(task, KeyAtShortLengths(task, 128)))
+    assert grid["lengths"] == [128, 192] and grid["depths"] == [0.0, 1.0]
+    assert grid["accuracy"] == [[1.0, 1.0], [0.0, 0.0]] and grid["by_length"] == {"128": 1.0, "192": 0.0}
+    png = plot_passkey({"base": grid, "extended": grid}, tmp_path / "p.png")
+    assert png.stat().st_size > 1000
+
+
+def test_loss_by_position_is_the_mean_loss_of_each_position_range(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).eval()
+    batches = [torch.randint(0, 512, (2, 17)), torch.randint(0, 512, (1, 17))]
+    buckets = loss_by_position(model, batches, n_buckets=4)
+    assert [(b["start"], b["end"]) for b in buckets] == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    rows = torch.cat(batches)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(rows[:, :-1]), -1)
+    nll = -logp.gather(-1, rows[:, 1:, None])[..., 0]  # (3, 16)
+    for b in buckets:
+        assert b["loss"] == pytest.approx(float(nll[:, b["start"] : b["end"]].mean()), abs=1e-5)
+    assert plot_loss_by_position({"m": buckets}, tmp_path / "l.png", mark=8).stat().st_size > 1000
+
+
+def test_long_context_command_on_a_checkpoint(tmp_path, tok, monkeypatch, capsys):
+    import dsv3.evals.long_context as lc
+    from dsv3.cli import main
+
+    monkeypatch.setattr(lc, "filler_text", lambda: FILLER)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    tok.save(ckpt)
+    out = tmp_path / "lc"
+    argv = ["eval", "--long-context", "--ckpt", str(ckpt), "--lengths", "128,192,1000", "--depths", "0.5",
+            "--per-cell", "1", "--out", str(out), "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ckpt"]["passkey"]["lengths"] == [128, 192]  # 1000 does not fit the 256-position model
+    assert (out / "passkey.png").exists() and "passkey accuracy by length" in capsys.readouterr().out
