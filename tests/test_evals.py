@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import save_pretrained
 from dsv3.data.tokenizer import Tokenizer
 from dsv3.evals import Task, TaskFileError, load_task, mean_stderr, pass_at_k
 from dsv3.evals.backends import GenRequest, LocalBackend, OpenAIBackend
@@ -359,7 +360,7 @@ def test_eval_tasks_on_a_checkpoint_writes_a_report(tmp_path, model, tok, capsys
     from dsv3.cli import main
 
     ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
+    save_pretrained(model, ckpt)
     tok.save(ckpt)
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
     (tmp_path / "mc.task.json").write_text('{"kind": "multiple_choice", "data": "d.jsonl", "few_shot": 1}')

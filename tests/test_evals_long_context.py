@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import save_pretrained
 from dsv3.data.tokenizer import Tokenizer
 from dsv3.evals.long_context import (
     NEEDLE,
@@ -92,7 +93,7 @@ def test_long_context_command_on_a_checkpoint(tmp_path, tok, monkeypatch, capsys
     monkeypatch.setattr(lc, "filler_text", lambda: FILLER)
     torch.manual_seed(0)
     ckpt = tmp_path / "ckpt"
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), ckpt)
     tok.save(ckpt)
     out = tmp_path / "lc"
     argv = ["eval", "--long-context", "--ckpt", str(ckpt), "--lengths", "128,192,1000", "--depths", "0.5",

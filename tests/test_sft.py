@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import load_pretrained, save_pretrained
 from dsv3.data.chat import add_chat_tokens, batch, read_conversations, render, resize_vocab
 from dsv3.data.tokenizer import ASSISTANT, SPECIAL_TOKENS, USER, Tokenizer
 from dsv3.model.transformer import IGNORE_INDEX
@@ -95,12 +96,12 @@ def test_resize_vocab_keeps_old_rows_and_convert_migrates_a_checkpoint(tmp_path,
     cfg = ModelConfig.from_preset("tiny", vocab_size=old.vocab_size)
     model = Transformer(cfg)
     src = tmp_path / "src"
-    model.save_pretrained(src)
+    save_pretrained(model, src)
     old.save(src)
     monkeypatch.undo()
     assert main(["convert", "--add-chat-tokens", str(src), str(tmp_path / "dst")]) == 0
     assert "<｜User｜> =" in capsys.readouterr().out
-    new_tok, new_model = Tokenizer.load(tmp_path / "dst"), Transformer.from_pretrained(tmp_path / "dst")
+    new_tok, new_model = Tokenizer.load(tmp_path / "dst"), load_pretrained(tmp_path / "dst")
     n = cfg.vocab_size
     assert (new_tok.user_id, new_tok.assistant_id) == (n, n + 1)
     assert new_model.config.vocab_size == new_tok.vocab_size == n + 2
@@ -128,7 +129,7 @@ def test_the_scaled_post_training_schedule(tmp_path):
 def test_sft_lowers_the_held_out_chat_loss(tok, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "base"
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), ckpt)
     tok.save(ckpt)
     rows = [
         {

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3 import ConfigError, Transformer, paper
+from dsv3 import ConfigError, paper
+from dsv3.checkpoint import load_pretrained
 from dsv3.model.rope import inv_frequencies, softmax_scale
 from dsv3.train import TrainConfig, Trainer
 from dsv3.train.cli import build_config, parse_train_args
@@ -47,7 +48,7 @@ def _phase_trainer(root: Path, ckpt: Path, *extra: str) -> Trainer:
 def test_init_keeps_weights_and_biases_and_resets_optimizer_and_schedule(pretrained):
     root, ckpt = pretrained
     trainer = _phase_trainer(root, ckpt, "steps=2")
-    source = Transformer.from_pretrained(ckpt)
+    source = load_pretrained(ckpt)
     mine, theirs = trainer.model.state_dict(), source.state_dict()
     assert set(mine) == set(theirs)
     for name, value in theirs.items():
@@ -86,7 +87,7 @@ def test_yarn_phase_settings_reach_the_model_as_transformers_computes_them(pretr
         phase_ckpt, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
     ).eval()
     assert hf.model.layers[0].self_attn.scaling == pytest.approx(softmax_scale(model_cfg), rel=1e-6)
-    ours = Transformer.from_pretrained(phase_ckpt).eval()
+    ours = load_pretrained(phase_ckpt).eval()
     ids = torch.randint(0, model_cfg.vocab_size, (1, 100))  # well past the pre-training length of 16
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dsv3.checkpoint import load_pretrained, save_pretrained
 from dsv3.data.tokenizer import ASSISTANT, USER, Tokenizer, TokenizerError
 from dsv3.errors import Dsv3Error
 
@@ -143,14 +144,13 @@ def resize_vocab(model, vocab_size: int) -> bool:
 def migrate_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
     """Copy checkpoint `src` to `dst` with the chat tokens in its tokenizer and room for them in
     its model (`dsv3 convert --add-chat-tokens`)."""
-    from dsv3.model.transformer import Transformer
 
     tok = Tokenizer.load(src)
     tok, added = add_chat_tokens(tok)
-    model = Transformer.from_pretrained(src)
+    model = load_pretrained(src)
     grown = resize_vocab(model, tok.vocab_size)
     Path(dst).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
+    save_pretrained(model, dst)
     tok.save(dst)
     return {"added_tokens": added, "user_id": tok.user_id, "assistant_id": tok.assistant_id,
             "vocab_size": model.config.vocab_size, "resized": grown}  # fmt: skip

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from dsv3 import paper
+from dsv3.checkpoint import load_pretrained
 from dsv3.config import ConfigError
 
 PAPER_PRETRAIN_STEPS = 14.8e12 / (15360 * 4096)  # ~235K steps at the final batch
@@ -111,9 +112,8 @@ def phase_values(phase: str, saved: dict[str, Any], pretrain_steps: int) -> dict
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Copy the weights and gate biases of checkpoint `path` into `model` (same shapes required;
     the RoPE settings may differ: the frequencies are not state)."""
-    from dsv3.model.transformer import Transformer
 
-    source = Transformer.from_pretrained(path, dtype=torch.float32)
+    source = load_pretrained(path, dtype=torch.float32)
     theirs, mine = source.state_dict(), model.state_dict()
     missing = sorted(set(mine) - set(theirs))
     if missing or set(theirs) - set(mine):

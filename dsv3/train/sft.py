@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dsv3 import paper
+from dsv3.checkpoint import load_pretrained
 from dsv3.config import ConfigError
 
 SFT_PEAK_LR, SFT_FINAL_LR = 5e-6, 1e-6  # §5.1.1
@@ -110,12 +111,11 @@ def run_sft(cfg: SFTConfig, log=print) -> dict[str, Any]:
     from dsv3.data.chat import add_chat_tokens, read_conversations, resize_vocab
     from dsv3.data.chat import batch as make_batch
     from dsv3.data.tokenizer import Tokenizer
-    from dsv3.model.transformer import Transformer
     from dsv3.optim import param_groups
     from dsv3.train.state import save_checkpoint
 
     torch.manual_seed(cfg.seed)
-    model = Transformer.from_pretrained(cfg.init)
+    model = load_pretrained(cfg.init)
     tok, added = add_chat_tokens(Tokenizer.load(cfg.init))
     if added:
         resize_vocab(model, tok.vocab_size)
