@@ -42,7 +42,7 @@ WEIGHT_TOL = {"dp": 1e-5, "ep": 2e-5}
 # pp=1 x dp=2; 3e-4 to 2.5e-3 for pp=2 x dp=2; 4.6e-4 to 3.9e-3 for pp=2 x ep=2; FP8 vs FP32 on one
 # process: 7e-3 to 1.9e-2).
 FP8_EXACT_STEPS = {"dp": 2, "ep": 1}  # steps whose loss must match to FP32 level (1e-5)
-FP8_LOSS_TOL = 5e-3  # every step
+FP8_LOSS_TOL = 1e-2  # every step: routing flips make FP8 runs part (docs/pipeline.md, FP8 tolerance)
 
 
 def data_config(root: str) -> DataConfig:

@@ -194,6 +194,18 @@ def _init_distributed() -> None:
         start_watchdog()
 
 
+def _finish_distributed() -> None:
+    """A finished run leaves together: every rank past its last collective (a barrier), then the
+    process group torn down, before the interpreter exits. Exiting with the group alive let gloo's
+    threads meet the C++ static destructors ("terminate called without an active exception",
+    seen on a pp=2 torchrun run on a loaded machine)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = parse_train_args(argv)
     cfg = build_config(args)  # the whole config, model included, before any data is prepared
@@ -228,6 +240,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     if main_rank:
         print(json.dumps(result, indent=2))
+    _finish_distributed()
     return 0
 
 
