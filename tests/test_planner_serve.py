@@ -121,3 +121,11 @@ def test_cli_plan_and_errors(capsys):
     assert "input tokens/s per node" in out and "per million output tokens" in out
     assert main(["plan", "serve", "prefil_gpus=8"]) == 2
     assert "did you mean prefill_gpus" in capsys.readouterr().err
+
+
+def test_a_ttft_slo_shrinks_the_prefill_micro_batch():
+    free = plan_prefill(V3, H800, ServeLayout())
+    slo = free.batch_s * 1e3 / 3
+    tight = plan_prefill(V3, H800, ServeLayout(ttft_ms=slo))
+    assert tight.tokens < free.tokens and tight.batch_s * 1e3 <= slo
+    assert tight.input_tps_per_node <= free.input_tps_per_node * 1.0001  # smaller batches: no faster

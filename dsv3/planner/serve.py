@@ -66,7 +66,7 @@ class ServeLayout:
     output_len: int = 1200
     cache_hit: float = 0.563  # fraction of input tokens found in the on-disk cache (DeepSeek: 56.3%)
     tpot_ms: float = 50.0  # SLO: time per output token (20 tokens/s per user)
-    ttft_ms: float = 0.0  # SLO on a prefill batch's latency; 0: none
+    ttft_ms: float = 0.0  # SLO on a prefill batch's latency (smaller micro-batches); 0: none
     loads: str = "uniform"  # uniform, zipf:S or a loads.safetensors file
     balance_layers: int = 8  # layers drawn for uniform/zipf loads (the balance is a mean over layers)
     # target traffic (tokens per second); 0: skip the node count
@@ -107,6 +107,7 @@ class PrefillResult:
     noise: float  # max/mean from the finite batch's Poisson counts, on top of `balance`
     input_tps_per_node: float  # cache hits counted
     computed_tps_per_node: float
+    tokens: int  # new tokens per GPU per micro-batch (lowered to meet a TTFT SLO)
 
 
 def serve_loads(cfg: ModelConfig, lay: ServeLayout):
@@ -134,7 +135,16 @@ def _slots_balance(cfg: ModelConfig, hw: Hardware, w, routed_slots: int, per_gpu
 
 
 def plan_prefill(cfg: ModelConfig, hw: Hardware, lay: ServeLayout) -> PrefillResult:
-    T = lay.prefill_tokens
+    """The prefill unit at `prefill_tokens` per GPU; with a TTFT SLO, the micro-batch is halved
+    (down to one request's new tokens) until one batch's latency meets it."""
+    res = _prefill_at(cfg, hw, lay, lay.prefill_tokens)
+    floor = max(1, round(lay.input_len * (1 - lay.cache_hit)))
+    while lay.ttft_ms and res.batch_s * 1e3 > lay.ttft_ms and res.tokens > floor:
+        res = _prefill_at(cfg, hw, lay, max(floor, res.tokens // 2))
+    return res
+
+
+def _prefill_at(cfg: ModelConfig, hw: Hardware, lay: ServeLayout, T: int) -> PrefillResult:
     new = max(1, round(lay.input_len * (1 - lay.cache_hit)))
     cached = lay.input_len - new
     pairs = T / new * cost.causal_pairs(new, cached)
@@ -155,7 +165,7 @@ def plan_prefill(cfg: ModelConfig, hw: Hardware, lay: ServeLayout) -> PrefillRes
     comm = cfg.n_moe_layers * a2a.seconds(hw) + cfg.n_layers * tp_bytes / hw.nvlink_bytes
     batch = max(compute, comm) if lay.prefill_overlap else compute + comm
     computed = hw.gpus_per_node * T / batch
-    return PrefillResult(batch, compute, comm, bal, plain, noise, computed / (1 - lay.cache_hit), computed)
+    return PrefillResult(batch, compute, comm, bal, plain, noise, computed / (1 - lay.cache_hit), computed, T)
 
 
 # ---- decode ----------------------------------------------------------------------------------------------
@@ -322,7 +332,7 @@ def format_serve(p: ServePlan, hw: Hardware) -> str:
     slo = "meets" if dec.tpot_s * 1e3 <= lay.tpot_ms and dec.fits else "MISSES"
     lines = [
         f"prefill: {lay.prefill_gpus} x {hw.name} (TP{lay.prefill_tp}, EP{lay.prefill_ep}, "
-        f"{lay.prefill_redundant} redundant), {lay.prefill_tokens} new tokens per GPU per micro-batch",
+        f"{lay.prefill_redundant} redundant), {pre.tokens} new tokens per GPU per micro-batch",
         f"  {pre.input_tps_per_node:,.0f} input tokens/s per node with cache hits ({pre.computed_tps_per_node:,.0f} "
         f"computed); TTFT (one batch) {pre.batch_s * 1e3:.0f} ms; compute {pre.compute_s * 1e3:.1f} ms, "
         f"all-to-all + TP {pre.comm_s * 1e3:.1f} ms per batch",
@@ -341,7 +351,7 @@ def format_serve(p: ServePlan, hw: Hardware) -> str:
     if p.prefill_nodes or p.decode_nodes:
         lines.append(f"nodes for the target traffic: {p.prefill_nodes} prefill + {p.decode_nodes} decode")
     if lay.ttft_ms and pre.batch_s * 1e3 > lay.ttft_ms:
-        lines.append(f"TTFT SLO {lay.ttft_ms:g} ms missed: lower prefill_tokens")
+        lines.append(f"TTFT SLO {lay.ttft_ms:g} ms missed even at one request per micro-batch")
     return "\n".join(lines)
 
 
