@@ -398,3 +398,11 @@ def test_command_line_overrides_of_samples_and_k(tmp_path, capsys):
     ]
     assert main([*argv, "--k", "1,3"]) == 2
     assert "--k 1,3: each k must be in [1, samples=2]" in capsys.readouterr().err
+
+
+def test_too_long_prompts_keep_their_opening_tokens():
+    from dsv3.evals.backends import keep_head
+
+    assert keep_head([0, 1, 2, 3, 4, 5], 1, 4) == [0, 3, 4, 5]
+    assert keep_head([0, 9, 2, 3, 4, 5], 2, 4) == [0, 9, 4, 5]
+    assert keep_head([0, 1], 1, 4) == [0, 1]

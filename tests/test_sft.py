@@ -173,3 +173,22 @@ def test_synthesised_demo_chats_are_valid_conversations(tok, tmp_path):
     assert any(sum(m["role"] == "assistant" for m in c) == 2 for c in conversations)  # multi-turn
     ids, mask = render(tok, conversations[0])
     assert sum(mask) > 0
+
+
+def test_sft_command_line(tok, tmp_path, capsys):
+    from dsv3.cli import main
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "base"
+    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    tok.save(ckpt)
+    data = tmp_path / "chat.jsonl"
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "To be"}]}
+    data.write_text((json.dumps(row) + "\n") * 10)
+    argv = ["sft", "--init", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "1",
+            "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 2)[-1])["steps"] == 1
+    data.write_text("{not json\n")
+    assert main(argv) == 2
+    assert "chat.jsonl:1: not valid JSON" in capsys.readouterr().err

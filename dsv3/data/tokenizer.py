@@ -207,7 +207,8 @@ class Tokenizer:
 
         Like the released chat models: system prompts (joined by a blank line) follow bos, no
         separators between parts. Role markers are single tokens when the tokenizer has them (the
-        official one does) and spelled out as text otherwise. Message contents are encoded as text,
+        official one and those dsv3 trains do) and spelled out as text otherwise (an older tokenizer:
+        migrate it with dsv3.data.chat.add_chat_tokens). Message contents are encoded as text,
         so a special-token string typed by a user cannot inject a control token.
         """
         system = "\n\n".join(str(m.get("content")) for m in messages if m.get("role") == "system")

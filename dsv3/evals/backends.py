@@ -64,14 +64,14 @@ class LocalBackend:
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         """Sum of the continuation's token log-probabilities after bos + context. Context and
         continuation are tokenized separately (so the continuation's tokens are the same after any
-        context); too long sequences lose their oldest context tokens. Batched by length, right-
+        context); too long sequences lose their oldest context tokens (bos stays). Batched by length, right-
         padded: the attention is causal, so padding after a row changes none of its logits."""
         seqs = []
         for ctx, cont in requests:
             cont_ids = self.tok.encode(cont)
             if not cont_ids:
                 raise BackendError(f"continuation {cont!r}: encodes to no tokens")
-            ids = (self.context_ids(ctx) + cont_ids)[-(self.max_len + 1) :]
+            ids = keep_head(self.context_ids(ctx) + cont_ids, 1, self.max_len + 1)
             seqs.append((ids, len(cont_ids)))
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
         out = [0.0] * len(seqs)
@@ -105,16 +105,23 @@ class LocalBackend:
         llm = self._engine()
         prompts, params = [], []
         for r in requests:
-            ids = (
-                fim_prompt(self.tok, r.prompt, r.suffix)
-                if r.suffix is not None
-                else self.context_ids(r.prompt)
-            )
-            prompts.append(ids[-(self.max_len - 1) :])
+            if r.suffix is not None:  # keep <bos><｜fim▁begin｜>, lose the oldest prefix tokens
+                ids = keep_head(fim_prompt(self.tok, r.prompt, r.suffix), 2, self.max_len - 1)
+            else:
+                ids = keep_head(self.context_ids(r.prompt), 1, self.max_len - 1)
+            prompts.append(ids)
             params.append(SamplingParams(temperature=r.temperature, max_tokens=r.max_tokens, stop=r.stop,
                                          seed=r.seed))  # fmt: skip
         outs = llm.generate(prompts, params) if prompts else []
         return [o.text if o.text is not None else self.tok.decode(o.token_ids) for o in outs]
+
+
+def keep_head(ids: list[int], head: int, limit: int) -> list[int]:
+    """`ids` cut to `limit` tokens by dropping the oldest ones after the first `head` (bos and any
+    layout tokens that must open a prompt)."""
+    if len(ids) <= limit:
+        return ids
+    return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
 # FIM markers as text, for servers that read special-token strings in prompts (DESIGN §6)
