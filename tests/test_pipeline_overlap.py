@@ -29,12 +29,16 @@ def _build(n_layers: int, dense: int, **sizes: int) -> tuple[Transformer, Transf
     return ref, copy.deepcopy(ref)
 
 
-def _runner(model: Transformer, schedule: str, chunks: int, overlap: bool = True, latency: float = 0.0):
-    from dsv3.parallel.expert.moe import ExpertParallel
+def _mesh():
     from dsv3.parallel.mesh import build_mesh
+
+    return build_mesh(ep=2, pp=2, ranks_per_node=4)
+
+
+def _runner(model: Transformer, schedule: str, chunks: int, mesh, overlap: bool = True, latency: float = 0.0):
+    from dsv3.parallel.expert.moe import ExpertParallel
     from dsv3.parallel.pipeline import PipelineRunner
 
-    mesh = build_mesh(ep=2, pp=2, ranks_per_node=4)
     ep = ExpertParallel.from_mesh(mesh, model.config)
     for link in (ep.ep, ep.inter, ep.intra):
         link.latency = latency
@@ -42,16 +46,16 @@ def _runner(model: Transformer, schedule: str, chunks: int, overlap: bool = True
         model, schedule, chunks, group=mesh.group("pp"), mtp_lambda=LAMBDA, balance_alpha=ALPHA,
         ep=ep, overlap=overlap,
     )  # fmt: skip
-    return mesh, ep, runner
+    return ep, runner
 
 
 def _parity_worker(rank: int, world: int, cases: list[tuple[str, bool]], chunks: int, seq: int):
     from dsv3.parallel.expert.moe import expert_param_names
 
-    out = []
+    out, mesh = [], _mesh()  # one set of process groups for all cases
     for schedule, overlap in cases:
         ref, model = _build(5, 1)
-        mesh, ep, runner = _runner(model, schedule, chunks, overlap)
+        ep, runner = _runner(model, schedule, chunks, mesh, overlap)
         batch = torch.randint(
             0, ref.config.vocab_size, (2 * chunks, seq + 1), generator=torch.Generator().manual_seed(1)
         )
@@ -118,7 +122,8 @@ def _overlap_worker(rank: int, world: int, overlap: bool, latency: float, chunks
     # every block an MoE, two per stage (the last: one and the MTP module); wider than tiny, so
     # that a phase computes for a few milliseconds
     _, model = _build(7, 0, dim=128, moe_inter_dim=128)
-    mesh, ep, runner = _runner(model, "dualpipev", chunks, overlap)
+    mesh = _mesh()
+    ep, runner = _runner(model, "dualpipev", chunks, mesh, overlap)
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (2 * chunks * b, seq + 1), generator=gen)
     mine = batch[mesh.data_rank * chunks * b : (mesh.data_rank + 1) * chunks * b]
