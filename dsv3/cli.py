@@ -96,6 +96,11 @@ DELEGATED = {
     "chat": ("dsv3.infer.cli", "chat_main", "interactive chat with a checkpoint (/exit, /clear)"),
     "complete": ("dsv3.infer.cli", "complete_main", "fill in the middle between --prefix and --suffix"),
     "serve": ("dsv3.serve.cli", "serve_main", "OpenAI-compatible HTTP server (docs/serving.md)"),
+    "bench": (
+        "dsv3.serve.bench",
+        "bench_main",
+        "benchmarks: `dsv3 bench serve` loads an OpenAI-compatible server",
+    ),
 }
 # `dsv3 plan <what>`: planners.
 PLANNERS = {"eplb": ("dsv3.infer.eplb.report", "plan_eplb_main")}

@@ -339,3 +339,52 @@ def test_metrics_and_no_leaked_blocks_after_everything(http):
     assert metric(text, "dsv3:time_to_first_token_seconds_count") > 0
     assert metric(text, "dsv3:e2e_request_latency_seconds_count") > 0
     assert 'dsv3:request_success_total{finished_reason="length",model_name="tiny"}' in text
+
+
+def test_bench_serve_reports_the_vllm_metric_set(server, tmp_path):
+    from dsv3.serve.bench import bench_main
+
+    out = tmp_path / "result.json"
+    argv = ["serve", "--base-url", server.url, "--api-key", KEY, "--num-prompts", "8", "--max-concurrency", "4",
+            "--random-input-len", "12", "--random-output-len", "4", "--random-range-ratio", "0.5",
+            "--random-prefix-len", "3", "--request-rate", "100", "--burstiness", "0.5", "--save-result", str(out),
+            "--no-progress"]  # fmt: skip
+    assert bench_main(argv) == 0
+    s = json.loads(out.read_text())
+    assert s["completed"] == 8 and s["failed"] == 0 and s["model"] == MODEL
+    lens = [r["output_tokens"] for r in s["requests"]]
+    assert s["total_output_tokens"] == sum(lens) and all(2 <= n <= 6 for n in lens)  # 4 +- 50%, eos ignored
+    for key in ("ttft", "tpot", "itl", "e2e"):
+        assert 0 < s[key]["median_ms"] <= s[key]["p99_ms"]
+    assert s["ttft"]["mean_ms"] < s["e2e"]["mean_ms"] and s["output_throughput"] > 0
+
+
+def test_bench_serve_cli_with_a_jsonl_dataset_and_chat(server, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        '{"prompt": "def add", "max_tokens": 3}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+    )
+    cmd = [sys.executable, "-m", "dsv3", "bench", "serve", "--base-url", server.url, "--api-key", KEY, "--dataset",
+           "jsonl", "--dataset-path", str(data), "--num-prompts", "4", "--random-output-len", "2", "--no-progress"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "successful requests             4" in r.stdout and "TTFT (ms) mean/median/p99" in r.stdout
+    from dsv3.serve.bench import bench_main
+
+    with pytest.raises(OSError, match="none.jsonl"):
+        bench_main(
+            [
+                "serve",
+                "--base-url",
+                server.url,
+                "--dataset",
+                "jsonl",
+                "--dataset-path",
+                str(tmp_path / "none.jsonl"),
+            ]
+        )
+    with pytest.raises(ValueError, match="--random-range-ratio"):
+        bench_main(["serve", "--random-range-ratio", "1.5"])

@@ -580,8 +580,10 @@ class _Api:
                         error_body(f"engine: the request failed ({d.error})", "server_error", None, 500)
                     )
                     continue
-                if not (d.text or d.finished or (body.logprobs is not None and d.token_ids)):
-                    continue  # text held back (a partial character or a possible stop string)
+                if not (d.text or d.finished or d.token_ids):
+                    continue
+                # a chunk per step that produced tokens, even when their text is held back (a partial
+                # character or a possible stop string): clients time tokens by chunks
                 lp = None
                 if body.logprobs is not None and d.token_ids:
                     lp = self._completion_logprobs(ch, body.logprobs, None, "", start)
@@ -677,14 +679,14 @@ class _Api:
                         error_body(f"engine: the request failed ({d.error})", "server_error", None, 500)
                     )
                     continue
-                if not (d.text or d.finished or (n_lp is not None and d.token_ids)):
-                    continue  # text held back (a partial character or a possible stop string)
+                if not (d.text or d.finished or d.token_ids):
+                    continue  # as for completions: one chunk per step that produced tokens
                 lp = (
                     {"content": self._chat_logprobs(ch, start, n_lp)}
                     if n_lp is not None and d.token_ids
                     else None
                 )
-                delta = {"content": d.text} if d.text else {}
+                delta = {"content": d.text} if (d.text or not d.finished) else {}
                 chunk = {"index": ch.index, "delta": delta, "logprobs": lp,
                          "finish_reason": d.finish_reason if d.finished else None}  # fmt: skip
                 yield _sse({**meta, "choices": [chunk], **extra})

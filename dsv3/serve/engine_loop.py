@@ -146,6 +146,7 @@ class LoopStats:
     preemptions: int = 0
     steps: int = 0
     aborted: int = 0
+    spec_drafts: int = 0  # verifications (one per sequence and speculative step)
     spec_proposed: int = 0
     spec_accepted: int = 0
     prefix_queries: int = 0
@@ -425,7 +426,8 @@ class EngineLoop:
         st.preemptions = e.scheduler.num_preemptions
         st.steps = e.stats.steps
         spec = e.spec_stats  # every verification proposes k drafts
-        st.spec_proposed, st.spec_accepted = spec.verifications * spec.k, sum(spec.accepted)
+        st.spec_drafts, st.spec_proposed = spec.verifications, spec.verifications * spec.k
+        st.spec_accepted = sum(spec.accepted)
         alloc = e.cache.allocator
         if getattr(alloc, "prefix_caching", False):
             st.prefix_queries, st.prefix_hits = alloc.queries, alloc.hits

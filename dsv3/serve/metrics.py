@@ -53,6 +53,9 @@ class _EngineCollector:
             "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", st.prefix_queries
         )
         yield self._c("prefix_cache_hits", "Prompt tokens found in the prefix cache.", st.prefix_hits)
+        yield self._c(
+            "spec_decode_num_drafts", "Speculative verifications (one per row and step).", st.spec_drafts
+        )
         yield self._c("spec_decode_num_draft_tokens", "Draft tokens proposed.", st.spec_proposed)
         yield self._c("spec_decode_num_accepted_tokens", "Draft tokens accepted.", st.spec_accepted)
         fin = CounterMetricFamily(
