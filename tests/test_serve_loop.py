@@ -179,3 +179,21 @@ def test_min_p_drops_tokens_below_its_share_of_the_best():
     assert torch.allclose(got, torch.where(keep, probs, 0) / probs[keep].sum())
     with pytest.raises(ValueError, match="min_p"):
         SamplingParams(min_p=1.5)
+
+
+def test_the_demo_prints_a_serve_command_and_a_curl_line_that_parse():
+    import json
+    import shlex
+    from pathlib import Path
+
+    from dsv3.demo import serve_hint
+    from dsv3.serve.cli import build_parser
+    from dsv3.serve.protocol import CompletionRequest
+
+    lines = serve_hint(Path("runs/demo/checkpoints/step_00000500")).strip().splitlines()
+    serve, curl = shlex.split(lines[1]), shlex.split(lines[2])
+    args = build_parser().parse_args(serve[2:])
+    assert serve[:2] == ["dsv3", "serve"] and args.port == 8000 and args.served_model_name == ["demo"]
+    assert curl[2] == "http://127.0.0.1:8000/v1/completions"
+    body = CompletionRequest.model_validate(json.loads(curl[curl.index("-d") + 1]))
+    assert body.model == "demo"
