@@ -66,9 +66,9 @@ def test_streamed_pieces_are_a_prefix_of_the_final_text(chunks, stops):
     d = Detokenizer(tok, tuple(stops))
     sent = ""
     for i in range(len(ids)):
-        sent += d.update(ids[: i + 1])
         if any(s in tok.decode(ids[: i + 1]) for s in stops):
-            break  # the engine would stop here
+            break  # the engine stops at this token: its text comes with finish()
+        sent += d.update(ids[: i + 1])
     assert final.startswith(sent)
     assert sent + d.finish(final) == final
 
@@ -152,6 +152,39 @@ def test_a_bad_request_in_a_group_queues_nothing(llm):
         assert not llm.engine.has_unfinished()
 
     _run(go())
+
+
+def test_an_add_cancelled_while_pending_is_aborted(llm):
+    """A handler cancelled (its client gone) while the engine thread has not yet taken its add:
+    the request must not run on unseen."""
+    import threading
+    import time
+
+    engine = llm.engine
+
+    async def go():
+        loop = EngineLoop(engine)
+        gate, original = threading.Event(), loop._do_add
+        loop._do_add = lambda cmd: (gate.wait(10), original(cmd))
+        loop.start()
+        try:
+            task = asyncio.create_task(
+                loop.add([[1, 2, 3]], [SamplingParams(max_tokens=200, ignore_eos=True)])
+            )
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.sleep(0)
+            gate.set()
+            deadline = time.monotonic() + 10
+            while engine.has_unfinished() or loop._inbox.qsize():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert loop.stats().queued_requests == 0 and loop.alive  # the engine thread survived it
+        finally:
+            loop.stop()
+
+    _run(go())
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks
 
 
 def test_the_admission_queue_is_bounded(llm):
