@@ -84,4 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * 72 + "\nfill-in-the-middle (greedy): prefix, [generated middle], suffix")
     print(FIM_PREFIX + "[" + middle + "]" + FIM_SUFFIX + "-" * 72)
     print(f"done in {time.perf_counter() - t_start:.0f} s")
+    print(serve_hint(ckpt))
     return 0
+
+
+def serve_hint(ckpt: Path, port: int = 8000) -> str:
+    """The lines that tell how to serve the trained checkpoint and query it (docs/serving.md)."""
+    return (
+        f"\nserve it (OpenAI-compatible API, docs/serving.md):\n"
+        f"  dsv3 serve {ckpt} --port {port} --served-model-name demo\n"
+        f"  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "demo", "prompt": "def main():", "max_tokens": 32, "temperature": 0}}\''
+    )

@@ -66,9 +66,9 @@ def test_streamed_pieces_are_a_prefix_of_the_final_text(chunks, stops):
     d = Detokenizer(tok, tuple(stops))
     sent = ""
     for i in range(len(ids)):
-        sent += d.update(ids[: i + 1])
         if any(s in tok.decode(ids[: i + 1]) for s in stops):
-            break  # the engine would stop here
+            break  # the engine stops at this token: its text comes with finish()
+        sent += d.update(ids[: i + 1])
     assert final.startswith(sent)
     assert sent + d.finish(final) == final
 
@@ -154,6 +154,39 @@ def test_a_bad_request_in_a_group_queues_nothing(llm):
     _run(go())
 
 
+def test_an_add_cancelled_while_pending_is_aborted(llm):
+    """A handler cancelled (its client gone) while the engine thread has not yet taken its add:
+    the request must not run on unseen."""
+    import threading
+    import time
+
+    engine = llm.engine
+
+    async def go():
+        loop = EngineLoop(engine)
+        gate, original = threading.Event(), loop._do_add
+        loop._do_add = lambda cmd: (gate.wait(10), original(cmd))
+        loop.start()
+        try:
+            task = asyncio.create_task(
+                loop.add([[1, 2, 3]], [SamplingParams(max_tokens=200, ignore_eos=True)])
+            )
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.sleep(0)
+            gate.set()
+            deadline = time.monotonic() + 10
+            while engine.has_unfinished() or loop._inbox.qsize():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert loop.stats().queued_requests == 0 and loop.alive  # the engine thread survived it
+        finally:
+            loop.stop()
+
+    _run(go())
+    assert engine.cache.allocator.num_free == engine.cache.num_blocks
+
+
 def test_the_admission_queue_is_bounded(llm):
     async def go():
         loop = EngineLoop(llm.engine, max_queued_requests=2).start()
@@ -179,3 +212,21 @@ def test_min_p_drops_tokens_below_its_share_of_the_best():
     assert torch.allclose(got, torch.where(keep, probs, 0) / probs[keep].sum())
     with pytest.raises(ValueError, match="min_p"):
         SamplingParams(min_p=1.5)
+
+
+def test_the_demo_prints_a_serve_command_and_a_curl_line_that_parse():
+    import json
+    import shlex
+    from pathlib import Path
+
+    from dsv3.demo import serve_hint
+    from dsv3.serve.cli import build_parser
+    from dsv3.serve.protocol import CompletionRequest
+
+    lines = serve_hint(Path("runs/demo/checkpoints/step_00000500")).strip().splitlines()
+    serve, curl = shlex.split(lines[1]), shlex.split(lines[2])
+    args = build_parser().parse_args(serve[2:])
+    assert serve[:2] == ["dsv3", "serve"] and args.port == 8000 and args.served_model_name == ["demo"]
+    assert curl[2] == "http://127.0.0.1:8000/v1/completions"
+    body = CompletionRequest.model_validate(json.loads(curl[curl.index("-d") + 1]))
+    assert body.model == "demo"

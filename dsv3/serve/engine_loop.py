@@ -234,6 +234,11 @@ class EngineLoop:
         self._wake.set()
         try:
             await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:  # the caller went away: the add may still land, so abort it
+            for rid in ids:
+                self.abort(rid)
+            self._unqueue(reqs)
+            raise
         except BaseException:
             self._unqueue(reqs)
             raise
@@ -309,6 +314,8 @@ class EngineLoop:
                 self._do_score(*cmd[1:])
 
     def _do_add(self, cmd: _Add) -> None:
+        if not cmd.future.set_running_or_notify_cancel():
+            return  # its caller was cancelled before we got here: nothing to add
         try:
             self.engine.add_requests(cmd.prompts, cmd.params, [r.rid for r in cmd.requests])
         except BaseException as e:
@@ -330,6 +337,8 @@ class EngineLoop:
         self._push(r, Delta(rid, "", [], None, True, "abort", r.num_prompt, r.sent_tokens))
 
     def _do_score(self, prompt: list[int], top_n: int, fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
         try:
             with torch.inference_mode():
                 logits = self.engine.model(torch.tensor([prompt], device=self.engine.cache.data.device))[0]

@@ -87,10 +87,6 @@ class Metrics:
             "dsv3:admission_rejections", "Requests refused with 503 (queue full or draining).", labels,
             registry=self.registry,
         )  # fmt: skip
-        self.http = Counter(
-            "dsv3:http_requests", "HTTP responses by endpoint and status.", ["endpoint", "status"],
-            registry=self.registry,
-        )  # fmt: skip
         self.rejected.labels(model_name)  # exported as 0 before the first rejection
         for h in (self.ttft, self.itl, self.e2e, self.queue):
             h.labels(model_name)
