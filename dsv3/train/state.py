@@ -1,7 +1,7 @@
 """Resumable training state: atomic, verified, pruned checkpoints.
 
 A checkpoint is a directory `step_00000100/` holding the model in the official HF layout
-(config.json + safetensors: loadable as-is by `Transformer.from_pretrained`, the inference engine
+(config.json + safetensors: loadable as-is by `dsv3.load_pretrained`, the inference engine
 and transformers), the tokenizer, `optimizer.pt`, `rng.pt`, `trainer.json` (step, loader position,
 schedules' inputs, the training config) and, written last, `manifest.json` with the size and SHA-256
 of every file. It is written into a hidden temporary directory that is renamed into place only when
