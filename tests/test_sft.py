@@ -180,7 +180,7 @@ def test_sft_command_line(tok, tmp_path, capsys):
 
     torch.manual_seed(0)
     ckpt = tmp_path / "base"
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(ckpt)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny")), ckpt)
     tok.save(ckpt)
     data = tmp_path / "chat.jsonl"
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "To be"}]}
