@@ -26,14 +26,16 @@ reduction, clipping, counts, checkpoints' rank-independent state).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from dsv3 import bf16
 from dsv3.config import ConfigError
-from dsv3.train.metrics import decided_by_rank0
-from dsv3.train.strategy import Strategy
+
+if TYPE_CHECKING:  # dsv3.train imports this module: no import of dsv3.train at load time
+    from dsv3.train.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ def parallelize(model: nn.Module, settings: Parallelization, strategy: Strategy)
     """Apply precision, recomputation, expert parallelism and pipeline stages to `model`, in that
     order (the module docstring), through `strategy`; returns the model the trainer steps. ZeRO-1
     follows at `strategy.build_optimizer`."""
+    from dsv3.train.metrics import decided_by_rank0
+
     on_gpu = torch.cuda.is_available()
     if settings.precision == "fp8":
         from dsv3.fp8 import convert
