@@ -86,7 +86,7 @@ def _check_fast_equals_forward(model: Transformer, fold: bool | None, native: bo
     dtype = None
     if weights == "bf16":
         model, dtype = _bf16_valued(model), torch.bfloat16
-    fast = FastDecoder(model, cache, fold=fold, weight_dtype=dtype, native=native)
+    fast = FastDecoder(model, cache, fold=fold, weight_dtype=dtype, native=native, bf16_gemm=False)  # exact
     assert fast.weights.head.dtype == (dtype or torch.float32)
     assert (fast.kernels.name == "native") == (native and cpu_kernels.why_not_native is None)
     assert (fast._row_decoders()[0] is not None) == (fast.kernels.name == "native")  # any geometry
@@ -123,6 +123,44 @@ def _check_fast_equals_forward(model: Transformer, fold: bool | None, native: bo
     for b in (0, 1):  # T = 3 and T = 2 alone: consecutive blocks (row 0) and not (row 1)
         check([b], [lens[b] + 7], 3)
         check([b], [lens[b] + 10], 2)
+
+
+BF16_GEMM_BOUND = 3e-2  # logits, relative to the largest: activations and outputs rounded to BF16
+
+
+@pytest.mark.parametrize("gemm", ["fp32", "bf16"])
+def test_batched_rows_on_the_kernel_plan(tiny, gemm, caplog):
+    """A BF16-valued model with BF16-stored weights, 6 rows (more than KERNEL_ROWS): FP32 GEMMs are
+    exact (1e-5); BF16 GEMMs, which the plan picks where the CPU has AVX512_BF16 or AMX (else this
+    variant is skipped), stay within BF16_GEMM_BOUND. The choice is stated in one log line."""
+    plan = cpu_kernels.plan_kernels()
+    if gemm == "bf16" and not plan.bf16_gemm:
+        pytest.skip(f"no BF16 arithmetic on this CPU ({plan.kind}: {' '.join(plan.flags)})")
+    model = _bf16_valued(_model(tiny))
+    cache = PagedLatentCache(model.config, num_blocks=60, block_size=4)
+    with caplog.at_level("INFO", logger="dsv3.infer.decode.step"):
+        fast = FastDecoder(
+            model, cache, weight_dtype=torch.bfloat16, bf16_gemm=None if gemm == "bf16" else False
+        )
+    lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
+    assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
+    assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch")
+    lens = [5, 9, 7, 6, 8, 4]
+    tables = [cache.allocator.allocate(4) for _ in lens]
+    ids = torch.randint(0, tiny.vocab_size, (len(lens), 12))
+    with torch.no_grad():
+        full = model(ids)
+        for b, n in enumerate(lens):
+            pos = torch.arange(n)[None]
+            cache.bind(make_context([tables[b]], pos, [n], 4))
+            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    bound = BF16_GEMM_BOUND if gemm == "bf16" else 1e-5
+    for step in range(2):
+        pos = [n + step for n in lens]
+        logits = fast.logits(fast.forward([[int(ids[b, p])] for b, p in enumerate(pos)], pos, tables))
+        for b, p in enumerate(pos):
+            want = full[b, p]
+            assert (logits[b] - want).abs().max() <= bound * max(1.0, want.abs().max().item())
 
 
 @pytest.mark.parametrize("fold", [None, False], ids=["uv_folded", "unfolded"])

@@ -38,6 +38,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -86,6 +87,64 @@ class Reference:
             m = i // J
             t = xn[m : m + 1] @ w13[e].to(xn.dtype)  # (1, 2I)
             out[m : m + 1].addmm_(F.silu(t[:, :hid]) * t[:, hid:], w2[e].to(xn.dtype), alpha=g)
+
+
+class Bf16Gemm(Reference):
+    """The reference, but BF16 weights are multiplied in BF16: the activations rounded to BF16, oneDNN's
+    BF16 GEMM through ATen (FP32 accumulation; the output rounded to BF16, then widened). For many
+    rows on CPUs with BF16 arithmetic (AVX512_BF16, AMX), where it is several times faster than
+    widening the weights to FP32 per call; not exact (see `KernelPlan`). FP32 weights as Reference."""
+
+    name = "torch-bf16"
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if w.dtype != torch.bfloat16:
+            return super().mm(x, w, bias)
+        y = (x.to(w.dtype) @ w).to(x.dtype)
+        return y if bias is None else y.add_(bias)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
+        if w.dtype != torch.bfloat16:
+            return super().addmm_(out, x, w, alpha)
+        out.add_((x.to(w.dtype) @ w).to(out.dtype), alpha=alpha)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """The decode kernels chosen for this CPU at start-up (`plan_kernels`):
+    - `kind`: amx-bf16 / avx512-bf16 (BF16 arithmetic), avx2-fp32, or generic-fp32;
+    - a lone sequence and up to KERNEL_ROWS rows: the native kernels where they build (FP32 compute,
+      weights stored in FP32 or BF16 and widened exactly), on every kind;
+    - more rows (batched decode, verification of many rows): with `bf16_gemm`, matrices stored in
+      BF16 are multiplied by BF16 GEMMs (`Bf16Gemm`: activations and outputs rounded to BF16, so
+      logits move by ~1e-2 relative instead of 1e-5); else FP32 GEMMs (ATen) on widened weights."""
+
+    kind: str
+    bf16_gemm: bool
+    flags: tuple[str, ...]
+
+    def line(self, native: str, bf16_weights: bool, bf16_gemm: bool) -> str:
+        """The one log line stating the choice (native: the few-row kernels' name)."""
+        many = "BF16 GEMMs (oneDNN) on the BF16 weights" if bf16_gemm else "FP32 GEMMs (ATen)"
+        stored = "BF16" if bf16_weights else "model-dtype"
+        return (
+            f"dsv3 decode kernels: {self.kind} (CPU flags: {' '.join(self.flags) or 'none read'}); "
+            f"up to 4 rows: {native} kernels, FP32 compute on {stored} feed-forward weights; more rows: {many}"
+        )
+
+
+def plan_kernels(flags: list[str] | None = None) -> KernelPlan:
+    """The kernel plan for a CPU with these flags (default: this CPU's, `cpu_flags`)."""
+    f = cpu_flags() if flags is None else flags
+    if "amx_bf16" in f:
+        kind, bf16 = "amx-bf16", True
+    elif "avx512_bf16" in f:
+        kind, bf16 = "avx512-bf16", True
+    elif "avx2" in f and "fma" in f:
+        kind, bf16 = "avx2-fp32", False
+    else:
+        kind, bf16 = "generic-fp32", False
+    return KernelPlan(kind, bf16, tuple(f))
 
 
 class Native:

@@ -67,17 +67,24 @@ def experts_few(
 
 
 def experts(
-    x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, weights: torch.Tensor, idx: torch.Tensor
+    x: torch.Tensor,
+    xn: torch.Tensor,
+    w: FfnWeights,
+    weights: torch.Tensor,
+    idx: torch.Tensor,
+    compute: torch.dtype | None = None,
 ) -> None:
-    """x [B, D] += the routed experts of xn [B, D], in place (grouped GEMMs over rows sorted by expert)."""
+    """x [B, D] += the routed experts of xn [B, D], in place (grouped GEMMs over rows sorted by expert).
+    compute: the GEMMs' dtype (None: xn's, BF16 weights widened; BF16: BF16 GEMMs on BF16 weights)."""
     K, E, hid = idx.shape[1], len(w.w13), w.w2[0].shape[0]
+    dt = compute or xn.dtype
     flat = idx.flatten()
     order = flat.argsort(stable=True)
     offsets = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
     token = order // K  # (M,) the token of each routed copy, grouped by expert
-    t = grouped_linear(xn[token], w.w13_all.to(xn.dtype), offsets)  # (M, 2I); .to: BF16 storage
+    t = grouped_linear(xn[token].to(dt), w.w13_all.to(dt), offsets).to(xn.dtype)  # (M, 2I)
     h = F.silu(t[:, :hid]) * t[:, hid:] * weights.flatten()[order, None].to(x.dtype)
-    x.index_add_(0, token, grouped_linear(h, w.w2_all.to(xn.dtype), offsets))
+    x.index_add_(0, token, grouped_linear(h.to(dt), w.w2_all.to(dt), offsets).to(x.dtype))
 
 
 def counts(routed: list, n_experts: int) -> torch.Tensor:

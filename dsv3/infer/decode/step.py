@@ -38,11 +38,13 @@ Qw per-head query width, S key positions, L layers, Vo vocabulary.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
-from dsv3.infer.decode.kernels import Kernels, Reference, kernels
+from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, kernels, plan_kernels
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -124,12 +126,15 @@ class GatheredKeys:
 
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: ATen's GEMM
 _ATEN = Reference()
+log = logging.getLogger(__name__)
 
 
 class FastDecoder:
     """The main model on T new tokens per row (1 in plain decoding) over the engine's paged cache.
     weight_dtype: storage dtype of the feed-forward matrices and the head (dsv3.infer.decode.weights);
-    native: use the C++ few-row kernels when they build (dsv3.infer.decode.kernels)."""
+    native: use the C++ few-row kernels when they build (dsv3.infer.decode.kernels); bf16_gemm: run
+    more than KERNEL_ROWS rows through BF16 GEMMs on the BF16-stored matrices (None: where the CPU
+    has BF16 arithmetic and weight_dtype is BF16, `plan_kernels`). The choice is logged once."""
 
     def __init__(
         self,
@@ -138,12 +143,19 @@ class FastDecoder:
         fold: bool | None = None,
         weight_dtype: torch.dtype | None = None,
         native: bool = True,
+        bf16_gemm: bool | None = None,
     ) -> None:
         cfg = model.config
         self.model, self.cache = model, cache
         self.weights = DecodeWeights(model, fold, weight_dtype)
         fp32_cpu = model.embed_tokens.weight.dtype == torch.float32 and cache.data.device.type == "cpu"
         self.kernels: Kernels = kernels(native) if fp32_cpu else _ATEN
+        plan = plan_kernels()
+        bf16 = weight_dtype == torch.bfloat16 and fp32_cpu
+        self.bf16_gemm = bf16 and (plan.bf16_gemm if bf16_gemm is None else bf16_gemm)
+        self._aten: Kernels = Bf16Gemm() if self.bf16_gemm else _ATEN  # more than KERNEL_ROWS rows
+        if fp32_cpu:
+            log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm))
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
         self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
@@ -286,7 +298,7 @@ class FastDecoder:
         return row
 
     def _few(self, rows: int) -> Kernels:
-        return self.kernels if rows <= KERNEL_ROWS else _ATEN
+        return self.kernels if rows <= KERNEL_ROWS else self._aten
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [M, K] @ w [K, N] (+ bias [M, N]): the few-row kernel for a few rows, else ATen."""
@@ -385,7 +397,7 @@ class FastDecoder:
                 decode_moe.experts_few(x, xg, w, routes)
             routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
         else:
-            decode_moe.experts(x, xg, w, weights, idx)
+            decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None)
             routed.append(idx)
         return x
 
