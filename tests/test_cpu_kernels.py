@@ -4,6 +4,7 @@ the routed experts; bad inputs fail with the argument's name. The one-call RowDe
 the model's forward in test_infer_fast."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +141,8 @@ def test_build_name_covers_the_flags_and_the_torch_version():
     assert name != cpu_kernels.build_name(src, torch_version=torch.__version__ + "+other")
     assert name != cpu_kernels.build_name(src, ldflags=())  # e.g. built without OpenMP
     assert name != cpu_kernels.build_name(src + b" ")
+    # another checkout of the same source: its own build directory (torch's build.ninja names the path)
+    assert name != cpu_kernels.build_name(src, path=Path("/elsewhere/few_rows.cpp"))
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):

@@ -218,13 +218,23 @@ def build_name(
     cflags: tuple[str, ...] = CFLAGS,
     torch_version: str = torch.__version__,
     ldflags: tuple[str, ...] = LDFLAGS,
+    path: Path = SOURCE,
 ) -> str:
-    """The extension name for this source, these compiler / linker flags and this torch:
-    `dsv3_few_rows_<hash>`.
-    Everything that changes the built library goes into the hash, so a build is reused exactly
-    when it is the same build (a valid Python identifier: the name is the module's PyInit_ symbol)."""
+    """The extension name for this source, these compiler / linker flags, this torch and this
+    source file's location: `dsv3_few_rows_<hash>`.
+    Everything that changes the build goes into the hash, so a build is reused exactly when it is
+    the same build (a valid Python identifier: the name is the module's PyInit_ symbol). The path
+    counts because torch writes it into the build's build.ninja: two checkouts of the same source
+    sharing one build directory would each see the other's command line and rebuild."""
     h = hashlib.sha256()
-    for part in (source, "\0".join(cflags).encode(), torch_version.encode(), "\0".join(ldflags).encode()):
+    where = str(Path(path).resolve()).encode()
+    for part in (
+        source,
+        "\0".join(cflags).encode(),
+        torch_version.encode(),
+        "\0".join(ldflags).encode(),
+        where,
+    ):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return f"{BASE_NAME}_{h.hexdigest()[:16]}"
