@@ -3,6 +3,7 @@ and stop strings across tokens), outputs equal to `LLM.generate`, abort freeing 
 all-or-none admission, the bounded admission queue, min_p sampling."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -187,13 +188,19 @@ def test_an_add_cancelled_while_pending_is_aborted(llm):
     assert engine.cache.allocator.num_free == engine.cache.num_blocks
 
 
-def test_the_admission_queue_is_bounded(llm):
+def test_the_admission_queue_is_bounded(llm, monkeypatch):
+    # the engine steps only once the full queue has been tried: on a fast machine the first two
+    # requests could otherwise get their first token (and leave the queue) before the third arrives
+    held, step = threading.Event(), llm.engine.step
+    monkeypatch.setattr(llm.engine, "step", lambda *a, **k: (held.wait(30), step(*a, **k))[1])
+
     async def go():
         loop = EngineLoop(llm.engine, max_queued_requests=2).start()
         try:
             ids = await loop.add([[1, 2], [3, 4]], [SamplingParams(max_tokens=2)] * 2)
             with pytest.raises(Overloaded, match="max-queued-requests 2"):
                 await loop.add([[5]], [SamplingParams(max_tokens=2)])
+            held.set()
             await _collect(loop, ids)
             more = await loop.add([[5]], [SamplingParams(max_tokens=2)])  # room again once they ran
             await _collect(loop, more)
