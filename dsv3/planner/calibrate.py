@@ -269,7 +269,7 @@ def format_rows(hw: Hardware, rows: list[Row]) -> str:
     held = [r for r in rows if r.held_out]
     within = sum(abs(r.error) <= 0.2 for r in held)
     lines.append(f"held-out runs within 20%: {within} of {len(held)}; load average {os.getloadavg()[0]:.2f} "
-                 f"on {os.cpu_count()} cores (numbers from a loaded machine mean little)")  # fmt: skip
+                 f"on {os.cpu_count()} cores")  # fmt: skip
     return "\n".join(lines)
 
 
