@@ -34,6 +34,11 @@ SAVED = 3  # LAYOUTS[SAVED] (pp=2 x ep=2, dualpipev) saves a checkpoint at step 
 # two ranks and are summed in another order; AdamW's normalised update turns those ~1e-7 gradient
 # differences into up to ~1.05e-5 on a weight (measured; pp = 1 with ep = 2 alone gives the same).
 WEIGHT_TOL = {"dp": 1e-5, "ep": 2e-5}
+# The embedding is held by the first stage and (for MTP) the last: its gradient is the sum of the two
+# copies', in another order than on one process. Rows of tokens a 5-step run barely sees get a
+# gradient near AdamW's eps, where that order moves the normalised update: up to 1.4e-4 seen in a
+# clean-clone CI run (lr 3e-3), every other tensor within WEIGHT_TOL. The losses stay within 1e-5.
+SHARED_EMBEDDING_TOL = 5e-4
 # FP8 (emulated on CPU) against the single process's FP8 run. The pipeline itself adds nothing
 # (pp=2 x dp=2 gives pp=1 x dp=2's losses to 1e-7, measured), but FP8 with any data or expert
 # parallelism drifts from one process: the first steps agree to FP32 level, then a weight that differs
@@ -142,7 +147,10 @@ def test_pipelined_fp32_run_equals_the_single_process(launched, reference, i):
         assert max(abs(a - b) for a, b in zip(got, want["losses"])) < 1e-5, (rank, got, want["losses"])
     weights, tol = launched[0]["runs"][i]["weights"], WEIGHT_TOL[_kind(LAYOUTS[i][0])]
     print(f"{LAYOUTS[i][0]}: largest weight difference {_max_diff(weights, want['weights']):.2e}")
-    assert not _close(weights, want["weights"], tol), _max_diff(weights, want["weights"])
+    emb = "embed_tokens.weight"
+    rest = {k: v for k, v in weights.items() if k != emb}
+    assert not _close(rest, {k: want["weights"][k] for k in rest}, tol), _max_diff(weights, want["weights"])
+    assert not _close({emb: weights[emb]}, {emb: want["weights"][emb]}, SHARED_EMBEDDING_TOL)
 
 
 def test_every_rank_holds_only_its_stages(launched):
