@@ -100,13 +100,14 @@ def every_layout(rank: int, world: int, root: str) -> dict:
         cfg = train_config(root, f"run{i}", parallel={**parallel, "timeout": 60.0}, precision=precision)
         trainer = Trainer(cfg, dataset=data, show_progress=False)
         local = sum(p.numel() for p in trainer.model.parameters() if p.device.type != "meta")
+        built = getattr(trainer.model, "materialized_slice", None)  # parameter elements ever allocated
         losses = []
         for step in range(STEPS):
             losses.append(trainer.train_step().loss)
             if i == SAVED and step + 1 == SAVE_AT:
                 ckpt = trainer.save()
         full = trainer.strategy.full_model(trainer.model)
-        runs.append({"losses": losses, "weights": _weights(full) if rank == 0 else None, "local": local,
+        runs.append({"losses": losses, "weights": _weights(full) if rank == 0 else None, "local": local, "built": built,
                      "full": trainer.model.num_params(), "log": trainer.strategy.describe()})  # fmt: skip
     ckpt = [ckpt]
     torch.distributed.broadcast_object_list(ckpt, src=0)
@@ -156,6 +157,8 @@ def test_pipelined_fp32_run_equals_the_single_process(launched, reference, i):
 def test_every_rank_holds_only_its_stages(launched):
     for res in launched:
         for (parallel, _), run in zip(LAYOUTS, res["runs"]):
+            # built on the meta device: a rank allocated exactly the weights it keeps, never the whole
+            assert run["built"] == run["local"], (parallel, run["built"], run["local"])
             if parallel["schedule"] == "dualpipe":  # rank r holds stages r and pp-1-r: all of them at pp=2
                 assert run["local"] <= run["full"]
             else:

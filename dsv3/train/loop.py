@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from dsv3 import ConfigError, ModelConfig, Transformer
-from dsv3.checkpoint import load_pretrained
+from dsv3.checkpoint import load_pretrained, read_config
 from dsv3.data.corpus import CorpusError
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
 from dsv3.model.moe import MoE
 from dsv3.optim import param_groups
+from dsv3.parallel.materialize import WeightSource
 from dsv3.parallel.parallelize import Parallelization, apply_recompute, parallelize, pipeline_chunks  # noqa: F401
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
@@ -141,11 +142,23 @@ class Trainer:
         if dataset is None:
             dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
         self.data = dataset
-        if ckpt is not None:
+        # with pipeline stages a rank builds the model on the meta device and fills only its own
+        # stages and experts at `parallelize` (from `source`); otherwise the whole model, here
+        sliced = cfg.parallel.get("pp", 1) > 1
+        source = None
+        if ckpt is not None and sliced:
+            with torch.device("meta"):
+                self.model = Transformer(read_config(Path(ckpt))).to(dtype)
+            source = WeightSource(Path(ckpt))
+        elif ckpt is not None:
             self.model = load_pretrained(ckpt, dtype=dtype, verify=False)  # load_checkpoint verifies
         else:
-            self.model = Transformer(self.model_config(dataset)).to(dtype)
-            if cfg.init:  # weights and gate biases of another run; optimizer and schedule start afresh
+            with torch.device("meta" if sliced else "cpu"):
+                self.model = Transformer(self.model_config(dataset)).to(dtype)
+            source = WeightSource(Path(cfg.init) if cfg.init else None)
+            if (
+                cfg.init and not sliced
+            ):  # weights and gate biases of another run; optimizer and schedule start afresh
                 from dsv3.train.phases import load_init_weights
 
                 load_init_weights(self.model, cfg.init)
@@ -154,7 +167,7 @@ class Trainer:
                                  cfg.parallel.get("pp", 1))  # fmt: skip
         # precision, recomputation, expert parallelism, pipeline stages (ZeRO-1: at the optimizer)
         self.model = parallelize(
-            self.model, Parallelization(self.precision, cfg.recompute, chunks), self.strategy
+            self.model, Parallelization(self.precision, cfg.recompute, chunks), self.strategy, source
         )
         self.optimizer = self._build_optimizer()
         self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
