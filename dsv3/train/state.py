@@ -166,11 +166,13 @@ def latest_valid_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify `path` and restore the RNG state; return (trainer state, optimizer state). The model
-    is loaded by `load_pretrained(path)` before the optimizer is built."""
+def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify `path` (unless the caller just did: `verify=False`) and restore the RNG state; return
+    (trainer state, optimizer state). The model is loaded by `load_pretrained(path)` before the
+    optimizer is built."""
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
     return json.loads((path / "trainer.json").read_text()), optimizer_state
