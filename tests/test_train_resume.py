@@ -226,7 +226,7 @@ def test_due_checkpoint_is_written_before_the_evaluation_of_its_step(tmp_path, d
 def test_resume_runs_the_evaluation_a_kill_lost_and_hashes_the_checkpoint_once(tmp_path, data, monkeypatch):
     """Killed between the checkpoint of step 2 and its evaluation: the resumed run evaluates step 2
     first (the value an uninterrupted run logs) and reads each checkpoint file's SHA-256 once."""
-    import dsv3.train.state as state
+    import dsv3.data.fetch as fetch
 
     corpus, cache = data
     monkeypatch.setenv("DSV3_CACHE", cache)
@@ -238,7 +238,7 @@ def test_resume_runs_the_evaluation_a_kill_lost_and_hashes_the_checkpoint_once(t
         trainer.fit()  # as a kill right after the checkpoint: no eval record of step 2
     assert _records(tmp_path / "ev", "eval") == []
     hashed = []
-    monkeypatch.setattr(state, "sha256_file", lambda f, real=state.sha256_file: hashed.append(f) or real(f))
+    monkeypatch.setattr(fetch, "sha256_file", lambda f, real=fetch.sha256_file: hashed.append(f) or real(f))
     resumed = Trainer(cfg("ev"), resume=True, show_progress=False)
     manifest = json.loads((resumed.resumed_from / "manifest.json").read_text())["files"]
     assert resumed.step == 2 and sorted(hashed) == sorted(resumed.resumed_from / n for n in manifest)

@@ -22,7 +22,7 @@ index names but that is missing) is a CheckpointError whose one-line message sta
 
 The package, by job: dsv3.checkpoint.keys (the HF key mapping), .reader (config, index, shards,
 manifest), .load (`load_pretrained`), .save (`save_pretrained`, atomic files), .convert
-(`convert_fp8_to_bf16`), .errors (CheckpointError, DiskFullError). Everything public is importable
+(`convert_fp8_to_bf16`), .manifest (manifest.json written and checked), .errors (CheckpointError, DiskFullError). Everything public is importable
 from `dsv3.checkpoint`, as before the split.
 """
 
@@ -30,20 +30,20 @@ from dsv3.checkpoint.convert import convert_fp8_to_bf16
 from dsv3.checkpoint.errors import CheckpointError, DiskFullError, disk_full_message, is_disk_full
 from dsv3.checkpoint.keys import _hf_prefix, hf_state_dict
 from dsv3.checkpoint.load import load_pretrained
+from dsv3.checkpoint.manifest import MANIFEST_FILE, check_manifest, verify_manifest, write_manifest
 from dsv3.checkpoint.reader import (
     CONFIG_FILE,
     INDEX_FILE,
-    MANIFEST_FILE,
     SCALE_SUFFIX,
     SINGLE_FILE,
     checkpoint_dir,
     read_config,
-    verify_manifest,
 )
 from dsv3.checkpoint.save import save_pretrained
 
 __all__ = [
     "CONFIG_FILE", "INDEX_FILE", "MANIFEST_FILE", "SCALE_SUFFIX", "SINGLE_FILE", "CheckpointError",
     "DiskFullError", "_hf_prefix", "checkpoint_dir", "convert_fp8_to_bf16", "disk_full_message",
-    "hf_state_dict", "is_disk_full", "load_pretrained", "read_config", "save_pretrained", "verify_manifest",
+    "check_manifest", "hf_state_dict", "is_disk_full", "load_pretrained", "read_config", "save_pretrained",
+    "verify_manifest", "write_manifest",
 ]  # fmt: skip

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from dsv3.checkpoint.errors import CheckpointError
 from dsv3.checkpoint.keys import _LAYER_RE, _expected_targets, _hf_prefix, _our_target
-from dsv3.checkpoint.reader import SCALE_SUFFIX, _ShardReader, checkpoint_dir, read_config, verify_manifest
+from dsv3.checkpoint.manifest import verify_manifest
+from dsv3.checkpoint.reader import SCALE_SUFFIX, _ShardReader, checkpoint_dir, read_config
 from dsv3.model.transformer import Transformer
 
 

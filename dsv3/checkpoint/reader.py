@@ -1,5 +1,6 @@
 """Reading a checkpoint directory: its config.json, its shard index, its safetensors shards (lazily,
-FP8 weights dequantised block by block with their `weight_scale_inv`), and its manifest.json.
+FP8 weights dequantised block by block with their `weight_scale_inv`); manifest.json is
+dsv3.checkpoint.manifest.
 
 Every unreadable input (no directory, no or invalid config.json, a malformed index, a truncated or
 garbled safetensors file, a shard the index names but that is missing) is a CheckpointError whose
@@ -20,7 +21,6 @@ from dsv3.config import ConfigError, ModelConfig
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"  # written by dsv3.train.state.save_checkpoint
 SCALE_SUFFIX = "_scale_inv"
 
 
@@ -132,44 +132,3 @@ class _ShardReader:
 
             t = dequantize_blocks(t, self.tensor(scale_key).float(), dtype=torch.float32)
         return t if dtype is None else t.to(dtype)
-
-
-# ---- integrity -----------------------------------------------------------------------------------
-def _read_by_loading(name: str) -> bool:
-    """Manifest entries the model and tokenizer are read from; the optimizer and RNG state (`*.pt`)
-    and trainer.json are training's alone and not worth hashing for inference."""
-    return not (name.endswith(".pt") or name == "trainer.json")
-
-
-def verify_manifest(path: str | Path) -> bool:
-    """Check the files loading reads against the checkpoint's manifest.json (size, then SHA-256).
-    Returns False when there is no manifest (official checkpoints): nothing to verify. A missing,
-    truncated or altered file, or an unreadable manifest, is a CheckpointError naming the file."""
-    path = Path(path)
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return False
-    files = _read_json(manifest).get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{manifest}: no 'files' object of name -> size and sha256")
-    from dsv3.data.fetch import sha256_file
-
-    for name, want in files.items():
-        if not _read_by_loading(name):
-            continue
-        f = path / name
-        if not isinstance(want, dict) or "bytes" not in want or "sha256" not in want:
-            raise CheckpointError(f"{manifest}: entry {name!r} lacks 'bytes' or 'sha256'")
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in {MANIFEST_FILE} but missing")
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(
-                f"{f}: truncated or altered ({size} bytes, {MANIFEST_FILE} says {want['bytes']})"
-            )
-        if sha256_file(f) != want["sha256"]:
-            raise CheckpointError(
-                f"{f}: corrupt (SHA-256 does not match {MANIFEST_FILE}); "
-                "verify=False / --no-verify loads it anyway"
-            )
-    return True
