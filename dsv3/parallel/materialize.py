@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv3.checkpoint import _EXPERT_NAMES, CheckpointError, _hf_prefix, _ShardReader, checkpoint_dir
+from dsv3.checkpoint.errors import CheckpointError
+from dsv3.checkpoint.keys import _EXPERT_NAMES, _hf_prefix
+from dsv3.checkpoint.reader import _ShardReader, checkpoint_dir
 from dsv3.model.init import EXPERT_STACK, initial_value
 from dsv3.model.transformer import Transformer
 
