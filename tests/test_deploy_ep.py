@@ -197,3 +197,13 @@ def test_replica_offset_continues_the_round_robin():
 def test_ep_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         EPConfig(**kw)
+
+
+def test_moe_takes_zero_tokens(tiny):
+    """What an idle rank's empty call runs through (route, dispatch, experts, combine)."""
+    from dsv3.model.moe import MoE
+
+    moe = MoE(tiny).eval()
+    with torch.no_grad():
+        out = moe(torch.zeros(1, 0, tiny.dim))
+    assert out.shape == (1, 0, tiny.dim) and int(moe.last_counts.sum()) == 0

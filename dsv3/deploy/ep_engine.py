@@ -142,7 +142,13 @@ def build_engine_groups(
             pg = dist.new_group(ranks, timeout=timedelta(seconds=timeout))
             if rank in ranks:
                 links[name] = Link(
-                    f"engine-{name}", pg, ranks, rank, [nodes[members.index(r)] for r in ranks], stats, timeout
+                    f"engine-{name}",
+                    pg,
+                    ranks,
+                    rank,
+                    [nodes[members.index(r)] for r in ranks],
+                    stats,
+                    timeout,
                 )
         if rank in members:
             mine = EngineGroup(links["ep"], links["intra"], links["inter"], L, stats)
@@ -163,10 +169,11 @@ class EPEngine(Engine):
         self,
         model: Transformer,
         group: EngineGroup,
-        config: EngineConfig = EngineConfig(),
-        ep_config: EPConfig = EPConfig(),
+        config: EngineConfig | None = None,
+        ep_config: EPConfig | None = None,
         tokenizer=None,
     ) -> None:
+        config, ep_config = config or EngineConfig(), ep_config or EPConfig()
         if config.speculative:
             raise ConfigError("speculative: not supported by the expert-parallel engine yet")
         if config.compile:
@@ -189,7 +196,9 @@ class EPEngine(Engine):
         """(most forwards of any rank this step, any rank busy): one all_reduce (MAX)."""
         t = torch.tensor([forwards, int(busy)], dtype=torch.long)
         link = self.group.ep
-        link.run("all_reduce (step agreement)", lambda: dist.all_reduce(t, dist.ReduceOp.MAX, group=link.group))
+        link.run(
+            "all_reduce (step agreement)", lambda: dist.all_reduce(t, dist.ReduceOp.MAX, group=link.group)
+        )
         return int(t[0]), bool(t[1])
 
     def group_has_unfinished(self) -> bool:

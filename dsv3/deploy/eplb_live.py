@@ -73,7 +73,9 @@ def initial_placement(
         return Placement.from_phy2log(torch.arange(E).expand(n_layers, E), E, ranks)
     loads = ep.loads if ep.loads is not None else torch.ones(n_layers, E)
     if tuple(loads.shape) != (n_layers, E):
-        raise ConfigError(f"loads: expected shape ({n_layers}, {E}) (MoE layers, experts), got {tuple(loads.shape)}")
+        raise ConfigError(
+            f"loads: expected shape ({n_layers}, {E}) (MoE layers, experts), got {tuple(loads.shape)}"
+        )
     S = ep.slots_per_rank if ep.slots_per_rank is not None else -(-E // ranks)
     if S * ranks < E:
         raise ConfigError(f"slots_per_rank: {S} x {ranks} ranks cannot hold the {E} experts")
@@ -174,7 +176,14 @@ class LiveEPLB:
                 eng.model.config, self.cfg, current.num_gpus, eng.group.ranks_per_node
             )
             if self.cfg.max_moves is None:
-                new = plan(loads.double(), current.num_replicas, groups, nodes, current.num_gpus, policy=self.cfg.policy)
+                new = plan(
+                    loads.double(),
+                    current.num_replicas,
+                    groups,
+                    nodes,
+                    current.num_gpus,
+                    policy=self.cfg.policy,
+                )
             else:
                 new = rebalance_incremental(
                     loads.double(), current, self.cfg.max_moves, groups, nodes, policy=self.cfg.policy
@@ -182,7 +191,9 @@ class LiveEPLB:
             phy2log = new.phy2log.clone()
         else:
             phy2log = torch.empty_like(current.phy2log)
-        link.run("broadcast (EPLB plan)", lambda: dist.broadcast(phy2log, src=link.members[0], group=link.group))
+        link.run(
+            "broadcast (EPLB plan)", lambda: dist.broadcast(phy2log, src=link.members[0], group=link.group)
+        )
         placement = Placement.from_phy2log(phy2log, self.n_experts, current.num_gpus)
         self.apply(placement)
         self.replans += 1

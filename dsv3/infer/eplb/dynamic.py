@@ -231,10 +231,11 @@ def dynamic_step(
 
 
 def dynamic_layer(
-    phy2log: torch.Tensor, num_gpus: int, load: torch.Tensor, active_per_gpu: int
+    phy2log: torch.Tensor, num_gpus: int, load: torch.Tensor, active_per_gpu: int, sweeps: int = 50
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer of `dynamic_step`: hosting phy2log [R] (GPU-major), load [E] -> (active [R] bool,
-    quota [R] long), the better of the greedy activation and the static default."""
+    quota [R] long), the better of the greedy activation and the static default. `sweeps` caps
+    `split_tokens`' descent (a serving engine runs this per layer and step: a few sweeps)."""
     P, H = num_gpus, phy2log.shape[0] // num_gpus
     default = (torch.arange(phy2log.shape[0]) % H) < active_per_gpu
     greedy = select_active(phy2log, P, load, active_per_gpu)
@@ -242,7 +243,7 @@ def dynamic_layer(
     for a in (greedy, default):
         if (a.view(P, H).sum(1) > active_per_gpu).any():
             continue
-        q = split_tokens(phy2log, a, P, load)
+        q = split_tokens(phy2log, a, P, load, sweeps)
         peak = int(q.view(P, H).sum(1).max())
         if best is None or peak < best[0]:
             best = (peak, a, q)
