@@ -62,7 +62,7 @@ def cases(world: int) -> dict[str, dict]:
         "none": {},
         "static": {"eplb": "static", "slots_per_rank": 3},
         "live": {"eplb": "live", "slots_per_rank": 3, "eplb_interval": 2, "eplb_window": 3, "max_moves": 2},
-        "dynamic": {"eplb": "dynamic", "slots_per_rank": 3, "active_per_rank": 2},
+        "dynamic": {"eplb": "dynamic", "slots_per_rank": 4, "active_per_rank": 3},
         "two_hop": {"two_hop": True},
         "fp8": {"dispatch": "fp8", "combine": "bf16"},
     }
@@ -80,7 +80,15 @@ def worker(rank: int, world: int) -> dict:
         engine = EPEngine(make_model(), group, ENGINE, EPConfig(**kw))
         for rid, prompt, sp in mine(rank, world):
             engine.add_request(prompt, sp, rid)
-        outs = run_group(engine)
+        steps = []  # (L,) copies this rank's slots processed, per step
+        if name in ("none", "dynamic"):  # stepped here to see each step's loads
+            outs = {}
+            while engine.group_has_unfinished():
+                before = engine.rank_load()
+                outs.update({o.request_id: o for o in engine.step()})
+                steps.append(engine.rank_load() - before)
+        else:
+            outs = run_group(engine)
         live = engine.live
         res[name] = {
             "tokens": {rid: o.token_ids for rid, o in outs.items()},
@@ -92,6 +100,7 @@ def worker(rank: int, world: int) -> dict:
             "moved": live.bytes_moved if live else 0,
             "experts_moved": live.experts_moved if live else 0,
             "phy2log": engine.placement.phy2log.clone(),
+            "step_load": torch.stack(steps) if steps else None,  # (T, L)
         }
         group.stats.reset()
     return res
@@ -147,6 +156,12 @@ def test_ep_engine_eplb_moves_and_fp8(ranks):
     assert all(torch.equal(x["phy2log"], live[0]["phy2log"]) for x in live)  # one routing table
     static = res[0]["static"]["phy2log"]
     assert static.shape[1] > ModelConfig.from_preset("tiny").n_routed_experts  # redundant slots
+
+    def per_step(name):  # sum over steps of the busiest rank's copies / of the mean, mean over layers
+        load = torch.stack([r[name]["step_load"] for r in res]).double()  # (P, T, L)
+        return float((load.max(0).values.sum(0) / load.mean(0).sum(0)).mean())
+
+    assert per_step("dynamic") < per_step("none")  # the per-step split evens the ranks out
     if world == 4:  # FP8 dispatch sends E4M3 bytes + scales: about a quarter of FP32's
         same = sum(r["none"]["dispatch_bytes"] for r in res)
         fp8 = sum(r["fp8"]["dispatch_bytes"] for r in res)
