@@ -8,7 +8,9 @@ balance beside the planner's prediction (DESIGN §8, paper §3.4; the decode par
 
 Loads. From `--loads` (an `ExpertLoadStats.save` file of this model's MoE layers), else recorded
 here: a single-process `Engine` serves skewed requests (prompt tokens drawn from the first
-`--vocab` ids only, so a few experts get most tokens) and pushes the counts of its decode steps. The model is
+`--vocab` ids only, so a few experts get most tokens) and pushes the counts of its decode steps;
+`--record-seed 2 --record-requests N` records the run's own N requests (seed 2), so that the
+plans see exactly the loads the run then routes. The model is
 the preset's seeded random init (a trained checkpoint's router is skewed by itself; here the data
 skews it). The benchmark's own requests come from the same distribution with another seed.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -73,8 +76,9 @@ def record_loads(a: argparse.Namespace) -> torch.Tensor:
     model = make_model(a.preset)
     layers = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
     stats = ExpertLoadStats(len(layers), model.config.n_routed_experts, window=100000)
-    engine = Engine(model, engine_config(a))
-    for p in prompts(a, a.record_requests, seed=1):
+    cfg = engine_config(a)  # every prompt prefilled in the first step, as each EP rank does
+    engine = Engine(model, replace(cfg, max_num_batched_tokens=max(64, a.record_requests * a.prompt_len)))
+    for p in prompts(a, a.record_requests, seed=a.record_seed):
         engine.add_request(p, params(a))
     while engine.has_unfinished():
         before = engine.stats.prefill_tokens
@@ -172,6 +176,7 @@ def main() -> None:
     ap.add_argument("--active", type=int)
     ap.add_argument("--eplb-interval", type=int, default=8)
     ap.add_argument("--record-requests", type=int, help="requests of the recording (default: 4 x the run's)")
+    ap.add_argument("--record-seed", type=int, default=1, help="2: the run's own requests (its exact loads)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="of the max/mean target (integer splits)")
     a = ap.parse_args()
     E = ModelConfig.from_preset(a.preset).n_routed_experts
@@ -180,7 +185,9 @@ def main() -> None:
     a.hosted = a.hosted or a.active + 1
     a.record_requests = a.record_requests or 4 * a.requests * a.ranks
     loads = ExpertLoadStats.load(a.loads).loads() if a.loads else record_loads(a)
-    source = a.loads or f"recorded: {a.record_requests} skewed requests (seed 1), single process"
+    source = (
+        a.loads or f"recorded: {a.record_requests} skewed requests (seed {a.record_seed}), single process"
+    )
     print(f"loads [{loads.shape[0]} layers x {loads.shape[1]} experts] from {source}; "
           f"max/mean expert load per layer {[round(float(x), 2) for x in loads.float().max(1).values / loads.float().mean(1)]}")  # fmt: skip
     load_before = os.getloadavg()[0]

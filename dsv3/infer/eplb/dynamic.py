@@ -240,6 +240,7 @@ def dynamic_layer(
     default = (torch.arange(phy2log.shape[0]) % H) < active_per_gpu
     greedy = select_active(phy2log, P, load, active_per_gpu)
     best = None
+    floor = -(-int(load.sum()) // P)  # no split has a lighter busiest GPU
     for a in (greedy, default):
         if (a.view(P, H).sum(1) > active_per_gpu).any():
             continue
@@ -247,5 +248,7 @@ def dynamic_layer(
         peak = int(q.view(P, H).sum(1).max())
         if best is None or peak < best[0]:
             best = (peak, a, q)
+        if peak <= floor:  # optimal: the default cannot be strictly better
+            break
     assert best is not None  # the default is always within A per GPU
     return best[1], best[2]
