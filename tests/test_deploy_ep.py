@@ -15,7 +15,7 @@ import torch
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.config import ConfigError
-from dsv3.deploy.ep_engine import EPConfig
+from dsv3.deploy.ep_engine import EPConfig, rank_balance
 from dsv3.deploy.eplb_live import plan_moves
 from dsv3.infer.engine import Engine, EngineConfig
 from dsv3.infer.eplb.placement import Placement, moved_experts
@@ -101,6 +101,7 @@ def worker(rank: int, world: int) -> dict:
             "experts_moved": live.experts_moved if live else 0,
             "phy2log": engine.placement.phy2log.clone(),
             "step_load": torch.stack(steps) if steps else None,  # (T, L)
+            "metrics": engine.metrics(),
         }
         group.stats.reset()
     return res
@@ -154,6 +155,9 @@ def test_ep_engine_eplb_moves_and_fp8(ranks):
     assert sum(x["moved"] for x in live) > 0  # weights travelled between ranks
     assert len({x["experts_moved"] for x in live}) == 1  # every rank moved the same list
     assert all(torch.equal(x["phy2log"], live[0]["phy2log"]) for x in live)  # one routing table
+    m = [r["live"]["metrics"] for r in res]
+    assert sum(x["eplb_bytes_moved"] for x in m) == sum(x["moved"] for x in live)
+    assert rank_balance([x["rank_load"] for x in m]) >= 1.0 and m[0]["eplb_replans"] == live[0]["replans"]
     static = res[0]["static"]["phy2log"]
     assert static.shape[1] > ModelConfig.from_preset("tiny").n_routed_experts  # redundant slots
 

@@ -243,11 +243,38 @@ class EPEngine(Engine):
         """[L] token copies this rank's expert slots processed per layer since the last reset."""
         return torch.stack([m.slot_rows.sum() for m in self.moe])
 
+    def metrics(self) -> dict:
+        """This rank's figures for /metrics (local, no collective; `rank_balance` combines ranks)."""
+        live, st = self.live, self.group.stats
+        return {
+            "rank": self.group.index,
+            "ranks": self.group.size,
+            "expert_load": [m.slot_rows.tolist() for m in self.moe],  # [L][S] copies per hosted slot
+            "slot_experts": [
+                m.table.rank_experts(self.group.index, self.group.size).tolist() for m in self.moe
+            ],
+            "rank_load": int(self.rank_load().sum()),  # copies this rank's slots processed
+            "empty_calls": self.empty_calls,
+            "dispatch_bytes": st.total(what="dispatch"),
+            "combine_bytes": st.total(what="combine"),
+            "eplb_replans": live.replans if live else 0,
+            "eplb_experts_moved": live.experts_moved if live else 0,
+            "eplb_bytes_moved": live.bytes_moved if live else 0,  # received by this rank
+            "eplb_seconds": live.seconds if live else 0.0,
+            "dynamic_plan_seconds": sum(m.plan_seconds for m in self.moe),
+        }
+
     def reset_counters(self) -> None:
         for m in self.moe:
             m.reset_counters()
         self.group.stats.reset()
         self.empty_calls = 0
+
+
+def rank_balance(rank_loads: Seq[int]) -> float:
+    """max / mean of the ranks' loads (`metrics()["rank_load"]` of every rank); 1.0 when idle."""
+    mean = sum(rank_loads) / max(len(rank_loads), 1)
+    return max(rank_loads) / mean if mean > 0 else 1.0
 
 
 def run_group(engine: EPEngine) -> dict[str, RequestOutput]:
