@@ -119,11 +119,14 @@ def worker(rank: int, world: int, a: argparse.Namespace, loads: torch.Tensor) ->
         engine.step()  # every prompt prefilled (and its first token sampled)
         engine.reset_counters()
         dist.barrier()
-        start, done, steps = time.perf_counter(), {}, []
+        start, done, steps, step_counts, used = time.perf_counter(), {}, [], [], []
         while engine.group_has_unfinished():
             before = engine.rank_load()
+            counts_before = torch.stack([m.counts for m in engine.moe])
+            used.append(engine.placement.phy2log.clone())  # the tables this step runs with
             done.update({o.request_id: o for o in engine.step()})
             steps.append(engine.rank_load() - before)  # (L,) this step's copies on my slots
+            step_counts.append(torch.stack([m.counts for m in engine.moe]) - counts_before)  # (L, E)
         seconds = time.perf_counter() - start
         live = engine.live
         out[name] = {
@@ -131,6 +134,8 @@ def worker(rank: int, world: int, a: argparse.Namespace, loads: torch.Tensor) ->
             "seconds": seconds,
             "rank_load": engine.rank_load(),
             "step_load": torch.stack(steps),  # (T, L)
+            "step_counts": torch.stack(step_counts),  # (T, L, E) this rank's logical counts per step
+            "used": torch.stack(used),  # (T, L, R) routing tables per step
             "counts": torch.stack([m.counts for m in engine.moe]),  # (L, E) this rank's logical counts
             "replan_s": live.seconds if live else 0.0,
             "calls": sum(m.calls for m in engine.moe),
@@ -211,6 +216,11 @@ def main() -> None:
         pred = predicted(a, name, loads, cfgs[name], a.ranks, per[0]["phy2log"])
         run_loads = sum(p["counts"] for p in per)  # (L, E) the group's loads during the measured decode
         pred_run = predicted(a, name, run_loads, cfgs[name], a.ranks, per[0]["phy2log"])
+        if name == "live":  # the tables change during the run: each step's loads on that step's tables
+            counts = sum(p["step_counts"] for p in per)  # (T, L, E)
+            gpu = sum(Placement.from_phy2log(t, loads.shape[1], a.ranks).gpu_loads(c)
+                      for t, c in zip(per[0]["used"], counts))  # fmt: skip
+            pred_run = float(balancedness(gpu).mean())
         calls = sum(p["calls"] for p in per)
         layer_ms = 1e3 * sum(p["layer_s"] for p in per) / max(calls, 1)
         plan_ms = 1e3 * sum(p["plan_s"] for p in per) / max(calls, 1)
@@ -222,8 +232,10 @@ def main() -> None:
     print("\nmeasured: max/mean of the rank loads summed over the decode; per step: sum over steps of the")
     print("slowest rank's load / sum of the mean (what a synchronised step waits for).")
     print("predicted: on the recorded loads (what the plans were made from); pred. (run): on the loads the")
-    print("measured decode itself routed (same placement); live plans from its own window (uniform start, a")
-    print("first wave of requests before the measured one). layer ms / plan ms: mean per MoE layer call")
+    print("measured decode itself routed (same placement; live: every step on its own tables); live plans")
+    print(
+        "from its own window (uniform start, a first wave of requests before the measured one). layer ms / plan ms: mean per MoE layer call"
+    )
     print("(plan: the dynamic replica choice, part of the layer time); MB moved: the group's.")
     print(
         f"targets: measured lowering >= predicted lowering - {a.tolerance} (copies are whole tokens per step)"
