@@ -40,8 +40,10 @@ from dataclasses import replace
 import torch
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.deploy.ep_moe import DYNAMIC_SWEEPS
+from dsv3.deploy.eplb_live import initial_placement
 from dsv3.infer.engine import Engine, EngineConfig
-from dsv3.infer.eplb.dynamic import dynamic_step
+from dsv3.infer.eplb.dynamic import dynamic_layer, dynamic_step
 from dsv3.infer.eplb.placement import Placement, balancedness, loads_from_counts, unreplicated_counts
 from dsv3.infer.eplb.stats import ExpertLoadStats
 from dsv3.infer.sampling import SamplingParams
@@ -150,8 +152,6 @@ def worker(rank: int, world: int, a: argparse.Namespace, loads: torch.Tensor) ->
 
 def predicted(a, name: str, loads: torch.Tensor, cfg, ranks: int, final: torch.Tensor) -> float:
     """The planner's balancedness of the mode's placement on the recorded loads (mean over layers)."""
-    from dsv3.deploy.eplb_live import initial_placement
-
     L, E = loads.shape
     mcfg = ModelConfig.from_preset(a.preset)
     if name == "none":
@@ -216,6 +216,15 @@ def main() -> None:
         pred = predicted(a, name, loads, cfgs[name], a.ranks, per[0]["phy2log"])
         run_loads = sum(p["counts"] for p in per)  # (L, E) the group's loads during the measured decode
         pred_run = predicted(a, name, run_loads, cfgs[name], a.ranks, per[0]["phy2log"])
+        if name == "dynamic":  # the split is chosen per step: each step's loads, as the ranks split them
+            counts = sum(p["step_counts"] for p in per)  # (T, L, E)
+            hosting = initial_placement(ModelConfig.from_preset(a.preset), loads.shape[0], a.ranks, cfgs[name])
+            gpu = sum(
+                torch.stack([dynamic_layer(hosting.phy2log[i], a.ranks, c[i], a.active, DYNAMIC_SWEEPS)[1]
+                             .view(a.ranks, -1).sum(-1) for i in range(c.shape[0])]).double()
+                for c in counts
+            )  # fmt: skip
+            pred_run = float(balancedness(gpu).mean())
         if name == "live":  # the tables change during the run: each step's loads on that step's tables
             counts = sum(p["step_counts"] for p in per)  # (T, L, E)
             gpu = sum(Placement.from_phy2log(t, loads.shape[1], a.ranks).gpu_loads(c)
@@ -232,10 +241,9 @@ def main() -> None:
     print("\nmeasured: max/mean of the rank loads summed over the decode; per step: sum over steps of the")
     print("slowest rank's load / sum of the mean (what a synchronised step waits for).")
     print("predicted: on the recorded loads (what the plans were made from); pred. (run): on the loads the")
-    print("measured decode itself routed (same placement; live: every step on its own tables); live plans")
-    print(
-        "from its own window (uniform start, a first wave of requests before the measured one). layer ms / plan ms: mean per MoE layer call"
-    )
+    print("measured decode itself routed (same placement; live: every step on its own tables; dynamic: every")
+    print("step's loads split as the ranks split them). Live plans from its own window (uniform start, a")
+    print("first wave of requests before the measured one). layer ms / plan ms: mean per MoE layer call")
     print("(plan: the dynamic replica choice, part of the layer time); MB moved: the group's.")
     print(
         f"targets: measured lowering >= predicted lowering - {a.tolerance} (copies are whole tokens per step)"
