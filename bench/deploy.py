@@ -218,7 +218,9 @@ def main() -> None:
         pred_run = predicted(a, name, run_loads, cfgs[name], a.ranks, per[0]["phy2log"])
         if name == "dynamic":  # the split is chosen per step: each step's loads, as the ranks split them
             counts = sum(p["step_counts"] for p in per)  # (T, L, E)
-            hosting = initial_placement(ModelConfig.from_preset(a.preset), loads.shape[0], a.ranks, cfgs[name])
+            hosting = initial_placement(
+                ModelConfig.from_preset(a.preset), loads.shape[0], a.ranks, cfgs[name]
+            )
             gpu = sum(
                 torch.stack([dynamic_layer(hosting.phy2log[i], a.ranks, c[i], a.active, DYNAMIC_SWEEPS)[1]
                              .view(a.ranks, -1).sum(-1) for i in range(c.shape[0])]).double()
