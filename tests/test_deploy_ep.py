@@ -57,6 +57,7 @@ def cases(world: int) -> dict[str, dict]:
             "static": {"eplb": "static", "slots_per_rank": 5},
             "live": {"eplb": "live", "slots_per_rank": 5, "eplb_interval": 2, "eplb_window": 3},
             "dynamic": {"eplb": "dynamic", "slots_per_rank": 6, "active_per_rank": 5},
+            "fail": {},  # rank 0's first forward fails half-way (after the first MoE layer)
         }
     return {
         "none": {},
@@ -66,6 +67,16 @@ def cases(world: int) -> dict[str, dict]:
         "two_hop": {"two_hop": True},
         "fp8": {"dispatch": "fp8", "combine": "bf16"},
     }
+
+
+def fail_once(module: torch.nn.Module) -> None:
+    """The module's first forward raises (a forward hook, removed when it fires)."""
+
+    def hook(mod, args):
+        handle.remove()
+        raise RuntimeError("injected failure")
+
+    handle = module.register_forward_pre_hook(hook)
 
 
 def worker(rank: int, world: int) -> dict:
@@ -78,6 +89,8 @@ def worker(rank: int, world: int) -> dict:
     for name, kw in cases(world).items():
         group = nodes if kw.get("two_hop") else flat
         engine = EPEngine(make_model(), group, ENGINE, EPConfig(**kw))
+        if name == "fail" and rank == 0:
+            fail_once(engine.model.layers[2].self_attn)
         for rid, prompt, sp in mine(rank, world):
             engine.add_request(prompt, sp, rid)
         steps = []  # (L,) copies this rank's slots processed, per step
@@ -132,7 +145,7 @@ def ranks(request):
 def test_ep_engine_matches_single_process(ranks, reference):
     world, res = ranks
     for name in cases(world):
-        if name == "fp8":
+        if name in ("fp8", "fail"):
             continue
         got = {}
         for rank in range(world):
@@ -226,3 +239,20 @@ def test_moe_takes_zero_tokens(tiny):
     with torch.no_grad():
         out = moe(torch.zeros(1, 0, tiny.dim))
     assert out.shape == (1, 0, tiny.dim) and int(moe.last_counts.sum()) == 0
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_ep_engine_survives_a_failed_forward(ranks, reference):
+    """A forward that fails between two MoE layers fails its requests; the group stays in step
+    (the failing rank completes the forward's layer calls empty) and serves the rest unchanged."""
+    world, res = ranks
+    if world != 2:
+        pytest.skip("run on 2 ranks")
+    reasons = {rid: r for x in res for rid, r in x["fail"]["reasons"].items()}
+    tokens = {rid: t for x in res for rid, t in x["fail"]["tokens"].items()}
+    failed = {rid for rid, r in reasons.items() if r == "error"}
+    assert failed and failed <= set(res[0]["fail"]["reasons"])  # only rank 0's forward failed
+    assert len(reasons) == len(reference)
+    assert res[0]["fail"]["calls"] == res[1]["fail"]["calls"]  # the same layer calls on both ranks
+    assert all(tokens[rid] == reference[rid] for rid in reasons if rid not in failed)
