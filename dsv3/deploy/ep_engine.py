@@ -12,8 +12,9 @@ decodes, a third has no request at all. So each `step` first agrees on the step'
 forwards (one all_reduce of [forwards, has work] with MAX) and, after its own forwards, a rank
 calls every MoE layer with 0 tokens (`EPMoE.empty_call`) until it has made the group's number of
 layer calls. Every MoE layer runs the same sequence of collectives, so counting layer calls is
-enough: a forward that failed half-way (its requests fail as in `Engine`) is completed the same
-way. Every rank must call `step` together, also with nothing to do; `group_has_unfinished` (a
+enough: a forward that failed half-way between two MoE layers (its requests fail as in `Engine`)
+is completed the same way. (An exception inside a layer's exchanges, or a dead peer, breaks the
+group: the collectives raise `PeerFailure` within the group's timeout and `step` re-raises it.) Every rank must call `step` together, also with nothing to do; `group_has_unfinished` (a
 collective) says whether the group has work left, `run_group` drives a group to completion.
 
 What this engine leaves out, for correctness first:
