@@ -224,7 +224,7 @@ def test_replica_offset_continues_the_round_robin():
 @pytest.mark.parametrize(
     "kw,field",
     [({"dispatch": "int4"}, "dispatch"), ({"eplb": "magic"}, "eplb"), ({"eplb": "dynamic"}, "active_per_rank"),
-     ({"slots_per_rank": 3}, "slots_per_rank"), ({"eplb": "live", "eplb_interval": 0}, "eplb_interval")],
+     ({"slots_per_rank": 3}, "slots_per_rank"), ({"eplb": "live", "eplb_interval": 0}, "eplb_interval"), ({"policy": "best"}, "policy")],
 )  # fmt: skip
 def test_ep_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from dsv3.config import ConfigError
 from dsv3.infer.engine import Engine, EngineConfig, RequestOutput, _group_chunks
+from dsv3.infer.eplb.planner import POLICIES
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.comm import WIRES, CommStats, Link, PeerFailure
@@ -74,6 +75,8 @@ class EPConfig:
             raise ConfigError(f"dispatch: expected one of {WIRES}, got {self.dispatch!r}")
         if self.combine not in ("same", "bf16"):
             raise ConfigError(f"combine: expected 'same' or 'bf16', got {self.combine!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
         if self.eplb not in EPLB_MODES:
             raise ConfigError(f"eplb: expected one of {EPLB_MODES}, got {self.eplb!r}")
         for name in ("slots_per_rank", "active_per_rank", "max_moves"):
