@@ -58,6 +58,7 @@ def cases(world: int) -> dict[str, dict]:
             "live": {"eplb": "live", "slots_per_rank": 5, "eplb_interval": 2, "eplb_window": 3},
             "dynamic": {"eplb": "dynamic", "slots_per_rank": 6, "active_per_rank": 5},
             "fail": {},  # rank 0's first forward fails half-way (after the first MoE layer)
+            "shared": {"eplb": "static", "slots_per_rank": 5, "shared_as_routed": True},  # 9 in 10 slots
         }
     return {
         "none": {},
@@ -66,6 +67,7 @@ def cases(world: int) -> dict[str, dict]:
         "dynamic": {"eplb": "dynamic", "slots_per_rank": 4, "active_per_rank": 3},
         "two_hop": {"two_hop": True},
         "fp8": {"dispatch": "fp8", "combine": "bf16"},
+        "shared": {"eplb": "live", "slots_per_rank": 3, "shared_as_routed": True, "eplb_interval": 3},
     }
 
 
@@ -168,6 +170,11 @@ def test_ep_engine_eplb_moves_and_fp8(ranks):
     assert sum(x["moved"] for x in live) > 0  # weights travelled between ranks
     assert len({x["experts_moved"] for x in live}) == 1  # every rank moved the same list
     assert all(torch.equal(x["phy2log"], live[0]["phy2log"]) for x in live)  # one routing table
+    E = ModelConfig.from_preset("tiny").n_routed_experts
+    shared = res[0]["shared"]["phy2log"]  # the shared expert is logical expert E in the tables
+    assert int(shared.max()) == E and bool((shared == E).any(1).all())
+    if world == 4:  # live re-plans saw its load (one copy per token: the heaviest) and replicated it
+        assert bool(((shared == E).sum(1) >= 2).all()) and res[0]["shared"]["replans"] >= 2
     m = [r["live"]["metrics"] for r in res]
     assert sum(x["eplb_bytes_moved"] for x in m) == sum(x["moved"] for x in live)
     assert rank_balance([x["rank_load"] for x in m]) >= 1.0 and m[0]["eplb_replans"] == live[0]["replans"]

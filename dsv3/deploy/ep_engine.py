@@ -21,9 +21,8 @@ What this engine leaves out, for correctness first:
   - the fast decode path (dsv3.infer.decode: one fused kernel per layer) is off: it routes and runs
     the experts inside its kernel, so the swapped MoE layers run on the model's reference forward
     (as the runner does for any swapped module);
-  - the shared expert stays a data-parallel MLP on every rank; the paper's decode deployment
-    treats it as one more routed expert (9 per token), which would move its compute onto the
-    experts' ranks -- not done;
+  - the shared expert stays a data-parallel MLP on every rank unless `EPConfig.shared_as_routed`
+    (the paper's decode: one more routed expert, 9 per token, replicated by EPLB);
   - speculative decoding and `compile` are refused (the MTP module's MoE would need the same
     synchronisation).
 Re-planning between steps (`eplb_live.LiveEPLB`) runs inside `step`, after the forwards.
@@ -69,6 +68,7 @@ class EPConfig:
     eplb_interval: int = 100  # live: steps between two re-plans
     eplb_window: int = 1000  # live: steps of load statistics the planner sees
     max_moves: int | None = None  # live: experts moved per layer and re-plan at most (None: full plan)
+    shared_as_routed: bool = False  # the shared expert as logical expert E (the paper's decode, ep_moe.py)
 
     def __post_init__(self) -> None:
         if self.dispatch not in WIRES:
@@ -188,7 +188,8 @@ class EPEngine(Engine):
         placement = initial_placement(model.config, len(blocks), group.size, ep_config, group.ranks_per_node)
         ep = group.expert_parallel(placement.num_replicas, ep_config)
         for i, b in enumerate(blocks):
-            b.mlp = EPMoE.from_slots(b.mlp, ep, SlotTable.of(placement, i), ep_config.active_per_rank)
+            table = SlotTable.of(placement, i)
+            b.mlp = EPMoE.from_slots(b.mlp, ep, table, ep_config.active_per_rank, ep_config.shared_as_routed)
         self.moe: list[EPMoE] = [b.mlp for b in blocks]
         self.placement = placement  # the routing tables of every layer (Placement, [L, R])
         super().__init__(model, config, tokenizer)

@@ -28,6 +28,12 @@ Replica choice:
 Every replica holds a copy of its expert's weights, so the output equals the single-device MoE's
 whatever the choice: the same expert function on the same tokens, only on another slot.
 
+Shared expert as a routed expert (`shared_as_routed`, the paper's decode deployment: every token
+selects 9 experts): the shared expert becomes logical expert E, which every token visits with gate
+value 1 (so EPLB replicates it like a hot expert, its load being one copy per token); it is then
+computed on its slots and summed by the combine instead of data-parallel on every rank. Otherwise
+(prefill's treatment) it runs on every rank for its own tokens.
+
 Zero tokens: a rank without work still calls the layer (`empty_call`, x [1, 0, D]): the gate,
 dispatch and combine then send and receive nothing but join every collective of the layer.
 
@@ -100,6 +106,21 @@ def experts_for(experts: nn.Module, logical: torch.Tensor) -> nn.Module:
     return local
 
 
+def with_shared_expert(moe: MoE) -> nn.Module:
+    """The routed experts [E, ...] and the shared expert as row E: [E + 1, ...] (the shared MLP's
+    hidden size must be one expert's, V3's n_shared_experts = 1)."""
+    s, ex = moe.shared_experts, moe.experts
+    if s is None or s.gate_proj.weight.shape != (ex.w1.shape[2], ex.w1.shape[1]):
+        raise ValueError("shared_as_routed: needs one shared expert of the routed experts' size")
+    w = {"w1": s.gate_proj.weight.T, "w3": s.up_proj.weight.T, "w2": s.down_proj.weight.T}  # [in, out]
+    out = copy.copy(ex)
+    out._parameters = {
+        n: nn.Parameter(torch.cat([p.detach(), w[n].detach()[None]]), requires_grad=False)
+        for n, p in ex.named_parameters(recurse=False)
+    }
+    return out
+
+
 class EPMoE(ExpertParallelMoE):
     """`ExpertParallelMoE` routed to physical slots (module docstring); forward semantics unchanged."""
 
@@ -108,15 +129,22 @@ class EPMoE(ExpertParallelMoE):
 
     @classmethod
     def from_slots(
-        cls, moe: MoE, ep: ExpertParallel, table: SlotTable, active_per_rank: int | None = None
+        cls,
+        moe: MoE,
+        ep: ExpertParallel,
+        table: SlotTable,
+        active_per_rank: int | None = None,
+        shared_as_routed: bool = False,
     ) -> EPMoE:
         """moe holds all E experts; keep only this rank's slots' weights. `ep`'s links are shared,
-        its placement replaced by the R slots over the group."""
+        its placement replaced by the R slots over the group. shared_as_routed: the shared expert
+        is logical expert E (module docstring)."""
         P = ep.ep.size
+        n_logical = moe.n_experts + (1 if shared_as_routed else 0)
         if table.num_slots % P:
             raise ValueError(f"slots: {table.num_slots} physical slots do not divide over {P} ranks")
-        if int(table.phy2log.max()) >= moe.n_experts or table.logcnt.shape != (moe.n_experts,):
-            raise ValueError(f"slots: the routing table is not one of {moe.n_experts} logical experts")
+        if int(table.phy2log.max()) >= n_logical or table.logcnt.shape != (n_logical,):
+            raise ValueError(f"slots: the routing table is not one of {n_logical} logical experts")
         S = table.num_slots // P
         if active_per_rank is not None and not 1 <= active_per_rank <= S:
             raise ValueError(f"active_per_rank: {active_per_rank} must be in [1, {S}] (slots per rank)")
@@ -130,16 +158,18 @@ class EPMoE(ExpertParallelMoE):
         layout = SlotLayout(table.num_slots, P, ep.placement.ranks_per_node)
         new.ep = dataclasses.replace(ep, placement=layout)  # same links and counters
         new.last_max_nodes, new.active_per_rank = 0, active_per_rank
+        new.shared_as_routed, new.n_logical = shared_as_routed, n_logical
         new.table = table.to(moe.experts.w1.device)
-        new.experts = experts_for(moe.experts, new.table.rank_experts(ep.index, P))
+        full = with_shared_expert(moe) if shared_as_routed else moe.experts
+        new.experts = experts_for(full, new.table.rank_experts(ep.index, P))
         new.reset_counters()
-        new.fresh_counts = torch.zeros(moe.n_experts, dtype=torch.long)  # since `take_counts`
+        new.fresh_counts = torch.zeros(n_logical, dtype=torch.long)  # since `take_counts`
         return new
 
     def reset_counters(self) -> None:
         S = self.table.num_slots // self.ep.ep.size
         self.calls, self.seconds, self.plan_seconds = 0, 0.0, 0.0
-        self.counts = torch.zeros(self.n_experts, dtype=torch.long)
+        self.counts = torch.zeros(self.n_logical, dtype=torch.long)
         self.slot_rows = torch.zeros(S, dtype=torch.long)
 
     def take_counts(self) -> torch.Tensor:
@@ -170,6 +200,11 @@ class EPMoE(ExpertParallelMoE):
     def route(self, x: torch.Tensor) -> MoECall:
         """The MoE's gate (logical ids and counts), then each copy's physical slot in `indices`."""
         call = super().route(x)
+        if self.shared_as_routed:  # every token also visits expert E, weight 1; counts [E + 1]
+            N = call.indices.shape[0]
+            call.indices = torch.cat([call.indices, call.indices.new_full((N, 1), self.n_experts)], 1)
+            call.weights = torch.cat([call.weights, call.weights.new_ones(N, 1)], 1)
+            call.counts = torch.cat([call.counts, call.counts.new_full((1,), N)])
         self.counts += call.counts.cpu()
         self.fresh_counts += call.counts.cpu()
         call.indices = self.replica_slots(call)
@@ -189,6 +224,12 @@ class EPMoE(ExpertParallelMoE):
         slots = replica_of_copies(call.indices, t.log2phy, t.logcnt, quota.to(offset.device), offset)
         self.plan_seconds += time.perf_counter() - start
         return slots
+
+    def run_shared(self, call: MoECall) -> None:
+        if self.shared_as_routed:
+            call.shared = None  # computed on its slots, added by the combine
+        else:
+            super().run_shared(call)
 
     def run_experts(self, call: MoECall) -> None:
         super().run_experts(call)

@@ -63,7 +63,7 @@ def initial_placement(
     cfg: ModelConfig, n_layers: int, ranks: int, ep: EPConfig, ranks_per_node: int = 1
 ) -> Placement:
     """The routing tables [L, R] an engine group starts with (module docstring)."""
-    E = cfg.n_routed_experts
+    E = cfg.n_routed_experts + (1 if ep.shared_as_routed else 0)  # logical experts
     if ep.eplb == "none":
         if E % ranks:
             raise ConfigError(
@@ -151,7 +151,7 @@ class LiveEPLB:
 
     def __init__(self, engine: EPEngine, cfg: EPConfig) -> None:
         self.engine, self.cfg = engine, cfg
-        self.n_experts = engine.model.config.n_routed_experts
+        self.n_experts = engine.moe[0].n_logical
         self.stats = ExpertLoadStats(len(engine.moe), self.n_experts, cfg.eplb_window)
         self.replans, self.experts_moved, self.bytes_moved, self.seconds = 0, 0, 0, 0.0
         self.last_loads: torch.Tensor | None = None  # [L, E] the group's loads of the last re-plan
