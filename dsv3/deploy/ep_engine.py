@@ -199,7 +199,7 @@ class EPEngine(Engine):
     # ---- the group ---------------------------------------------------------------------------------
     def _agree(self, forwards: int, busy: bool) -> tuple[int, bool]:
         """(most forwards of any rank this step, any rank busy): one all_reduce (MAX)."""
-        t = torch.tensor([forwards, int(busy)], dtype=torch.long)
+        t = torch.tensor([forwards, int(busy)], dtype=torch.long, device=self.runner.device)  # NCCL: on GPU
         link = self.group.ep
         link.run(
             "all_reduce (step agreement)", lambda: dist.all_reduce(t, dist.ReduceOp.MAX, group=link.group)

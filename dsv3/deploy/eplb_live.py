@@ -167,9 +167,10 @@ class LiveEPLB:
         """Plan from the group's window, move the changed weights, switch the tables."""
         start = time.perf_counter()
         eng, link = self.engine, self.engine.group.ep
-        loads = self.stats.loads()
+        device = eng.runner.device  # the collectives' tensors live where the backend wants them
+        loads = self.stats.loads().to(device)
         link.run("all_reduce (EPLB loads)", lambda: dist.all_reduce(loads, group=link.group))
-        self.last_loads = loads
+        loads = self.last_loads = loads.cpu()
         current = eng.placement
         if link.index == 0:
             groups, nodes = _planner_layout(
@@ -188,13 +189,13 @@ class LiveEPLB:
                 new = rebalance_incremental(
                     loads.double(), current, self.cfg.max_moves, groups, nodes, policy=self.cfg.policy
                 )
-            phy2log = new.phy2log.clone()
+            phy2log = new.phy2log.to(device)
         else:
-            phy2log = torch.empty_like(current.phy2log)
+            phy2log = torch.empty_like(current.phy2log, device=device)
         link.run(
             "broadcast (EPLB plan)", lambda: dist.broadcast(phy2log, src=link.members[0], group=link.group)
         )
-        placement = Placement.from_phy2log(phy2log, self.n_experts, current.num_gpus)
+        placement = Placement.from_phy2log(phy2log.cpu(), self.n_experts, current.num_gpus)
         self.apply(placement)
         self.replans += 1
         self.seconds += time.perf_counter() - start
