@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig
-from dsv3.deploy.two_batch import keys_per_token, piece_work, split_work, two_batch_hidden
+from dsv3.deploy.two_batch import async_halves, keys_per_token, piece_work, split_work, two_batch_hidden
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams
@@ -105,6 +105,18 @@ def test_two_batch_equals_one_batch_single_process(lens, start, C):
         assert order[:4] == ["F:dispatch", "B:dispatch", "F:combine", "B:combine"], order
     counts = [b.mlp.last_counts.sum().item() for b in model.layers[1:]]  # both halves' routed copies
     assert counts == [len(lens) * C * model.config.n_activated_experts] * 2, counts
+
+
+def test_only_moes_with_their_own_async_halves_overlap():
+    from dsv3.model.moe import MoE
+    from dsv3.parallel.expert.moe import AllGatherMoE, ExpertParallelMoE
+
+    cfg = ModelConfig.from_preset("tiny")
+    moe = MoE(cfg)
+    assert async_halves(moe) and not async_halves(torch.nn.Linear(2, 2))
+    for cls, ok in ((ExpertParallelMoE, True), (AllGatherMoE, False)):
+        m = cls.__new__(cls)  # the class decides; no process group needed
+        assert async_halves(m) is ok, cls
 
 
 def test_bad_rows_are_refused():

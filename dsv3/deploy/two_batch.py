@@ -19,13 +19,15 @@ so every exchange of one half is in flight while the other half computes (B's at
 dispatch, A's experts hide B's dispatch, B's experts A's combine, ...). Asynchronous all-to-all:
 `ExpertParallelMoE.start_dispatch` / `start_combine` (`comm.start_all_to_all`, `async_op=True`);
 on gloo an exchange runs on the backend's threads, on NCCL on its own stream. overlap=False runs
-the same split in the same order with every exchange waited for at once (the serial reference).
+the same split in the same order with every exchange waited for at once (the serial reference);
+so does a layer whose MoE class replaced dispatch or combine without their asynchronous halves
+(`async_halves`).
 
 Split (`split_work`). Work of a chunk piece of n tokens after `ctx` tokens of context is
 n * (ctx + n/2) query-key pairs (causal attention over the context and the piece) plus
 `per_token` * n for what every token costs alike (projections, experts), `per_token` in
 query-key-pair units (`keys_per_token`: linear multiply-adds per token / attention multiply-adds per
-query-key pair; ~1e4 for V3, so below ~10k tokens of context token counts dominate). Two candidate
+query-key pair; 1.4e4 for V3 (preset 671b), so below ~14k tokens of context token counts dominate). Two candidate
 cuts, the better balanced wins: whole rows (longest-first greedy) or every row cut at one token
 offset t (A: tokens [0, t), B: [t, C) of every row). The second is what a single long chunk needs;
 it is exact over the paged cache because A's step 1 of a block always runs before B's, so the keys
@@ -68,11 +70,10 @@ def keys_per_token(cfg: ModelConfig) -> float:
     routed + shared experts) over those of one query-key pair of attention (H * (qk_head + v_head)):
     the `per_token` weight of `split_work`."""
     H, qk, v = cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-    q = cfg.dim * H * qk if cfg.q_lora_rank == 0 else cfg.q_lora_rank * (cfg.dim + H * qk)
-    kv = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * H * (
-        qk - cfg.qk_rope_head_dim + v
-    )
-    attn = q + kv + H * v * cfg.dim
+    q = cfg.dim * H * qk if not cfg.q_lora_rank else cfg.q_lora_rank * (cfg.dim + H * qk)
+    kv_a = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv_b = cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + v)  # naive path: per key, ~ per token in prefill
+    attn = q + kv_a + kv_b + H * v * cfg.dim
     moe = 3 * cfg.dim * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts)
     dense = 3 * cfg.dim * cfg.inter_dim
     ffn = (cfg.n_dense_layers * dense + (cfg.n_layers - cfg.n_dense_layers) * moe) / max(1, cfg.n_layers)
@@ -130,6 +131,22 @@ def split_work(start: Sequence[int], chunk: int, per_token: float = 0.0) -> tupl
     return best
 
 
+def _defined_in(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in c.__dict__)
+
+
+def async_halves(module: object) -> bool:
+    """Whether `module` is an MoE whose asynchronous halves (start_dispatch, start_combine,
+    finish_combine) belong to its dispatch and combine: not inherited from a base class whose
+    dispatch or combine the module's class replaced (e.g. `AllGatherMoE`, whose `start_dispatch`
+    would start a one-hop dispatch it never uses). Other MoEs run their exchanges synchronously."""
+    if not isinstance(module, MoE):
+        return False
+    t = type(module)
+    pairs = (("start_dispatch", "dispatch"), ("start_combine", "combine"), ("finish_combine", "combine"))
+    return all(issubclass(_defined_in(t, a), _defined_in(t, b)) for a, b in pairs)
+
+
 # ---- one half through the model -------------------------------------------------------------------------------
 class _HalfPass:
     """One half's forward as steps (each ends by starting an all-to-all); `hidden` [g, c, D] at the end."""
@@ -166,12 +183,13 @@ class _HalfPass:
 
     def phases(self) -> list[tuple[Phase, MoE | None]]:
         """The model's phases for this half, each with the MoE whose dispatch it is (if it is one)."""
-        model, overlap = self.model, self.overlap
+        model = self.model
         cos, sin = model.rotary(self.positions)
         parts = torch.zeros(4, dtype=torch.float64)  # loss terms: none in inference
         out = [(Phase("embed", "compute", lambda s: ((model.embed_tokens(self.ids),), None)), None)]
         prev: MoE | None = None
         for block in model.layers:
+            overlap = self.overlap and async_halves(block.mlp)
             for p in _block_phases(block, prev, cos, sin, self.positions, 0.0, parts, overlap, self.cache):
                 if p.name == "attention" and not self.half.tokens:  # no rows: no attention to run
                     p = Phase(p.name, p.kind, lambda s, prev=prev: ((_settle(s, prev),), None))
