@@ -25,9 +25,9 @@ so does a layer whose MoE class replaced dispatch or combine without their async
 
 Split (`split_work`). Work of a chunk piece of n tokens after `ctx` tokens of context is
 n * (ctx + n/2) query-key pairs (causal attention over the context and the piece) plus
-`per_token` * n for what every token costs alike (projections, experts), `per_token` in
-query-key-pair units (`keys_per_token`: linear multiply-adds per token / attention multiply-adds per
-query-key pair; 1.4e4 for V3 (preset 671b), so below ~14k tokens of context token counts dominate). Two candidate
+`per_token` * n for what every token costs alike (projections, experts), in query-key-pair units
+(`keys_per_token`: linear multiply-adds per token / attention multiply-adds per query-key pair;
+1.4e4 for V3's 671b preset, so below ~14k tokens of context token counts dominate). Two candidate
 cuts, the better balanced wins: whole rows (longest-first greedy) or every row cut at one token
 offset t (A: tokens [0, t), B: [t, C) of every row). The second is what a single long chunk needs;
 it is exact over the paged cache because A's step 1 of a block always runs before B's, so the keys
