@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig
-from dsv3.deploy.two_batch import async_halves, keys_per_token, piece_work, split_work, two_batch_hidden
+from dsv3.deploy.two_batch import (
+    async_halves,
+    keys_per_token,
+    piece_work,
+    split_work,
+    two_batch_decode_logits,
+    two_batch_hidden,
+)
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams
@@ -89,6 +96,7 @@ def _chunk(seqs: list[Sequence], start: list[int], C: int) -> list[list[int]]:
     ids=["rows", "one-chunk-cut", "with-context", "one-token"],
 )
 def test_two_batch_equals_one_batch_single_process(lens, start, C):
+    """Prefill a chunk, then 2 greedy decode steps: hidden states, logits, cache within 1e-6 relative."""
     model = _model()
     one, two = _runner(model), _runner(model)
     s1, s2 = _seqs(one, lens, 1), _seqs(two, lens, 1)
@@ -100,11 +108,23 @@ def test_two_batch_equals_one_batch_single_process(lens, start, C):
     order: list[str] = []
     h2 = two_batch_hidden(two, s2, _chunk(s2, start, C), start, order=order)
     assert _close(h1, h2) < REL and _close(one.cache.data, two.cache.data) < REL
-    assert torch.equal(one.logits(h1[:, -1]).argmax(-1), two.logits(h2[:, -1]).argmax(-1))
     if sum(lens) > 1:  # the halves alternate, each step ending by starting an exchange
         assert order[:4] == ["F:dispatch", "B:dispatch", "F:combine", "B:combine"], order
     counts = [b.mlp.last_counts.sum().item() for b in model.layers[1:]]  # both halves' routed copies
     assert counts == [len(lens) * C * model.config.n_activated_experts] * 2, counts
+    first = [one.logits(h1[:, -1]).argmax(-1), two.logits(h2[:, -1]).argmax(-1)]
+    assert torch.equal(*first)
+    for seqs, tok in zip((s1, s2), first):  # then greedy decode, one batch vs two halves
+        for s, a, t in zip(seqs, start, tok.tolist()):
+            s.tokens, s.num_computed = s.tokens[: a + C] + [t], a + C
+    for _ in range(2):
+        lg = [one.decode_logits(s1), two_batch_decode_logits(two, s2)]
+        assert _close(*lg) < REL and torch.equal(lg[0].argmax(-1), lg[1].argmax(-1))
+        for seqs, tok in zip((s1, s2), lg):
+            for s, t in zip(seqs, tok.argmax(-1).tolist()):
+                s.tokens.append(t)
+                s.num_computed += 1
+    assert _close(one.cache.data, two.cache.data) < REL
 
 
 def test_only_moes_with_their_own_async_halves_overlap():
@@ -155,6 +175,8 @@ def _ep_model():
 
 
 def _parity(rank: int, model: Transformer) -> list[dict]:
+    """Per case: one-batch prefill + decode (`runners[0]`) against two-batch prefill + decode
+    (`runners[1]`, `two_batch_hidden` / `two_batch_decode_logits`), greedy, each over its own cache."""
     out = []
     for case in CASES:
         lens, start, C = case[rank]
@@ -173,25 +195,33 @@ def _parity(rank: int, model: Transformer) -> list[dict]:
             _idle_one_batch(model)
         h2 = two_batch_hidden(runners[1], seqs[1], _chunk(seqs[1], start, C), start)
         r = {"case": case[rank], "cache": _close(runners[0].cache.data, runners[1].cache.data)}
+        tokens: list[list[list[int]]] = [[], []]
         if lens:
             r["hidden"] = _close(h1, h2)
             logits = [runners[0].logits(h1[:, -1]), runners[1].logits(h2[:, -1])]
             r["logits"] = _close(*logits)
-            # greedy: the first token from the prefill, then decode steps over each cache
-            tokens = [[lg.argmax(-1).tolist()] for lg in logits]
+            tokens = [[lg.argmax(-1).tolist()] for lg in logits]  # greedy: the prefill's token
             for s_list, toks in zip(seqs, tokens):
                 for s, a, t in zip(s_list, start, toks[0]):  # every chunk ends its prompt
                     s.tokens, s.num_computed = s.tokens + [t], a + C
-        if all(case[p][0] for p in range(2)):
-            for _ in range(DECODE_STEPS):
-                for s_list, runner, toks in zip(seqs, runners, tokens):
-                    nxt = runner.decode_logits(s_list).argmax(-1).tolist()
-                    for s, t in zip(s_list, nxt):
-                        s.tokens.append(t)
-                        s.num_computed += 1
-                    toks.append(nxt)
-        r["same_tokens"] = not lens or tokens[0] == tokens[1]
-        r["tokens"] = len(tokens[0]) if lens else 0
+        for _ in range(DECODE_STEPS):  # then decode steps, every rank in each (lined up)
+            step = [runners[0].decode_logits(seqs[0])] if lens else []
+            if not lens:
+                _idle_one_batch(model)
+            step.append(two_batch_decode_logits(runners[1], seqs[1]))
+            if not lens:
+                assert step[-1].shape[0] == 0
+                continue
+            r["decode_logits"] = max(r.get("decode_logits", 0.0), _close(*step))
+            for s_list, lg, toks in zip(seqs, step, tokens):
+                nxt = lg.argmax(-1).tolist()
+                for s, t in zip(s_list, nxt):
+                    s.tokens.append(t)
+                    s.num_computed += 1
+                toks.append(nxt)
+        r["cache_after_decode"] = _close(runners[0].cache.data, runners[1].cache.data)
+        r["same_tokens"] = tokens[0] == tokens[1]
+        r["tokens"] = len(tokens[0])
         out.append(r)
     return out
 
@@ -243,8 +273,11 @@ def test_two_batch_prefill_expert_parallel_parity_and_overlap():
     results = run_ranks(_worker, 2, timeout=30, deadline=80)
     for rank, res in enumerate(results):
         for r in res["parity"]:
-            errs = [r[k] for k in ("cache", "hidden", "logits") if k in r]
+            errs = [
+                r[k] for k in ("cache", "hidden", "logits", "decode_logits", "cache_after_decode") if k in r
+            ]
             assert max(errs) < REL and r["same_tokens"], (rank, r)
+            assert r["tokens"] == (1 + DECODE_STEPS if r["case"][0] else 0), (rank, r)
         t = res["timing"]
         assert t["exchanges"]["serial"] == t["exchanges"]["overlap"] == 8, (rank, t)
         injected = t["exchanges"]["serial"] * LATENCY

@@ -33,6 +33,10 @@ offset t (A: tokens [0, t), B: [t, C) of every row). The second is what a single
 it is exact over the paged cache because A's step 1 of a block always runs before B's, so the keys
 B's attention gathers from the cache at that layer (A's tokens) are written by then.
 
+Decode (`two_batch_decode_logits`): the same with one token per row and the absorbed attention
+path, the rows split in two (DeepSeek's decode profile overlaps attention and the shared expert
+with the dispatch instead: optional in the issue, not done here).
+
 Cache: each half binds its own `CacheContext` (`paged_cache.make_context`) on a shallow copy of the
 runner's `PagedLatentCache` (same pools, same allocator: only the bound context differs).
 Collectives: every rank of the EP group must call `two_batch_hidden` the same number of times per
@@ -160,8 +164,9 @@ class _HalfPass:
         start: Sequence[int],
         half: Half,
         overlap: bool,
+        absorb: bool = False,
     ) -> None:
-        self.model, self.half, self.overlap = model, half, overlap
+        self.model, self.half, self.overlap, self.absorb = model, half, overlap, absorb
         device = next(model.parameters()).device
         if half.tokens:
             self.ids = torch.tensor([list(rows[r][half.lo : half.hi]) for r in half.rows], device=device)
@@ -190,7 +195,8 @@ class _HalfPass:
         prev: MoE | None = None
         for block in model.layers:
             overlap = self.overlap and async_halves(block.mlp)
-            for p in _block_phases(block, prev, cos, sin, self.positions, 0.0, parts, overlap, self.cache):
+            pos = self.positions
+            for p in _block_phases(block, prev, cos, sin, pos, 0.0, parts, overlap, self.cache, self.absorb):
                 if p.name == "attention" and not self.half.tokens:  # no rows: no attention to run
                     p = Phase(p.name, p.kind, lambda s, prev=prev: ((_settle(s, prev),), None))
                 out.append((p, block.mlp if p.name == "dispatch" else None))
@@ -219,12 +225,14 @@ def two_batch_hidden(
     overlap: bool = True,
     per_token: float | None = None,
     order: list[str] | None = None,
+    absorb: bool = False,
 ) -> torch.Tensor:
-    """`runner.hidden(seqs, rows, start, absorb=False)` as two overlapped micro-batches: tokens rows
+    """`runner.hidden(seqs, rows, start, absorb)` as two overlapped micro-batches: tokens rows
     [G, C] of seqs at positions start[g] + 0..C-1 -> final hidden states [G, C, D]; writes the
     chunks' latents to the runner's paged cache. G = 0 (no rows) joins the group's exchanges and
     returns [0, 0, D]. per_token: `split_work`'s weight (default `keys_per_token` of the model);
-    `order`, if given, receives the steps as they ran ("F:..." = A, "B:..." = B)."""
+    `order`, if given, receives the steps as they ran ("F:..." = A, "B:..." = B); absorb: the
+    attention path (False: prefill's naive path; True: decode's, see `two_batch_decode_logits`)."""
     if len(seqs) != len(rows) or len(start) != len(rows):
         raise ValueError(f"two_batch_hidden: {len(seqs)} seqs, {len(rows)} rows, {len(start)} starts differ")
     C = len(rows[0]) if rows else 0
@@ -234,7 +242,7 @@ def two_batch_hidden(
     if per_token is None:
         per_token = keys_per_token(model.config)
     a, b = split_work(start, C, per_token)
-    passes = [_HalfPass(model, runner.cache, seqs, rows, start, h, overlap) for h in (a, b)]
+    passes = [_HalfPass(model, runner.cache, seqs, rows, start, h, overlap, absorb) for h in (a, b)]
     ran = interleave([(p.steps(), lambda: None) for p in passes])
     if order is not None:
         order.extend(ran)
@@ -249,3 +257,13 @@ def two_batch_hidden(
         if p.half.tokens:
             out[list(p.half.rows), p.half.lo : p.half.hi] = p.hidden  # type: ignore[index]
     return out
+
+
+@torch.no_grad()
+def two_batch_decode_logits(runner: ModelRunner, seqs: Sequence[Seq], overlap: bool = True) -> torch.Tensor:
+    """`runner.decode_logits(seqs)` (its model path, not the fast decoder) as two overlapped halves
+    of the rows (one token each: whole rows only): logits [B, V] of each sequence's next token.
+    No sequences: joins the group's exchanges and returns [0, V]."""
+    tokens, start = [[s.tokens[-1]] for s in seqs], [s.num_computed for s in seqs]
+    h = two_batch_hidden(runner, seqs, tokens, start, overlap, absorb=True)  # (B, 1, D); (0, 0, D)
+    return runner.logits(h[:, -1] if seqs else h.flatten(0, 1))

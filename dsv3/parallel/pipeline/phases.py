@@ -200,13 +200,14 @@ def _block_phases(
     parts: torch.Tensor,
     overlap: bool,
     cache: LatentKVCache | None = None,
+    absorb: bool = False,
 ) -> list[Phase]:
-    """A block's phases; `cache`: the attention's latent cache (inference's two-micro-batch prefill,
-    dsv3.deploy.two_batch; training passes none)."""
+    """A block's phases; `cache` and `absorb`: the attention's latent cache and path (inference's
+    two-micro-batch overlap, dsv3.deploy.two_batch; training passes none)."""
 
     def attention(s: State):
         h = _settle(s, prev)
-        return (h + block.self_attn(block.input_layernorm(h), cos, sin, positions, cache),), None
+        return (h + block.self_attn(block.input_layernorm(h), cos, sin, positions, cache, absorb),), None
 
     def whole_ffn(s: State):
         return (s[0] + block.mlp(block.post_attention_layernorm(s[0])),), None
