@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--a2a-latency", nargs="+", default=["0", "auto", "0.05"],
         help="seconds per all-to-all (the first must be 0); 'auto': one attention/MoE phase's compute",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
     if args.a2a_latency[0] != "0":
