@@ -29,7 +29,7 @@ from dsv3.infer.scheduler import Sequence
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.launch import run_ranks
 
-LATENCY = 0.08  # seconds injected per dispatch/combine all-to-all in the overlap test
+LATENCY = 0.1  # seconds injected per dispatch/combine all-to-all in the overlap test
 REL = 1e-6
 
 
@@ -227,7 +227,7 @@ def _parity(rank: int, model: Transformer) -> list[dict]:
 
 
 def _timing(model: Transformer, ep, rank: int) -> dict:
-    """Per mode (one batch, two halves serial, two halves overlapped): the best of 2 prefill times of
+    """Per mode (one batch, two halves serial, two halves overlapped): the best of 3 prefill times of
     the same chunks with LATENCY injected, and the exchanges of one call."""
     for link in (ep.ep, ep.inter, ep.intra):
         link.latency = LATENCY
@@ -239,7 +239,7 @@ def _timing(model: Transformer, ep, rank: int) -> dict:
     }
     best = {m: float("inf") for m in modes}
     exchanges = {}
-    for _ in range(2):
+    for _ in range(3):
         for name, fn in modes.items():
             runner = _runner(model)
             seqs = _seqs(runner, lens, 3)
