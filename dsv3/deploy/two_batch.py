@@ -123,9 +123,9 @@ def split_work(start: Sequence[int], chunk: int, per_token: float = 0.0) -> tupl
             loads[side] += piece_work(C, start[r], per_token)
         best = (Half(tuple(sorted(picks[0])), 0, C, loads[0]), Half(tuple(sorted(picks[1])), 0, C, loads[1]))
     if C >= 2:  # every row cut at one token offset t: A's work grows with t, take the most even t
-        rows = tuple(range(G))
+        rows, S = tuple(range(G)), sum(start)
         for t in range(1, C):
-            a = sum(piece_work(t, s, per_token) for s in start)
+            a = t * (S + G * per_token) + G * t * t / 2  # sum over rows of piece_work(t, start[r])
             cut = (Half(rows, 0, t, a), Half(rows, t, C, everything.work - a))
             if best is None or max(a, everything.work - a) < max(best[0].work, best[1].work):
                 best = cut
