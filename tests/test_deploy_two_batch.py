@@ -127,6 +127,58 @@ def test_two_batch_equals_one_batch_single_process(lens, start, C):
     assert _close(one.cache.data, two.cache.data) < REL
 
 
+def _use_two_batch(runner: ModelRunner) -> dict[str, int]:
+    """Route the runner's prefill forwards and plain decode steps through the two-batch functions;
+    returns the counts of each kind of call they get."""
+    hidden, calls = runner.hidden, {"prefill": 0, "decode": 0}
+
+    def prefill_or_decode(seqs, rows, start, absorb):
+        if absorb:
+            return hidden(seqs, rows, start, absorb)
+        calls["prefill"] += 1
+        return two_batch_hidden(runner, seqs, rows, start)
+
+    def decode_logits(seqs):
+        calls["decode"] += 1
+        return two_batch_decode_logits(runner, seqs)
+
+    runner.hidden, runner.decode_logits = prefill_or_decode, decode_logits
+    return calls
+
+
+def test_engine_with_two_batch_forwards_gives_the_same_greedy_outputs():
+    """The drop-in: an Engine whose prefill forwards (`runner.hidden`, absorb=False) and plain decode
+    steps run as two halves (chunked prefill, mixed steps) emits the plain Engine's tokens."""
+    from dsv3.infer.engine import Engine, EngineConfig
+
+    model = _model()
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    prompts = [
+        torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        for n in (5, 30, 2, 13, 21)
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    config = EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=9, fast_decode=False)
+    outs = []
+    for two in (False, True):
+        engine = Engine(model, config)
+        calls = _use_two_batch(engine.runner) if two else None
+        got, step = {}, 0
+        while step < 3 or engine.has_unfinished():
+            if step < 3:  # arrivals over the first steps: prefill chunks mixed with decodes
+                for p in prompts[step * 2 : step * 2 + 2]:
+                    engine.add_request(p, params)
+            for o in engine.step():
+                if o.finished:
+                    got[o.request_id] = o.token_ids
+            step += 1
+        outs.append(got)
+        assert engine.stats.mixed_steps > 0
+        assert calls is None or (calls["prefill"] >= 5 and calls["decode"] >= 5), calls
+    assert outs[0] == outs[1] and len(outs[0]) == len(prompts), outs
+
+
 def test_only_moes_with_their_own_async_halves_overlap():
     from dsv3.model.moe import MoE
     from dsv3.parallel.expert.moe import AllGatherMoE, ExpertParallelMoE
