@@ -12,9 +12,9 @@ that machine noise hits all alike:
     serial    `two_batch_hidden(overlap=False)`: the two halves, interleaved, every exchange waited at once
     overlap   `two_batch_hidden(overlap=True)`: each half's exchange in flight while the other computes
 
-Step time: the slowest rank's wall time from a common barrier, median over `--steps`. The injected
-latency (`Link.latency`, as in bench/pipeline.py): a dispatch/combine all-to-all completes no
-earlier than that long after it started. "auto" is the measured compute time of one layer's
+Step time: the slowest rank's wall time from a common barrier, the best of `--steps` (on a shared
+machine other load only adds time). The injected latency (`Link.latency`, as in bench/pipeline.py):
+a dispatch/combine all-to-all completes no earlier than that long after it started. "auto" is the measured compute time of one layer's
 attention or MoE phase of the whole batch (one-batch step at 0 latency / (2 x MoE layers)): as
 much all-to-all time as computation, the paper's 1:1 ratio.
 
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, cfg: ModelConfig, args: argparse.Namespace, l
     out: dict = {"steps": {}, "latencies": []}
     for latency in latencies:
         if latency == "auto":  # one layer's attention or MoE phase of the whole batch
-            latency = statistics.median(s["wall"] for s in out["steps"][("one", 0.0)]) / (2 * moe_layers)
+            latency = min(s["wall"] for s in out["steps"][("one", 0.0)]) / (2 * moe_layers)
         out["latencies"].append(latency)
         for link in (ep.ep, ep.inter, ep.intra):
             link.latency = latency  # every rank changes it between the same two steps
@@ -122,7 +122,7 @@ def table(world: int, results: list[dict]) -> list[str]:
     """Markdown rows for one world size: step times per mode and the hidden shares."""
     r0 = results[0]
     lines = []
-    wall = {k: statistics.median(s["wall"] for s in v) for k, v in r0["steps"].items()}
+    wall = {k: min(s["wall"] for s in v) for k, v in r0["steps"].items()}
     for latency in r0["latencies"]:
         w = {m: wall[(m, latency)] for m in MODES}
         cost = {m: w[m] - wall[(m, 0.0)] for m in MODES}
@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--a2a-latency", nargs="+", default=["0", "auto", "0.05"],
         help="seconds per all-to-all (the first must be 0); 'auto': one attention/MoE phase's compute",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
     if args.a2a_latency[0] != "0":
