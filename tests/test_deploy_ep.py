@@ -3,8 +3,10 @@
 One launch per world size (2 and 4 gloo processes) runs every case -- no redundancy, static EPLB
 replicas, live re-planning forced every 2 steps (mid-stream), dynamic redundancy, two-hop dispatch,
 FP8 dispatch -- each on a fresh tiny model, with the requests spread unevenly over the ranks (at 4
-ranks one rank has none and only joins the all-to-alls with empty calls). The reference runs all
-requests in one `Engine` in this process; tokens must be identical. Plus the move planner, the
+ranks one rank has none and only joins the all-to-alls with empty calls). Every case prefills
+with two overlapped micro-batches (`two_batch_prefill`, the default; the "one_batch" case without),
+so ranks mix one-batch decode forwards with two-batch prefill calls and an idle rank joins both.
+The reference runs all requests in one `Engine` in this process; tokens must be identical. Plus the move planner, the
 replica choice with a group offset and the config checks, without processes.
 """
 
@@ -54,6 +56,7 @@ def cases(world: int) -> dict[str, dict]:
     if world == 2:
         return {
             "none": {},
+            "one_batch": {"two_batch_prefill": False},
             "static": {"eplb": "static", "slots_per_rank": 5},
             "live": {"eplb": "live", "slots_per_rank": 5, "eplb_interval": 2, "eplb_window": 3},
             "dynamic": {"eplb": "dynamic", "slots_per_rank": 6, "active_per_rank": 5},
@@ -62,6 +65,7 @@ def cases(world: int) -> dict[str, dict]:
         }
     return {
         "none": {},
+        "one_batch": {"two_batch_prefill": False, "eplb": "static", "slots_per_rank": 3},
         "static": {"eplb": "static", "slots_per_rank": 3},
         "live": {"eplb": "live", "slots_per_rank": 3, "eplb_interval": 2, "eplb_window": 3, "max_moves": 2},
         "dynamic": {"eplb": "dynamic", "slots_per_rank": 4, "active_per_rank": 3},
@@ -81,8 +85,15 @@ def fail_once(module: torch.nn.Module) -> None:
     handle = module.register_forward_pre_hook(hook)
 
 
+def tokens_routed(rank: int, world: int) -> int:
+    """Tokens this rank's forwards route through every MoE layer: each prompt token once (prefill),
+    each generated token but the last once (decode)."""
+    return sum(len(prompt) + sp.max_tokens - 1 for _, prompt, sp in mine(rank, world))
+
+
 def worker(rank: int, world: int) -> dict:
     from dsv3.deploy.ep_engine import EPEngine, build_engine_groups, run_group
+    from dsv3.deploy.two_batch import async_halves
 
     torch.set_num_threads(1)
     flat = build_engine_groups()
@@ -95,6 +106,10 @@ def worker(rank: int, world: int) -> dict:
             fail_once(engine.model.layers[2].self_attn)
         for rid, prompt, sp in mine(rank, world):
             engine.add_request(prompt, sp, rid)
+        pushed = []  # what live EPLB's window receives, step by step ([L, E] counts)
+        if engine.live is not None:
+            push = engine.live.stats.push
+            engine.live.stats.push = lambda c, push=push, seen=pushed: (seen.append(c.clone()), push(c))[1]
         steps = []  # (L,) copies this rank's slots processed, per step
         if name in ("none", "dynamic"):  # stepped here to see each step's loads
             outs = {}
@@ -109,6 +124,11 @@ def worker(rank: int, world: int) -> dict:
             "tokens": {rid: o.token_ids for rid, o in outs.items()},
             "reasons": {rid: o.finish_reason for rid, o in outs.items()},
             "empty_calls": engine.empty_calls,
+            "two_batch_calls": engine.two_batch_calls,
+            "empty_two_batch": engine.empty_two_batch,
+            "async": async_halves(engine.moe[0]),
+            "routed": [int(m.counts.sum()) for m in engine.moe],  # copies routed per layer
+            "pushed": torch.stack(pushed).sum(0).sum(1).tolist() if pushed else None,  # [L] copies
             "calls": [m.calls for m in engine.moe],
             "dispatch_bytes": group.stats.total(what="dispatch"),
             "replans": live.replans if live else 0,
@@ -156,9 +176,36 @@ def test_ep_engine_matches_single_process(ranks, reference):
         assert got == reference, f"{name} at {world} ranks"
         calls = [r[name]["calls"] for r in res]
         assert all(c == calls[0] for c in calls), f"{name}: ranks made different MoE layer calls {calls}"
+        two = [r[name]["two_batch_calls"] for r in res]  # prefill calls: the group's agreed number
+        assert len(set(two)) == 1 and (two[0] == 0) == (name == "one_batch"), f"{name}: {two}"
     idle = [r for r in range(world) if not mine(r, world)]
     for r in idle:  # a rank with no request joined every all-to-all with empty calls
-        assert res[r]["none"]["empty_calls"] == sum(res[r]["none"]["calls"]) > 0
+        for name in ("none", "one_batch"):
+            assert res[r][name]["empty_calls"] == sum(res[r][name]["calls"]) > 0
+        assert res[r]["none"]["empty_two_batch"] == res[r]["none"]["two_batch_calls"] > 0  # no rows
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_ep_engine_two_batch_prefill_records_every_token(ranks):
+    """The two-batch halves bypass `MoE.forward` (no forward hooks, no `calls`): the load figures
+    and live EPLB's window must still count every routed copy of both halves."""
+    world, res = ranks
+    K = ModelConfig.from_preset("tiny").n_activated_experts
+    for name in cases(world):
+        if name == "fail":
+            continue
+        k = K + bool(cases(world)[name].get("shared_as_routed"))  # the shared expert: one more copy
+        for rank in range(world):
+            r = res[rank][name]
+            assert r["async"]  # EPMoE runs ExpertParallelMoE's asynchronous halves (no serial fall-back)
+            assert r["routed"] == [k * tokens_routed(rank, world)] * len(r["routed"]), (
+                name,
+                rank,
+                r["routed"],
+            )
+            if r["pushed"] is not None:  # live EPLB: its window saw the same copies
+                assert r["pushed"] == r["routed"], (name, rank)
 
 
 @pytest.mark.dist

@@ -336,3 +336,29 @@ def test_two_batch_prefill_expert_parallel_parity_and_overlap():
         assert t["best"]["serial"] >= injected, (rank, t)  # the latency is really injected
         gain = t["best"]["serial"] - t["best"]["overlap"]
         assert gain > 0.3 * injected, (rank, gain / injected, t)
+
+
+def test_a_failed_half_still_makes_every_exchange():
+    """A half whose attention fails goes on as an empty half: every MoE layer still sees both
+    halves' dispatch and combine (the EP group stays in step), then `MicroBatchFailed` is raised."""
+    from dsv3.deploy.two_batch import MicroBatchFailed
+
+    model = _model()
+    runner = _runner(model)
+    seqs = _seqs(runner, [6, 6], 0)
+    from dsv3.model.moe import MoE
+
+    main = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]  # the MTP module's is not run
+    made = {id(m): [] for m in main}
+    for m in main:
+        for name in ("start_dispatch", "start_combine"):
+            real = getattr(m, name)
+            setattr(
+                m, name, lambda call, real=real, m=m, name=name: (made[id(m)].append(name), real(call))[1]
+            )
+    handle = model.layers[2].self_attn.register_forward_pre_hook(lambda mod, args: 1 / 0)
+    with pytest.raises(MicroBatchFailed, match="ZeroDivisionError"):
+        two_batch_hidden(runner, seqs, _chunk(seqs, [0, 0], 6), [0, 0])
+    handle.remove()
+    want = ["start_dispatch", "start_dispatch", "start_combine", "start_combine"]
+    assert all(calls == want for calls in made.values()), made

@@ -14,8 +14,25 @@ calls every MoE layer with 0 tokens (`EPMoE.empty_call`) until it has made the g
 layer calls. Every MoE layer runs the same sequence of collectives, so counting layer calls is
 enough: a forward that failed half-way between two MoE layers (its requests fail as in `Engine`)
 is completed the same way. (An exception inside a layer's exchanges, or a dead peer, breaks the
-group: the collectives raise `PeerFailure` within the group's timeout and `step` re-raises it.) Every rank must call `step` together, also with nothing to do; `group_has_unfinished` (a
+group: the collectives raise `PeerFailure` within the group's timeout and `step` re-raises it.)
+Every rank must call `step` together, also with nothing to do; `group_has_unfinished` (a
 collective) says whether the group has work left, `run_group` drives a group to completion.
+
+Two-micro-batch prefill (`EPConfig.two_batch_prefill`, on by default: the paper's prefill, and
+bench/deploy.py's prefill section measures what it costs and hides). A prefill forward then runs
+through `two_batch.two_batch_hidden`: its halves call the MoE halves directly (never `forward`,
+so `EPMoE.calls` does not move) and make every layer's exchanges twice, so it cannot be padded
+by one-batch empty calls. The agreement is then on two numbers, the step's one-batch forwards
+(the decode forward) and its two-batch prefill calls, and one mechanism (`_pad`) joins both in
+the order every rank's step runs them: the one-batch layer calls first (a rank without a decode
+joins the group's before its first prefill call), then two-batch calls with no rows. A two-batch
+call is counted whole: a failure in a half's attention goes on as an empty half and still makes
+every exchange (`two_batch.MicroBatchFailed`). Load statistics see every token either way: the
+halves route through `EPMoE.route`, which adds each half's counts to `counts` / `take_counts`
+(live EPLB) -- module forward hooks (`ExpertLoadStats.attach`) would not fire, none is used here.
+EPMoE runs the asynchronous halves of `ExpertParallelMoE` (one hop; two-hop dispatch falls back
+to synchronous exchanges inside the same schedule); routing to slots, static, live and dynamic
+EPLB happen in `route`, before the exchange starts (dynamic: one all-gather per half and layer).
 
 What this engine leaves out, for correctness first:
   - the fast decode path (dsv3.infer.decode: one fused kernel per layer) is off: it routes and runs
@@ -51,6 +68,7 @@ from dsv3.parallel.expert.moe import ExpertParallel
 
 from .ep_moe import EPMoE, SlotTable
 from .eplb_live import EPLB_MODES, LiveEPLB, initial_placement
+from .two_batch import MicroBatchFailed, two_batch_hidden
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,7 @@ class EPConfig:
     eplb_window: int = 1000  # live: steps of load statistics the planner sees
     max_moves: int | None = None  # live: experts moved per layer and re-plan at most (None: full plan)
     shared_as_routed: bool = False  # the shared expert as logical expert E (the paper's decode, ep_moe.py)
+    two_batch_prefill: bool = True  # prefill forwards as two overlapped micro-batches (two_batch.py)
 
     def __post_init__(self) -> None:
         if self.dispatch not in WIRES:
@@ -195,38 +214,73 @@ class EPEngine(Engine):
         super().__init__(model, config, tokenizer)
         self.live = LiveEPLB(self, ep_config) if ep_config.eplb == "live" else None
         self.empty_calls = 0  # MoE layer calls made with no tokens (the synchronisation's cost)
+        self.two_batch_calls = 0  # two-micro-batch prefill calls made (each: every layer's exchanges twice)
+        self.empty_two_batch = 0  # of which with no rows (joining the group's prefill forwards)
+        self._target: tuple[list[int], int] = ([m.calls for m in self.moe], 0)  # this step's (see step)
 
     # ---- the group ---------------------------------------------------------------------------------
-    def _agree(self, forwards: int, busy: bool) -> tuple[int, bool]:
-        """(most forwards of any rank this step, any rank busy): one all_reduce (MAX)."""
-        t = torch.tensor([forwards, int(busy)], dtype=torch.long, device=self.runner.device)  # NCCL: on GPU
+    def _agree(self, one: int, two: int, busy: bool) -> tuple[int, int, bool]:
+        """(most one-batch forwards, most two-batch prefill forwards of any rank this step, any rank
+        busy): one all_reduce (MAX)."""
+        t = torch.tensor([one, two, int(busy)], dtype=torch.long, device=self.runner.device)  # NCCL: on GPU
         link = self.group.ep
         link.run(
             "all_reduce (step agreement)", lambda: dist.all_reduce(t, dist.ReduceOp.MAX, group=link.group)
         )
-        return int(t[0]), bool(t[1])
+        return int(t[0]), int(t[1]), bool(t[2])
 
     def group_has_unfinished(self) -> bool:
         """Whether any rank of the group has unfinished requests (a collective)."""
-        return self._agree(0, self.has_unfinished())[1]
+        return self._agree(0, 0, self.has_unfinished())[2]
 
-    def _pad(self, target: list[int]) -> None:
-        """Empty calls until every MoE layer has made `target` calls."""
+    def _pad_one_batch(self) -> None:
+        """Empty calls until every MoE layer has made this step's one-batch calls (`_target`)."""
+        target = self._target[0]
         while any(m.calls < t for m, t in zip(self.moe, target)):
             for m, t in zip(self.moe, target):
                 if m.calls < t:
                     m.empty_call()
                     self.empty_calls += 1
 
+    def _pad(self) -> None:
+        """Join the group's remaining forwards of the step: the one-batch layer calls first (they
+        come first in every rank's step), then the two-batch prefill calls, with no rows."""
+        self._pad_one_batch()
+        while self.two_batch_calls < self._target[1]:
+            self.empty_two_batch += 1
+            self._two_batch([], [], [])
+
+    def _two_batch(self, seqs: list, rows: list[list[int]], start: list[int]) -> torch.Tensor:
+        """One two-batch prefill call, counted once its exchanges are all made (also when a half
+        failed: `MicroBatchFailed`); any other failure leaves the group out of step."""
+        try:
+            h = two_batch_hidden(self.runner, seqs, rows, start)
+        except MicroBatchFailed:
+            self.two_batch_calls += 1
+            raise
+        self.two_batch_calls += 1
+        return h
+
+    def _prefill_hidden(self, seqs: list, rows: list[list[int]], start: list[int]) -> torch.Tensor:
+        """A prefill forward: two overlapped micro-batches (`two_batch_prefill`), after the group's
+        one-batch forwards of the step (a rank without a decode forward joins the others' first)."""
+        if not self.ep_config.two_batch_prefill:
+            return super()._prefill_hidden(seqs, rows, start)
+        self._pad_one_batch()
+        return self._two_batch(seqs, rows, start)
+
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One synchronised step of the group (every rank calls it): schedule, agree on the number
         of forwards, run this rank's, join the others' with empty calls, then re-plan if due."""
         batch = self.scheduler.schedule()
-        mine = (1 if batch.decodes else 0) + sum(1 for _ in _group_chunks(batch.prefills))
-        stuck = not mine and self.scheduler.has_unfinished()
-        forwards, _ = self._agree(mine, self.has_unfinished())
-        target = [m.calls + forwards for m in self.moe]
+        decodes, prefills = (1 if batch.decodes else 0), sum(1 for _ in _group_chunks(batch.prefills))
+        stuck = not (decodes or prefills) and self.scheduler.has_unfinished()
+        two = self.ep_config.two_batch_prefill
+        one, two, _ = self._agree(
+            decodes + (0 if two else prefills), prefills if two else 0, self.has_unfinished()
+        )
+        self._target = ([m.calls + one for m in self.moe], self.two_batch_calls + two)
         self._count(batch)
         outputs: list[RequestOutput] = []
         try:
@@ -236,7 +290,7 @@ class EPEngine(Engine):
         except Exception as e:  # a failing forward: its rows fail, the group goes on (as Engine)
             touched = batch.decodes + [seq for seq, _, _ in batch.prefills]
             outputs += self._fail([seq for seq in touched if not seq.finished], e)
-        self._pad(target)
+        self._pad()
         if self.live is not None:
             self.live.after_step(self.stats.steps)
         if stuck:  # after the group's collectives, so that the other ranks are not left waiting
@@ -260,6 +314,8 @@ class EPEngine(Engine):
             ],
             "rank_load": int(self.rank_load().sum()),  # copies this rank's slots processed
             "empty_calls": self.empty_calls,
+            "two_batch_calls": self.two_batch_calls,
+            "empty_two_batch_calls": self.empty_two_batch,
             "dispatch_bytes": st.total(what="dispatch"),
             "combine_bytes": st.total(what="combine"),
             "eplb_replans": live.replans if live else 0,
@@ -273,7 +329,7 @@ class EPEngine(Engine):
         for m in self.moe:
             m.reset_counters()
         self.group.stats.reset()
-        self.empty_calls = 0
+        self.empty_calls = self.two_batch_calls = self.empty_two_batch = 0  # `step` re-reads them
 
 
 def rank_balance(rank_loads: Seq[int]) -> float:

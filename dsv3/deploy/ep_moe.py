@@ -14,7 +14,7 @@ more than M nodes; the hierarchical policy keeps every replica on its group's no
 
 Replica choice:
   round-robin  over the expert's replicas, as `routing.replica_of_copies` does, each rank's copies
-               starting at replica (rank index + layer calls so far): ranks holding one copy each
+               starting at replica (rank index + layer routings so far): ranks holding one copy each
                of an expert do not all pick its first replica, and the replica that gets a step's
                odd copy rotates, so that over a window each replica carries the planner's even
                share (no communication; bench/deploy.py, static plan on the run's own loads:
@@ -37,7 +37,8 @@ computed on its slots and summed by the combine instead of data-parallel on ever
 Zero tokens: a rank without work still calls the layer (`empty_call`, x [1, 0, D]): the gate,
 dispatch and combine then send and receive nothing but join every collective of the layer.
 
-Counters (the engine's load figures; `reset_counters` zeroes them): `calls`, `counts` [E] logical
+Counters (the engine's load figures; `reset_counters` zeroes them): `calls` (forwards: the one-batch
+path's step synchronisation), `routes` (routings, also each two-batch half's), `counts` [E] logical
 copies of this rank's tokens, `slot_rows` [S] copies each hosted slot processed (this rank's
 expert load), `seconds` in the layer, `plan_seconds` of it spent choosing replicas dynamically.
 
@@ -168,7 +169,7 @@ class EPMoE(ExpertParallelMoE):
 
     def reset_counters(self) -> None:
         S = self.table.num_slots // self.ep.ep.size
-        self.calls, self.seconds, self.plan_seconds = 0, 0.0, 0.0
+        self.calls, self.routes, self.seconds, self.plan_seconds = 0, 0, 0.0, 0.0
         self.counts = torch.zeros(self.n_logical, dtype=torch.long)
         self.slot_rows = torch.zeros(S, dtype=torch.long)
 
@@ -208,13 +209,14 @@ class EPMoE(ExpertParallelMoE):
         self.counts += call.counts.cpu()
         self.fresh_counts += call.counts.cpu()
         call.indices = self.replica_slots(call)
+        self.routes += 1
         return call
 
     def replica_slots(self, call: MoECall) -> torch.Tensor:
         """call.indices [N, K] logical experts -> [N, K] physical slots."""
         t, index = self.table, self.ep.index
         if self.active_per_rank is None:
-            offset = torch.full_like(t.logcnt, index + self.calls)  # rotates over ranks and calls
+            offset = torch.full_like(t.logcnt, index + self.routes)  # rotates over ranks and routings
             return replica_of_copies(call.indices, t.log2phy, t.logcnt, offset=offset)
         start = time.perf_counter()
         group = gather_rows(call.counts[None], self.ep.ep)  # (P, E) the group's counts

@@ -46,6 +46,11 @@ one-batch `runner.hidden` (whose exchanges would not line up).
 MoE statistics: the halves bypass `MoE.forward` (module forward hooks do not fire); after the call
 each MoE layer's `last_counts` holds both halves' counts, i.e. the whole group's, as after
 `runner.hidden`.
+Failures: an exception in a half's embedding, attention or dense FFN (before the block's first
+exchange) turns that half into an empty one from that block on, so the call still makes every
+exchange and serves the rows other ranks send to this rank's experts; the call then raises
+`MicroBatchFailed` (the caller fails the group's rows, the EP group stays in step). A failure
+inside a MoE layer (between its exchanges) or a `PeerFailure` propagates as is: the group breaks.
 
 Shapes: G rows of the group, C tokens per row, D model dim; a half holds g rows x c tokens.
 """
@@ -64,6 +69,7 @@ from dsv3.infer.runner import ModelRunner
 from dsv3.infer.scheduler import Sequence as Seq
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
+from dsv3.parallel.comm import PeerFailure
 from dsv3.parallel.pipeline.overlap import interleave
 from dsv3.parallel.pipeline.phases import COMM, Phase, State, _block_phases, _settle
 
@@ -151,6 +157,11 @@ def async_halves(module: object) -> bool:
     return all(issubclass(_defined_in(t, a), _defined_in(t, b)) for a, b in pairs)
 
 
+class MicroBatchFailed(RuntimeError):
+    """A half's computation failed before one of its blocks' exchanges; the call still made every
+    exchange (the half went on empty), so the group stays in step. `__cause__`: the failure."""
+
+
 # ---- one half through the model -------------------------------------------------------------------------------
 class _HalfPass:
     """One half's forward as steps (each ends by starting an all-to-all); `hidden` [g, c, D] at the end."""
@@ -183,32 +194,69 @@ class _HalfPass:
             self.ids = torch.zeros(0, 1, dtype=torch.long, device=device)
             self.positions = torch.zeros(0, 1, dtype=torch.long, device=device)
             self.cache = None
+        self.empty = not half.tokens
         self.counts: dict[int, torch.Tensor] = {}  # id(moe) -> this half's routed counts
         self.hidden: torch.Tensor | None = None
+        self.error: Exception | None = None  # what failed this half (it then went on empty)
 
-    def phases(self) -> list[tuple[Phase, MoE | None]]:
-        """The model's phases for this half, each with the MoE whose dispatch it is (if it is one)."""
+    def phases(self, first: int = 0) -> list[tuple[Phase, MoE | None, int]]:
+        """The model's phases for this half from block `first` on (first > 0: no embedding, the
+        state is (h,)), each with the MoE whose dispatch it is (if it is one) and its block."""
         model = self.model
         cos, sin = model.rotary(self.positions)
         parts = torch.zeros(4, dtype=torch.float64)  # loss terms: none in inference
-        out = [(Phase("embed", "compute", lambda s: ((model.embed_tokens(self.ids),), None)), None)]
+        out: list[tuple[Phase, MoE | None, int]] = []
+        if first == 0:
+            out.append(
+                (Phase("embed", "compute", lambda s: ((model.embed_tokens(self.ids),), None)), None, 0)
+            )
         prev: MoE | None = None
-        for block in model.layers:
+        for i, block in enumerate(model.layers):
+            if i < first:
+                continue
             overlap = self.overlap and async_halves(block.mlp)
             pos = self.positions
             for p in _block_phases(block, prev, cos, sin, pos, 0.0, parts, overlap, self.cache, self.absorb):
-                if p.name == "attention" and not self.half.tokens:  # no rows: no attention to run
+                if p.name == "attention" and self.empty:  # no rows: no attention to run
                     p = Phase(p.name, p.kind, lambda s, prev=prev: ((_settle(s, prev),), None))
-                out.append((p, block.mlp if p.name == "dispatch" else None))
+                out.append((p, block.mlp if p.name == "dispatch" else None, i))
             prev = block.mlp if overlap and isinstance(block.mlp, MoE) else None
         last = prev
-        out.append((Phase("norm", "compute", lambda s: ((model.norm(_settle(s, last)),), None)), None))
+        out.append((Phase("norm", "compute", lambda s: ((model.norm(_settle(s, last)),), None)), None, -1))
         return out
+
+    def _go_empty(self, block: int, error: Exception) -> tuple[list[tuple[Phase, MoE | None, int]], State]:
+        """After `error` in a computation of `block` before its first exchange: the rest of the
+        pass as an empty half (it still joins every exchange, and serves the experts' rows other
+        ranks send), from that block on."""
+        self.error, self.empty, self.cache = error, True, None
+        device = self.ids.device
+        self.ids = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(0, 1, dtype=torch.long, device=device)
+        return self.phases(block), (() if block == 0 else (self.model.embed_tokens(self.ids),))
+
+    def _recoverable(self, phase: Phase, block: int) -> bool:
+        """Whether a failure in `phase` of `block` leaves the group's exchanges intact: the
+        embedding, an attention, a dense block's FFN (not a MoE's experts: other ranks' rows)."""
+        if phase.name in ("embed", "attention"):
+            return True
+        return phase.name == "mlp" and block >= 0 and not isinstance(self.model.layers[block].mlp, MoE)
 
     def steps(self) -> Iterator[str]:
         state: State = ()
-        for phase, moe in self.phases():
-            state, _ = phase.run(state)
+        plan, i = self.phases(), 0
+        while i < len(plan):
+            phase, moe, block = plan[i]
+            try:
+                state, _ = phase.run(state)
+            except PeerFailure:
+                raise
+            except Exception as e:  # a computation before the block's first exchange: go on empty
+                if self.error is not None or not self._recoverable(phase, block):
+                    raise
+                plan, state, i = *self._go_empty(block, e), 0  # the new plan starts at the failed block
+                continue
+            i += 1
             if moe is not None:  # route just recorded this half's counts on the layer
                 self.counts[id(moe)] = moe.last_counts
             if phase.kind == COMM:
@@ -250,6 +298,11 @@ def two_batch_hidden(
         got = [p.counts[id(moe)] for p in passes if id(moe) in p.counts]
         if got:
             moe.record(torch.stack(got).sum(dim=0))
+    failed = next((p.error for p in passes if p.error is not None), None)
+    if failed is not None:
+        raise MicroBatchFailed(
+            f"two_batch_hidden: a micro-batch failed ({type(failed).__name__}: {failed})"
+        ) from failed
     D = model.config.dim
     ref = passes[0].hidden
     out = ref.new_zeros(len(rows), C, D)

@@ -292,7 +292,7 @@ class Engine:
         final = []
         for seqs, start, end in _group_chunks(batch.prefills):
             rows = [s.tokens[a:b] for s, a, b in zip(seqs, start, end)]
-            h = self.runner.hidden(seqs, rows, start, absorb=False)  # (G, C, D)
+            h = self._prefill_hidden(seqs, rows, start)  # (G, C, D)
             for s, b in zip(seqs, end):
                 s.num_computed = b
             if end[0] < seqs[0].num_tokens:  # not the prompt's last chunk: nothing to sample
@@ -316,6 +316,11 @@ class Engine:
             if self.k and live:
                 pick = [seqs[i] for i in live]
                 self._mtp_prefill(pick, h[live], [start[i] for i in live], [end[i] for i in live], draft=True)
+
+    def _prefill_hidden(self, seqs: list[Sequence], rows: list[list[int]], start: list[int]) -> torch.Tensor:
+        """One [G, C] prefill forward -> hidden states [G, C, D] (the seam the expert-parallel
+        engine's two-micro-batch prefill replaces)."""
+        return self.runner.hidden(seqs, rows, start, absorb=False)
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
         """Finish seqs with finish_reason "error" and free their blocks; one warning names them."""
