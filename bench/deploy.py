@@ -1,10 +1,22 @@
-"""Expert-parallel decoding on 4 gloo processes with skewed expert loads: throughput and per-rank
-load balance with no redundancy, static EPLB, live EPLB and dynamic redundancy, the measured
-balance beside the planner's prediction (DESIGN §8, paper §3.4; the decode part of issue 17).
+"""The deployment bench (DESIGN §8, paper §3.4; issue 17), one entry point in three sections:
 
-    .venv/bin/python bench/deploy.py [--ranks 4] [--preset tiny] [--loads FILE] [--requests 8]
-        [--prompt-len 8] [--max-tokens 24] [--vocab 8] [--slots-per-rank S] [--hosted H]
-        [--active A] [--eplb-interval 8]
+    .venv/bin/python bench/deploy.py [--sections decode,prefill,kv] [decode options]
+        [--prefill "PREFILL OPTIONS"] [--kv "KV OPTIONS"]
+
+  decode   (this file) expert-parallel decoding on 4 gloo processes with skewed expert loads:
+           throughput and per-rank load balance with no redundancy, static EPLB, live EPLB and
+           dynamic redundancy, the measured balance beside the planner's prediction;
+  prefill  bench/deploy_overlap.py (its options in --prefill, e.g. --prefill "--ranks 2 4"):
+           prefill time with and without the two-micro-batch overlap, at 0 and injected all-to-all
+           latencies, through `two_batch_hidden` and through `EPEngine.step` itself;
+  kv       bench/deploy_kv.py's main (the disaggregated deployment's KV transfer), when that file
+           exists; otherwise a "not available" line.
+
+Decode section:
+
+    .venv/bin/python bench/deploy.py --sections decode [--ranks 4] [--preset tiny] [--loads FILE]
+        [--requests 8] [--prompt-len 8] [--max-tokens 24] [--vocab 8] [--slots-per-rank S]
+        [--hosted H] [--active A] [--eplb-interval 8]
 
 Loads. From `--loads` (an `ExpertLoadStats.save` file of this model's MoE layers), else recorded
 here: a single-process `Engine` serves skewed requests (prompt tokens drawn from the first
@@ -33,9 +45,14 @@ run, nothing more; the load average is printed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import os
+import shlex
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -167,8 +184,54 @@ def predicted(a, name: str, loads: torch.Tensor, cfg, ranks: int, final: torch.T
     return float(balancedness(gpu).mean())
 
 
-def main() -> None:
+SECTIONS = ("decode", "prefill", "kv")
+
+
+def _bench_module(name: str):
+    """bench/NAME.py as a module (bench/ is not a package), or None when the file is absent."""
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.exists():
+        return None
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module  # before exec: its rank workers are pickled by module name
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _call_main(module, argv: list[str]) -> None:
+    """module.main(argv) when it takes an argument list, else module.main() with sys.argv = argv."""
+    if inspect.signature(module.main).parameters:
+        module.main(argv)
+        return
+    saved, sys.argv = sys.argv, [module.__file__, *argv]
+    try:
+        module.main()
+    finally:
+        sys.argv = saved
+
+
+def prefill_section(a: argparse.Namespace) -> None:
+    print("\n== prefill: two-micro-batch overlap (bench/deploy_overlap.py) ==")
+    _call_main(_bench_module("deploy_overlap"), shlex.split(a.prefill))
+
+
+def kv_section(a: argparse.Namespace) -> None:
+    print("\n== kv: prefill -> decode KV transfer (bench/deploy_kv.py) ==")
+    module = _bench_module("deploy_kv")
+    if module is None:
+        print("kv: not available (bench/deploy_kv.py is not in this checkout)")
+        return
+    _call_main(module, shlex.split(a.kv))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
+    ap.add_argument("--prefill", default="", help="options of bench/deploy_overlap.py (one quoted string)")
+    ap.add_argument("--kv", default="", help="options of bench/deploy_kv.py (one quoted string)")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--loads", help="an ExpertLoadStats file of this model (default: record them)")
@@ -183,7 +246,22 @@ def main() -> None:
     ap.add_argument("--record-requests", type=int, help="requests of the recording (default: 4 x the run's)")
     ap.add_argument("--record-seed", type=int, default=1, help="2: the run's own requests (its exact loads)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="of the max/mean target (integer splits)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
+    bad = [x for x in a.sections if x not in SECTIONS]
+    if bad or not a.sections:
+        ap.error(f"--sections: expected a comma-separated subset of {SECTIONS}, got {bad or a.sections}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    for name in a.sections:
+        {"decode": decode_section, "prefill": prefill_section, "kv": kv_section}[name](a)
+
+
+def decode_section(a: argparse.Namespace) -> None:
+    print("== decode: EPLB modes on skewed loads ==")
     E = ModelConfig.from_preset(a.preset).n_routed_experts
     a.slots_per_rank = a.slots_per_rank or -(-E // a.ranks) + 1
     a.active = a.active or a.slots_per_rank

@@ -23,6 +23,13 @@ Hidden share, three ways, per latency L:
     vs one batch   1 - cost(overlap) / cost(one): what the user gains over not splitting
     blocked        1 - (blocked - blocked at 0) / injected (bench/pipeline.py's definition;
                    injected = exchanges x L, blocked = time spent in all-to-all waits, mean over ranks)
+Engine table (`--engine`, on by default): the same prefill through `EPEngine.step` itself -- a group
+of `EPEngine`s (dsv3.deploy.ep_engine: its EP MoE layers, step agreement and padding), every rank
+adding `--rows` prompts of `--tokens` tokens (max_tokens 1) and running one step that prefills
+them as one [rows, tokens] forward -- with `two_batch_prefill` off ("one") and on ("two"), at the
+same latencies. Step time: the slowest rank's `step`, best of `--steps`; hidden vs one batch as
+above; blocked / injected over the group's dispatch/combine exchanges of the two-batch step.
+
 Two exchanges in flight at once overlap each other's latency, so even with no computation at all
 the overlapped halves hide about half of the serial halves' latency ("vs serial" and "blocked"); only
 computation hides latency against one batch ("vs one batch": 0 when the latency dwarfs compute).
@@ -114,6 +121,87 @@ def _worker(rank: int, world: int, cfg: ModelConfig, args: argparse.Namespace, l
     return out
 
 
+ENGINE_MODES = ("one", "two")
+
+
+def _engine_worker(
+    rank: int, world: int, cfg: ModelConfig, args: argparse.Namespace, latencies: list
+) -> dict:
+    """Prefill steps of EPEngines with two_batch_prefill off and on (module docstring)."""
+    from dsv3.deploy.ep_engine import EPConfig, EPEngine, build_engine_groups
+    from dsv3.infer.engine import EngineConfig
+
+    torch.set_num_threads(1)
+    group = build_engine_groups()
+    links = (group.ep, group.intra, group.inter)
+    n = args.rows * args.tokens
+    config = EngineConfig(block_size=16, num_blocks=4 * args.rows * (-(-args.tokens // 16)) + 8,
+                          max_num_seqs=args.rows, max_num_batched_tokens=n, fast_decode=False)  # fmt: skip
+    engines = {}
+    for mode in ENGINE_MODES:
+        torch.manual_seed(0)
+        engines[mode] = EPEngine(
+            Transformer(cfg).eval(), group, config, EPConfig(two_batch_prefill=mode == "two")
+        )
+    gen = torch.Generator().manual_seed(200 + rank)
+    sp = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    out: dict = {"steps": {}, "latencies": []}
+    for latency in latencies:
+        if latency == "auto":  # as in the function table: one attention/MoE phase of the whole batch
+            moe_layers = len(engines["one"].moe)
+            latency = min(s["wall"] for s in out["steps"][("one", 0.0)]) / (2 * moe_layers)
+        out["latencies"].append(latency)
+        for link in links:
+            link.latency = latency
+        for i in range(args.warmup + args.steps):
+            for mode in ENGINE_MODES:
+                engine = engines[mode]
+                for _ in range(args.rows):
+                    engine.add_request(
+                        torch.randint(0, cfg.vocab_size, (args.tokens,), generator=gen).tolist(), sp
+                    )
+                group.stats.reset()
+                dist.barrier()
+                t = time.perf_counter()
+                done = engine.step()
+                elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                assert len(done) == args.rows and all(o.finished for o in done), (
+                    "one prefill step per request"
+                )
+                if i >= args.warmup:
+                    out["steps"].setdefault((mode, latency), []).append(
+                        {
+                            "wall": float(elapsed),
+                            "blocked": group.stats.waited,
+                            "exchanges": group.stats.exchanges,
+                        }
+                    )
+    return out
+
+
+def engine_table(world: int, results: list[dict]) -> list[str]:
+    """Markdown rows for one world size: EPEngine prefill step times, one batch vs two halves."""
+    r0 = results[0]
+    wall = {k: min(s["wall"] for s in v) for k, v in r0["steps"].items()}
+    lines = []
+    for latency in r0["latencies"]:
+        w = {m: wall[(m, latency)] for m in ENGINE_MODES}
+        cost = {m: w[m] - wall[(m, 0.0)] for m in ENGINE_MODES}
+        blocked = []
+        for r in results:
+            steps, base = r["steps"][("two", latency)], r["steps"][("two", 0.0)]
+            injected = statistics.mean(s["exchanges"] for s in steps) * latency
+            extra = statistics.mean(s["blocked"] for s in steps) - statistics.mean(s["blocked"] for s in base)
+            if injected > 0:
+                blocked.append(1 - extra / injected)
+        lines.append(
+            f"| {world} | {latency * 1e3:.1f} | {w['one']:.3f} | {w['two']:.3f} | {w['one'] / w['two']:.2f} "
+            f"| {_share(cost['two'], cost['one'])} | {f'{statistics.mean(blocked):.0%}' if blocked else '-'} |"
+        )
+    return lines
+
+
 def _share(cost: float, ref: float) -> str:
     return f"{1 - cost / ref:.0%}" if ref > 0 else "-"
 
@@ -155,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--a2a-latency", nargs="+", default=["0", "auto", "0.05"],
         help="seconds per all-to-all (the first must be 0); 'auto': one attention/MoE phase's compute",
     )  # fmt: skip
+    p.add_argument("--no-engine", dest="engine", action="store_false", help="skip the EPEngine table")
+    p.add_argument("--no-function", dest="function", action="store_false", help="skip the function table")
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
@@ -178,11 +268,22 @@ def main(argv: list[str] | None = None) -> str:
         "| one / overlapped | hidden vs serial | hidden vs one batch | hidden (blocked / injected) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if not args.function:
+        lines = []
+    engine = [
+        "| ranks | a2a latency (ms) | EPEngine prefill step, one batch (s) | two micro-batches (s) "
+        "| one / two | hidden vs one batch | hidden (blocked / injected) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for world in args.ranks:
-        results = run_ranks(_worker, world, cfg, args, latencies, timeout=300, deadline=1800)
-        lines += table(world, results)
+        if args.function:
+            results = run_ranks(_worker, world, cfg, args, latencies, timeout=300, deadline=1800)
+            lines += table(world, results)
+        if args.engine:
+            results = run_ranks(_engine_worker, world, cfg, args, latencies, timeout=300, deadline=1800)
+            engine += engine_table(world, results)
     load1 = os.getloadavg()[0]
-    report = "\n".join(lines)
+    report = "\n".join(lines + ([""] if lines else []) + (engine if args.engine else []))
     print(f"load average (1 min) before/after: {load0:.1f} / {load1:.1f}\n")
     print(report)
     return report

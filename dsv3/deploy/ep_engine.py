@@ -18,8 +18,9 @@ group: the collectives raise `PeerFailure` within the group's timeout and `step`
 Every rank must call `step` together, also with nothing to do; `group_has_unfinished` (a
 collective) says whether the group has work left, `run_group` drives a group to completion.
 
-Two-micro-batch prefill (`EPConfig.two_batch_prefill`, on by default: the paper's prefill, and
-bench/deploy.py's prefill section measures what it costs and hides). A prefill forward then runs
+Two-micro-batch prefill (`EPConfig.two_batch_prefill`, on by default in groups of 2+ ranks: the
+paper's prefill, whose all-to-alls it hides; a one-rank group has no exchange to hide and keeps
+one batch, whose kernels are larger: bench/deploy.py's prefill section measures both). It runs
 through `two_batch.two_batch_hidden`: its halves call the MoE halves directly (never `forward`,
 so `EPMoE.calls` does not move) and make every layer's exchanges twice, so it cannot be padded
 by one-batch empty calls. The agreement is then on two numbers, the step's one-batch forwards
@@ -87,7 +88,7 @@ class EPConfig:
     eplb_window: int = 1000  # live: steps of load statistics the planner sees
     max_moves: int | None = None  # live: experts moved per layer and re-plan at most (None: full plan)
     shared_as_routed: bool = False  # the shared expert as logical expert E (the paper's decode, ep_moe.py)
-    two_batch_prefill: bool = True  # prefill forwards as two overlapped micro-batches (two_batch.py)
+    two_batch_prefill: bool = True  # prefill as two overlapped micro-batches (two_batch.py; groups of 2+ ranks)
 
     def __post_init__(self) -> None:
         if self.dispatch not in WIRES:
@@ -213,6 +214,7 @@ class EPEngine(Engine):
         self.placement = placement  # the routing tables of every layer (Placement, [L, R])
         super().__init__(model, config, tokenizer)
         self.live = LiveEPLB(self, ep_config) if ep_config.eplb == "live" else None
+        self.two_batch = ep_config.two_batch_prefill and group.size > 1  # nothing to hide on one rank
         self.empty_calls = 0  # MoE layer calls made with no tokens (the synchronisation's cost)
         self.two_batch_calls = 0  # two-micro-batch prefill calls made (each: every layer's exchanges twice)
         self.empty_two_batch = 0  # of which with no rows (joining the group's prefill forwards)
@@ -264,7 +266,7 @@ class EPEngine(Engine):
     def _prefill_hidden(self, seqs: list, rows: list[list[int]], start: list[int]) -> torch.Tensor:
         """A prefill forward: two overlapped micro-batches (`two_batch_prefill`), after the group's
         one-batch forwards of the step (a rank without a decode forward joins the others' first)."""
-        if not self.ep_config.two_batch_prefill:
+        if not self.two_batch:
             return super()._prefill_hidden(seqs, rows, start)
         self._pad_one_batch()
         return self._two_batch(seqs, rows, start)
@@ -276,7 +278,7 @@ class EPEngine(Engine):
         batch = self.scheduler.schedule()
         decodes, prefills = (1 if batch.decodes else 0), sum(1 for _ in _group_chunks(batch.prefills))
         stuck = not (decodes or prefills) and self.scheduler.has_unfinished()
-        two = self.ep_config.two_batch_prefill
+        two = self.two_batch
         one, two, _ = self._agree(
             decodes + (0 if two else prefills), prefills if two else 0, self.has_unfinished()
         )
