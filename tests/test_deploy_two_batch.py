@@ -338,9 +338,10 @@ def test_two_batch_prefill_expert_parallel_parity_and_overlap():
         assert gain > 0.3 * injected, (rank, gain / injected, t)
 
 
-def test_a_failed_half_still_makes_every_exchange():
-    """A half whose attention fails goes on as an empty half: every MoE layer still sees both
-    halves' dispatch and combine (the EP group stays in step), then `MicroBatchFailed` is raised."""
+@pytest.mark.parametrize("where", ["attention", "norm"])
+def test_a_failed_half_still_makes_every_exchange(where):
+    """A half whose attention (or final norm) fails goes on as an empty half: every MoE layer still
+    sees both halves' dispatch and combine (the EP group stays in step), then `MicroBatchFailed`."""
     from dsv3.deploy.two_batch import MicroBatchFailed
 
     model = _model()
@@ -356,7 +357,8 @@ def test_a_failed_half_still_makes_every_exchange():
             setattr(
                 m, name, lambda call, real=real, m=m, name=name: (made[id(m)].append(name), real(call))[1]
             )
-    handle = model.layers[2].self_attn.register_forward_pre_hook(lambda mod, args: 1 / 0)
+    failing = model.layers[2].self_attn if where == "attention" else model.norm
+    handle = failing.register_forward_pre_hook(lambda mod, args: 1 / 0)
     with pytest.raises(MicroBatchFailed, match="ZeroDivisionError"):
         two_batch_hidden(runner, seqs, _chunk(seqs, [0, 0], 6), [0, 0])
     handle.remove()

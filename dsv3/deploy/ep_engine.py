@@ -88,7 +88,9 @@ class EPConfig:
     eplb_window: int = 1000  # live: steps of load statistics the planner sees
     max_moves: int | None = None  # live: experts moved per layer and re-plan at most (None: full plan)
     shared_as_routed: bool = False  # the shared expert as logical expert E (the paper's decode, ep_moe.py)
-    two_batch_prefill: bool = True  # prefill as two overlapped micro-batches (two_batch.py; groups of 2+ ranks)
+    two_batch_prefill: bool = (
+        True  # prefill as two overlapped micro-batches (two_batch.py; groups of 2+ ranks)
+    )
 
     def __post_init__(self) -> None:
         if self.dispatch not in WIRES:

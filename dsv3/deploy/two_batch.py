@@ -47,7 +47,8 @@ MoE statistics: the halves bypass `MoE.forward` (module forward hooks do not fir
 each MoE layer's `last_counts` holds both halves' counts, i.e. the whole group's, as after
 `runner.hidden`.
 Failures: an exception in a half's embedding, attention or dense FFN (before the block's first
-exchange) turns that half into an empty one from that block on, so the call still makes every
+exchange; or in the final norm, after the last) turns that half into an empty one from that block
+on, so the call still makes every
 exchange and serves the rows other ranks send to this rank's experts; the call then raises
 `MicroBatchFailed` (the caller fails the group's rows, the EP group stays in step). A failure
 inside a MoE layer (between its exchanges) or a `PeerFailure` propagates as is: the group breaks.
@@ -237,8 +238,9 @@ class _HalfPass:
 
     def _recoverable(self, phase: Phase, block: int) -> bool:
         """Whether a failure in `phase` of `block` leaves the group's exchanges intact: the
-        embedding, an attention, a dense block's FFN (not a MoE's experts: other ranks' rows)."""
-        if phase.name in ("embed", "attention"):
+        embedding, an attention, a dense block's FFN, the final norm (not a MoE's experts, which
+        hold other ranks' rows)."""
+        if phase.name in ("embed", "attention", "norm"):
             return True
         return phase.name == "mlp" and block >= 0 and not isinstance(self.model.layers[block].mlp, MoE)
 
@@ -254,6 +256,9 @@ class _HalfPass:
             except Exception as e:  # a computation before the block's first exchange: go on empty
                 if self.error is not None or not self._recoverable(phase, block):
                     raise
+                if phase.name == "norm":  # after every exchange: nothing left to join
+                    self.error = e
+                    break
                 plan, state, i = *self._go_empty(block, e), 0  # the new plan starts at the failed block
                 continue
             i += 1
