@@ -6,7 +6,8 @@ FP8 dispatch -- each on a fresh tiny model, with the requests spread unevenly ov
 ranks one rank has none and only joins the all-to-alls with empty calls). Every case prefills
 with two overlapped micro-batches (`two_batch_prefill`, the default; the "one_batch" case without),
 so ranks mix one-batch decode forwards with two-batch prefill calls and an idle rank joins both.
-The reference runs all requests in one `Engine` in this process; tokens must be identical. Plus the move planner, the
+The reference runs all requests in one `Engine` in this process; tokens must be identical. At 2
+ranks one more engine prefills with an injected all-to-all latency: the overlap must hide part of it. Plus the move planner, the
 replica choice with a group offset and the config checks, without processes.
 """
 
@@ -139,7 +140,33 @@ def worker(rank: int, world: int) -> dict:
             "metrics": engine.metrics(),
         }
         group.stats.reset()
+    if world == 2:
+        res["latency"] = overlap_step(
+            EPEngine(make_model(), flat, ENGINE, EPConfig(eplb="static", slots_per_rank=5))
+        )
     return res
+
+
+LATENCY = 0.1  # seconds injected per dispatch/combine all-to-all in the overlap check
+
+
+def overlap_step(engine) -> dict:
+    """One prefill step through the engine with LATENCY injected per exchange: its wall time, the
+    exchanges it made and the time it blocked in them."""
+    import time
+
+    links = (engine.group.ep, engine.group.intra, engine.group.inter)
+    for link in links:
+        link.latency = LATENCY
+    engine.add_request(list(range(1, 13)), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    engine.group.stats.reset()
+    t = time.perf_counter()
+    engine.step()
+    wall = time.perf_counter() - t
+    st = engine.group.stats
+    for link in links:
+        link.latency = None
+    return {"wall": wall, "exchanges": st.exchanges, "waited": st.waited, "layers": len(engine.moe)}
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +265,23 @@ def test_ep_engine_eplb_moves_and_fp8(ranks):
         fp8 = sum(r["fp8"]["dispatch_bytes"] for r in res)
         assert 0 < fp8 < 0.4 * same
         assert all(len(t) == MAX_TOKENS[int(rid[1:])] for r in res for rid, t in r["fp8"]["tokens"].items())
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_ep_engine_prefill_overlap_hides_injected_latency(ranks):
+    """The engine's two-batch prefill really overlaps: each MoE layer's four exchanges (two halves'
+    dispatch and combine) each take LATENCY, but one half's is in flight while the other's starts
+    and computes, so about half of the injected time is hidden; run serially (or one batch of
+    blocking exchanges) every exchange blocks for all of it."""
+    world, res = ranks
+    if world != 2:
+        pytest.skip("run on 2 ranks")
+    for r in res:
+        x = r["latency"]
+        assert x["exchanges"] == 4 * x["layers"], x  # two halves x (dispatch + combine) per MoE layer
+        assert x["wall"] >= 2 * x["layers"] * LATENCY, x  # the latency is really paid: >= 2 per layer
+        assert x["waited"] < 0.75 * x["exchanges"] * LATENCY, x  # serial: >= 1.0 x
 
 
 # ---- without processes ------------------------------------------------------------------------------------
