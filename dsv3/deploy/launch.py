@@ -1,0 +1,203 @@
+"""Starting a disaggregated deployment: prefill and decode ranks plus the router (DESIGN §8).
+
+One machine (`spawn`, what `dsv3 serve CKPT --prefill-ranks P --decode-ranks D` does): the server
+process listens on a loopback control address, starts P + D rank processes from a fork server
+(torch imported once, as in dsv3.parallel.launch), and waits for every rank's hello. Ranks
+0..P-1 prefill, P..P+D-1 decode; they form one gloo process group (a file store: no port to
+collide with) used only for KV point-to-point. The result is a `Deployment` whose `router` is the
+server's engine loop.
+
+Several machines (documented, not tested here): the server process listens on a reachable address
+and the ranks are started by torchrun, which provides RANK/WORLD_SIZE/MASTER_ADDR for the process
+group (NCCL on GPUs):
+
+    dsv3 serve CKPT --prefill-ranks 2 --decode-ranks 2 --listen 0.0.0.0:29600   # waits for 4 ranks
+    DSV3_DEPLOY_KEY=... torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST0:29500 -m dsv3.deploy.launch CKPT --router SERVER:29600 --prefill-ranks 2
+
+Both sides read the control channel's shared secret from DSV3_DEPLOY_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Client, Listener
+
+from dsv3.deploy.router import RankState, Router
+
+PRELOAD = ("torch", "torch.distributed", "dsv3", "dsv3.infer.llm", "dsv3.deploy.disagg")
+
+
+@dataclass
+class DeploySpec:
+    """What every rank needs to build its engine and worker (picklable)."""
+
+    ckpt: str
+    prefill_ranks: int = 1
+    decode_ranks: int = 1
+    llm_options: dict = field(default_factory=dict)  # LLM(ckpt, **llm_options): dtype, verify, engine fields
+    kv_timeout: float = 5.0  # seconds a decode rank waits for a request's KV before recomputing it
+    kv_attempts: int = 2  # sends of one transfer at most (a bad header or CRC asks for another)
+    faults: dict | None = None  # fault injection for tests: {"delay"|"corrupt": {request-id prefix: value}}
+    threads: int = 1  # torch threads per rank
+    pg_timeout: float = 600.0  # the process group's timeout: a backstop only (see kv_transfer)
+    beat_interval: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_ranks", "decode_ranks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if self.kv_timeout <= 0 or self.kv_attempts < 1:
+            raise ValueError(
+                f"kv_timeout/kv_attempts: must be positive, got {self.kv_timeout}/{self.kv_attempts}"
+            )
+
+    @property
+    def world(self) -> int:
+        return self.prefill_ranks + self.decode_ranks
+
+
+def rank_main(rank: int, spec: DeploySpec, address, authkey: bytes, init_method: str) -> None:
+    """One rank: join the control channel and the process group, build the engine, serve."""
+    import torch
+    import torch.distributed as dist
+
+    from dsv3.deploy.disagg import Channel, DecodeWorker, PrefillWorker
+    from dsv3.infer.llm import LLM
+
+    torch.set_num_threads(spec.threads)
+    channel = Channel(Client(address, authkey=authkey))
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=spec.world,
+        timeout=timedelta(seconds=spec.pg_timeout),
+    )
+
+    def build():
+        return LLM(spec.ckpt, **spec.llm_options).engine
+
+    kw = {"beat_interval": spec.beat_interval}
+    if rank < spec.prefill_ranks:
+        worker = PrefillWorker(rank, build(), channel, spec.faults, **kw)
+    else:
+        worker = DecodeWorker(rank, build, channel, spec.kv_timeout, spec.kv_attempts, **kw)
+    final = worker.run()
+    try:
+        channel.send("final", rank, final)
+    except (OSError, EOFError):
+        pass
+    os._exit(0)  # no destroy_process_group: a dead peer would make it wait
+
+
+@dataclass
+class Deployment:
+    router: Router
+    processes: list  # local rank processes (empty for torchrun-started ranks)
+    listener: Listener
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait for the ranks to stop (the router has told them), then kill what is left."""
+        end = time.monotonic() + timeout
+        for p in self.processes:
+            p.join(max(0.0, end - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        self.listener.close()
+
+
+def _accept(listener: Listener, world: int, ranks: dict, errors: list) -> None:
+    try:  # every connection first: a rank's hello comes only after the process group (all ranks) is up
+        conns = [listener.accept() for _ in range(world)]
+        for conn in conns:
+            kind, rank, role, info = conn.recv()
+            if kind != "hello":
+                raise RuntimeError(f"control channel: expected a hello, got {kind!r}")
+            ranks[rank] = RankState(rank, role, conn, info)
+    except Exception as e:  # the listener closed (a start that failed) or a bad peer
+        errors.append(e)
+
+
+def serve_ranks(
+    spec: DeploySpec,
+    listen: tuple[str, int] = ("127.0.0.1", 0),
+    spawn: bool = True,
+    start_timeout: float = 300.0,
+    tokenizer=None,
+    **router_kw,
+) -> Deployment:
+    """Start (spawn=True) or await (torchrun-started) the ranks of `spec`; the Deployment with its
+    Router, not started yet (the server starts it on its event loop)."""
+    import multiprocessing as mp
+
+    key = os.environ.get("DSV3_DEPLOY_KEY", "").encode() or os.urandom(16)
+    if not spawn and not os.environ.get("DSV3_DEPLOY_KEY"):
+        raise ValueError("DSV3_DEPLOY_KEY: set the control channel's secret for torchrun-started ranks")
+    listener = Listener(listen, authkey=key)
+    procs = []
+    if spawn:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))
+        fd, store = tempfile.mkstemp(prefix="dsv3-deploy-")
+        os.close(fd)
+        os.remove(store)
+        for rank in range(spec.world):
+            p = ctx.Process(
+                target=rank_main, args=(rank, spec, listener.address, key, f"file://{store}"), daemon=True
+            )
+            p.start()
+            procs.append(p)
+    ranks: dict[int, RankState] = {}
+    errors: list = []
+    t = threading.Thread(target=_accept, args=(listener, spec.world, ranks, errors), daemon=True)
+    t.start()
+    end = time.monotonic() + start_timeout
+    while t.is_alive() and time.monotonic() < end:
+        dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode is not None]
+        if dead:
+            break
+        t.join(0.1)
+    if len(ranks) < spec.world:
+        for p in procs:
+            p.kill()
+        listener.close()
+        dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode is not None]
+        raise RuntimeError(
+            f"deployment: {len(ranks)} of {spec.world} ranks started within {start_timeout:g} s"
+            + (f"; ranks died (rank, exit code): {dead}" if dead else "")
+            + (f"; {errors[0]!r}" if errors else "")
+        )
+    for i, p in enumerate(procs):
+        ranks[i].process = p
+    dep = Deployment(None, procs, listener)  # type: ignore[arg-type]
+    dep.router = Router([ranks[r] for r in sorted(ranks)], tokenizer, on_stop=dep.close, **router_kw)
+    return dep
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A torchrun-started rank: `python -m dsv3.deploy.launch CKPT --router HOST:PORT --prefill-ranks P`."""
+    p = argparse.ArgumentParser(prog="python -m dsv3.deploy.launch", description=main.__doc__)
+    p.add_argument("ckpt")
+    p.add_argument("--router", required=True, help="HOST:PORT the server listens on (dsv3 serve --listen)")
+    p.add_argument("--prefill-ranks", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = args.router.rsplit(":", 1)
+    spec = DeploySpec(args.ckpt, args.prefill_ranks, world - args.prefill_ranks, threads=args.threads)
+    rank_main(rank, spec, (host, int(port)), os.environ["DSV3_DEPLOY_KEY"].encode(), "env://")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

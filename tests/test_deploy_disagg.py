@@ -1,0 +1,222 @@
+"""Prefill/decode disaggregation (dsv3.deploy): 1 prefill rank + 2 decode ranks against the
+single-process engine, KV transfer faults (a corrupt transfer retried, a slow one recomputed),
+a killed decode rank, and `dsv3 serve --prefill-ranks 1 --decode-ranks 2` over HTTP.
+
+The deployment is started once for the module (the rank start-up dominates); the rank-death test
+kills a decode rank and so runs last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from dsv3.deploy.kv_transfer import gather_blocks, kv_transfer_bytes
+from dsv3.deploy.launch import DeploySpec, serve_ranks
+from dsv3.infer.llm import LLM
+from dsv3.infer.sampling import SamplingParams
+from tests.serve_util import Server, make_ckpt
+
+pytestmark = pytest.mark.dist
+
+OPTS = dict(verify=False, num_blocks=96, block_size=4, max_num_batched_tokens=16)
+KV_TIMEOUT = 1.5
+FAULTS = {"delay": {"slow-": 4.0}, "corrupt": {"bad-": 1, "worse-": 99}}
+
+
+def mixed_batch(prefix: str = "r") -> tuple[list[list[int]], list[SamplingParams], list[str]]:
+    """Prompts of 3..40 tokens (one chunked over 3 steps), outputs of 1..12 tokens."""
+    g = torch.Generator().manual_seed(1)
+    lens, outs = [3, 9, 40, 5, 17, 6], [6, 12, 8, 1, 10, 7]
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lens]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outs]
+    return prompts, params, [f"{prefix}{i}" for i in range(len(lens))]
+
+
+def reference(ckpt, prompts, params) -> list[list[int]]:
+    engine = LLM(str(ckpt), **OPTS).engine
+    ids = engine.add_requests(prompts, params)
+    done = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.token_ids
+    return [done[i] for i in ids]
+
+
+class Harness:
+    """The Router on an event loop of its own thread; `generate` waits for whole requests."""
+
+    def __init__(self, dep) -> None:
+        self.dep, self.router = dep, dep.router
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.router.start(self.loop)
+
+    async def _one(self, prompt, sp, rid):
+        await self.router.add([prompt], [sp], [rid])
+        toks, last = [], None
+        async for d in self.router.stream([rid]):
+            toks += d.token_ids
+            last = d
+        return toks, last.finish_reason, last.error
+
+    def submit(self, prompts, params, rids):
+        return [
+            asyncio.run_coroutine_threadsafe(self._one(p, s, r), self.loop)
+            for p, s, r in zip(prompts, params, rids)
+        ]
+
+    def generate(self, prompts, params, rids, timeout: float = 30.0):
+        return [f.result(timeout) for f in self.submit(prompts, params, rids)]
+
+    def ranks(self, settle: float = 0.6) -> dict[int, dict]:
+        time.sleep(settle)  # a heartbeat or two: the ranks' counters reach the router
+        return {r["rank"]: r for r in self.router.rank_stats()}
+
+    def close(self) -> None:
+        self.router.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_ckpt(tmp_path_factory.mktemp("disagg") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def deployed(ckpt):
+    spec = DeploySpec(str(ckpt), 1, 2, llm_options=OPTS, kv_timeout=KV_TIMEOUT, kv_attempts=2, faults=FAULTS)
+    h = Harness(serve_ranks(spec, start_timeout=120, health_timeout=3.0))
+    yield h
+    h.close()
+
+
+def test_gather_blocks_and_formula(ckpt):
+    """The payload is the table's blocks of every layer, its size the formula's."""
+    engine = LLM(str(ckpt), **OPTS).engine
+    data = engine.cache.data
+    data.copy_(torch.arange(data.numel(), dtype=data.dtype).view_as(data))
+    table, n = [5, 2, 9], 10  # 10 tokens of 4: 3 blocks
+    kv = gather_blocks(engine.cache, table, n)
+    L, _, W = data.shape
+    assert kv.shape == (L, 3, 4, W)
+    assert torch.equal(kv[:, 1], data[:, 8:12])  # block 2 holds rows 8..11
+    cfg = engine.model.config
+    assert kv.numel() * 4 == kv_transfer_bytes(n, 4, cfg.n_layers, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 4)
+    with pytest.raises(ValueError, match="n_tokens"):
+        gather_blocks(engine.cache, table, 13)
+
+
+def test_disaggregated_matches_single_engine(deployed, ckpt):
+    prompts, params, rids = mixed_batch()
+    want = reference(ckpt, prompts, params)
+    got = deployed.generate(prompts, params, rids)
+    assert [g[0] for g in got] == want
+    assert [g[1] for g in got] == ["length"] * len(want)
+    ranks = deployed.ranks()
+    assert ranks[1]["served"] > 0 and ranks[2]["served"] > 0  # both decode ranks were used
+    transferred = [p for p, sp in zip(prompts, params) if sp.max_tokens > 1]  # max_tokens 1 ends at prefill
+    cfg = LLM(str(ckpt), **OPTS).engine.model.config
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    expect = sum(kv_transfer_bytes(len(p), 4, cfg.n_layers, width, 4) for p in transferred)
+    assert ranks[1]["kv_bytes_received"] + ranks[2]["kv_bytes_received"] == expect
+    assert ranks[0]["kv_bytes_sent"] == expect
+    assert all(r["kv_fallbacks"] == 0 and r["kv_retries"] == 0 for r in ranks.values())
+
+
+def test_corrupt_transfer_is_retried_or_recomputed(deployed, ckpt):
+    """A CRC failure asks for a resend (bad-: the first attempt corrupt); when every attempt is
+    corrupt (worse-), the decode rank recomputes the prefill. Outputs unchanged either way."""
+    prompts, params, _ = mixed_batch()
+    prompts, params = prompts[1:3], params[1:3]
+    want = reference(ckpt, prompts, params)
+    before = deployed.ranks(0)
+    got = deployed.generate(prompts, params, ["bad-0", "worse-0"])
+    assert [g[0] for g in got] == want
+    after = deployed.ranks()
+    delta = {k: sum(after[r][k] - before[r][k] for r in (1, 2)) for k in ("kv_retries", "kv_fallbacks")}
+    assert delta == {"kv_retries": 2, "kv_fallbacks": 1}  # bad-0: 1 retry; worse-0: 1 retry, then recomputed
+
+
+def test_slow_transfer_times_out_and_is_recomputed(deployed, ckpt):
+    prompts, params, _ = mixed_batch()
+    want = reference(ckpt, prompts[4:5], params[4:5])
+    before = deployed.ranks(0)
+    t0 = time.monotonic()
+    got = deployed.generate(prompts[4:5], params[4:5], ["slow-0"])
+    took = time.monotonic() - t0
+    assert got[0][0] == want[0] and got[0][1] == "length"
+    assert took < FAULTS["delay"]["slow-"]  # it did not wait for the late KV
+    after = deployed.ranks()
+    assert sum(after[r]["kv_timeouts"] - before[r]["kv_timeouts"] for r in (1, 2)) == 1
+    assert sum(after[r]["kv_fallbacks"] - before[r]["kv_fallbacks"] for r in (1, 2)) == 1
+    time.sleep(FAULTS["delay"]["slow-"] - took + 0.5)  # the late payload lands and is discarded
+    got = deployed.generate(prompts[:2], params[:2], ["after-slow-0", "after-slow-1"])
+    assert [g[0] for g in got] == reference(ckpt, prompts[:2], params[:2])
+
+
+def test_killed_decode_rank_fails_its_requests_and_serving_goes_on(deployed, ckpt):
+    """Runs last: kills decode rank 2 while every request decodes; the ones it held end with an
+    error within the health bound, the others finish identical to the single engine, and new
+    requests go to the surviving decode rank."""
+    prompts, _, _ = mixed_batch()
+    params = [SamplingParams(temperature=0, max_tokens=150, ignore_eos=True) for _ in prompts]
+    rids = [f"long-{i}" for i in range(len(prompts))]
+    futs = deployed.submit(prompts, params, rids)
+    router = deployed.router
+    end = time.monotonic() + 20
+    while time.monotonic() < end and not all(router.ranks[r].requests for r in (1, 2)):
+        time.sleep(0.02)
+    victim = router.ranks[2]
+    held = set(victim.requests)
+    assert held, "decode rank 2 never held a request"
+    t0 = time.monotonic()
+    os.kill(victim.process.pid, signal.SIGKILL)
+    results = dict(zip(rids, [f.result(30) for f in futs]))
+    assert time.monotonic() - t0 < 10
+    for rid in held:
+        assert results[rid][1] == "error" and "decode rank 2 died" in results[rid][2]
+    survivors = [i for i, rid in enumerate(rids) if rid not in held]
+    want = reference(ckpt, [prompts[i] for i in survivors], [params[i] for i in survivors])
+    assert [results[rids[i]][0] for i in survivors] == want
+    assert router.alive and not victim.alive
+    p2, s2, _ = mixed_batch()
+    got = deployed.generate(p2[:3], s2[:3], ["post-0", "post-1", "post-2"])
+    assert [g[0] for g in got] == reference(ckpt, p2[:3], s2[:3])
+    assert all(router.ranks[1].served > 0 for _ in got)
+
+
+def test_serve_http_prefill_decode_ranks(ckpt):
+    server = Server(ckpt, "--prefill-ranks", "1", "--decode-ranks", "2", "--num-blocks", "96", "--block-size", "4",
+                    "--no-verify")  # fmt: skip
+    try:
+        prompts, params, _ = mixed_batch()
+        want = reference(ckpt, prompts[:3], params[:3])
+        for p, sp, w in zip(prompts[:3], params[:3], want):
+            body = {
+                "model": "ckpt",
+                "prompt": p,
+                "max_tokens": sp.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            req = urllib.request.Request(f"{server.url}/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(req, timeout=30) as r:
+                out = json.loads(r.read())
+            assert out["usage"]["completion_tokens"] == len(w)
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert 'dsv3:rank_alive{model_name="ckpt",rank="2",role="decode"} 1.0' in text
+        assert "dsv3:kv_transfer_bytes_received_total" in text
+    finally:
+        assert server.terminate() == 0
