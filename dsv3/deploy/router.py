@@ -141,6 +141,7 @@ class Router(EngineLoop):
             r.send("stop")
         if self.on_stop is not None:
             self.on_stop()
+        self._drain_messages()  # the ranks' final reports (`final`)
 
     def _read(self, r: RankState) -> None:
         while True:
