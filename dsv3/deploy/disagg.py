@@ -240,7 +240,7 @@ class DecodeWorker(_Worker):
         if engine.k:
             raise ValueError("speculative: not supported with prefill/decode disaggregation yet")
         self.kv_timeout, self.kv_attempts = kv_timeout, kv_attempts
-        self.receiver = KVReceiver(engine.cache.data.dtype)
+        self.receiver = KVReceiver(engine.cache.data.dtype, engine.cache.data.device)
         self.pending: dict[tuple[int, int], _Pending] = {}  # (src, xfer) -> request waiting for its KV
 
     def busy(self) -> bool:

@@ -75,7 +75,9 @@ def _tag(xfer: int, attempt: int, part: int) -> int:
 
 def header(payload: torch.Tensor, xfer: int, attempt: int) -> torch.Tensor:
     L, nb, bs, W = payload.shape
-    return torch.tensor([MAGIC, xfer, attempt, L, nb, bs, W, crc(payload)], dtype=torch.int64)
+    return torch.tensor(
+        [MAGIC, xfer, attempt, L, nb, bs, W, crc(payload)], dtype=torch.int64, device=payload.device
+    )
 
 
 def send_kv(payload: torch.Tensor, dst: int, xfer: int, attempt: int, corrupt: bool = False) -> None:
@@ -88,14 +90,17 @@ def send_kv(payload: torch.Tensor, dst: int, xfer: int, attempt: int, corrupt: b
     dist.isend(payload, dst, tag=_tag(xfer, attempt, 1)).wait()
 
 
-def recv_kv(src: int, xfer: int, attempt: int, dtype: torch.dtype) -> torch.Tensor:
-    """The payload of (xfer, attempt) from rank src, checked against its header."""
-    head = torch.zeros(HEADER_LEN, dtype=torch.int64)
+def recv_kv(
+    src: int, xfer: int, attempt: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """The payload of (xfer, attempt) from rank src, checked against its header (tensors on
+    `device`: CPU for gloo, the GPU for NCCL)."""
+    head = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
     dist.irecv(head, src, tag=_tag(xfer, attempt, 0)).wait()
     magic, x, a, L, nb, bs, W, check = head.tolist()
     if magic != MAGIC:  # not a header at all: the payload's size is unknown, it cannot be drained
         raise KVTransferError(f"header: magic {magic:#x}, expected {MAGIC:#x} (transfer {xfer})")
-    payload = torch.empty(L, nb, bs, W, dtype=dtype)
+    payload = torch.empty(L, nb, bs, W, dtype=dtype, device=device)
     dist.irecv(
         payload, src, tag=_tag(xfer, attempt, 1)
     ).wait()  # taken even if refused: the sender is not left blocked
@@ -186,8 +191,8 @@ class KVReceiver:
     """Receives expected transfers in order in one thread; results come from `poll()` as
     (src, xfer, attempt, payload or None, error or None, seconds)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> None:
+        self.dtype, self.device = dtype, device
         self._todo: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, name="kv-recv", daemon=True).start()
@@ -208,7 +213,7 @@ class KVReceiver:
             src, xfer, attempt = self._todo.get()
             t0 = time.perf_counter()
             try:
-                payload = recv_kv(src, xfer, attempt, self.dtype)
+                payload = recv_kv(src, xfer, attempt, self.dtype, self.device)
                 self._done.put((src, xfer, attempt, payload, None, time.perf_counter() - t0))
             except Exception as e:
                 self._done.put((src, xfer, attempt, None, e, time.perf_counter() - t0))

@@ -12,10 +12,12 @@ and the ranks are started by torchrun, which provides RANK/WORLD_SIZE/MASTER_ADD
 group (NCCL on GPUs):
 
     dsv3 serve CKPT --prefill-ranks 2 --decode-ranks 2 --listen 0.0.0.0:29600   # waits for 4 ranks
-    DSV3_DEPLOY_KEY=... torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST0:29500 -m dsv3.deploy.launch CKPT --router SERVER:29600 --prefill-ranks 2
+    DSV3_DEPLOY_KEY=... torchrun --nnodes 2 --nproc-per-node 2 --node-rank N --master-addr HOST0 \\
+        --master-port 29500 -m dsv3.deploy.launch --router SERVER:29600
 
-Both sides read the control channel's shared secret from DSV3_DEPLOY_KEY.
+Both sides read the control channel's shared secret from DSV3_DEPLOY_KEY; the server sends every
+rank its DeploySpec (checkpoint path, which must exist on every machine, engine options, timeouts)
+when it connects. Global ranks 0..P-1 prefill, the rest decode.
 """
 
 from __future__ import annotations
@@ -65,18 +67,24 @@ class DeploySpec:
         return self.prefill_ranks + self.decode_ranks
 
 
-def rank_main(rank: int, spec: DeploySpec, address, authkey: bytes, init_method: str) -> None:
-    """One rank: join the control channel and the process group, build the engine, serve."""
+def rank_main(rank: int, address, authkey: bytes, init_method: str) -> None:
+    """One rank: join the control channel (the router sends the DeploySpec first) and the process
+    group, build the engine, serve."""
     import torch
     import torch.distributed as dist
 
     from dsv3.deploy.disagg import Channel, DecodeWorker, PrefillWorker
     from dsv3.infer.llm import LLM
 
+    conn = Client(address, authkey=authkey)
+    kind, spec = conn.recv()
+    if kind != "spec":
+        raise RuntimeError(f"control channel: expected the deployment spec, got {kind!r}")
     torch.set_num_threads(spec.threads)
-    channel = Channel(Client(address, authkey=authkey))
+    channel = Channel(conn)
+    cuda = str(spec.llm_options.get("device", "cpu")).startswith("cuda")
     dist.init_process_group(
-        "gloo",
+        "nccl" if cuda else "gloo",
         init_method=init_method,
         rank=rank,
         world_size=spec.world,
@@ -116,9 +124,11 @@ class Deployment:
         self.listener.close()
 
 
-def _accept(listener: Listener, world: int, ranks: dict, errors: list) -> None:
+def _accept(listener: Listener, spec: DeploySpec, ranks: dict, errors: list) -> None:
     try:  # every connection first: a rank's hello comes only after the process group (all ranks) is up
-        conns = [listener.accept() for _ in range(world)]
+        conns = [listener.accept() for _ in range(spec.world)]
+        for conn in conns:
+            conn.send(("spec", spec))
         for conn in conns:
             kind, rank, role, info = conn.recv()
             if kind != "hello":
@@ -153,13 +163,13 @@ def serve_ranks(
         os.remove(store)
         for rank in range(spec.world):
             p = ctx.Process(
-                target=rank_main, args=(rank, spec, listener.address, key, f"file://{store}"), daemon=True
+                target=rank_main, args=(rank, listener.address, key, f"file://{store}"), daemon=True
             )
             p.start()
             procs.append(p)
     ranks: dict[int, RankState] = {}
     errors: list = []
-    t = threading.Thread(target=_accept, args=(listener, spec.world, ranks, errors), daemon=True)
+    t = threading.Thread(target=_accept, args=(listener, spec, ranks, errors), daemon=True)
     t.start()
     end = time.monotonic() + start_timeout
     while t.is_alive() and time.monotonic() < end:
@@ -185,17 +195,18 @@ def serve_ranks(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A torchrun-started rank: `python -m dsv3.deploy.launch CKPT --router HOST:PORT --prefill-ranks P`."""
+    """A torchrun-started rank: `python -m dsv3.deploy.launch --router HOST:PORT` (RANK and
+    WORLD_SIZE from torchrun; the checkpoint path and engine options come from the server)."""
     p = argparse.ArgumentParser(prog="python -m dsv3.deploy.launch", description=main.__doc__)
-    p.add_argument("ckpt")
     p.add_argument("--router", required=True, help="HOST:PORT the server listens on (dsv3 serve --listen)")
-    p.add_argument("--prefill-ranks", type=int, required=True)
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    host, port = args.router.rsplit(":", 1)
-    spec = DeploySpec(args.ckpt, args.prefill_ranks, world - args.prefill_ranks, threads=args.threads)
-    rank_main(rank, spec, (host, int(port)), os.environ["DSV3_DEPLOY_KEY"].encode(), "env://")
+    host, _, port = args.router.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--router {args.router}: expected HOST:PORT")
+    key = os.environ.get("DSV3_DEPLOY_KEY")
+    if not key:
+        raise SystemExit("DSV3_DEPLOY_KEY: not set (the control channel's secret, as given to dsv3 serve)")
+    rank_main(int(os.environ["RANK"]), (host, int(port)), key.encode(), "env://")
     return 0
 
 
