@@ -40,6 +40,7 @@ def mixed_batch(prefix: str = "r") -> tuple[list[list[int]], list[SamplingParams
     lens, outs = [3, 9, 40, 5, 17, 6], [6, 12, 8, 1, 10, 7]
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lens]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in outs]
+    params[5] = SamplingParams(temperature=0.9, seed=5, max_tokens=outs[5], ignore_eos=True)  # sampled
     return prompts, params, [f"{prefix}{i}" for i in range(len(lens))]
 
 
@@ -133,6 +134,36 @@ def test_gather_blocks_and_formula(ckpt):
     assert kv.numel() * 4 == kv_transfer_bytes(n, 4, cfg.n_layers, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 4)
     with pytest.raises(ValueError, match="n_tokens"):
         gather_blocks(engine.cache, table, 13)
+
+
+def test_add_prefilled_continues_another_engines_prefill(ckpt):
+    """Engine-level hand-off, no processes: engine A prefills and samples the first token, B
+    continues from A's KV blocks (or, without them, recomputes): outputs equal one engine's."""
+    prompts, params, _ = mixed_batch()
+    want = reference(ckpt, prompts, params)
+    e = _loaded(ckpt).engine
+    a, b, c = (Engine(e.model, e.config) for _ in range(3))
+    rids = a.add_requests(prompts, params)
+    got = {}
+    while a.has_unfinished():
+        for out in a.step():
+            if out.finished:
+                got[out.request_id] = out.token_ids
+                continue
+            seq = a.scheduler.live[out.request_id]
+            kv = gather_blocks(a.cache, seq.block_table, seq.num_tokens - 1)
+            state = seq.generator.get_state()
+            a.scheduler.finish(seq, "transferred")
+            assert b.add_prefilled(seq.prompt, seq.params, seq.request_id, seq.output_ids, state, None, kv)
+            assert not c.add_prefilled(seq.prompt, seq.params, seq.request_id, seq.output_ids, state)
+    for engine in (b, c):
+        done = dict(got)
+        while engine.has_unfinished():
+            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        assert [done[r] for r in rids] == want
+    assert b.stats.prefill_tokens == 0 and c.stats.prefill_tokens > 0  # b used the KV, c recomputed
+    with pytest.raises(ValueError, match="kv: shape"):
+        b.add_prefilled(prompts[0], params[0], "x", [7], None, None, torch.zeros(1, 1, 4, 40))
 
 
 def test_disaggregated_matches_single_engine(deployed, ckpt):

@@ -22,6 +22,7 @@ so a long step is not mistaken for a dead rank.
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,17 @@ from dsv3.deploy.kv_transfer import KVReceiver, KVSender, KVTransferError, Trans
 from dsv3.infer.engine import Engine, RequestOutput
 
 
+def send_msg(conn: Any, msg: Any) -> None:
+    """A control message by value (plain pickle). Connection.send would pickle tensors as handles
+    to shared memory (torch's multiprocessing reductions), which another machine, or a process
+    with another multiprocessing authkey (a torchrun-started rank), cannot open."""
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv_msg(conn: Any) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 class Channel:
     """A multiprocessing Connection shared by a worker's threads (a lock around send)."""
 
@@ -42,13 +54,13 @@ class Channel:
 
     def send(self, *msg: Any) -> None:
         with self._lock:
-            self.conn.send(msg)
+            send_msg(self.conn, msg)
 
     def recv(self, timeout: float) -> list[tuple]:
         """Every message waiting, after waiting up to `timeout` seconds for the first."""
         out = []
         while self.conn.poll(timeout if not out else 0):
-            out.append(self.conn.recv())
+            out.append(recv_msg(self.conn))
         return out
 
 

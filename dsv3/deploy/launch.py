@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Client, Listener
 
+from dsv3.deploy.disagg import recv_msg, send_msg
 from dsv3.deploy.router import RankState, Router
 
 PRELOAD = ("torch", "torch.distributed", "dsv3", "dsv3.infer.llm", "dsv3.deploy.disagg")
@@ -77,7 +78,7 @@ def rank_main(rank: int, address, authkey: bytes, init_method: str) -> None:
     from dsv3.infer.llm import LLM
 
     conn = Client(address, authkey=authkey)
-    kind, spec = conn.recv()
+    kind, spec = recv_msg(conn)
     if kind != "spec":
         raise RuntimeError(f"control channel: expected the deployment spec, got {kind!r}")
     torch.set_num_threads(spec.threads)
@@ -128,9 +129,9 @@ def _accept(listener: Listener, spec: DeploySpec, ranks: dict, errors: list) -> 
     try:  # every connection first: a rank's hello comes only after the process group (all ranks) is up
         conns = [listener.accept() for _ in range(spec.world)]
         for conn in conns:
-            conn.send(("spec", spec))
+            send_msg(conn, ("spec", spec))
         for conn in conns:
-            kind, rank, role, info = conn.recv()
+            kind, rank, role, info = recv_msg(conn)
             if kind != "hello":
                 raise RuntimeError(f"control channel: expected a hello, got {kind!r}")
             ranks[rank] = RankState(rank, role, conn, info)

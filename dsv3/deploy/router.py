@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from dsv3.deploy.disagg import recv_msg, send_msg
 from dsv3.infer.engine import RequestOutput
 from dsv3.infer.scheduler import RequestError
 from dsv3.serve.engine_loop import Delta, EngineDead, EngineLoop, LoopStats, _Add
@@ -60,7 +61,7 @@ class RankState:
     def send(self, *msg: Any) -> bool:
         with self._lock:
             try:
-                self.conn.send(msg)
+                send_msg(self.conn, msg)
                 return True
             except (OSError, EOFError, ValueError):
                 return False
@@ -146,7 +147,7 @@ class Router(EngineLoop):
     def _read(self, r: RankState) -> None:
         while True:
             try:
-                msg = r.conn.recv()
+                msg = recv_msg(r.conn)
             except (OSError, EOFError):
                 self._msgs.put((r.rank, ("eof",)))
                 self._wake.set()
