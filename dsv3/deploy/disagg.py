@@ -245,18 +245,21 @@ class DecodeWorker(_Worker):
         channel: Channel,
         kv_timeout: float = 5.0,
         kv_attempts: int = 2,
+        lockstep: bool = False,
         **kw,
     ) -> None:
+        """lockstep: step the engine at every turn of the loop, also with nothing to do (one rank of
+        an expert-parallel group: its step is a collective of the group)."""
         engine = engine_factory()
         super().__init__(rank, engine, channel, **kw)
         if engine.k:
             raise ValueError("speculative: not supported with prefill/decode disaggregation yet")
-        self.kv_timeout, self.kv_attempts = kv_timeout, kv_attempts
+        self.kv_timeout, self.kv_attempts, self.lockstep = kv_timeout, kv_attempts, lockstep
         self.receiver = KVReceiver(engine.cache.data.dtype, engine.cache.data.device)
         self.pending: dict[tuple[int, int], _Pending] = {}  # (src, xfer) -> request waiting for its KV
 
     def busy(self) -> bool:
-        return self.engine.has_unfinished() or bool(self.pending)
+        return self.lockstep or self.engine.has_unfinished() or bool(self.pending)
 
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -300,7 +303,7 @@ class DecodeWorker(_Worker):
             if now > p.deadline:
                 self.kv.timeouts += 1
                 self._admit(src, xfer, None)
-        if self.engine.has_unfinished():
+        if self.lockstep or self.engine.has_unfinished():
             self.report(self.engine.step())
 
     def _admit(self, src: int, xfer: int, kv) -> None:

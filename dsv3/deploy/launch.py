@@ -52,12 +52,17 @@ class DeploySpec:
     threads: int = 1  # torch threads per rank
     pg_timeout: float = 600.0  # the process group's timeout: a backstop only (see kv_transfer)
     beat_interval: float = 0.2
+    ep: int = 1  # decode ranks per expert-parallel group (dsv3.deploy.ep_engine.EPEngine); 1: plain engines
 
     def __post_init__(self) -> None:
         for name in ("prefill_ranks", "decode_ranks"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if not isinstance(self.ep, int) or self.ep < 1 or self.decode_ranks % self.ep:
+            raise ValueError(
+                f"ep: must be a positive divisor of decode_ranks ({self.decode_ranks}), got {self.ep!r}"
+            )
         if self.kv_timeout <= 0 or self.kv_attempts < 1:
             raise ValueError(
                 f"kv_timeout/kv_attempts: must be positive, got {self.kv_timeout}/{self.kv_attempts}"
@@ -95,11 +100,23 @@ def rank_main(rank: int, address, authkey: bytes, init_method: str) -> None:
     def build():
         return LLM(spec.ckpt, **spec.llm_options).engine
 
+    build_decode, lockstep = build, False
+    if spec.ep > 1:  # decode groups of `ep` consecutive decode ranks, each rank one EPEngine of its group
+        from dsv3.deploy.ep_engine import EPEngine, build_engine_groups
+
+        decode = list(range(spec.prefill_ranks, spec.world))
+        group = build_engine_groups([decode[i : i + spec.ep] for i in range(0, len(decode), spec.ep)])
+
+        def build_decode():
+            e = build()
+            return EPEngine(e.model, group, e.config, tokenizer=e.tokenizer)
+
+        lockstep = True  # every rank of a group steps together, also with nothing to do
     kw = {"beat_interval": spec.beat_interval}
     if rank < spec.prefill_ranks:
         worker = PrefillWorker(rank, build(), channel, spec.faults, **kw)
     else:
-        worker = DecodeWorker(rank, build, channel, spec.kv_timeout, spec.kv_attempts, **kw)
+        worker = DecodeWorker(rank, build_decode, channel, spec.kv_timeout, spec.kv_attempts, lockstep, **kw)
     final = worker.run()
     try:
         channel.send("final", rank, final)

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prefill-ranks", type=positive_int, default=None,
                    help="prefill ranks (spawned processes); with --decode-ranks: a disaggregated deployment")  # fmt: skip
     d.add_argument("--decode-ranks", type=positive_int, default=None, help="decode ranks (default 1)")
+    d.add_argument("--ep", type=positive_int, default=1,
+                   help="decode ranks per expert-parallel group (EPEngine; must divide --decode-ranks)")  # fmt: skip
     d.add_argument("--kv-timeout", type=float, default=5.0,
                    help="seconds a decode rank waits for a request's KV before recomputing its prefill")  # fmt: skip
     d.add_argument("--health-timeout", type=float, default=5.0,
@@ -122,7 +124,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     from dsv3.serve.app import ServerSettings
     from dsv3.serve.engine_loop import EngineLoop
 
-    if args.prefill_ranks or args.decode_ranks or args.listen:
+    if args.prefill_ranks or args.decode_ranks or args.listen or args.ep > 1:
         loop = deployed_loop(args)
         engine = loop.engine
     else:
@@ -163,8 +165,16 @@ def deployed_loop(args: argparse.Namespace):
         )
     opts = dict(dtype=DTYPES[args.dtype], device=args.device, fp8_weights=args.fp8_weights,
                 verify=not args.no_verify, **engine_options(args))  # fmt: skip
-    spec = DeploySpec(args.ckpt, args.prefill_ranks or 1, args.decode_ranks or 1, opts, args.kv_timeout,
-                      threads=args.threads or 1)  # fmt: skip
+    decode = args.decode_ranks or 1
+    if decode % args.ep:
+        raise UsageError(f"--ep {args.ep}: must divide --decode-ranks {decode}")
+    if args.ep > 1:
+        try:
+            import dsv3.deploy.ep_engine  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--ep {args.ep}: the expert-parallel engine is not available ({e})") from None
+    spec = DeploySpec(args.ckpt, args.prefill_ranks or 1, decode, opts, args.kv_timeout,
+                      threads=args.threads or 1, ep=args.ep)  # fmt: skip
     listen = ("127.0.0.1", 0)
     if args.listen:
         host, _, port = args.listen.rpartition(":")
