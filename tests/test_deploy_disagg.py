@@ -276,6 +276,22 @@ def test_stopped_decode_rank_fails_its_requests_and_serving_goes_on(deployed, ck
     assert (router.ranks[1].served, victim.served) == (served[0] + 3, served[1])  # all to the survivor
 
 
+def test_expert_parallel_decode_group(ckpt):
+    """--ep 2: the two decode ranks form one expert-parallel group (EPEngine, stepping together);
+    outputs still equal the single engine's. Needs dsv3.deploy.ep_engine (the EP part of issue 17)."""
+    pytest.importorskip("dsv3.deploy.ep_engine")
+    spec = DeploySpec(str(ckpt), 1, 2, llm_options=OPTS, kv_timeout=10.0, ep=2)
+    h = Harness(serve_ranks(spec, start_timeout=120, health_timeout=10.0))
+    try:
+        prompts, params, rids = mixed_batch("ep-")
+        got = h.generate(prompts, params, rids, timeout=60)
+        assert [g[0] for g in got] == reference(ckpt, prompts, params)
+        ranks = h.ranks()
+        assert ranks[1]["served"] > 0 and ranks[2]["served"] > 0
+    finally:
+        h.close()
+
+
 def test_serve_http_prefill_decode_ranks(ckpt):
     server = Server(ckpt, "--prefill-ranks", "1", "--decode-ranks", "2", "--num-blocks", "96", "--block-size", "4",
                     "--no-verify")  # fmt: skip

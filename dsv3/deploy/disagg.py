@@ -305,6 +305,8 @@ class DecodeWorker(_Worker):
                 self._admit(src, xfer, None)
         if self.lockstep or self.engine.has_unfinished():
             self.report(self.engine.step())
+        if self.lockstep and not (self.engine.has_unfinished() or self.pending):
+            time.sleep(0.001)  # an idle group still steps together: not at full spin
 
     def _admit(self, src: int, xfer: int, kv) -> None:
         """Admit with the received KV, or (kv None) recompute its prefill here; release the sender's copy."""
