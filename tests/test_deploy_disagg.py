@@ -313,6 +313,16 @@ def test_serve_http_prefill_decode_ranks(ckpt):
                 out = json.loads(r.read())
             assert out["usage"]["completion_tokens"] == len(w)
             assert out["choices"][0]["text"] == tok.decode(w)  # the single engine's text
+        ids = prompts[1]  # echo + logprobs: the prompt scored by a prefill rank (the router's score path)
+        body = {"model": "ckpt", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+        req = urllib.request.Request(f"{server.url}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            lps = json.loads(r.read())["choices"][0]["logprobs"]["token_logprobs"]
+        with torch.no_grad():
+            ref = _loaded(ckpt).engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+        assert lps[0] is None
+        assert lps[1:] == pytest.approx([float(ref[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
         with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as r:
             text = r.read().decode()
         assert 'dsv3:rank_alive{model_name="ckpt",rank="2",role="decode"} 1.0' in text

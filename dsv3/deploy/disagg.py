@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Any
 
@@ -117,13 +117,17 @@ class _Worker:
             "prefill_tokens": e.stats.prefill_tokens,
             "decode_tokens": e.stats.decode_tokens,
             "preemptions": e.scheduler.num_preemptions,
-            "kv": {k: v for k, v in asdict(self.kv).items() if k != "per_request"},
+            "kv": {f.name: getattr(self.kv, f.name) for f in fields(self.kv) if f.name != "per_request"},
         }
 
     def _beat(self) -> None:
         while not self.stopped.wait(self.beat_interval):
             try:
-                self.channel.send("beat", self.rank, self.load())
+                load = self.load()  # read while the main thread steps: a torn read is only skipped
+            except Exception:
+                continue
+            try:
+                self.channel.send("beat", self.rank, load)
             except (OSError, EOFError):
                 return
 
