@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -313,6 +314,19 @@ def test_serve_http_prefill_decode_ranks(ckpt):
                 out = json.loads(r.read())
             assert out["usage"]["completion_tokens"] == len(w)
             assert out["choices"][0]["text"] == tok.decode(w)  # the single engine's text
+        body = {
+            "model": "ckpt",
+            "prompt": [5, 99999],
+            "max_tokens": 2,
+        }  # refused by the prefill rank's engine
+        req = urllib.request.Request(f"{server.url}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(req, timeout=30)
+        assert (
+            bad.value.code == 400
+            and "[99999] are not integers in the vocabulary" in bad.value.read().decode()
+        )
         ids = prompts[1]  # echo + logprobs: the prompt scored by a prefill rank (the router's score path)
         body = {"model": "ckpt", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
         req = urllib.request.Request(f"{server.url}/v1/completions", json.dumps(body).encode(),
