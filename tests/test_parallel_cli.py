@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from train_util import torchrun_env, torchrun_train, torchrun_train_command
 from word_corpus import write_word_corpus
 
 from dsv3.checkpoint import load_pretrained
@@ -23,21 +23,11 @@ WORDS = "experts on every rank receive their tokens by all-to-all and send the o
 
 def test_torchrun_trains_with_expert_parallelism_and_zero(tmp_path):
     corpus = write_word_corpus(tmp_path / "corpus", n_docs=30, base_len=80, step=2, words=WORDS)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun), "--nproc-per-node", "2", "-m", "dsv3.train", "--preset", "tiny", "--steps", "2",
-        "--ep", "2", "--precision", "fp32", "--data", str(corpus), "--out", str(tmp_path / "run"), "--quiet",
-        "--threads", "1", "seq_len=32", "micro_batch=1", "batch_start=4", "batch_end=4", "eval_batches=1",
-        "tensorboard=false", "parallel.two_hop=true", "parallel.ranks_per_node=1", "parallel.timeout=30",
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "DSV3_CACHE": str(tmp_path / "cache"),
-        "DSV3_DIST_TIMEOUT": "30",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=140)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun_train(
+        tmp_path, "--preset", "tiny", "--steps", "2", "--ep", "2", "--precision", "fp32", "--data", str(corpus),
+        "seq_len=32", "micro_batch=1", "batch_start=4", "batch_end=4", "eval_batches=1", "tensorboard=false",
+        "parallel.two_hop=true", "parallel.ranks_per_node=1", "parallel.timeout=30", timeout=140,
+    )  # fmt: skip
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
     assert "val_loss" in json.loads(proc.stdout[proc.stdout.index("{") :])  # rank 0 prints the last eval
@@ -73,15 +63,13 @@ def training_under_torchrun(tmp_path: Path, **env: str):
     corpus.mkdir()
     for d in range(20):
         (corpus / f"d{d}.txt").write_text(" ".join(WORDS[(d + i) % len(WORDS)] for i in range(80)) + ".\n")
-    torchrun = Path(sys.executable).with_name("torchrun")
     run = tmp_path / "run"
-    cmd = [
-        str(torchrun), "--nproc-per-node", "2", "-m", "dsv3.train", "--preset", "tiny", "--steps", "100000",
-        "--dp", "2", "--precision", "fp32", "--data", str(corpus), "--out", str(run), "--quiet", "--threads", "1",
+    cmd = torchrun_train_command(
+        run, "--preset", "tiny", "--steps", "100000", "--dp", "2", "--precision", "fp32", "--data", str(corpus),
         "seq_len=32", "micro_batch=1", "batch_start=2", "batch_end=2", "log_every=1", "eval_every=100000",
         "ckpt_every=100000", "tensorboard=false",
-    ]  # fmt: skip
-    env = {**os.environ, "DSV3_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **env}
+    )  # fmt: skip
+    env = torchrun_env(tmp_path / "cache", **env)
     agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # fmt: skip
     workers: list[int] = []

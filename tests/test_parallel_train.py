@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from word_corpus import write_word_corpus
+from train_util import data_config, prepared_word_corpus
+from train_util import train_config as _train_config
 
 from dsv3.checkpoint import load_pretrained
-from dsv3.data.dataset import DataConfig, prepare_data
+from dsv3.data.dataset import prepare_data
 from dsv3.parallel.launch import run_ranks
 from dsv3.train import TrainConfig, Trainer
 
@@ -23,28 +24,13 @@ pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 STEPS = 4  # the schedules see 4 steps; the first 2 run on 4 ranks, the rest after a resume
 
 
-def data_config(root: str) -> DataConfig:
-    return DataConfig(
-        data=f"{root}/corpus", vocab_size=300, val_fraction=0.1, cache=f"{root}/cache", progress=False
-    )
-
-
 def train_config(root: str, out: str, **kw) -> TrainConfig:
-    base = dict(
-        preset="tiny", steps=STEPS, out=f"{root}/{out}", data=f"{root}/corpus", seq_len=32, micro_batch=1,
-        batch_start=8, batch_end=8, lr=3e-3, warmup_steps=2, eval_every=100, eval_batches=1, ckpt_every=100,
-        precision="fp32", tensorboard=False, val_fraction=0.1, gamma=0.01,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return _train_config(root, out, STEPS, **kw)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("ptrain")
-    write_word_corpus(root / "corpus")
-    prepare_data(data_config(str(root)))  # the ranks then read the cache
-    return str(root)
+    return prepared_word_corpus(tmp_path_factory.mktemp("ptrain"))
 
 
 def train_steps(rank, world, root, out, parallel, checkpoint, n):

@@ -4,37 +4,17 @@ pipelined command trains, and a resume through the CLI keeps the saved schedule 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from train_util import torchrun_train
 from word_corpus import write_word_corpus
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(200)]
 
 
-def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun), "--nproc-per-node", "2", "-m", "dsv3.train", "--out", str(tmp_path / "run"), "--quiet",
-        "--threads", "1", *args,
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "DSV3_CACHE": str(tmp_path / "cache"),
-        "DSV3_DIST_TIMEOUT": "30",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_pipelined_train_resumes_through_the_cli_with_its_saved_schedule(tmp_path):
     corpus = write_word_corpus(tmp_path / "corpus", n_docs=30, base_len=80, step=2)
-    first = _torchrun(
+    first = torchrun_train(
         tmp_path, "--preset", "tiny", "--steps", "3", "--pp", "2", "--precision", "fp32", "--data", str(corpus),
         "parallel.schedule=zb1p", "seq_len=32", "micro_batch=1", "batch_start=2", "batch_end=2",
         "eval_batches=1", "ckpt_every=2", "tensorboard=false", "parallel.timeout=30",
@@ -51,7 +31,7 @@ def test_pipelined_train_resumes_through_the_cli_with_its_saved_schedule(tmp_pat
         for f in (ckpts / extra).iterdir():
             f.unlink()
         (ckpts / extra).rmdir()
-    second = _torchrun(tmp_path, "--resume")  # nothing but --resume: every setting from the checkpoint
+    second = torchrun_train(tmp_path, "--resume")  # nothing but --resume: every setting from the checkpoint
     out = second.stdout + second.stderr
     assert "step_00000002 (step 2)" in second.stdout  # resumed at the saved step count
     assert "pipeline: zb1p over pp=2 ranks (2 stages)" in out  # the saved schedule, not 1f1b

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from word_corpus import write_word_corpus
+from train_util import data_config, prepared_word_corpus
+from train_util import train_config as _train_config
 
 from dsv3.checkpoint import load_pretrained
-from dsv3.data.dataset import DataConfig, prepare_data
+from dsv3.data.dataset import prepare_data
 from dsv3.parallel.launch import RanksFailed, run_ranks
 from dsv3.train import TrainConfig, Trainer
 
@@ -50,28 +51,13 @@ FP8_EXACT_STEPS = {"dp": 2, "ep": 1}  # steps whose loss must match to FP32 leve
 FP8_LOSS_TOL = 1e-2  # every step, or twice FP8's own error (vs FP32) on this data if larger: docs/pipeline.md
 
 
-def data_config(root: str) -> DataConfig:
-    return DataConfig(
-        data=f"{root}/corpus", vocab_size=300, val_fraction=0.1, cache=f"{root}/cache", progress=False
-    )
-
-
 def train_config(root: str, out: str, **kw) -> TrainConfig:
-    base = dict(
-        preset="tiny", steps=STEPS, out=f"{root}/{out}", data=f"{root}/corpus", seq_len=32, micro_batch=1,
-        batch_start=8, batch_end=8, lr=3e-3, warmup_steps=2, eval_every=100, eval_batches=1, ckpt_every=100,
-        precision="fp32", tensorboard=False, val_fraction=0.1, gamma=0.01,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(**base)
+    return _train_config(root, out, STEPS, **kw)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("pptrain")
-    write_word_corpus(root / "corpus")
-    prepare_data(data_config(str(root)))  # the ranks then read the cache
-    return str(root)
+    return prepared_word_corpus(tmp_path_factory.mktemp("pptrain"))
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -100,13 +86,14 @@ def every_layout(rank: int, world: int, root: str) -> dict:
         cfg = train_config(root, f"run{i}", parallel={**parallel, "timeout": 60.0}, precision=precision)
         trainer = Trainer(cfg, dataset=data, show_progress=False)
         local = sum(p.numel() for p in trainer.model.parameters() if p.device.type != "meta")
+        built = getattr(trainer.model, "materialized_slice", None)  # parameter elements ever allocated
         losses = []
         for step in range(STEPS):
             losses.append(trainer.train_step().loss)
             if i == SAVED and step + 1 == SAVE_AT:
                 ckpt = trainer.save()
         full = trainer.strategy.full_model(trainer.model)
-        runs.append({"losses": losses, "weights": _weights(full) if rank == 0 else None, "local": local,
+        runs.append({"losses": losses, "weights": _weights(full) if rank == 0 else None, "local": local, "built": built,
                      "full": trainer.model.num_params(), "log": trainer.strategy.describe()})  # fmt: skip
     ckpt = [ckpt]
     torch.distributed.broadcast_object_list(ckpt, src=0)
@@ -156,6 +143,8 @@ def test_pipelined_fp32_run_equals_the_single_process(launched, reference, i):
 def test_every_rank_holds_only_its_stages(launched):
     for res in launched:
         for (parallel, _), run in zip(LAYOUTS, res["runs"]):
+            # built on the meta device: a rank allocated exactly the weights it keeps, never the whole
+            assert run["built"] == run["local"], (parallel, run["built"], run["local"])
             if parallel["schedule"] == "dualpipe":  # rank r holds stages r and pp-1-r: all of them at pp=2
                 assert run["local"] <= run["full"]
             else:

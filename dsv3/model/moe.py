@@ -106,7 +106,7 @@ def route(
     scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(dim=-1)
     choice = scores.detach() + bias  # s': selection only
     if n_groups > 1:
-        grouped = choice.view(logits.shape[0], n_groups, -1)  # (N, G, E/G)
+        grouped = choice.view(logits.shape[0], n_groups, logits.shape[1] // n_groups)  # (N, G, E/G)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): values only, ties harmless
         keep = _best(group_scores, topk_groups)
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
@@ -299,7 +299,7 @@ class MoE(nn.Module):
     def combine(self, call: MoECall) -> torch.Tensor:
         """Expert outputs back to token order, gate-weighted and summed, + shared -> [B, T, D]."""
         N, K = call.indices.shape
-        y = torch.empty_like(call.out).index_copy_(0, call.order, call.out).view(N, K, -1)
+        y = torch.empty_like(call.out).index_copy_(0, call.order, call.out).view(N, K, call.out.shape[-1])
         return self.add_shared(call, combine(call.weights, y))
 
     # ---- the asynchronous halves (pipeline phases; `forward` uses the synchronous ones above) ----------

@@ -19,6 +19,7 @@ from torch import nn
 from dsv3 import paper
 from dsv3.config import ModelConfig
 from dsv3.model.attention import MLA, LatentKVCache
+from dsv3.model.init import draw_seed, initial_value
 from dsv3.model.layers import MLP, RMSNorm
 from dsv3.model.moe import MoE, update_bias
 from dsv3.model.mtp import MTPModule
@@ -60,6 +61,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.init_seed = draw_seed()  # first, so a meta-device build draws the same (dsv3.model.init)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -70,16 +72,14 @@ class Transformer(nn.Module):
 
     # ---- set-up -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Every weight ~ N(0, init_std) (§4.2); norms 1; routing biases 0."""
-        std = self.config.init_std
+    def init_weights(self, seed: int | None = None) -> None:
+        """Every weight ~ N(0, init_std) (§4.2), each from its own generator seeded by (seed, name)
+        so that a slice of the model reproduces it (dsv3.model.init); norms 1; routing biases 0.
+        seed: default the one drawn at construction (`init_seed`)."""
+        seed = self.init_seed if seed is None else seed
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            if not p.is_meta:
+                p.copy_(initial_value(name, tuple(p.shape), self.config.init_std, seed))
         for moe in self.moe_layers():
             if not moe.gate.e_score_correction_bias.is_meta:
                 moe.gate.e_score_correction_bias.zero_()

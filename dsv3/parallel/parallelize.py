@@ -4,6 +4,9 @@ The trainer builds (or loads) the single-device model and calls `parallelize(mod
 strategy)` once; everything that changes the model for precision or for more than one process
 happens here, in this fixed order (each step assumes the ones before it):
 
+  0. materialisation    a model built on the meta device (the trainer does so with pipeline
+                        stages) gets only this rank's weights: its stages, its experts, from the
+                        seeded init or a checkpoint (materialize.py); no rank builds the whole.
   1. precision          FP8: the linears and experts become FP8 GEMMs (dsv3.fp8.convert);
                         BF16 on a CPU without fast BF16 matmuls: BF16 numerics on FP32 kernels
                         (dsv3.bf16.convert; rank 0 decides, so every rank builds the same modules).
@@ -33,6 +36,7 @@ from torch import nn
 
 from dsv3 import bf16
 from dsv3.config import ConfigError
+from dsv3.parallel.materialize import WeightSource, has_meta, materialize
 
 if TYPE_CHECKING:  # dsv3.train imports this module: no import of dsv3.train at load time
     from dsv3.train.strategy import Strategy
@@ -72,12 +76,24 @@ def pipeline_chunks(
     return batch_end // (micro_batch * data_world)
 
 
-def parallelize(model: nn.Module, settings: Parallelization, strategy: Strategy) -> nn.Module:
+def parallelize(
+    model: nn.Module, settings: Parallelization, strategy: Strategy, source: WeightSource | None = None
+) -> nn.Module:
     """Apply precision, recomputation, expert parallelism and pipeline stages to `model`, in that
     order (the module docstring), through `strategy`; returns the model the trainer steps. ZeRO-1
-    follows at `strategy.build_optimizer`."""
+    follows at `strategy.build_optimizer`. A model built on the meta device first gets this rank's
+    slice (`strategy.local_slice`) from `source` (step 0)."""
     from dsv3.train.metrics import decided_by_rank0
 
+    if settings.chunks is not None:
+        strategy.chunks = settings.chunks
+    if has_meta(model):  # built on the meta device: this rank's slice only
+        if source is None:
+            raise ValueError(
+                "parallelize: the model is on the meta device; give the WeightSource to fill it from"
+            )
+        # every rank filled its slice from the same source: no broadcast (strategy.py)
+        model.materialized_slice = materialize(model, strategy.local_slice(model), source)
     on_gpu = torch.cuda.is_available()
     if settings.precision == "fp8":
         from dsv3.fp8 import convert
@@ -88,6 +104,4 @@ def parallelize(model: nn.Module, settings: Parallelization, strategy: Strategy)
         bf16.convert(model)  # BF16 numerics on FP32 kernels: this CPU has no fast BF16 matmul
     if settings.recompute:
         apply_recompute(model)
-    if settings.chunks is not None:
-        strategy.chunks = settings.chunks
     return strategy.parallelize(model)

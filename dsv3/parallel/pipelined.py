@@ -5,14 +5,14 @@ expert-data-parallel groups) plus a `PipelineRunner` over the mesh's pp group: t
 hold one index of every stage group form one pipeline, and every pipeline reads its own data shard
 (`data_rank` is the rank's index in its stage group, the same on every stage of a pipeline).
 
-  parallelize   broadcast the weights over the stage group, shard the experts (EP), cut the model
-                into the schedule's stages (`PipelineRunner`), then drop every parameter and buffer
-                that no stage of this rank uses to the meta device: the model object keeps its
-                full structure (names, `moe_layers()` order) but a rank holds only its stages.
-                The model is built (or loaded) whole on every rank first, with the single-process
-                seed, so its slices are the single-process weights exactly; the full copy lives
-                only until this call returns (a meta-device build that loads only its slice would
-                save that peak; not done).
+  parallelize   with a model the trainer built on the meta device, `local_slice` names this
+                rank's weights (the schedule's `local_stages`, its EP block of every expert stack),
+                which `parallelize` materialises from the seeded init or a checkpoint (no rank
+                builds the whole model; materialize.py); else the weights are broadcast over the
+                stage group. Then the experts are sharded (EP), the model cut into the schedule's
+                stages (`PipelineRunner`), and every parameter and buffer that no stage of this rank
+                uses is dropped to the meta device: the model object keeps its full structure
+                (names, `moe_layers()` order) but a rank holds only its stages.
   step          the trainer's micro-batches are concatenated into one batch of `chunks`
                 micro-batches and run by `PipelineRunner.step` (each stage's backward differentiates
                 its share / chunks: the gradient of the mean micro-batch loss, as accumulation on
@@ -46,8 +46,9 @@ from dsv3.model.moe import MoE, update_bias
 from dsv3.parallel.comm import Link
 from dsv3.parallel.expert.moe import expert_param_names, gather_rows
 from dsv3.parallel.mesh import Mesh
-from dsv3.parallel.pipeline.runtime import PipelineRunner
-from dsv3.parallel.pipeline.stages import PipelineStage, split_batch
+from dsv3.parallel.pipeline.runtime import PipelineRunner, local_stages
+from dsv3.parallel.pipeline.schedule import build_schedule
+from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers, stage_parameter_names
 from dsv3.parallel.strategy import ParallelSettings, ParallelStrategy
 from dsv3.parallel.zero import ZeroOptimizer
 
@@ -105,6 +106,22 @@ class PipelineStrategy(ParallelStrategy):
         drop_to_meta(model, keep)
         model.num_params = lambda: full_params  # the logged size is the whole model's
         return model
+
+    def local_slice(self, model: nn.Module) -> dict[str, range | None]:
+        """The weights of this rank's stages (`local_stages` of the schedule), of each fused
+        expert stack only this rank's EP block."""
+        if self.chunks is None:
+            raise ValueError("PipelineStrategy: set chunks (micro-batches per step) before local_slice()")
+        cfg = model.config
+        schedule = self.settings.schedule
+        num_stages = 2 * self.pp.size if schedule == "dualpipev" else self.pp.size
+        layout = split_layers(cfg.n_layers, cfg.n_mtp_layers, num_stages)
+        mine = {
+            name
+            for s, _ in local_stages(build_schedule(schedule, num_stages, self.chunks), self.pp.index)
+            for name in stage_parameter_names(model, layout, s)
+        }
+        return {name: rows for name, rows in super().local_slice(model).items() if name in mine}
 
     def describe(self) -> str:
         s, sched = self.settings, self._run().schedule

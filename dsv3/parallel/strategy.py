@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dsv3.model.init import EXPERT_STACK
 from dsv3.parallel.comm import CommStats, Link
 from dsv3.parallel.expert.moe import (
     ExpertParallel,
@@ -120,8 +121,21 @@ class ParallelStrategy(Strategy):
         return self.mesh.data_world
 
     # ---- model and optimizer ----------------------------------------------------------------------------
+    def local_slice(self, model: nn.Module) -> dict[str, range | None]:
+        """Every weight, but of each fused expert stack only this rank's block of the EP group."""
+        out = super().local_slice(model)
+        ep = self.settings.ep
+        if ep > 1:
+            per_rank = model.config.n_routed_experts // ep
+            index = self.mesh.members["ep"].index(self.rank)
+            for name in out:
+                if EXPERT_STACK.search(name):
+                    out[name] = range(index * per_rank, (index + 1) * per_rank)
+        return out
+
     def parallelize(self, model: nn.Module) -> nn.Module:
-        self._broadcast(model)
+        if not getattr(model, "materialized_slice", False):  # else: every rank read the same source
+            self._broadcast(model)
         full_params = sum(p.numel() for p in model.parameters())
         if self.settings.ep > 1:
             s = self.settings

@@ -68,6 +68,21 @@ class RunLog:
             self.tb.close()
 
 
+def logged(out: Path, kind: str, step: int) -> bool:
+    """Whether the run's metrics.jsonl holds a `kind` record of `step` (torn lines are skipped)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == kind and record.get("step") == step:
+            return True
+    return False
+
+
 def truncate_logs(out: Path, keep_until: int | None) -> None:
     """Drop the records past step `keep_until` from the run's JSONL logs (all of them when None): a
     resumed run trains those steps again, and a fresh run starts a new log. Main rank only."""

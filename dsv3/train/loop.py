@@ -28,16 +28,17 @@ import numpy as np
 import torch
 
 from dsv3 import ConfigError, ModelConfig, Transformer
-from dsv3.checkpoint import load_pretrained
+from dsv3.checkpoint import load_pretrained, read_config
 from dsv3.data.corpus import CorpusError
 from dsv3.data.dataset import DataConfig, Dataset, prepare_data
 from dsv3.data.loader import PackedLoader, val_batches
 from dsv3.model.moe import MoE
 from dsv3.optim import param_groups
+from dsv3.parallel.materialize import WeightSource
 from dsv3.parallel.parallelize import Parallelization, apply_recompute, parallelize, pipeline_chunks  # noqa: F401
 from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
-from dsv3.train.log import RunLog, truncate_logs
+from dsv3.train.log import RunLog, logged, truncate_logs
 from dsv3.train.metrics import matmul_peak as measure_peak
 from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
 from dsv3.train.state import (
@@ -46,6 +47,7 @@ from dsv3.train.state import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from dsv3.train.strategy import Strategy
 
@@ -127,7 +129,13 @@ class Trainer:
         schedules.check_batch(cfg, self.strategy.data_world)  # before any data or model work
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
-        ckpt = Path(checkpoint) if checkpoint else latest_valid_checkpoint(self.ckpt_root) if resume else None
+        # the checkpoint is hashed once, here: an explicit one before any data work, the newest valid
+        # one by the search; the model and the training state are then loaded without hashing again
+        if checkpoint:
+            ckpt: Path | None = Path(checkpoint)
+            verify_checkpoint(ckpt)
+        else:
+            ckpt = latest_valid_checkpoint(self.ckpt_root) if resume else None
         self.resumed_from = ckpt
         if ckpt is None and resume:  # nothing to continue from: the run would start over
             self._check_nothing_lost(force)
@@ -141,11 +149,22 @@ class Trainer:
         if dataset is None:
             dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
         self.data = dataset
-        if ckpt is not None:
-            self.model = load_pretrained(ckpt, dtype=dtype, verify=False)  # load_checkpoint verifies
+        # with pipeline stages a rank builds the model on the meta device and fills only its own
+        # stages and experts at `parallelize` (from `source`); otherwise the whole model, here
+        sliced = cfg.parallel.get("pp", 1) > 1
+        source = None
+        if ckpt is not None and sliced:
+            with torch.device("meta"):
+                self.model = Transformer(read_config(Path(ckpt))).to(dtype)
+            source = WeightSource(Path(ckpt))  # verified above
+        elif ckpt is not None:
+            self.model = load_pretrained(ckpt, dtype=dtype, verify=False)  # verified above
         else:
-            self.model = Transformer(self.model_config(dataset)).to(dtype)
-            if cfg.init:  # weights and gate biases of another run; optimizer and schedule start afresh
+            with torch.device("meta" if sliced else "cpu"):
+                self.model = Transformer(self.model_config(dataset)).to(dtype)
+            source = WeightSource(Path(cfg.init) if cfg.init else None)
+            # --init: weights and gate biases of another run; optimizer and schedule start afresh
+            if cfg.init and not sliced:
                 from dsv3.train.phases import load_init_weights
 
                 load_init_weights(self.model, cfg.init)
@@ -154,7 +173,7 @@ class Trainer:
                                  cfg.parallel.get("pp", 1))  # fmt: skip
         # precision, recomputation, expert parallelism, pipeline stages (ZeRO-1: at the optimizer)
         self.model = parallelize(
-            self.model, Parallelization(self.precision, cfg.recompute, chunks), self.strategy
+            self.model, Parallelization(self.precision, cfg.recompute, chunks), self.strategy, source
         )
         self.optimizer = self._build_optimizer()
         self.data_rank, self.data_world = self.strategy.data_rank, self.strategy.data_world
@@ -164,7 +183,7 @@ class Trainer:
         self.step, self.bad_steps, self.tokens_seen, self.skipped_total = 0, 0, 0, 0
         self.saved: tuple[int, Path | None] = (-1, None)  # (step, path) of the last checkpoint written
         if ckpt is not None:
-            state, optimizer_state = load_checkpoint(ckpt)
+            state, optimizer_state = load_checkpoint(ckpt, verify=False)  # verified above
             self.strategy.load_optimizer_state(self.optimizer, optimizer_state)
             if state.get("dataset_key") != dataset.key:
                 raise TrainCheckpointError(
@@ -363,6 +382,14 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if self.strategy.is_main and self.strategy.describe():
             log.message(self.strategy.describe())
+        # a kill between a checkpoint and the evaluation of its step lost that step's eval record
+        missing = self.strategy.is_main and not logged(self.out, "eval", self.step)
+        if self.resumed_from is not None and self._eval_due() and self._any_rank(missing):
+            if self.strategy.is_main:
+                log.message(
+                    f"step {self.step}: its evaluation was not logged before the run stopped; running it"
+                )
+            last_eval = self._evaluate_and_log(log)
 
         def on_signal(signum: int) -> None:
             log.message(f"{signal.Signals(signum).name}: stopping after the step under way, then saving "
@@ -372,9 +399,9 @@ class Trainer:
             with StopRequest(on_signal) as stop:
                 while self.step < cfg.steps:
                     self._one_step(log)
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    if self._eval_due():
                         last_eval = self._evaluate_and_log(log)
-                    if self._stop_agreed(stop):
+                    if self._any_rank(bool(stop.signum)):
                         path = self.saved[1] if self.saved[0] == self.step else self.save()
                         raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step, path)
         except KeyboardInterrupt:
@@ -429,10 +456,13 @@ class Trainer:
                         f"bpb {result['bits_per_byte']:.3f}, MaxVio {result['maxvio_global']:.3f}")  # fmt: skip
         return result
 
-    def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether any rank was signalled: every rank must stop after the same step, or the save's
-        gathers would wait for ranks that went on training."""
+    def _eval_due(self) -> bool:
+        return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank, e.g. a stop signal: every rank must stop after the same
+        step, or the save's gathers would wait for ranks that went on training."""
         if self.world == 1:
-            return bool(stop.signum)
-        flag = torch.tensor([1.0 if stop.signum else 0.0], dtype=torch.float64)
-        return bool(self.strategy.reduce_sum(flag)[0] > 0)
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        return bool(self.strategy.reduce_sum(t)[0] > 0)

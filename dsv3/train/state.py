@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from dsv3.checkpoint import DiskFullError, disk_full_message, is_disk_full, save_pretrained
-from dsv3.data.fetch import sha256_file
+from dsv3.checkpoint.manifest import MANIFEST_FILE, check_manifest, write_manifest
 from dsv3.errors import Dsv3Error
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 PREFIX = "step_"
 
 
@@ -101,9 +101,7 @@ def _write_contents(
     _torch_save(_rng_state(), tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
     _pause_for_tests()
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
+    write_manifest(tmp, {"step": step})
     for p in tmp.rglob("*"):
         if p.is_file():
             with open(p, "rb+") as f:
@@ -138,21 +136,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def verify_checkpoint(path: str | Path) -> None:
     """Raise TrainCheckpointError unless every file matches the manifest (size, then SHA-256)."""
     path = Path(path)
-    if not (path / MANIFEST).exists():
+    if not check_manifest(path, TrainCheckpointError):
         raise TrainCheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise TrainCheckpointError(f"{path / MANIFEST}: unreadable ({e})") from e
-    for name, want in manifest.items():
-        f = path / name
-        if not f.exists():
-            raise TrainCheckpointError(f"{f}: missing")
-        size = f.stat().st_size
-        if size != want["bytes"]:
-            raise TrainCheckpointError(f"{f}: truncated or altered ({size} bytes, expected {want['bytes']})")
-        if sha256_file(f) != want["sha256"]:
-            raise TrainCheckpointError(f"{f}: corrupt (SHA-256 does not match the manifest)")
 
 
 def latest_valid_checkpoint(root: str | Path) -> Path | None:
@@ -166,11 +151,13 @@ def latest_valid_checkpoint(root: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify `path` and restore the RNG state; return (trainer state, optimizer state). The model
-    is loaded by `load_pretrained(path)` before the optimizer is built."""
+def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify `path` (unless the caller just did: `verify=False`) and restore the RNG state; return
+    (trainer state, optimizer state). The model is loaded by `load_pretrained(path)` before the
+    optimizer is built."""
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
     return json.loads((path / "trainer.json").read_text()), optimizer_state

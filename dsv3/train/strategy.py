@@ -49,6 +49,12 @@ class Strategy:
     def parallelize(self, model: nn.Module) -> nn.Module:
         return model
 
+    def local_slice(self, model: nn.Module) -> dict[str, range | None]:
+        """The weights this rank holds, for a model built on the meta device
+        (dsv3.parallel.materialize): full-model name -> None (all of it) or the routed experts it
+        keeps of a fused expert stack. One process or data parallelism: everything."""
+        return {name: None for name, _ in model.named_parameters()}
+
     def forward_backward(
         self, model: nn.Module, batches: list[torch.Tensor], mtp_lambda: float, balance_alpha: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

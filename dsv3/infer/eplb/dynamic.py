@@ -222,21 +222,33 @@ def dynamic_step(
 
     Two activations are split and the better kept: the greedy of `select_active` and the static
     default (the first A slots of each GPU, see `plan_hosting`)."""
-    P, H = hosting.num_gpus, hosting.slots_per_gpu
-    default = (torch.arange(hosting.num_replicas) % H) < active_per_gpu
     act, quota = [], []
     for layer in range(hosting.num_layers):
-        phy2log, w = hosting.phy2log[layer], load[layer]
-        greedy = select_active(phy2log, P, w, active_per_gpu)
-        best = None
-        for a in (greedy, default):
-            if (a.view(P, H).sum(1) > active_per_gpu).any():
-                continue
-            q = split_tokens(phy2log, a, P, w)
-            peak = int(q.view(P, H).sum(1).max())
-            if best is None or peak < best[0]:
-                best = (peak, a, q)
-        assert best is not None  # the default is always within A per GPU
-        act.append(best[1])
-        quota.append(best[2])
+        a, q = dynamic_layer(hosting.phy2log[layer], hosting.num_gpus, load[layer], active_per_gpu)
+        act.append(a)
+        quota.append(q)
     return torch.stack(act), torch.stack(quota)
+
+
+def dynamic_layer(
+    phy2log: torch.Tensor, num_gpus: int, load: torch.Tensor, active_per_gpu: int, sweeps: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of `dynamic_step`: hosting phy2log [R] (GPU-major), load [E] -> (active [R] bool,
+    quota [R] long), the better of the greedy activation and the static default. `sweeps` caps
+    `split_tokens`' descent (a serving engine runs this per layer and step: a few sweeps)."""
+    P, H = num_gpus, phy2log.shape[0] // num_gpus
+    default = (torch.arange(phy2log.shape[0]) % H) < active_per_gpu
+    greedy = select_active(phy2log, P, load, active_per_gpu)
+    best = None
+    floor = -(-int(load.sum()) // P)  # no split has a lighter busiest GPU
+    for a in (greedy, default):
+        if (a.view(P, H).sum(1) > active_per_gpu).any():
+            continue
+        q = split_tokens(phy2log, a, P, load, sweeps)
+        peak = int(q.view(P, H).sum(1).max())
+        if best is None or peak < best[0]:
+            best = (peak, a, q)
+        if peak <= floor:  # optimal: the default cannot be strictly better
+            break
+    assert best is not None  # the default is always within A per GPU
+    return best[1], best[2]

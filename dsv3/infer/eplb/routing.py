@@ -24,23 +24,33 @@ from dsv3.model.moe import GroupedExperts, MoE, MoECall
 
 
 def replica_of_copies(
-    indices: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, quota: torch.Tensor | None = None
+    indices: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    quota: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """indices [N, K] logical experts -> [N, K] physical slots.
 
     log2phy [E, max_replicas] (padded with -1), logcnt [E]; quota [R] tokens per slot (optional,
-    its sums per expert must equal the expert's routed copies)."""
+    its sums per expert must equal the expert's routed copies). offset [E] (optional): copies of
+    each expert ranked before this batch's, when several processes share the replicas (expert-
+    parallel serving: the exclusive prefix of the group's counts), so that the round-robin and the
+    quota blocks run over the group's copies; with an offset, the quota must cover offset + copies."""
     flat = indices.flatten()
     E = logcnt.shape[0]
     order = flat.argsort(stable=True)  # copies grouped by expert, token order within
     counts = torch.bincount(flat, minlength=E)
     rank = torch.empty_like(flat)
     rank[order] = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[flat[order]]
+    if offset is not None:
+        rank = rank + offset[flat]
     if quota is None:
         replica = rank % logcnt[flat]  # round-robin over the expert's replicas
     else:
         slot_quota = quota[log2phy.clamp(min=0)].masked_fill(log2phy < 0, 0)  # (E, max_replicas)
-        if not torch.equal(slot_quota.sum(1), counts):
+        sums = slot_quota.sum(1)
+        if (sums != counts if offset is None else sums < counts + offset).any():
             raise ValueError("quota: per-expert sums must equal the routed copies of each expert")
         ends = slot_quota.cumsum(1)  # (E, max_replicas) last rank (exclusive) of each replica
         replica = (rank[:, None] >= ends[flat]).sum(1)  # block assignment by rank

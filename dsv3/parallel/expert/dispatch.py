@@ -153,7 +153,8 @@ def one_hop_combine(
     N, K = weights.shape
     y_recv = torch.empty_like(out).index_copy(0, plan["perm"], out)  # back to received order
     y_back = all_to_all(y_recv, plan["recv"], plan["send"], link, combine_wire, combine_wire, "combine")
-    y = torch.empty_like(y_back).index_copy(0, plan["order"], y_back).view(N, K, -1)  # token order
+    y = torch.empty_like(y_back).index_copy(0, plan["order"], y_back)  # token order
+    y = y.view(N, K, y_back.shape[-1])  # no -1: N may be 0 (a rank with no tokens)
     return combine(weights, y)  # weighted and summed at the source
 
 
@@ -202,7 +203,7 @@ def one_hop_finish_combine(
     """Wait for the combine exchange (through `token`), weights [N, K] -> routed [N, D]."""
     N, K = weights.shape
     y_back = pending.wait(token)
-    y = torch.empty_like(y_back).index_copy(0, order, y_back).view(N, K, -1)  # token order
+    y = torch.empty_like(y_back).index_copy(0, order, y_back).view(N, K, y_back.shape[-1])  # tokens
     return combine(weights, y)
 
 

@@ -97,6 +97,9 @@ def shard_experts(experts: nn.Module, index: int, per_rank: int) -> nn.Module:
     local = copy.copy(experts)
     local._parameters, local._buffers, local._modules = {}, dict(experts._buffers), dict(experts._modules)
     for name, p in experts.named_parameters(recurse=False):
+        if p.shape[0] == per_rank and not p.is_meta:  # materialised as this block (materialize.py)
+            local._parameters[name] = p
+            continue
         block = p.detach()[index * per_rank : (index + 1) * per_rank].clone()
         local._parameters[name] = nn.Parameter(block, requires_grad=p.requires_grad)
     return local
@@ -111,8 +114,11 @@ class ExpertParallelMoE(MoE):
     @classmethod
     def from_moe(cls, moe: MoE, ep: ExpertParallel) -> ExpertParallelMoE:
         for name, p in moe.experts.named_parameters(recurse=False):
-            if p.shape[0] != moe.n_experts:
-                raise ValueError(f"experts.{name}: expected [E={moe.n_experts}, ...], got {tuple(p.shape)}")
+            if p.shape[0] not in (moe.n_experts, ep.placement.local_experts):
+                raise ValueError(
+                    f"experts.{name}: expected [E={moe.n_experts}, ...] or this rank's block "
+                    f"[{ep.placement.local_experts}, ...], got {tuple(p.shape)}"
+                )
         new = cls.__new__(cls)
         new.__dict__.update(moe.__dict__)  # same gate, shared experts, buffers, hooks
         new._parameters, new._buffers, new._modules = (

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3.model.attention import LatentKVCache
 from dsv3.model.moe import MoE, MoECall
 from dsv3.model.transformer import Block, mtp_shift, token_cross_entropy
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage
@@ -190,11 +191,23 @@ def _settle(s: State, moe: MoE | None) -> torch.Tensor:
 
 
 def _block_phases(
-    block: Block, prev: MoE | None, cos, sin, positions, alpha: float, parts: torch.Tensor, overlap: bool
+    block: Block,
+    prev: MoE | None,
+    cos,
+    sin,
+    positions,
+    alpha: float,
+    parts: torch.Tensor,
+    overlap: bool,
+    cache: LatentKVCache | None = None,
+    absorb: bool = False,
 ) -> list[Phase]:
+    """A block's phases; `cache` and `absorb`: the attention's latent cache and path (inference's
+    two-micro-batch overlap, dsv3.deploy.two_batch; training passes none)."""
+
     def attention(s: State):
         h = _settle(s, prev)
-        return (h + block.self_attn(block.input_layernorm(h), cos, sin, positions),), None
+        return (h + block.self_attn(block.input_layernorm(h), cos, sin, positions, cache, absorb),), None
 
     def whole_ffn(s: State):
         return (s[0] + block.mlp(block.post_attention_layernorm(s[0])),), None

@@ -83,6 +83,12 @@ class StepLoss:
     balance: float
 
 
+def local_stages(schedule: Schedule, rank: int) -> list[tuple[int, int]]:
+    """(stage, direction) of every chunk pipeline rank `rank` runs (DualPipe: both directions)."""
+    directions = (0, 1) if schedule.name == "dualpipe" else (0,)
+    return [(s, d) for s in range(schedule.num_stages) for d in directions if schedule.rank_of(s, d) == rank]
+
+
 class PipelineRunner:
     """Runs `schedule` over the ranks of `group` (default: the world); every rank calls `step`.
 
@@ -130,13 +136,11 @@ class PipelineRunner:
         self.layout = split_layers(cfg.n_layers, cfg.n_mtp_layers, num_stages)
         self.lookahead, self.dim = lookahead, cfg.dim
         self.chunks: dict[int, PipelineStage] = {}  # local chunk index -> stage module
-        for s in range(num_stages):
-            for d in self._directions():
-                if self.schedule.rank_of(s, d) == self.rank:
-                    stage = PipelineStage(model, s, self.layout, mtp_lambda, balance_alpha)
-                    if ep is not None:
-                        parallelize_experts(stage, ep)  # in place: the model's blocks are the stage's
-                    self.chunks[self.schedule.chunk_of(s, d)] = stage
+        for s, d in local_stages(self.schedule, self.rank):
+            stage = PipelineStage(model, s, self.layout, mtp_lambda, balance_alpha)
+            if ep is not None:
+                parallelize_experts(stage, ep)  # in place: the model's blocks are the stage's
+            self.chunks[self.schedule.chunk_of(s, d)] = stage
         self.module = nn.ModuleList(self.chunks[c] for c in sorted(self.chunks))
         # phase by phase where F&B pairs interleave two passes (DualPipe, DualPipeV), else whole stages
         if phased is None:
@@ -155,9 +159,6 @@ class PipelineRunner:
         self.trace: list[OpTime] = []  # the last step's ops with their times
 
     # ---- set-up ------------------------------------------------------------------------------------
-    def _directions(self) -> tuple[int, ...]:
-        return (0, 1) if self.schedule.name == "dualpipe" else (0,)
-
     def _check_agreement(self, model: Transformer) -> None:
         """Collective: every rank must run the same schedule on the same model shape."""
         mine = (self.schedule.name, self.schedule.num_stages, self.schedule.num_microbatches, model.config)
@@ -184,10 +185,11 @@ class PipelineRunner:
     def _parameter_holders(self, model: Transformer) -> dict[str, tuple[int, ...]]:
         """Full-model parameter name -> the ranks that hold it, for every rank (no communication)."""
         holders: dict[str, set[int]] = {}
-        for s in range(self.schedule.num_stages):
-            for name in stage_parameter_names(model, self.layout, s):
-                for d in self._directions():
-                    holders.setdefault(name, set()).add(self.schedule.rank_of(s, d))
+        world = dist.get_world_size(self.group)
+        for r in range(world):
+            for s, _ in local_stages(self.schedule, r):
+                for name in stage_parameter_names(model, self.layout, s):
+                    holders.setdefault(name, set()).add(r)
         return {n: tuple(sorted(r)) for n, r in holders.items()}
 
     def parameters(self) -> list[nn.Parameter]:
