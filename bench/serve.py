@@ -22,11 +22,12 @@ from pathlib import Path
 from dsv3.serve.bench import build_parser, check_args, run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--side", action="append", required=True, help="NAME=BASE_URL (repeatable)")
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The client options shared with bench/serve_vs_vllm.py."""
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--prompts-per-concurrency", type=int, default=0,
+                   help="send max(--num-prompts, this x concurrency) prompts at each concurrency")  # fmt: skip
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--prefix-len", type=int, default=0, help="shared prompt prefix (prefix caching)")
@@ -34,13 +35,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default=None, help="JSON file of every run's summary")
-    a = p.parse_args()
-    sides = dict(s.split("=", 1) for s in a.side)
+
+
+def compare(sides: dict[str, str], a: argparse.Namespace, note=lambda: "") -> list[dict]:
+    """Every side at every concurrency, alternating within each repeat; prints the table and returns
+    every run's summary. note(): text appended to each progress line (e.g. the load average)."""
     runs: list[dict] = []
     for c in a.concurrency:
+        n = max(a.num_prompts, a.prompts_per_concurrency * c)
         for rep in range(a.repeats):
             for name, url in sides.items():
-                argv = ["--base-url", url, "--num-prompts", str(a.num_prompts), "--max-concurrency", str(c),
+                argv = ["--base-url", url, "--num-prompts", str(n), "--max-concurrency", str(c),
                         "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
                         "--random-prefix-len", str(a.prefix_len), "--vocab-size", str(a.vocab_size),
                         "--seed", str(rep), "--no-progress"]  # fmt: skip
@@ -50,21 +55,38 @@ def main() -> None:
                 check_args(args)
                 s = asyncio.run(run(args))
                 s.pop("requests")
-                runs.append({"side": name, "concurrency": c, "repeat": rep, **s})
+                runs.append({"side": name, "concurrency": c, "repeat": rep, "note": note(), **s})
                 print(f"{name} c={c} rep={rep}: {s['output_throughput']:.1f} tok/s, "
                       f"TTFT {s['ttft']['median_ms']:.1f} ms, TPOT {s['tpot']['median_ms']:.1f} ms, "
-                      f"{s['failed']} failed", flush=True)  # fmt: skip
-    print("\n| side | concurrency | output tok/s | TTFT median (ms) | TPOT median (ms) |")
-    print("|---|---:|---:|---:|---:|")
+                      f"{s['failed']} failed {note()}", flush=True)  # fmt: skip
+    names = list(sides)
+    ratio_head = "".join(f" {names[0]} / {o} tok/s |" for o in names[1:])
+    print(f"\n| side | concurrency | output tok/s | TTFT median (ms) | TPOT median (ms) |{ratio_head}")
+    print("|---|---:|---:|---:|---:|" + "---:|" * (len(names) - 1))
     for c in a.concurrency:
-        for name in sides:
+        med = {}
+        for name in names:
             mine = [r for r in runs if r["side"] == name and r["concurrency"] == c]
-            tps = statistics.median(r["output_throughput"] for r in mine)
-            ttft = statistics.median(r["ttft"]["median_ms"] for r in mine)
-            tpot = statistics.median(r["tpot"]["median_ms"] for r in mine)
-            print(f"| {name} | {c} | {tps:.1f} | {ttft:.1f} | {tpot:.1f} |")
+            med[name] = [statistics.median(r[k] for r in mine) for k in ("output_throughput",)] + [
+                statistics.median(r[k]["median_ms"] for r in mine) for k in ("ttft", "tpot")
+            ]
+        for name in names:
+            tps, ttft, tpot = med[name]
+            ratios = "".join(
+                f" {med[names[0]][0] / med[o][0]:.2f}x |" if name == names[0] else " |" for o in names[1:]
+            )
+            print(f"| {name} | {c} | {tps:.1f} | {ttft:.1f} | {tpot:.1f} |{ratios}")
     if a.out:
         Path(a.out).write_text(json.dumps(runs, indent=2))
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--side", action="append", required=True, help="NAME=BASE_URL (repeatable)")
+    add_load_arguments(p)
+    a = p.parse_args()
+    compare(dict(s.split("=", 1) for s in a.side), a)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,48 @@ class Engine:
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt))
         self.scheduler.check_fits(len(prompt), max_tokens)
 
+    def add_prefilled(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str,
+        output_ids: list[int],
+        generator_state: torch.Tensor | None = None,
+        logprobs: list[dict[int, float]] | None = None,
+        kv: torch.Tensor | None = None,
+    ) -> bool:
+        """Admit a request whose prompt another engine prefilled (prefill/decode disaggregation,
+        dsv3.deploy.disagg): its tokens are prompt + output_ids (the tokens sampled there, with the
+        request generator's state after them) and kv [L, nb, block_size, W] holds the cache blocks of
+        all tokens but the last. It runs at once with that KV when a seat and blocks are free and
+        True is returned; otherwise (or with kv None) it waits like a preempted sequence and its
+        tokens are recomputed when admitted (False)."""
+        self._validate(prompt, params)
+        if request_id in self.scheduler.live:
+            raise RequestError(f"request_id: {request_id!r} is already in use")
+        if not output_ids:
+            raise RequestError("output_ids: a prefilled request has at least its first token")
+        gen = torch.Generator()
+        if generator_state is not None:
+            gen.set_state(generator_state)
+        seq = Sequence(request_id, list(prompt), params, gen, tokens=list(prompt) + list(output_ids))
+        seq.logprobs = list(logprobs or []) if params.logprobs is not None else None
+        n = seq.num_tokens - 1  # tokens whose KV was computed: all but the last sampled one
+        if kv is not None:
+            L, _, W = self.cache.data.shape
+            bs = self.config.block_size
+            if kv.dim() != 4 or (kv.shape[0], kv.shape[2], kv.shape[3]) != (L, bs, W):
+                raise RequestError(f"kv: shape {tuple(kv.shape)}, this cache takes [{L}, nb, {bs}, {W}]")
+            if kv.shape[1] != self.scheduler.blocks_for(n):
+                raise RequestError(f"kv: {kv.shape[1]} blocks for {n} tokens of {bs}")
+            if self.scheduler.admit_computed(seq, n):
+                blocks = torch.tensor(seq.block_table[: kv.shape[1]], device=self.cache.data.device)
+                rows = (blocks[:, None] * bs + torch.arange(bs, device=blocks.device)).flatten()
+                self.cache.data[:, rows] = kv.reshape(L, -1, W).to(self.cache.data)
+                return True
+        self.scheduler.add(seq)
+        return False
+
     def _admit(self, prompt: list[int], params: SamplingParams, request_id: str | None) -> str:
         seed = (
             params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))

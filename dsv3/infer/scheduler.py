@@ -142,6 +142,21 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def admit_computed(self, seq: Sequence, n_computed: int) -> bool:
+        """Run seq at once with the KV of its first n_computed tokens already supplied (a request
+        prefilled elsewhere): True with its blocks allocated when a seat and the blocks are free
+        (waiting requests keep their turn: none may be queued), else False and nothing changes."""
+        need = self.blocks_for(n_computed + 1 + self.lookahead)
+        if self.waiting or len(self.running) >= self.max_num_seqs or need > self.allocator.num_free:
+            return False
+        if seq.request_id in self.live:
+            raise RequestError(f"request_id: {seq.request_id!r} is already running")
+        seq.block_table = self.allocator.allocate(need)
+        seq.num_computed, seq.status = n_computed, Status.RUNNING
+        self.running.append(seq)
+        self.live[seq.request_id] = seq
+        return True
+
     # ---- one step ---------------------------------------------------------------------------------
     def schedule(self) -> Batch:
         batch = Batch()

@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-verify", action="store_true", help="skip the checkpoint's SHA-256 manifest check")
     g.add_argument("--seed", type=int, default=0, help="seeds requests without their own seed")
     add_threads_argument(g)
+    d = p.add_argument_group("prefill/decode disaggregation (dsv3.deploy)")
+    d.add_argument("--prefill-ranks", type=positive_int, default=None,
+                   help="prefill ranks (spawned processes); with --decode-ranks: a disaggregated deployment")  # fmt: skip
+    d.add_argument("--decode-ranks", type=positive_int, default=None, help="decode ranks (default 1)")
+    d.add_argument("--ep", type=positive_int, default=1,
+                   help="decode ranks per expert-parallel group (EPEngine; must divide --decode-ranks)")  # fmt: skip
+    d.add_argument("--kv-timeout", type=float, default=5.0,
+                   help="seconds a decode rank waits for a request's KV before recomputing its prefill")  # fmt: skip
+    d.add_argument("--health-timeout", type=float, default=5.0,
+                   help="seconds without a heartbeat after which a rank counts as dead")  # fmt: skip
+    d.add_argument("--listen", default=None,
+                   help="HOST:PORT: await torchrun-started ranks there instead of spawning them")  # fmt: skip
     return p
 
 
@@ -108,32 +120,78 @@ def serve_main(argv: list[str] | None = None) -> int:
         raise UsageError("--num-speculative-tokens: needs --speculative")
     sock = bind(args.host, args.port)
     configure_threads("dsv3 serve", args.threads)
-    import uvicorn
-
     from dsv3.infer.llm import LLM
-    from dsv3.serve.app import ServerSettings, build_app
+    from dsv3.serve.app import ServerSettings
     from dsv3.serve.engine_loop import EngineLoop
 
-    llm = LLM(
-        args.ckpt,
-        dtype=DTYPES[args.dtype],
-        device=args.device,
-        speculative=args.speculative,
-        fp8_weights=args.fp8_weights,
-        verify=not args.no_verify,
-        **engine_options(args),
-    )
+    if args.prefill_ranks or args.decode_ranks or args.listen or args.ep > 1:
+        loop = deployed_loop(args)
+        engine = loop.engine
+    else:
+        llm = LLM(
+            args.ckpt,
+            dtype=DTYPES[args.dtype],
+            device=args.device,
+            speculative=args.speculative,
+            fp8_weights=args.fp8_weights,
+            verify=not args.no_verify,
+            **engine_options(args),
+        )
+        engine = llm.engine
+        loop = EngineLoop(engine, args.max_queued_requests, args.max_queued_tokens)
     names = args.served_model_name or [Path(args.ckpt).resolve().name]
     host, port = sock.getsockname()[:2]
-    loop = EngineLoop(llm.engine, args.max_queued_requests, args.max_queued_tokens)
     settings = ServerSettings(
         names,
         api_key=args.api_key,
         max_request_bytes=args.max_request_bytes,
         ready_message=f"dsv3 serve: ready on http://{host}:{port} (model {names[0]}, "
-        f"{llm.engine.cache.num_blocks} cache blocks of {args.block_size} tokens, "
-        f"max_model_len {llm.engine.max_model_len})",
+        f"{engine.cache.num_blocks} cache blocks of {args.block_size} tokens, "
+        f"max_model_len {engine.max_model_len})",
     )
+    return _run_server(loop, settings, sock, args)
+
+
+def deployed_loop(args: argparse.Namespace):
+    """The Router over spawned (or, with --listen, torchrun-started) prefill and decode ranks."""
+    from dsv3.deploy.launch import DeploySpec, serve_ranks
+    from dsv3.infer.llm import load_tokenizer
+
+    if args.speculative:
+        raise UsageError("--speculative: not supported with --prefill-ranks/--decode-ranks yet")
+    if args.kv_timeout <= 0 or args.health_timeout <= 0:
+        raise UsageError(
+            f"--kv-timeout/--health-timeout: must be positive, got {args.kv_timeout}/{args.health_timeout}"
+        )
+    opts = dict(dtype=DTYPES[args.dtype], device=args.device, fp8_weights=args.fp8_weights,
+                verify=not args.no_verify, **engine_options(args))  # fmt: skip
+    decode = args.decode_ranks or 1
+    if decode % args.ep:
+        raise UsageError(f"--ep {args.ep}: must divide --decode-ranks {decode}")
+    if args.ep > 1:
+        try:
+            import dsv3.deploy.ep_engine  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--ep {args.ep}: the expert-parallel engine is not available ({e})") from None
+    spec = DeploySpec(args.ckpt, args.prefill_ranks or 1, decode, opts, args.kv_timeout,
+                      threads=args.threads or 1, ep=args.ep)  # fmt: skip
+    listen = ("127.0.0.1", 0)
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--listen {args.listen}: expected HOST:PORT")
+        listen = (host, int(port))
+    dep = serve_ranks(spec, listen, spawn=not args.listen, tokenizer=load_tokenizer(args.ckpt),
+                      max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+                      health_timeout=args.health_timeout)  # fmt: skip
+    return dep.router
+
+
+def _run_server(loop, settings, sock, args) -> int:
+    import uvicorn
+
+    from dsv3.serve.app import build_app
+
     app = build_app(loop, settings)
     config = uvicorn.Config(
         app,

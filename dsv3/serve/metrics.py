@@ -66,6 +66,28 @@ class _EngineCollector:
         for reason, n in sorted(st.finished.items()):
             fin.add_metric([*self.labels.values(), reason], n)
         yield fin
+        if hasattr(self.loop, "rank_stats"):  # a disaggregated deployment (dsv3.deploy.router)
+            yield from self._ranks(self.loop.rank_stats())
+
+    def _ranks(self, ranks: list[dict]):
+        """Per rank of a deployment: health, requests, KV traffic (labels rank, role)."""
+        labels = [*self.labels, "rank", "role"]
+        specs = [
+            ("rank_alive", GaugeMetricFamily, "1 while the rank is healthy (heartbeats, process up).", "alive"),
+            ("rank_requests_running", GaugeMetricFamily, "Requests the rank holds now.", "requests"),
+            ("rank_requests", CounterMetricFamily, "Requests routed to the rank.", "served"),
+            ("kv_transfer_bytes_sent", CounterMetricFamily, "KV-cache bytes sent (prefill ranks).", "kv_bytes_sent"),
+            ("kv_transfer_bytes_received", CounterMetricFamily, "KV-cache bytes received (decode ranks).",
+             "kv_bytes_received"),
+            ("kv_transfer_retries", CounterMetricFamily, "KV transfers resent after a bad header/CRC.", "kv_retries"),
+            ("kv_transfer_timeouts", CounterMetricFamily, "KV transfers not received in time.", "kv_timeouts"),
+            ("kv_transfer_fallbacks", CounterMetricFamily, "Prefills recomputed on the decode rank.", "kv_fallbacks"),
+        ]  # fmt: skip
+        for name, kind, doc, key in specs:
+            m = kind(f"dsv3:{name}", doc, labels=labels)
+            for r in ranks:
+                m.add_metric([*self.labels.values(), str(r["rank"]), r["role"]], float(r[key]))
+            yield m
 
 
 class Metrics:

