@@ -9,7 +9,8 @@
   prefill  bench/deploy_overlap.py (its options in --prefill, e.g. --prefill "--ranks 2 4"):
            prefill time with and without the two-micro-batch overlap, at 0 and injected all-to-all
            latencies, through `two_batch_hidden` and through `EPEngine.step` itself;
-  kv       bench/deploy_kv.py's main (the disaggregated deployment's KV transfer), when that file
+  kv       bench/deploy_kv.py's main (the disaggregated deployment's KV transfer: bytes and seconds
+           per request; its options in --kv, e.g. --kv "--lens 16,1024 --reps 3"), when that file
            exists; otherwise a "not available" line.
 
 Decode section:
