@@ -57,13 +57,15 @@ from pathlib import Path
 
 import torch
 
-from dsv3 import ModelConfig, Transformer
+from dsv3 import ModelConfig, Transformer, load_pretrained
+from dsv3.checkpoint import read_config
 from dsv3.deploy.ep_moe import DYNAMIC_SWEEPS
 from dsv3.deploy.eplb_live import initial_placement
 from dsv3.infer.engine import Engine, EngineConfig
 from dsv3.infer.eplb.dynamic import dynamic_layer, dynamic_step
 from dsv3.infer.eplb.placement import Placement, balancedness, loads_from_counts, unreplicated_counts
 from dsv3.infer.eplb.stats import ExpertLoadStats
+from dsv3.infer.llm import load_tokenizer
 from dsv3.infer.sampling import SamplingParams
 from dsv3.model.moe import MoE
 from dsv3.parallel.launch import run_ranks
@@ -71,9 +73,16 @@ from dsv3.parallel.launch import run_ranks
 MODES = ("none", "static", "live", "dynamic")
 
 
-def make_model(preset: str) -> Transformer:
+def make_model(a: argparse.Namespace) -> Transformer:
+    """The trained `--checkpoint` (its router is skewed by itself), else the preset's seeded init."""
+    if a.checkpoint:
+        return load_pretrained(a.checkpoint, verify=False)
     torch.manual_seed(0)
-    return Transformer(ModelConfig.from_preset(preset))
+    return Transformer(ModelConfig.from_preset(a.preset))
+
+
+def model_config(a: argparse.Namespace) -> ModelConfig:
+    return read_config(Path(a.checkpoint)) if a.checkpoint else ModelConfig.from_preset(a.preset)
 
 
 def engine_config(a: argparse.Namespace) -> EngineConfig:
@@ -83,8 +92,24 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
 
 
 def prompts(a: argparse.Namespace, n: int, seed: int) -> list[list[int]]:
+    """n prompts of `--prompt-len` tokens: windows of `--text` at seeded offsets (tokenized by the
+    checkpoint's tokenizer), else random ids among the first `--vocab` (the skew)."""
     g = torch.Generator().manual_seed(seed)
+    if a.text:
+        ids = text_ids(a)
+        starts = torch.randint(0, len(ids) - a.prompt_len, (n,), generator=g).tolist()
+        return [ids[i : i + a.prompt_len] for i in starts]
     return [torch.randint(1, 1 + a.vocab, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
+
+
+def text_ids(a: argparse.Namespace) -> list[int]:
+    tokenizer = load_tokenizer(a.checkpoint)
+    if tokenizer is None:
+        raise SystemExit(f"--text: {a.checkpoint} has no tokenizer.json to encode {a.text} with")
+    ids = tokenizer.encode(Path(a.text).read_text(errors="replace"))
+    if len(ids) <= a.prompt_len:
+        raise SystemExit(f"--text: {a.text} has {len(ids)} tokens, fewer than --prompt-len {a.prompt_len}")
+    return ids
 
 
 def params(a: argparse.Namespace) -> SamplingParams:
@@ -93,7 +118,7 @@ def params(a: argparse.Namespace) -> SamplingParams:
 
 def record_loads(a: argparse.Namespace) -> torch.Tensor:
     """[L, E] counts of a single-process run on skewed requests (module docstring)."""
-    model = make_model(a.preset)
+    model = make_model(a)
     layers = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]
     stats = ExpertLoadStats(len(layers), model.config.n_routed_experts, window=100000)
     cfg = engine_config(a)  # every prompt prefilled in the first step, as each EP rank does
@@ -129,7 +154,7 @@ def worker(rank: int, world: int, a: argparse.Namespace, loads: torch.Tensor) ->
     mine = prompts(a, a.requests * world, seed=2)[rank * a.requests : (rank + 1) * a.requests]
     out = {}
     for name, cfg in ep_configs(a, loads).items():
-        engine = EPEngine(make_model(a.preset), group, engine_config(a), cfg)
+        engine = EPEngine(make_model(a), group, engine_config(a), cfg)
         if name == "live":  # a first wave of requests, so that the measured one meets re-planned tables
             for p in prompts(a, a.requests * world, seed=1)[rank * a.requests : (rank + 1) * a.requests]:
                 engine.add_request(p, params(a))
@@ -171,7 +196,7 @@ def worker(rank: int, world: int, a: argparse.Namespace, loads: torch.Tensor) ->
 def predicted(a, name: str, loads: torch.Tensor, cfg, ranks: int, final: torch.Tensor) -> float:
     """The planner's balancedness of the mode's placement on the recorded loads (mean over layers)."""
     L, E = loads.shape
-    mcfg = ModelConfig.from_preset(a.preset)
+    mcfg = model_config(a)
     if name == "none":
         gpu = loads_from_counts(loads, unreplicated_counts(L, E, ranks))
     elif name == "dynamic":
@@ -235,6 +260,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv", default="", help="options of bench/deploy_kv.py (one quoted string)")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument(
+        "--checkpoint", help="a trained checkpoint (e.g. the demo's) instead of the preset's random init"
+    )
+    ap.add_argument(
+        "--text", help="prompts from this text file (needs --checkpoint's tokenizer) instead of random ids"
+    )
     ap.add_argument("--loads", help="an ExpertLoadStats file of this model (default: record them)")
     ap.add_argument("--requests", type=int, default=8, help="requests per rank")
     ap.add_argument("--prompt-len", type=int, default=8)
@@ -248,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--record-seed", type=int, default=1, help="2: the run's own requests (its exact loads)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="of the max/mean target (integer splits)")
     a = ap.parse_args(argv)
+    if a.text and not a.checkpoint:
+        ap.error("--text: needs --checkpoint (its tokenizer encodes the text)")
     a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
     bad = [x for x in a.sections if x not in SECTIONS]
     if bad or not a.sections:
@@ -263,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def decode_section(a: argparse.Namespace) -> None:
     print("== decode: EPLB modes on skewed loads ==")
-    E = ModelConfig.from_preset(a.preset).n_routed_experts
+    E = model_config(a).n_routed_experts
     a.slots_per_rank = a.slots_per_rank or -(-E // a.ranks) + 1
     a.active = a.active or a.slots_per_rank
     a.hosted = a.hosted or a.active + 1
@@ -278,7 +311,7 @@ def decode_section(a: argparse.Namespace) -> None:
     res = run_ranks(worker, a.ranks, a, loads, timeout=120, deadline=1200)
     load_after = os.getloadavg()[0]
     cfgs = ep_configs(a, loads)
-    print(f"\n{a.ranks} ranks (gloo), {a.preset}, {a.requests} requests per rank, {a.max_tokens} tokens each; "
+    print(f"\n{a.ranks} ranks (gloo), {a.checkpoint or a.preset}, {a.requests} requests per rank, {a.max_tokens} tokens each; "
           f"S={a.slots_per_rank} slots/rank (static, live), H={a.hosted} hosted / A={a.active} active (dynamic)")  # fmt: skip
     head = (f"{'mode':8} {'decode tok/s':>12} {'max/mean measured':>18} {'per step':>9} {'predicted':>10} {'pred. (run)':>11} "
             f"{'replans':>8} {'MB moved':>9} {'replan s':>9} {'layer ms':>9} {'plan ms':>8}")  # fmt: skip
@@ -297,9 +330,7 @@ def decode_section(a: argparse.Namespace) -> None:
         pred_run = predicted(a, name, run_loads, cfgs[name], a.ranks, per[0]["phy2log"])
         if name == "dynamic":  # the split is chosen per step: each step's loads, as the ranks split them
             counts = sum(p["step_counts"] for p in per)  # (T, L, E)
-            hosting = initial_placement(
-                ModelConfig.from_preset(a.preset), loads.shape[0], a.ranks, cfgs[name]
-            )
+            hosting = initial_placement(model_config(a), loads.shape[0], a.ranks, cfgs[name])
             gpu = sum(
                 torch.stack([dynamic_layer(hosting.phy2log[i], a.ranks, c[i], a.active, DYNAMIC_SWEEPS)[1]
                              .view(a.ranks, -1).sum(-1) for i in range(c.shape[0])]).double()
