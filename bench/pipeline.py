@@ -31,8 +31,7 @@ all-to-all time is hidden.
    time spent in all-to-all waits, over the whole step and over its F&B pairs only (the issue's
    target for DualPipe: >= 50%). Conservative: waiting for a slower EP peer counts as blocked (the
    column "blocked without latency" shows how much of that there is); on a machine with fewer
-   cores than ranks it can make the share negative. Net: that blocking without latency (the same
-   schedule's steps at latency 0, when measured) subtracted from the blocked time first. The injected latency runs from each rank's own
+   cores than ranks it can make the share negative. The injected latency runs from each rank's own
    start of an exchange, so time spent waiting for a late peer also absorbs latency.
 
 Also writes the measured timelines of the last step (with the largest latency) as PNGs, and
@@ -295,16 +294,6 @@ def hidden_share(
     return 1.0 - blocked / injected
 
 
-def shares(steps: list[dict], base: list[dict], latency: float, comm: str, count: str) -> str:
-    """'conservative / net' hidden shares (`hidden_share` without and with `base`, the same
-    schedule's steps without latency; '?' without them), or '-' where nothing was injected."""
-    cons = hidden_share(steps, None, latency, comm, count)
-    if cons is None:
-        return "-"
-    net = f"{hidden_share(steps, base, latency, comm, count):.0%}" if base else "?"
-    return f"{cons:.0%} / {net}"
-
-
 def table(
     args, costs: dict[int, StageCosts], exchanges: dict[int, tuple[int, ...]], latencies, results
 ) -> str:
@@ -314,9 +303,10 @@ def table(
     rows = [
         "| schedule | a2a latency (ms) | trainer step (s, median) | runner part (s) | simulated (s) "
         "| trainer / simulated | runner / simulated | CPU bound (s) | a2a injected per rank (s) "
-        "| a2a blocked (s) | blocked without latency (s) | hidden a2a (cons. / net) | hidden in F&B (cons. / net) |",
+        "| a2a blocked (s) | blocked without latency (s) | hidden a2a | hidden in F&B |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    fmt = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     for latency in latencies:
         for name in args.schedules:
             stages = 2 * args.pp if name == "dualpipev" else args.pp
@@ -338,8 +328,8 @@ def table(
                 f"| {name} | {latency * 1e3:.2f} | {wall:.3f} | {runner:.3f} | {sim.makespan:.3f} "
                 f"| {wall / sim.makespan:.2f} | {runner / sim.makespan:.2f} "
                 f"| {max(compute / cores, sim.makespan):.3f} | {injected:.3f} | {blocked:.3f} | {blocked0:.3f} "
-                f"| {shares(every, base, latency, 'comm_wait', 'exchanges')} "
-                f"| {shares(every, base, latency, 'pair_comm_wait', 'pair_exchanges')} |"
+                f"| {fmt(hidden_share(every, None, latency, 'comm_wait', 'exchanges'))} "
+                f"| {fmt(hidden_share(every, None, latency, 'pair_comm_wait', 'pair_exchanges'))} |"
             )
     return "\n".join(rows)
 

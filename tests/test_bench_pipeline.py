@@ -49,9 +49,6 @@ def test_hidden_share_counts_only_the_latency_s_part_of_the_blocked_time(bench):
     assert bench.hidden_share(steps, base, 0.1, "comm_wait", "exchanges") == pytest.approx(0.6)
     assert bench.hidden_share(steps, None, 0.1, "comm_wait", "exchanges") == pytest.approx(0.5)
     assert bench.hidden_share(steps, base, 0.0, "comm_wait", "exchanges") is None
-    assert bench.shares(steps, base, 0.1, "comm_wait", "exchanges") == "50% / 60%"  # the table's cell
-    assert bench.shares(steps, [], 0.1, "comm_wait", "exchanges") == "50% / ?"  # latency 0 not measured
-    assert bench.shares(steps, base, 0.0, "comm_wait", "exchanges") == "-"
 
 
 @pytest.mark.dist
