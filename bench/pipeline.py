@@ -200,7 +200,7 @@ def data_config(args: argparse.Namespace, root: Path) -> DataConfig:
 def train_config(args: argparse.Namespace, root: Path, schedule: str, total_steps: int) -> TrainConfig:
     """`dsv3 train`'s settings for one schedule: pp x ep ranks, a constant global batch of `chunks`
     micro-batches of `batch` sequences per pipeline, FP32, no evaluation or checkpoint."""
-    parallel = {"pp": args.pp, "ep": args.ep, "schedule": schedule, "timeout": 120.0}
+    parallel = {"pp": args.pp, "ep": args.ep, "schedule": schedule, "timeout": args.timeout}
     if args.ep == 1:
         del parallel["ep"]
     global_batch = args.chunks * args.batch * args.ep  # every pipeline reads its own data shard
@@ -231,7 +231,6 @@ def _worker(rank: int, world: int, args: argparse.Namespace, root: Path, latenci
     total = len(latencies) * (args.warmup + args.steps)
     trainers = {}
     for name in args.schedules:  # every rank builds them in the same order (their process groups)
-        torch.manual_seed(0)
         trainers[name] = Trainer(train_config(args, root, name, total), dataset=data, show_progress=False)
     first = trainers[args.schedules[0]].strategy
     out: dict = {"steps": {}, "traces": {}, "losses": {}, "pp_rank": first.runner.rank,
@@ -354,7 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5, help="cost measurement repeats")
     p.add_argument("--img-dir", default=None)
-    p.add_argument("--timeout", type=float, default=300, help="seconds a rank may stay silent")
+    p.add_argument(
+        "--timeout", type=float, default=300, help="seconds a rank or a collective may stay silent"
+    )
     args = p.parse_args(argv)
     if args.pp < 2:
         p.error(f"--pp: {args.pp}; the trainer runs a pipeline schedule only with at least 2 pipeline ranks")
