@@ -61,7 +61,9 @@ def test_the_bench_times_the_trainer_s_own_step():
     cmd = [sys.executable, str(bench), "--preset", "tiny", "--layers", "3", "--vocab", "300", "--seq", "16",
            "--chunks", "4", "--steps", "1", "--warmup", "0", "--repeats", "1", "--schedules", "1f1b",
            "dualpipev", "--a2a-latency", "0", "0.001", "--timeout", "60"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=110, check=True).stdout
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     steps = re.search(r"trainer steps taken: 1f1b=(\d+) dualpipev=(\d+); losses of 1f1b: (.*); "
                       r"largest loss difference between the schedules: (\S+)", out)  # fmt: skip
     assert steps, out
