@@ -1,25 +1,32 @@
-"""Step time of pipelined training with expert parallelism: 1F1B, ZB1P, DualPipe and DualPipeV on
-pp x ep gloo processes (default 2 x 2 = 4), without and with an injected all-to-all latency, next to
-the schedule simulator's prediction for the same settings, and how much all-to-all time is hidden.
+"""Step time of `dsv3 train`'s own step with pipeline stages and expert parallelism: 1F1B, ZB1P,
+DualPipe and DualPipeV on pp x ep gloo processes (default 2 x 2 = 4), without and with an injected
+all-to-all latency, next to the schedule simulator's prediction for the same settings, and how much
+all-to-all time is hidden.
 
-    .venv/bin/python bench/pipeline.py --img-dir docs/img          # on a quiet machine
+    .venv/bin/python bench/pipeline.py --img-dir docs/img          # on a quiet machine, >= 1 core per rank
 
 1. Costs, in this process (one thread): every stage's forward F, full backward B and weight-gradient
    backward W on one micro-batch (median of repeats, CPU seconds), for 2 and 4 stages (DualPipeV
    cuts pp ranks into 2 pp stages), and the mean compute time of one attention or MLP phase. The
    injected latency "auto" is that phase time: a block's forward then has as much all-to-all time
    (dispatch + combine) as computation (attention + MLP), the paper's 1:1 ratio (§3.2.1).
-2. Runtime: pp x ep processes (`build_mesh(ep, pp)`: every pipeline reads its own micro-batches,
-   the ranks holding a stage form its EP group), one training step function per schedule
-   (`training_step`, the seam for `dsv3 train`'s step), steps alternating between the schedules so
-   that machine noise hits all alike. Step time = the slowest rank's wall time from a common barrier,
-   median over `--steps`. `--a2a-latency` seconds are added to every dispatch/combine all-to-all
-   (`Link.latency`: an exchange completes no earlier than that long after it started; a wait blocks
-   only for what is left), `--latency` to every pipeline message (`comm.P2P`).
+2. Runtime: pp x ep processes, each with one `Trainer` per schedule (`parallel={"pp", "ep",
+   "schedule"}`, FP32, a constant global batch of `--chunks` micro-batches per pipeline, data from a
+   synthetic corpus prepared once in this process), steps alternating between the schedules so that
+   machine noise hits all alike. What is timed is `Trainer.train_step()`, the whole step of `dsv3
+   train`: its data, the schedule's forward/backward (`PipelineRunner.step`), gradient reduction,
+   ZeRO-1, clipping, the optimizer and the bias update. Trainer step = from a common barrier to the
+   last rank's return from `train_step()`; runner part = the first op's start to the last op's end
+   over all ranks (the runner's `trace`), what the simulator predicts; medians over `--steps`. `--a2a-latency` seconds
+   are added to every dispatch/combine all-to-all (`Link.latency` of the trainer's EP links: an
+   exchange completes no earlier than that long after it started; a wait blocks only for what is
+   left), `--latency` to every pipeline message (`comm.P2P`).
 3. Prediction: `plan.simulate` on the same op lists with the measured costs, plus the all-to-all
    time: exposed in full in a lone F, B or I (each MoE block's two exchanges), hidden behind the
    pair's computation in an F&B (cost max(compute, communication), Figure 4's ideal), assuming one
    core per rank; and the CPU bound (total compute / cores) for machines with fewer cores than ranks.
+   The simulator models the schedule only: the trainer step's rest (reduction, optimizer) is the
+   difference between the two measured columns.
 4. Hidden all-to-all time: 1 - blocked / injected, injected = exchanges x latency, blocked = the
    time spent in all-to-all waits, over the whole step and over its F&B pairs only (the issue's
    target for DualPipe: >= 50%). Conservative: waiting for a slower EP peer counts as blocked (the
@@ -29,8 +36,8 @@ the schedule simulator's prediction for the same settings, and how much all-to-a
 
 Also writes the measured timelines of the last step (with the largest latency) as PNGs, and
 simulated timelines at the paper's PP = 16 with the measured cost ratios.
-Do not record numbers measured on a loaded machine: the 2-core machine these scripts are tested on
-runs 4 ranks on 2 cores, so the ranks' compute cannot overlap there.
+Record numbers with the machine's load: the 2-core machine these scripts are tested on runs 4 ranks
+on 2 cores, so the ranks' compute cannot overlap there.
 """
 
 from __future__ import annotations
@@ -38,8 +45,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +54,17 @@ import torch
 import torch.distributed as dist
 
 from dsv3 import ModelConfig
+from dsv3.data.dataset import DataConfig, prepare_data
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.launch import run_ranks
-from dsv3.parallel.pipeline import PipelineRunner
 from dsv3.parallel.pipeline.phases import COMPUTE, PhasedPass, StagePass
 from dsv3.parallel.pipeline.plan import Costs, Interval, Simulation, simulate
 from dsv3.parallel.pipeline.schedule import BACKWARD, FORWARD, INPUT_GRAD, Op, build_schedule
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers
 from dsv3.parallel.pipeline.timeline import draw_timeline
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads
+from dsv3.train import TrainConfig, Trainer
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -166,91 +174,100 @@ def phase_time(cfg: ModelConfig, seq: int, b: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-# ---- the seam: one training step ------------------------------------------------------------------------
-def training_step(
-    cfg: ModelConfig, schedule: str, args: argparse.Namespace, mesh
-) -> tuple[Callable[[torch.Tensor], float], PipelineRunner]:
-    """Build what one training step of `schedule` runs and return (step(batch) -> loss, runner).
-
-    This is the place to swap in `dsv3 train`'s own step once the trainer runs pipelines (issue
-    14 part 5): it must run the same PipelineRunner (pp group, expert parallelism, schedule) and
-    reduce the replicated gradients over the stage's data-parallel ranks, as done here."""
-    from dsv3.parallel.expert.moe import ExpertParallel
-
-    torch.manual_seed(0)
-    ep = ExpertParallel.from_mesh(mesh, cfg) if mesh.layout.ep > 1 else None
-    runner = PipelineRunner(
-        Transformer(cfg), schedule, args.chunks, group=mesh.group("pp"), latency=args.latency, ep=ep
-    )
-    replicated = [p for n, p in runner.module.named_parameters() if ".experts." not in n]
-
-    def step(batch: torch.Tensor) -> float:
-        out = runner.step(batch)
-        if mesh.data_world > 1:  # the data-parallel part of expert parallelism
-            for p in replicated:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=mesh.group("stage"))
-        for p in runner.parameters():
-            p.grad = None
-        return out.total
-
-    return step, runner
+# ---- the trainer's step -----------------------------------------------------------------------------
+WORDS_SEED = 0
 
 
-def _links(runner: PipelineRunner) -> list:
-    ep = runner.ep
-    return [] if ep is None else [ep.ep, ep.inter, ep.intra]
+def write_corpus(directory: Path, n_docs: int = 200, words: int = 400, doc_words: int = 120) -> Path:
+    """A synthetic text corpus in `directory`: documents of random pseudo-words (seeded), enough for a
+    tokenizer of a few hundred to a thousand tokens and for every step's batches (the loader wraps)."""
+    g = torch.Generator().manual_seed(WORDS_SEED)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pool = ["".join(letters[i] for i in torch.randint(0, 26, (int(n),), generator=g).tolist())
+            for n in torch.randint(2, 9, (words,), generator=g).tolist()]  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        idx = torch.randint(0, words, (doc_words,), generator=g).tolist()
+        (directory / f"doc{d:03d}.txt").write_text(" ".join(pool[i] for i in idx) + ".\n")
+    return directory
 
 
-def _worker(
-    rank: int, world: int, cfg: ModelConfig, args: argparse.Namespace, latencies: list[float]
-) -> dict:
-    """Steps of every schedule, alternating; per (schedule, a2a latency) and step: the slowest rank's
-    wall time, and this rank's compute, pipeline waits, all-to-all waits and exchanges."""
-    from dsv3.parallel.mesh import build_mesh
+def data_config(args: argparse.Namespace, root: Path) -> DataConfig:
+    return DataConfig(data=str(root / "corpus"), vocab_size=args.vocab, val_fraction=0.1,
+                      cache=str(root / "cache"), progress=False)  # fmt: skip
 
+
+def train_config(args: argparse.Namespace, root: Path, schedule: str, total_steps: int) -> TrainConfig:
+    """`dsv3 train`'s settings for one schedule: pp x ep ranks, a constant global batch of `chunks`
+    micro-batches of `batch` sequences per pipeline, FP32, no evaluation or checkpoint."""
+    parallel = {"pp": args.pp, "ep": args.ep, "schedule": schedule, "timeout": args.timeout}
+    if args.ep == 1:
+        del parallel["ep"]
+    global_batch = args.chunks * args.batch * args.ep  # every pipeline reads its own data shard
+    return TrainConfig(
+        preset=args.preset, model={"n_layers": args.layers, "vocab_size": args.vocab}, parallel=parallel,
+        steps=total_steps, out=str(root / f"run-{schedule}"), data=str(root / "corpus"), seq_len=args.seq,
+        micro_batch=args.batch, batch_start=global_batch, batch_end=global_batch, eval_every=10**9,
+        ckpt_every=10**9, precision="fp32", tensorboard=False, val_fraction=0.1, max_bad_steps=10**9,
+    )  # fmt: skip
+
+
+def set_latencies(trainer: Trainer, a2a: float, p2p: float) -> None:
+    """Inject `a2a` seconds into every expert-parallel exchange and `p2p` into every pipeline message
+    of the trainer's step (every rank changes them between the same two steps)."""
+    ep = trainer.strategy.ep
+    for link in [] if ep is None else [ep.ep, ep.inter, ep.intra]:
+        link.latency = a2a
+    trainer.runner.p2p.latency = p2p
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, root: Path, latencies: list[float]) -> dict:
+    """One `Trainer` per schedule, steps alternating between them; per (schedule, a2a latency) and
+    step: the `train_step()` span over all ranks (first start to last end), the runner's span inside
+    it (first op start to last op end), this rank's compute, pipeline waits, all-to-all waits and
+    exchanges; the losses of every step."""
     torch.set_num_threads(1)
-    mesh = build_mesh(ep=args.ep, pp=args.pp, ranks_per_node=world)
-    steps = {name: training_step(cfg, name, args, mesh) for name in args.schedules}
-    gen = torch.Generator().manual_seed(1)
-    n = args.chunks * args.batch
-    batch = torch.randint(0, cfg.vocab_size, (mesh.data_world * n, args.seq + 1), generator=gen)
-    mine = batch[mesh.data_rank * n : (mesh.data_rank + 1) * n]
-    out: dict = {
-        "steps": {},
-        "traces": {},
-        "pp_rank": dist.get_rank(mesh.group("pp")),
-        "pp": mesh.members["pp"],
-    }
+    data = prepare_data(data_config(args, root))  # prepared (cached) by the parent
+    total = len(latencies) * (args.warmup + args.steps)
+    trainers = {}
+    for name in args.schedules:  # every rank builds them in the same order (their process groups)
+        trainers[name] = Trainer(train_config(args, root, name, total), dataset=data, show_progress=False)
+    first = trainers[args.schedules[0]].strategy
+    out: dict = {"steps": {}, "traces": {}, "losses": {}, "pp_rank": first.runner.rank,
+                 "pp": first.mesh.members["pp"]}  # fmt: skip
     for latency in latencies:
-        for _, runner in steps.values():
-            for link in _links(runner):
-                link.latency = latency  # every rank changes it between the same two steps
+        for trainer in trainers.values():
+            set_latencies(trainer, latency, args.latency)
         for i in range(args.warmup + args.steps):
-            for name, (step, runner) in steps.items():  # alternate: noise hits all schedules alike
+            for name, trainer in trainers.items():  # alternate: noise hits all schedules alike
                 dist.barrier()
-                t = time.time()
-                step(mine)
-                elapsed = torch.tensor([time.time() - t], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if i >= args.warmup:
-                    tr = runner.trace
-                    pairs = [o for o in tr if len(o.op.tasks) == 2]
-                    out["steps"].setdefault((name, latency), []).append(
-                        {
-                            "wall": float(elapsed),
-                            "compute": sum(o.compute for o in tr),
-                            "wait": sum(o.wait for o in tr),
-                            "comm_wait": sum(o.comm_wait for o in tr),
-                            "exchanges": sum(o.exchanges for o in tr),
-                            "pair_comm_wait": sum(o.comm_wait for o in pairs),
-                            "pair_exchanges": sum(o.exchanges for o in pairs),
-                        }
-                    )
-        for name, (_, runner) in steps.items():
+                t0 = time.time()
+                result = trainer.train_step()
+                t1 = time.time()
+                tr = trainer.runner.trace
+                spans = torch.tensor([t1, -t0, tr[-1].end, -tr[0].start], dtype=torch.float64)
+                dist.all_reduce(spans, op=dist.ReduceOp.MAX)
+                out["losses"].setdefault(name, []).append(result.loss)
+                if i < args.warmup:
+                    continue
+                pairs = [o for o in tr if len(o.op.tasks) == 2]
+                out["steps"].setdefault((name, latency), []).append(
+                    {
+                        "wall": float(spans[0] + spans[1]),  # last rank's end - first rank's start
+                        "runner": float(spans[2] + spans[3]),  # last op's end - first op's start
+                        "compute": sum(o.compute for o in tr),
+                        "wait": sum(o.wait for o in tr),
+                        "comm_wait": sum(o.comm_wait for o in tr),
+                        "exchanges": sum(o.exchanges for o in tr),
+                        "pair_comm_wait": sum(o.comm_wait for o in pairs),
+                        "pair_exchanges": sum(o.exchanges for o in pairs),
+                    }
+                )
+        for name, trainer in trainers.items():
             out["traces"][(name, latency)] = [
-                (o.start, o.end, o.wait + o.comm_wait, o.op) for o in runner.trace
+                (o.start, o.end, o.wait + o.comm_wait, o.op) for o in trainer.runner.trace
             ]
+    out["trainer_steps"] = {name: t.step for name, t in trainers.items()}
     return out
 
 
@@ -279,12 +296,14 @@ def hidden_share(
 def table(
     args, costs: dict[int, StageCosts], exchanges: dict[int, tuple[int, ...]], latencies, results
 ) -> str:
-    """Markdown: measured step time next to the simulator's, and the hidden all-to-all time."""
+    """Markdown: the measured trainer step and the runner's part of it next to the simulator's
+    prediction, and the hidden all-to-all time."""
     cores = os.cpu_count() or 1
     rows = [
-        "| schedule | a2a latency (ms) | step (s, median) | simulated (s) | measured / simulated | CPU bound (s) "
-        "| a2a injected per rank (s) | a2a blocked (s) | blocked without latency (s) | hidden a2a | hidden in F&B |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| schedule | a2a latency (ms) | trainer step (s, median) | runner part (s) | simulated (s) "
+        "| trainer / simulated | runner / simulated | CPU bound (s) | a2a injected per rank (s) "
+        "| a2a blocked (s) | blocked without latency (s) | hidden a2a | hidden in F&B |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
     for latency in latencies:
@@ -294,6 +313,7 @@ def table(
             sim = simulate(sched, costs[stages].with_latency(latency, exchanges[stages]), args.latency)
             key = (name, latency)
             wall = statistics.median(s["wall"] for s in results[0]["steps"][key])
+            runner = statistics.median(s["runner"] for s in results[0]["steps"][key])
             per_rank = [r["steps"][key] for r in results]
             compute = sum(statistics.median(s["compute"] for s in st) for st in per_rank)
             injected = statistics.mean(
@@ -304,7 +324,8 @@ def table(
             blocked = statistics.mean(s["comm_wait"] for s in every)
             blocked0 = statistics.mean(s["comm_wait"] for s in base) if base else float("nan")
             rows.append(
-                f"| {name} | {latency * 1e3:.2f} | {wall:.3f} | {sim.makespan:.3f} | {wall / sim.makespan:.2f} "
+                f"| {name} | {latency * 1e3:.2f} | {wall:.3f} | {runner:.3f} | {sim.makespan:.3f} "
+                f"| {wall / sim.makespan:.2f} | {runner / sim.makespan:.2f} "
                 f"| {max(compute / cores, sim.makespan):.3f} | {injected:.3f} | {blocked:.3f} | {blocked0:.3f} "
                 f"| {fmt(hidden_share(every, None, latency, 'comm_wait', 'exchanges'))} "
                 f"| {fmt(hidden_share(every, None, latency, 'pair_comm_wait', 'pair_exchanges'))} |"
@@ -332,14 +353,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5, help="cost measurement repeats")
     p.add_argument("--img-dir", default=None)
-    return p.parse_args(argv)
+    p.add_argument(
+        "--timeout", type=float, default=300, help="seconds a rank or a collective may stay silent"
+    )
+    args = p.parse_args(argv)
+    if args.pp < 2:
+        p.error(f"--pp: {args.pp}; the trainer runs a pipeline schedule only with at least 2 pipeline ranks")
+    return args
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None) -> tuple[str, list[dict]]:
+    """Run the benchmark; returns the table and every rank's figures (`_worker`)."""
     args = parse_args(argv)
     torch.set_num_threads(1)
     cfg = model_config(args)
-    load0 = os.getloadavg()[0]
     stage_counts = sorted({2 * args.pp if s == "dualpipev" else args.pp for s in args.schedules})
     costs = {n: measure_costs(cfg, n, args.seq, args.batch, args.repeats) for n in stage_counts}
     torch.manual_seed(0)
@@ -356,10 +383,26 @@ def main(argv: list[str] | None = None) -> str:
         ]
         print(f"measured costs at {n} stages (ms, one thread): " + "; ".join(per_stage))
     print(f"one attention/MLP phase: {phase * 1e3:.2f} ms ('auto' all-to-all latency)")
-    results = run_ranks(_worker, world, cfg, args, latencies, timeout=300, deadline=3600)
-    load1 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        root = Path(tmp)
+        write_corpus(root / "corpus")
+        prepare_data(data_config(args, root))  # once, here: the ranks read the cache
+        load0 = os.getloadavg()
+        results = run_ranks(_worker, world, args, root, latencies, timeout=args.timeout, deadline=3600)
+        load1 = os.getloadavg()
     report = table(args, costs, exchanges, latencies, results)
-    print(f"\nload average (1 min) before/after: {load0:.1f} / {load1:.1f}\n")
+    # the same seed and data in every schedule's trainer: their steps must give the same losses
+    losses = results[0]["losses"]
+    spread = max(
+        abs(a - b) for name in args.schedules for a, b in zip(losses[name], losses[args.schedules[0]])
+    )
+    taken = " ".join(f"{name}={results[0]['trainer_steps'][name]}" for name in args.schedules)
+    print(f"\ntrainer steps taken: {taken}; losses of {args.schedules[0]}: "
+          f"{' '.join(f'{v:.4f}' for v in losses[args.schedules[0]])}; "
+          f"largest loss difference between the schedules: {spread:.1e}")  # fmt: skip
+    loads = lambda la: " ".join(f"{v:.1f}" for v in la)  # noqa: E731
+    print(f"load average (1/5/15 min) before: {loads(load0)}, after: {loads(load1)}; "
+          f"{os.cpu_count()} cores for {world} ranks\n")  # fmt: skip
     print(report)
     if args.img_dir:
         img = Path(args.img_dir)
@@ -369,9 +412,9 @@ def main(argv: list[str] | None = None) -> str:
             stages = 2 * args.pp if name == "dualpipev" else args.pp
             sched = build_schedule(name, stages, args.chunks)
             sim = measured_timeline(sched, [r["traces"][(name, latency)] for r in pipeline0], costs[stages])
-            title = (f"{name} measured, pp={args.pp} x ep={args.ep} CPU processes ({os.cpu_count()} cores), "
-                     f"{args.chunks} micro-batches, all-to-all latency {latency * 1e3:.2f} ms "
-                     "(boxes: compute, gaps: waiting)")  # fmt: skip
+            title = (f"{name} measured in Trainer.train_step, pp={args.pp} x ep={args.ep} CPU processes "
+                     f"({os.cpu_count()} cores), {args.chunks} micro-batches, all-to-all latency "
+                     f"{latency * 1e3:.2f} ms (boxes: compute, gaps: waiting)")  # fmt: skip
             print("wrote", draw_timeline(sim, img / f"pipeline-measured-{name}.png", title=title))
         c = costs[args.pp]
         ratio = Costs(f=1.0, b=c.b / c.f, w=c.w / c.f)
@@ -381,7 +424,7 @@ def main(argv: list[str] | None = None) -> str:
                      f"W={ratio.w:.2f}, latency {args.latency / c.f:.2f}: makespan {sim.makespan:.1f}, "
                      f"bubble {sim.bubble():.1f}")  # fmt: skip
             print("wrote", draw_timeline(sim, img / f"pipeline-pp16-{name}.png", title=title))
-    return report
+    return report, results
 
 
 if __name__ == "__main__":

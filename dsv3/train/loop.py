@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from dsv3.train.state import (
     verify_checkpoint,
 )
 from dsv3.train.strategy import Strategy
+
+if TYPE_CHECKING:
+    from dsv3.parallel.pipeline.runtime import PipelineRunner
 
 
 class TrainingDiverged(RuntimeError):
@@ -197,6 +201,12 @@ class Trainer:
         self.peak = measure_peak(dtype)
         self.main_moe = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
         self._token_bytes = dataset.tokenizer.token_bytes()
+
+    @property
+    def runner(self) -> PipelineRunner | None:
+        """The pipeline runtime that runs the step's schedule with pipeline stages (its `trace`: the
+        last step's ops with their times), else None. Read-only: for benchmarks and tests."""
+        return getattr(self.strategy, "runner", None)
 
     @classmethod
     def for_checkpoint(cls, cfg: TrainConfig, path: str | Path) -> Trainer:
