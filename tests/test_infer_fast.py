@@ -126,6 +126,39 @@ def _check_fast_equals_forward(model: Transformer, fold: bool | None, native: bo
         check([b], [lens[b] + 10], 2)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_fast_logits_equal_full_forward_at_batch_64_on_v3_mini(native):
+    """The v3-mini attention geometry (dim 512, q_lora 1536, kv_lora 512, nope 128, v 128), two
+    layers (dense, MoE): 64 rows of different lengths (every other row's blocks out of order) at
+    T = 1 and T = 2, through the many-row weights (o_proj not folded with W_UV: it would cost 2x
+    the pair's multiply-adds; `AttnWeights.many`), each layer's keys gathered through the tables."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("v3-mini").replace(n_layers=2, vocab_size=512, n_mtp_layers=0)
+    model = _model(cfg)
+    cache = PagedLatentCache(cfg, num_blocks=64 * 4 + 4, block_size=4)
+    fast = FastDecoder(model, cache, native=native, bf16_gemm=False)
+    few, many = fast.weights.attn[0], fast.weights.attn[0].many
+    assert few.w_uv is None and many is not None and many.w_uv is not None
+    assert many.w_o.shape == (cfg.n_heads * cfg.v_head_dim, cfg.dim) and many.w_q is few.w_q
+    B = 64
+    lens = torch.randint(3, 10, (B,)).tolist()
+    tables = [cache.allocator.allocate(4) for _ in range(B)]
+    tables[1::2] = [t[::-1] for t in tables[1::2]]
+    ids = torch.randint(0, cfg.vocab_size, (B, 12))
+    with torch.no_grad():
+        full = model(ids)
+        for b, n in enumerate(lens):
+            pos = torch.arange(n)[None]
+            cache.bind(make_context([tables[b]], pos, [n], 4))
+            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    for pos, T in (([n for n in lens], 1), ([n + 1 for n in lens], 2)):
+        x = fast.forward([ids[b, p : p + T].tolist() for b, p in enumerate(pos)], pos, tables)
+        logits = fast.logits(x).view(B, T, -1)
+        for b, p in enumerate(pos):
+            want = full[b, p : p + T]
+            assert (logits[b] - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
 BF16_GEMM_BOUND = 3e-2  # logits, relative to the largest: activations and outputs rounded to BF16
 
 
@@ -393,6 +426,12 @@ def test_fold_rule_folds_the_small_presets_and_not_v3():
         assert (
             folds(c.q_lora_rank or c.dim, c.dim, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank) == expected
         )
+    # many rows fold only what costs no more multiply-adds: v3-mini's o_proj (2x the pair) stays unfolded
+    c = ModelConfig.from_preset("v3-mini")
+    assert folds(c.q_lora_rank, c.dim, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank, 1.0) == (
+        False,
+        False,
+    )
 
 
 def test_decode_moe_sets_last_counts_like_moe(tiny):
