@@ -367,14 +367,14 @@ class FastDecoder:
         if w.w_uk is None:
             q = q[..., : n + P]  # (B, H, W) [q_lat | q_pe]
         else:  # W_UK per head: (H, B, N) @ (H, N, R)
-            q = torch.cat([torch.bmm(q[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), q_pe], dim=-1)
+            q = torch.cat([_bmm(q[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), q_pe], dim=-1)
         row = keys.new_rows(layer)  # (B, W): kv_a_layernorm(c_kv) | rope(k_pe)
         kv = a[:, :R]
         torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
         torch.addcmul(a[:, R : R + P] * cos, a[:, R + P : R + 2 * P], sin, out=row[:, R:])
         o = keys.attend(layer, q)  # (B, H, R)
         if w.w_uv is not None:  # W_UV per head: (H, B, R) @ (H, R, V)
-            o = torch.bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
+            o = _bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
         return self._mm(o.reshape(B, -1), w.w_o, x)  # residual + o_proj
 
     def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list) -> torch.Tensor:
@@ -406,6 +406,13 @@ class FastDecoder:
             decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None)
             routed.append(idx)
         return x
+
+
+def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [G, M, K] @ w [G, K, N] in w's dtype (a BF16-stored w: BF16 GEMMs, as `Bf16Gemm`), x's out."""
+    if w.dtype == x.dtype:
+        return torch.bmm(x, w)
+    return torch.bmm(x.to(w.dtype), w).to(x.dtype)
 
 
 def _consecutive_start(table: list[int], position: int, block_size: int) -> int | None:

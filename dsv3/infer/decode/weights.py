@@ -116,7 +116,7 @@ def _attention(
 ) -> AttnWeights:
     """The attention's decode weights; with `fold` None the folds are chosen per row count (few rows:
     `FOLD_MAX_GROWTH`; many rows: `FOLD_MAX_GROWTH_MANY`, in `many` where they differ). many_dtype:
-    the storage dtype of the many-row matrices w_in, w_q, w_o (BF16 for BF16 GEMMs; None: the model's)."""
+    the storage dtype of the many-row matrices (BF16 for BF16 GEMMs; None: the model's)."""
     N, V, R = mla.nope_dim, mla.v_dim, mla.kv_lora_rank
     q_in = (mla.q_proj if hasattr(mla, "q_proj") else mla.q_b_proj).weight.shape[1]
     D = mla.o_proj.weight.shape[0]
@@ -132,11 +132,14 @@ def _attention(
         )
     if many_dtype is not None and many_dtype != w.w_o.dtype:  # rounded once, for BF16 GEMMs
         base = w.many or w
-        w.many = replace(
-            base, **{k: getattr(base, k).to(many_dtype) if getattr(base, k).numel() else getattr(base, k)
-                     for k in ("w_in", "w_q", "w_o")},
-        )  # fmt: skip
+        names = ("w_in", "w_q", "w_o", "w_uk", "w_uv")
+        w.many = replace(base, **{k: _stored(getattr(base, k), many_dtype) for k in names})
     return w
+
+
+def _stored(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """w in `dtype` (None and empty placeholders as they are)."""
+    return w if w is None or not w.numel() else w.to(dtype)
 
 
 def _attention_folded(
