@@ -7,13 +7,15 @@ dsv3.infer.decode.weights:
 - attention: one matmul for q_a | kv_a | rope key, one for the query (W_UK and the softmax scale
   folded in), RoPE as x * cos + rot(x) * sin, the scores over the cached rows [c_kv | k_pe] in ONE
   matmul (the query is laid out [q_lat | rope(q_pe)] like a cache row), and one matmul for the
-  output (W_UV folded into o_proj) that also adds the residual. RMSNorm is x * 1/rms(x), its
-  weight folded into the next matmul;
+  output (W_UV folded into o_proj) that also adds the residual (W_UK / W_UV applied per head where
+  not folded: dsv3.infer.decode.weights folds them only where it pays, for few rows and for many
+  rows separately, `AttnWeights.many`). RMSNorm is x * 1/rms(x), its weight folded into the next
+  matmul;
 - the cache (`SliceKeys`, `GatheredKeys`): a lone sequence whose blocks are consecutive in the pool
   (the usual case: the allocator hands out increasing ids) attends over a slice of the pool and
   writes its new row in place; otherwise each layer gathers its keys through the block tables
-  with one index_select (row copies), puts its new rows into them, and the new rows of all layers
-  go to the pool in one write at the end of the step;
+  with one index_select (row copies into one buffer the layers share), puts its new rows into them,
+  and the new rows of all layers go to the pool in one write at the end of the step;
 - MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode.moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
 - matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.decode.kernels (native C++ on AVX2 CPUs:
@@ -104,11 +106,14 @@ class GatheredKeys:
         # `attend` by index_select (a row copy; ~8x faster than one advanced index over all layers)
         self.index = gather.masked_fill(s >= pos[:, -1:] + 1, 0).flatten()  # (B*S,)
         self.S = S
+        self.buf = data.new_empty(B * S, data.shape[-1])  # one layer's keys, reused by every layer:
+        # a fresh ~10 MB tensor per layer (batch 64, v3-mini) costs page faults on first touch
         visible = s[None, None] <= pos[..., None]  # (B, T, S): causal, and nothing past the row
         bias = torch.zeros(B, T, S, dtype=data.dtype).masked_fill(~visible, float("-inf"))
         self.bias = bias.repeat_interleave(heads, dim=1)  # (B, T*H, S), queries ordered (t, h)
         self.rows, self.cols = torch.arange(B).repeat_interleave(T), pos.flatten()  # (B*T,)
         self.slots = gather[self.rows, self.cols]  # (B*T,) where the new rows go
+        self.at = self.rows * S + self.cols  # (B*T,) their rows in `buf`
         self.new = data.new_empty(L, B * T, data.shape[-1])  # (L, B*T, W) this step's rows
         self.data, self.B, self.rank = data, B, rank
 
@@ -117,8 +122,8 @@ class GatheredKeys:
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [B*T, H, W] -> [B*T, H, R]; invisible key positions are masked by a -inf bias."""
-        k = self.data[layer].index_select(0, self.index).view(self.B, self.S, -1)  # (B, S, W)
-        k[self.rows, self.cols] = self.new[layer]
+        torch.index_select(self.data[layer], 0, self.index, out=self.buf)
+        k = self.buf.index_copy_(0, self.at, self.new[layer]).view(self.B, self.S, -1)  # (B, S, W)
         q = q.reshape(self.B, -1, q.shape[-1])  # (B, T*H, W)
         probs = torch.baddbmm(self.bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, T*H, S)
         return torch.bmm(probs, k[..., : self.rank]).view(len(self.rows), -1, self.rank)  # (B*T, H, R)
