@@ -126,17 +126,67 @@ def _check_fast_equals_forward(model: Transformer, fold: bool | None, native: bo
         check([b], [lens[b] + 10], 2)
 
 
+@pytest.mark.parametrize(
+    "native, gemm", [(True, "fp32"), (False, "fp32"), (True, "bf16")], ids=["native", "torch", "bf16-gemm"]
+)
+def test_fast_logits_equal_full_forward_at_batch_64_on_v3_mini(native, gemm):
+    """The v3-mini attention geometry (dim 512, q_lora 1536, kv_lora 512, nope 128, v 128), two
+    layers (dense, MoE): 64 rows of different lengths (every other row's blocks out of order) at
+    T = 1 and T = 2, through the many-row weights (o_proj not folded with W_UV: it would cost 2x
+    the pair's multiply-adds; `AttnWeights.many`), each layer's keys gathered through the tables.
+    fp32: within 1e-5; bf16-gemm (where the CPU has BF16 arithmetic): a BF16-valued model, its
+    many-row matrices in BF16 GEMMs, within BF16_GEMM_BOUND but for at most 2 of the 128 tokens:
+    a gate logit moved by BF16 rounding (~3e-3) can flip a near-tie in the top-4 routing (seen
+    here: 1 token), and a token routed to another expert differs by more than rounding."""
+    plan = cpu_kernels.plan_kernels()
+    if gemm == "bf16" and not plan.bf16_gemm:
+        pytest.skip(f"no BF16 arithmetic on this CPU ({plan.kind}: {' '.join(plan.flags)})")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("v3-mini").replace(n_layers=2, vocab_size=512, n_mtp_layers=0)
+    model = _model(cfg) if gemm == "fp32" else _bf16_valued(_model(cfg))
+    cache = PagedLatentCache(cfg, num_blocks=64 * 4 + 4, block_size=4)
+    dtype = torch.bfloat16 if gemm == "bf16" else None
+    fast = FastDecoder(model, cache, native=native, weight_dtype=dtype, bf16_gemm=gemm == "bf16")
+    few, many = fast.weights.attn[0], fast.weights.attn[0].many
+    assert few.w_uv is None and many is not None and many.w_uv is not None
+    assert many.w_o.shape == (cfg.n_heads * cfg.v_head_dim, cfg.dim)
+    assert (many.w_q is few.w_q) == (gemm == "fp32")  # shared unless stored in BF16
+    bound = 1e-5 if gemm == "fp32" else BF16_GEMM_BOUND
+    B = 64
+    lens = torch.randint(3, 10, (B,)).tolist()
+    tables = [cache.allocator.allocate(4) for _ in range(B)]
+    tables[1::2] = [t[::-1] for t in tables[1::2]]
+    ids = torch.randint(0, cfg.vocab_size, (B, 12))
+    with torch.no_grad():
+        full = model(ids)
+        for b, n in enumerate(lens):
+            pos = torch.arange(n)[None]
+            cache.bind(make_context([tables[b]], pos, [n], 4))
+            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    beyond = 0
+    for pos, T in (([n for n in lens], 1), ([n + 1 for n in lens], 2)):
+        x = fast.forward([ids[b, p : p + T].tolist() for b, p in enumerate(pos)], pos, tables)
+        logits = fast.logits(x).view(B, T, -1)
+        for b, p in enumerate(pos):
+            for t in range(T):
+                want = full[b, p + t]
+                beyond += bool((logits[b, t] - want).abs().max() > bound * max(1.0, want.abs().max().item()))
+    assert beyond <= (0 if gemm == "fp32" else 2)
+
+
 BF16_GEMM_BOUND = 3e-2  # logits, relative to the largest: activations and outputs rounded to BF16
 
 
+@pytest.mark.parametrize("variant", ["tiny", "v3_geometry"])
 @pytest.mark.parametrize("gemm", ["fp32", "bf16"])
-def test_batched_rows_on_the_kernel_plan(tiny, gemm, caplog):
+def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
     """A BF16-valued model with BF16-stored weights, 6 rows (more than KERNEL_ROWS): FP32 GEMMs are
     exact (1e-5); BF16 GEMMs, which the plan picks where the CPU has AVX512_BF16 or AMX (else this
     variant is skipped), stay within BF16_GEMM_BOUND. The choice is stated in one log line."""
     plan = cpu_kernels.plan_kernels()
     if gemm == "bf16" and not plan.bf16_gemm:
         pytest.skip(f"no BF16 arithmetic on this CPU ({plan.kind}: {' '.join(plan.flags)})")
+    tiny = tiny.replace(**VARIANTS[variant])  # v3_geometry: W_UK / W_UV per head (BF16 with BF16 GEMMs)
     model = _bf16_valued(_model(tiny))
     cache = PagedLatentCache(model.config, num_blocks=60, block_size=4)
     with caplog.at_level("INFO", logger="dsv3.infer.decode.step"):
@@ -146,6 +196,10 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
     assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
     assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch")
+    many = fast.weights.attn[0].many  # the many-row attention matrices: BF16 only with BF16 GEMMs
+    assert (many is not None and many.w_q.dtype == torch.bfloat16) == (gemm == "bf16")
+    if gemm == "bf16" and variant == "v3_geometry":  # W_UK per head (W_UV folds at this width)
+        assert many.w_uk.dtype == torch.bfloat16 and (many.w_uv is None or many.w_uv.dtype == torch.bfloat16)
     lens = [5, 9, 7, 6, 8, 4]
     tables = [cache.allocator.allocate(4) for _ in lens]
     ids = torch.randint(0, tiny.vocab_size, (len(lens), 12))
@@ -393,6 +447,12 @@ def test_fold_rule_folds_the_small_presets_and_not_v3():
         assert (
             folds(c.q_lora_rank or c.dim, c.dim, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank) == expected
         )
+    # many rows fold only what costs no more multiply-adds: v3-mini's o_proj (2x the pair) stays unfolded
+    c = ModelConfig.from_preset("v3-mini")
+    assert folds(c.q_lora_rank, c.dim, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank, 1.0) == (
+        False,
+        False,
+    )
 
 
 def test_decode_moe_sets_last_counts_like_moe(tiny):

@@ -13,7 +13,9 @@ matmuls as possible, each [in, out] contiguous (a row-vector product against tha
 - the absorbed MLA weights are folded once: W_UK into the query projection (q_b_proj, or q_proj)
   and W_UV into o_proj, each only when the folded matrix costs at most `FOLD_MAX_GROWTH` times the
   multiply-adds of the two it replaces (true for the small presets, where it saves an operator per
-  layer; for V3 the folded matrices would be 3-4x larger, so the per-head products stay);
+  layer; for V3 the folded matrices would be 3-4x larger, so the per-head products stay); for many
+  rows, where the GEMMs are bound by multiply-adds rather than operators, only when it costs no
+  more (`FOLD_MAX_GROWTH_MANY`, `AttnWeights.many`: v3-mini's folded o_proj is 2x the pair);
 - the softmax scale is folded into the query projection;
 - RoPE's pair rotation x -> (-x1, x0) is linear, so it is folded in as extra output columns
   (`_rotated_pairs`): rope(x) = x * cos + rot(x) * sin is then two elementwise operators.
@@ -21,7 +23,8 @@ Folding is done in FP64 and rounded once. With `weight_dtype` (BF16 for a BF16 c
 feed-forward matrices and the head are stored in that dtype instead, and exactly: nothing is folded
 into them (the norm weight is applied to the activations, `FfnWeights.norm_w`), the router stays a
 separate FP32 matrix (routing never sees the storage dtype), and the attention matrices, which are
-folded, keep the model's dtype. The routing bias and the experts' w2 are used in place (w2 copied
+folded, keep the model's dtype (their many-row copies, `AttnWeights.many`, are rounded to BF16 once
+where BF16 GEMMs run many rows: `many_dtype`; not exact, like those GEMMs' BF16 activations). The routing bias and the experts' w2 are used in place (w2 copied
 when `weight_dtype` differs);
 the copies are checked against the parameters they came from (`stale`) and rebuilt when the model
 was changed in place. The model's modules and checkpoint keys are untouched.
@@ -33,7 +36,7 @@ Vo vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 
 import torch
@@ -45,6 +48,7 @@ from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 
 FOLD_MAX_GROWTH = 2.0  # fold W_UK / W_UV when the folded product costs at most this many times more
+FOLD_MAX_GROWTH_MANY = 1.0  # the same for many rows (ATen GEMMs, bound by multiply-adds: no growth)
 _VERSION = attrgetter("_version")
 F64 = torch.float64
 
@@ -56,11 +60,13 @@ def _rotated_pairs(w: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[:, 1], pairs[:, 0]), dim=1).flatten(0, 1)
 
 
-def folds(q_in: int, dim: int, nope: int, v: int, rank: int) -> tuple[bool, bool]:
+def folds(
+    q_in: int, dim: int, nope: int, v: int, rank: int, growth: float = FOLD_MAX_GROWTH
+) -> tuple[bool, bool]:
     """Whether to fold W_UK into the query projection (q_in inputs per head) and W_UV into o_proj:
-    only when the folded matrix costs at most FOLD_MAX_GROWTH times the multiply-adds of the pair."""
-    fold_q = q_in * rank <= FOLD_MAX_GROWTH * (q_in * nope + nope * rank)
-    fold_o = rank * dim <= FOLD_MAX_GROWTH * (rank * v + v * dim)
+    only when the folded matrix costs at most `growth` times the multiply-adds of the pair."""
+    fold_q = q_in * rank <= growth * (q_in * nope + nope * rank)
+    fold_o = rank * dim <= growth * (rank * v + v * dim)
     return fold_q, fold_o
 
 
@@ -85,6 +91,9 @@ class AttnWeights:
     norm_eps: float
     q_eps: float
     kv_eps: float
+    # the weights for many rows (more than the few-row kernels take), where the folds that save
+    # multiply-adds there differ from the few-row ones (`FOLD_MAX_GROWTH_MANY`); None: these
+    many: AttnWeights | None = None
 
 
 @dataclass
@@ -102,32 +111,73 @@ class FfnWeights:
     w2_all: torch.Tensor | None  # [E, I, D] (the model's)
 
 
-def _attention(mla: MLA, norm: RMSNorm, fold: bool | None) -> AttnWeights:
+def _attention(
+    mla: MLA, norm: RMSNorm, fold: bool | None, many_dtype: torch.dtype | None = None
+) -> AttnWeights:
+    """The attention's decode weights; with `fold` None the folds are chosen per row count (few rows:
+    `FOLD_MAX_GROWTH`; many rows: `FOLD_MAX_GROWTH_MANY`, in `many` where they differ). many_dtype:
+    the storage dtype of the many-row matrices (BF16 for BF16 GEMMs; None: the model's)."""
+    N, V, R = mla.nope_dim, mla.v_dim, mla.kv_lora_rank
+    q_in = (mla.q_proj if hasattr(mla, "q_proj") else mla.q_b_proj).weight.shape[1]
+    D = mla.o_proj.weight.shape[0]
+    few = folds(q_in, D, N, V, R) if fold is None else (fold, fold)
+    w = _attention_folded(mla, norm, *few)
+    many = folds(q_in, D, N, V, R, FOLD_MAX_GROWTH_MANY) if fold is None else few
+    if many != few:  # rebuild only the parts whose fold differs (the others are shared)
+        m = _attention_folded(mla, norm, *many, query=many[0] != few[0], output=many[1] != few[1])
+        w.many = replace(
+            w,
+            **({"w_in": m.w_in, "w_q": m.w_q, "w_uk": m.w_uk} if many[0] != few[0] else {}),
+            **({"w_o": m.w_o, "w_uv": m.w_uv} if many[1] != few[1] else {}),
+        )
+    if many_dtype is not None and many_dtype != w.w_o.dtype:  # rounded once, for BF16 GEMMs
+        base = w.many or w
+        names = ("w_in", "w_q", "w_o", "w_uk", "w_uv")
+        w.many = replace(base, **{k: _stored(getattr(base, k), many_dtype) for k in names})
+    return w
+
+
+def _stored(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """w in `dtype` (None and empty placeholders as they are)."""
+    return w if w is None or not w.numel() else w.to(dtype)
+
+
+def _attention_folded(
+    mla: MLA, norm: RMSNorm, fold_q: bool, fold_o: bool, query: bool = True, output: bool = True
+) -> AttnWeights:
+    """The weights with W_UK folded into the query (fold_q) and W_UV into o_proj (fold_o); the query
+    side (w_in, w_q, w_uk) is built only with `query`, the output side (w_o, w_uv) with `output`."""
     H, N, P, V, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim, mla.kv_lora_rank
     dtype = mla.kv_a_proj_with_mqa.weight.dtype
     w_ukv = mla.kv_b_weight().to(F64)  # (H, N + V, R)
     w_uk, w_uv = w_ukv[:, :N], w_ukv[:, N:]  # (H, N, R), (H, V, R)
     lora = not hasattr(mla, "q_proj")
-    q_lin = mla.q_b_proj if lora else mla.q_proj
-    wq = q_lin.weight.to(F64).view(H, N + P, -1) * mla.softmax_scale  # (H, N + P, in)
-    D = mla.o_proj.weight.shape[0]
-    fold_q, fold_o = folds(wq.shape[-1], D, N, V, R) if fold is None else (fold, fold)
-    q_lat = torch.einsum("hnr,hni->hri", w_uk, wq[:, :N]) if fold_q else wq[:, :N]  # (H, R or N, in)
-    rot = torch.stack([_rotated_pairs(w) for w in wq[:, N:]])  # (H, P, in)
-    q_rows = torch.cat([q_lat, wq[:, N:], rot], dim=1).flatten(0, 1)  # (H * Qw, in)
-    kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
-    rows = [kv_a, _rotated_pairs(kv_a[R:])]
-    rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]
-    w_o = mla.o_proj.weight.T  # (H * V, D): as it is when not folded (no FP64 round trip: V3's is 117M)
-    if fold_o:
-        w_o = torch.einsum("hvr,hvd->hrd", w_uv, w_o.to(F64).view(H, V, D)).flatten(0, 1)  # (H * R, D)
+    none = torch.empty(0)
+    w_in = w_q = w_o = none
+    if query:
+        q_lin = mla.q_b_proj if lora else mla.q_proj
+        wq = q_lin.weight.to(F64).view(H, N + P, -1) * mla.softmax_scale  # (H, N + P, in)
+        q_lat = torch.einsum("hnr,hni->hri", w_uk, wq[:, :N]) if fold_q else wq[:, :N]  # (H, R or N, in)
+        rot = torch.stack([_rotated_pairs(w) for w in wq[:, N:]])  # (H, P, in)
+        q_rows = torch.cat([q_lat, wq[:, N:], rot], dim=1).flatten(0, 1)  # (H * Qw, in)
+        kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
+        rows = [kv_a, _rotated_pairs(kv_a[R:])]
+        rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]
+        w_in = _in_out(rows, norm, dtype)
+        w_q = _in_out([q_rows], mla.q_a_layernorm, dtype) if lora else none
+    if output:
+        D = mla.o_proj.weight.shape[0]
+        w_o = mla.o_proj.weight.T  # (H * V, D): as it is when not folded (no FP64 round trip: V3's is 117M)
+        if fold_o:
+            w_o = torch.einsum("hvr,hvd->hrd", w_uv, w_o.to(F64).view(H, V, D)).flatten(0, 1)  # (H * R, D)
+        w_o = w_o.to(dtype).contiguous()
     return AttnWeights(
-        w_in=_in_out(rows, norm, dtype),
-        w_q=_in_out([q_rows], mla.q_a_layernorm, dtype) if lora else torch.empty(0),
+        w_in=w_in,
+        w_q=w_q,
         kv_norm=mla.kv_a_layernorm.weight,
         w_uk=None if fold_q else w_uk.to(dtype).contiguous(),
         w_uv=None if fold_o else w_uv.transpose(1, 2).to(dtype).contiguous(),
-        w_o=w_o.to(dtype).contiguous(),
+        w_o=w_o,
         q_rank=mla.q_a_proj.weight.shape[0] if lora else 0,
         norm_eps=norm.eps,
         q_eps=mla.q_a_layernorm.eps if lora else 0.0,
@@ -184,7 +234,9 @@ class MtpWeights:
     ffn: FfnWeights
 
 
-def _mtp(module: nn.Module, fold: bool | None, weight_dtype: torch.dtype | None) -> MtpWeights:
+def _mtp(
+    module: nn.Module, fold: bool | None, weight_dtype: torch.dtype | None, many_dtype: torch.dtype | None
+) -> MtpWeights:
     w, D = module.eh_proj.weight, module.eh_proj.weight.shape[0]  # (D, 2D): [embedding | hidden]
     block = module.block
     return MtpWeights(
@@ -192,7 +244,7 @@ def _mtp(module: nn.Module, fold: bool | None, weight_dtype: torch.dtype | None)
         w_hid=_in_out([w[:, D:]], module.hnorm, w.dtype),
         e_eps=module.enorm.eps,
         h_eps=module.hnorm.eps,
-        attn=_attention(block.self_attn, block.input_layernorm, fold),
+        attn=_attention(block.self_attn, block.input_layernorm, fold, many_dtype),
         ffn=_ffn(block.mlp, block.post_attention_layernorm, weight_dtype),
     )
 
@@ -237,22 +289,30 @@ def supported(model: Transformer) -> str | None:
 class DecodeWeights:
     """Decode weights of the main model (layers, and the head as [D, Vo]) and,
     when the fast path can run it, of MTP module 1 (`mtp`, else None). weight_dtype: the storage
-    dtype of the feed-forward matrices and the head (None: the model's)."""
+    dtype of the feed-forward matrices and the head (None: the model's); many_dtype: that of the
+    attention's many-row matrices (`AttnWeights.many`: BF16 where BF16 GEMMs run them)."""
 
     def __init__(
-        self, model: Transformer, fold: bool | None = None, weight_dtype: torch.dtype | None = None
+        self,
+        model: Transformer,
+        fold: bool | None = None,
+        weight_dtype: torch.dtype | None = None,
+        many_dtype: torch.dtype | None = None,
     ) -> None:
-        self.model, self.fold, self.weight_dtype = model, fold, weight_dtype
+        self.model, self.fold, self.weight_dtype, self.many_dtype = model, fold, weight_dtype, many_dtype
         self.build()
 
     @torch.no_grad()
     def build(self) -> None:
         model = self.model
-        self.attn = [_attention(b.self_attn, b.input_layernorm, self.fold) for b in model.layers]
+        self.attn = [
+            _attention(b.self_attn, b.input_layernorm, self.fold, self.many_dtype) for b in model.layers
+        ]
         self.ffn = [_ffn(b.mlp, b.post_attention_layernorm, self.weight_dtype) for b in model.layers]
         # the head [D, Vo] unfolded: the final norm and MTP's shared_head.norm both read it
         self.head = _in_out([model.lm_head.weight], None, self.weight_dtype or model.lm_head.weight.dtype)
-        self.mtp = _mtp(model.mtp[0], self.fold, self.weight_dtype) if mtp_supported(model) is None else None
+        mtp_ok = mtp_supported(model) is None
+        self.mtp = _mtp(model.mtp[0], self.fold, self.weight_dtype, self.many_dtype) if mtp_ok else None
         mtp = [model.mtp[0]] if self.mtp is not None else []
         self._params = [p for n, p in model.named_parameters() if not n.startswith("mtp.") or mtp]
         self._versions = sum(map(_VERSION, self._params))
