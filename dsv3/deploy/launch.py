@@ -34,8 +34,13 @@ from multiprocessing.connection import Client, Listener
 
 from dsv3.deploy.disagg import recv_msg, send_msg
 from dsv3.deploy.router import RankState, Router
+from dsv3.parallel.launch import PRELOAD as RANKS_PRELOAD
 
-PRELOAD = ("torch", "torch.distributed", "dsv3", "dsv3.infer.llm", "dsv3.deploy.disagg")
+# multiprocessing's fork server is one per process and the first caller's preload list wins, so this
+# extends dsv3.parallel.launch's: a test process that deploys first must still give later
+# `run_ranks` workers what they need preloaded (without torch.fx.experimental.symbolic_shapes a
+# worker imports it during its first backward, ~0.3 s, which broke an overlap timing test)
+PRELOAD = (*RANKS_PRELOAD, "dsv3.infer.llm", "dsv3.deploy.disagg")
 
 
 @dataclass

@@ -43,6 +43,7 @@ class RanksFailed(RuntimeError):
     """At least one rank raised, died, or ran past the deadline; the message has each one's story."""
 
 
+# what the fork server imports once; dsv3.deploy.launch extends it (the fork server is per process)
 PRELOAD = ("torch", "torch.distributed", "torch.fx.experimental.symbolic_shapes", "dsv3")
 
 # ---- the watchdog: a dead launcher or a stopped peer ends a worker promptly -------------------------------
