@@ -188,18 +188,24 @@ def engine_table(world: int, results: list[dict]) -> list[str]:
     for latency in r0["latencies"]:
         w = {m: wall[(m, latency)] for m in ENGINE_MODES}
         cost = {m: w[m] - wall[(m, 0.0)] for m in ENGINE_MODES}
-        blocked = []
-        for r in results:
-            steps, base = r["steps"][("two", latency)], r["steps"][("two", 0.0)]
-            injected = statistics.mean(s["exchanges"] for s in steps) * latency
-            extra = statistics.mean(s["blocked"] for s in steps) - statistics.mean(s["blocked"] for s in base)
-            if injected > 0:
-                blocked.append(1 - extra / injected)
+        blocked = _hidden_by_blocking(results, "two", latency)
         lines.append(
             f"| {world} | {latency * 1e3:.1f} | {w['one']:.3f} | {w['two']:.3f} | {w['one'] / w['two']:.2f} "
             f"| {_share(cost['two'], cost['one'])} | {f'{statistics.mean(blocked):.0%}' if blocked else '-'} |"
         )
     return lines
+
+
+def _hidden_by_blocking(results: list[dict], mode: str, latency: float) -> list[float]:
+    """Per rank: 1 - (time blocked in exchanges beyond that at latency 0) / injected latency."""
+    hidden = []
+    for r in results:
+        steps, base = r["steps"][(mode, latency)], r["steps"][(mode, 0.0)]
+        injected = statistics.mean(s["exchanges"] for s in steps) * latency
+        extra = statistics.mean(s["blocked"] for s in steps) - statistics.mean(s["blocked"] for s in base)
+        if injected > 0:
+            hidden.append(1 - extra / injected)
+    return hidden
 
 
 def _share(cost: float, ref: float) -> str:
@@ -214,13 +220,7 @@ def table(world: int, results: list[dict]) -> list[str]:
     for latency in r0["latencies"]:
         w = {m: wall[(m, latency)] for m in MODES}
         cost = {m: w[m] - wall[(m, 0.0)] for m in MODES}
-        blocked = []
-        for r in results:  # per rank: (blocked - blocked at 0) / injected, for the overlapped halves
-            steps, base = r["steps"][("overlap", latency)], r["steps"][("overlap", 0.0)]
-            injected = statistics.mean(s["exchanges"] for s in steps) * latency
-            extra = statistics.mean(s["blocked"] for s in steps) - statistics.mean(s["blocked"] for s in base)
-            if injected > 0:
-                blocked.append(1 - extra / injected)
+        blocked = _hidden_by_blocking(results, "overlap", latency)
         lines.append(
             f"| {world} | {latency * 1e3:.1f} | {w['one']:.3f} | {w['serial']:.3f} | {w['overlap']:.3f} "
             f"| {w['one'] / w['overlap']:.2f} | {_share(cost['overlap'], cost['serial'])} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import pickle
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
@@ -97,7 +98,7 @@ class _Pending:
     t0: float
 
 
-class _Worker:
+class _Worker(ABC):
     role = ""
 
     def __init__(self, rank: int, engine: Engine, channel: Channel, beat_interval: float = 0.2) -> None:
@@ -161,11 +162,13 @@ class _Worker:
         if outputs:
             self.channel.send("out", self.rank, [output_dict(o) for o in outputs])
 
+    @abstractmethod
     def handle(self, msg: tuple) -> None:
-        raise NotImplementedError
+        """One control message from the router (the role's own kinds)."""
 
+    @abstractmethod
     def tick(self) -> None:
-        raise NotImplementedError
+        """One round of the role's work between messages (a step, a pending transfer)."""
 
 
 class PrefillWorker(_Worker):

@@ -27,7 +27,6 @@ import itertools
 import queue
 import threading
 import time
-import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -166,12 +165,7 @@ class Router(EngineLoop):
                 self._wake.wait(0.05)
                 self._wake.clear()
         except BaseException as e:  # a bug: every live request gets an error, /health turns 503
-            self.error = e
-            traceback.print_exc()
-            for r in list(self._requests.values()):
-                self._push(r, Delta(r.rid, "", [], None, True, "error", r.num_prompt, error=repr(e)))
-            self._requests.clear()
-            self._stop.set()
+            self._die(e)
         finally:
             self._fail_inbox()
 

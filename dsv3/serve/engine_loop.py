@@ -291,14 +291,18 @@ class EngineLoop:
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as e:  # a bug: every live request gets an error, /health turns 503
-            self.error = e
-            traceback.print_exc()
-            for r in list(self._requests.values()):
-                self._push(r, Delta(r.rid, "", [], None, True, "error", r.num_prompt, error=repr(e)))
-            self._requests.clear()
-            self._stop.set()
+            self._die(e)
         finally:
             self._fail_inbox()
+
+    def _die(self, e: BaseException) -> None:
+        """The loop thread hit a bug: every live request ends with an error and the loop stops."""
+        self.error = e
+        traceback.print_exc()
+        for r in list(self._requests.values()):
+            self._push(r, Delta(r.rid, "", [], None, True, "error", r.num_prompt, error=repr(e)))
+        self._requests.clear()
+        self._stop.set()
 
     def _drain_inbox(self) -> None:
         while True:
