@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dsv3 import ModelConfig, Transformer
+from dsv3 import ModelConfig, Transformer, paper
 from dsv3.checkpoint import load_pretrained, save_pretrained
 from dsv3.data.chat import add_chat_tokens, batch, read_conversations, render, resize_vocab
 from dsv3.data.tokenizer import ASSISTANT, SPECIAL_TOKENS, USER, Tokenizer
@@ -121,6 +121,14 @@ def test_the_scaled_post_training_schedule(tmp_path):
     assert peak_lr(SFTConfig(init=str(tmp_path), data="x")) == pytest.approx(
         5e-5
     )  # 10x the paper's, as pre-training
+    # from a context-extension run: scaled from the pre-training's lr, not the extension's
+    ctx = {
+        "lr": 2.2e-3 * paper.TAIL_LR / paper.PEAK_LR,
+        "phase": "ctx1",
+        "tail_lr_ratio": paper.TAIL_LR / paper.PEAK_LR,
+    }
+    (tmp_path / "trainer.json").write_text(json.dumps({"config": ctx}))
+    assert peak_lr(SFTConfig(init=str(tmp_path), data="x")) == pytest.approx(5e-5)
     assert SFTConfig(init="x", data="x").epochs == 2 and SFTConfig(
         init="x", data="x"
     ).final_lr_ratio == pytest.approx(0.2)

@@ -14,7 +14,7 @@ from dsv3.checkpoint import load_pretrained
 from dsv3.model.rope import inv_frequencies, softmax_scale
 from dsv3.train import TrainConfig, Trainer
 from dsv3.train.cli import build_config, parse_train_args
-from dsv3.train.phases import PAPER_PRETRAIN_STEPS
+from dsv3.train.phases import PAPER_PRETRAIN_STEPS, phase_values
 
 WORDS = "the model routes every token to experts while the cache keeps latent keys and values".split()
 
@@ -121,6 +121,11 @@ def test_phase_defaults_scale_the_paper_recipe(pretrained):
     assert cfg.mtp_lambda == paper.MTP_LAMBDA_LATE
     cfg = build_config(parse_train_args(["--init", str(ckpt), "--phase", "ctx1", "seq_len=64", "--out", "y"]))
     assert cfg.seq_len == 64  # an override wins over the recipe
+    # ctx2 from a ctx1 run: the same lr and steps as ctx1 (the paper's 7.3e-6 and 1,000 in both phases)
+    first = phase_values("ctx1", {"lr": 2.2e-3, "seq_len": 16, "batch_end": 8}, 50_000)
+    second = phase_values("ctx2", {**first, "phase": "ctx1"}, first["steps"])
+    assert first["lr"] == pytest.approx(2.2e-3 * paper.TAIL_LR / paper.PEAK_LR) and first["steps"] == 213
+    assert second["lr"] == first["lr"] and second["steps"] == first["steps"] and second["seq_len"] == 32 * 16
 
 
 def test_init_errors_are_one_line(pretrained, tmp_path):

@@ -71,18 +71,29 @@ def init_values(path: str | Path, phase: str | None) -> dict[str, Any]:
             raise ConfigError(f"--phase {phase}: needs a training checkpoint (with trainer.json) as --init")
         return {"init": str(path), "tokenizer": str(path)}
     saved = dict(state.get("config") or {})
+    recipe_from = dict(saved)
     for key in ("out", "init", "phase", "steps", "warmup_steps"):
         saved.pop(key, None)
     if saved.get("precision") == "auto" and state.get("precision"):
         saved["precision"] = state["precision"]
     values = {**saved, "init": str(path), "tokenizer": str(path)}
     if phase is not None:
-        values.update(phase_values(phase, saved, int(state["config"].get("steps", 1000))))
+        values.update(phase_values(phase, recipe_from, int(recipe_from.get("steps", 1000))))
     return values
 
 
+def pretraining_lr(saved: dict[str, Any]) -> float:
+    """The pre-training peak lr behind a run's saved TrainConfig fields: a context-extension run's own
+    lr is the pre-training's x tail_lr_ratio (7.3e-6 / 2.2e-4 in the paper)."""
+    lr = float(saved.get("lr", paper.PEAK_LR))
+    if saved.get("phase") in PHASES:
+        lr /= float(saved.get("tail_lr_ratio", paper.TAIL_LR / paper.PEAK_LR))
+    return lr
+
+
 def phase_values(phase: str, saved: dict[str, Any], pretrain_steps: int) -> dict[str, Any]:
-    """The scaled recipe of `phase` for a run pre-trained with the TrainConfig fields `saved`."""
+    """The scaled recipe of `phase` for a run with the TrainConfig fields `saved` (pre-trained, or
+    itself a phase: then `pretrain_steps` is that phase's steps)."""
     if phase not in PHASES:
         raise ConfigError(f"--phase {phase}: unknown; choose one of {', '.join(PHASES)}")
     base_len = int(saved.get("seq_len", 256))
@@ -97,10 +108,11 @@ def phase_values(phase: str, saved: dict[str, Any], pretrain_steps: int) -> dict
     batch -= batch % micro
     model.update(original_seq_len=base_len, max_seq_len=YARN_SCALE * base_len, rope_factor=float(YARN_SCALE),
                  beta_fast=32, beta_slow=1, mscale=1.0)  # fmt: skip
-    lr = float(saved.get("lr", paper.PEAK_LR)) * float(
-        saved.get("tail_lr_ratio", paper.TAIL_LR / paper.PEAK_LR)
-    )
-    steps = max(MIN_PHASE_STEPS, round(pretrain_steps * PAPER_PHASE_STEPS / PAPER_PRETRAIN_STEPS))
+    if saved.get("phase") in PHASES:  # a second phase: the first one's lr and length (the paper's: the same)
+        lr, steps = float(saved["lr"]), pretrain_steps
+    else:
+        lr = pretraining_lr(saved) * float(saved.get("tail_lr_ratio", paper.TAIL_LR / paper.PEAK_LR))
+        steps = max(MIN_PHASE_STEPS, round(pretrain_steps * PAPER_PHASE_STEPS / PAPER_PRETRAIN_STEPS))
     return {
         "phase": phase, "seq_len": seq_len, "batch_start": batch, "batch_end": batch, "micro_batch": micro,
         "model": model, "lr": lr, "warmup_steps": 0, "lr_constant_until": 1.0, "lr_decay_until": 1.0,

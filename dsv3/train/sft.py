@@ -30,6 +30,7 @@ import torch
 from dsv3 import paper
 from dsv3.checkpoint import load_pretrained
 from dsv3.config import ConfigError
+from dsv3.train.phases import pretraining_lr
 
 SFT_PEAK_LR, SFT_FINAL_LR = 5e-6, 1e-6  # §5.1.1
 SFT_EPOCHS = 2
@@ -69,7 +70,7 @@ def peak_lr(cfg: SFTConfig) -> float:
     state = Path(cfg.init) / "trainer.json"
     if state.is_file():
         saved = json.loads(state.read_text()).get("config", {})
-        return float(saved.get("lr", paper.PEAK_LR)) * SFT_PEAK_LR / paper.PEAK_LR
+        return pretraining_lr(saved) * SFT_PEAK_LR / paper.PEAK_LR
     return SFT_PEAK_LR
 
 
