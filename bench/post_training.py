@@ -46,6 +46,14 @@ def newest(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
 
 
+def reusable(args: argparse.Namespace, run_dir: Path, stage: str) -> bool:
+    """--reuse: a training stage whose run directory already holds checkpoints is not run again."""
+    if args.reuse and list((run_dir / "checkpoints").glob("step_*")):
+        print(f"\n== {stage}: reusing {newest(run_dir)}", flush=True)
+        return True
+    return False
+
+
 def stages(args: argparse.Namespace, s: dict) -> dict:
     work = Path(args.work)
     threads = ["--threads", str(args.threads)]
@@ -53,12 +61,14 @@ def stages(args: argparse.Namespace, s: dict) -> dict:
     data = ["--data", args.data] if args.data else []
     if args.base:
         base = Path(args.base)
-    else:
+    elif not reusable(args, work / "base", "pretrain"):
         run("pretrain", ["train", "--preset", s["preset"], "--steps", str(s["steps"]), "--out", str(work / "base"),
                          "--quiet", "--force", *data, *threads, f"seq_len={s['seq_len']}", *s["train_extra"]], times)  # fmt: skip
+    if not args.base:
         base = newest(work / "base")
-    run("extend", ["train", "--init", str(base), "--phase", "ctx1", "--out", str(work / "extended"), "--quiet",
-                   "--force", *threads, f"seq_len={s['extend_seq_len']}", f"steps={s['extend_steps']}"], times)  # fmt: skip
+    if not reusable(args, work / "extended", "extend"):
+        run("extend", ["train", "--init", str(base), "--phase", "ctx1", "--out", str(work / "extended"), "--quiet",
+                       "--force", *threads, f"seq_len={s['extend_seq_len']}", f"steps={s['extend_steps']}"], times)  # fmt: skip
     extended = newest(work / "extended")
     run("long_context", ["eval", "--long-context", "--ckpt", str(base), str(extended), "--lengths", s["lengths"],
                          "--per-cell", str(s["per_cell"]), "--seq-len", str(s["extend_seq_len"]),
@@ -66,8 +76,9 @@ def stages(args: argparse.Namespace, s: dict) -> dict:
     chats = work / "chats.jsonl"
     run("synth", ["synth", "--out", str(chats), "--n", str(s["chats"])], times)
     sft_steps = ["--max-steps", str(s["sft_steps"])] if s["sft_steps"] else []
-    run("sft", ["sft", "--init", str(extended), "--data", str(chats), "--out", str(work / "sft"),
-                "--seq-len", str(s["extend_seq_len"]), *sft_steps, *threads], times)  # fmt: skip
+    if not reusable(args, work / "sft", "sft"):
+        run("sft", ["sft", "--init", str(extended), "--data", str(chats), "--out", str(work / "sft"),
+                    "--seq-len", str(s["extend_seq_len"]), *sft_steps, *threads], times)  # fmt: skip
     sft = newest(work / "sft")
     limit = ["--limit", str(s["eval_limit"])] if s["eval_limit"] else []
     temps = ["--temperatures", s["temperatures"]] if s["temperatures"] else []
@@ -90,6 +101,15 @@ def results_markdown(work: Path, info: dict) -> str:
             f"| {name} | " + " | ".join(f"{by.get(str(n), float('nan')):.2f}" for n in lengths) + " |"
         )
     lines += ["", "![passkey](long_context/passkey.png)", ""]
+    if all("passkey_choice" in lc[n] for n in names):
+        lines += ["## Passkey by log-likelihood (the true key among 10; chance 0.10)", "",
+                  "| model | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]  # fmt: skip
+        for name in names:
+            by = lc[name]["passkey_choice"]["by_length"]
+            lines.append(
+                f"| {name} | " + " | ".join(f"{by.get(str(n), float('nan')):.2f}" for n in lengths) + " |"
+            )
+        lines += ["", "![passkey by log-likelihood](long_context/passkey_choice.png)", ""]
     if any("loss_by_position" in lc[n] for n in names):
         buckets = next(lc[n] for n in names if "loss_by_position" in lc[n])["loss_by_position"]
         lines += ["## Validation loss by position", "",
@@ -135,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "--toy", action="store_true", help="a few steps of `tiny`: tests the script, not the model"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true",
+                   help="skip the training stages whose run directory in --work already holds checkpoints")  # fmt: skip
     args = p.parse_args(argv)
     settings = TOY if args.toy else DEMO
     info = stages(args, settings)

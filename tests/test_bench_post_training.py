@@ -29,6 +29,7 @@ def test_post_training_script_at_a_toy_size(tmp_path):
         "## Validation loss by position",
         "## SFT",
         "## Smoke tasks",
+        "## Passkey by log-likelihood",
     ):
         assert heading in results
     for row in ("| base |", "| extended |", "| sft |", "| random baseline |", "| after SFT |"):
@@ -37,3 +38,7 @@ def test_post_training_script_at_a_toy_size(tmp_path):
     assert (work / "long_context" / "passkey.png").exists() and (
         work / "long_context" / "loss_by_position.png"
     ).exists()
+    # --reuse: the training stages are not run again, the evaluations are
+    assert bench.main(["--toy", "--work", str(work), "--data", str(corpus), "--reuse"]) == 0
+    times = (work / "RESULTS.md").read_text().split("## Times")[1]
+    assert "| pretrain |" not in times and "| sft |" not in times and "| eval_sft |" in times

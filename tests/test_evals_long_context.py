@@ -14,6 +14,7 @@ from dsv3.evals.long_context import (
     QUESTION,
     accuracy_grid,
     loss_by_position,
+    passkey_choice_task,
     passkey_task,
     plot_loss_by_position,
     plot_passkey,
@@ -71,6 +72,39 @@ def test_accuracy_by_length_and_depth_and_the_plots(tok, tmp_path):
     assert png.stat().st_size > 1000
 
 
+class PrefersKeyAtShortLengths:
+    """Log-likelihood: highest for the true key in rows of length <= limit, for the first choice otherwise."""
+
+    def __init__(self, task, limit):
+        self.rows = {r["query"]: r for r in task.rows}
+        self.limit = limit
+
+    def loglikelihood(self, requests):
+        out = []
+        for ctx, choice in requests:
+            row = self.rows[ctx]
+            best = row["choices"][row["answer"]] if row["length"] <= self.limit else row["choices"][0]
+            out.append(-1.0 if choice == best else -5.0)
+        return out
+
+
+def test_passkey_by_log_likelihood_among_keys_not_in_the_prompt(tok):
+    exact = passkey_task(tok, [128, 192], [0.0, 1.0], per_cell=3, filler=FILLER)
+    task = passkey_choice_task(tok, [128, 192], [0.0, 1.0], per_cell=3, filler=FILLER, n_choices=10)
+    assert [r["query"] for r in task.rows] == [r["prompt"] for r in exact.rows]  # the same prompts
+    answers = set()
+    for row, plain in zip(task.rows, exact.rows):
+        assert len(set(row["choices"])) == 10 and row["choices"][row["answer"]] == " " + plain["answer"]
+        others = [c.strip() for j, c in enumerate(row["choices"]) if j != row["answer"]]
+        assert all(len(k) == 5 and k not in row["query"] for k in others)
+        answers.add(row["answer"])
+    assert len(answers) > 1  # the true key's position is shuffled
+    backend = PrefersKeyAtShortLengths(task, 128)
+    grid = accuracy_grid(task, evaluate_task(task, backend))
+    first = [float(r["answer"] == 0) for r in task.rows if r["length"] == 192]  # picks choice 0 there
+    assert grid["by_length"] == {"128": 1.0, "192": pytest.approx(sum(first) / len(first))}
+
+
 def test_loss_by_position_is_the_mean_loss_of_each_position_range(tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny")).eval()
@@ -101,4 +135,7 @@ def test_long_context_command_on_a_checkpoint(tmp_path, tok, monkeypatch, capsys
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["ckpt"]["passkey"]["lengths"] == [128, 192]  # 1000 does not fit the 256-position model
-    assert (out / "passkey.png").exists() and "passkey accuracy by length" in capsys.readouterr().out
+    assert len(report["ckpt"]["passkey_choice"]["by_length"]) == 2 and (out / "passkey_choice.png").exists()
+    printed = capsys.readouterr().out
+    assert (out / "passkey.png").exists() and "passkey accuracy by length" in printed
+    assert "passkey by log-likelihood (chance 0.10)" in printed

@@ -78,10 +78,38 @@ def passkey_task(tok, lengths, depths, per_cell: int = 5, seed: int = 0, filler:
                 max_tokens=8, temperatures=(0.0,), description="passkey retrieval by length and depth")  # fmt: skip
 
 
+def passkey_choice_task(
+    tok, lengths, depths, per_cell: int = 5, seed: int = 0, filler: str | None = None, n_choices: int = 10
+) -> Task:
+    """The same prompts as passkey_task, scored by log-likelihood instead of generation: the true key
+    against `n_choices - 1` random 5-digit keys that are not in the prompt, as a continuation of
+    "The pass key is". Chance is 1 / n_choices. It separates a model that attends to the needle,
+    however weakly, from one that does not, where exact match of a generated key is all or nothing
+    (a small model that prefers the right key may still not write all five digits)."""
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for row in passkey_rows(tok, lengths, depths, per_cell, seed, filler):
+        keys = {row["answer"]}
+        while len(keys) < n_choices:
+            k = str(int(rng.integers(10_000, 100_000)))
+            if k not in row["prompt"]:
+                keys.add(k)
+        choices = [" " + k for k in rng.permutation(sorted(keys))]
+        rows.append({"query": row["prompt"], "choices": choices, "answer": choices.index(" " + row["answer"]),
+                     "length": row["length"], "depth": row["depth"]})  # fmt: skip
+    return Task(name="passkey_choice", kind="multiple_choice", rows=rows,
+                description=f"passkey retrieval by log-likelihood among {n_choices} keys")  # fmt: skip
+
+
 def accuracy_grid(task: Task, result: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy by (length, depth) and by length, from an `evaluate_task` result of passkey_task."""
+    """Accuracy by (length, depth) and by length, from an `evaluate_task` result of passkey_task
+    (exact match) or passkey_choice_task (the true key has the highest log-likelihood)."""
     cells: dict[tuple[int, float], list[int]] = {}
-    for d in result["runs"][0]["details"]:
+    if task.kind == "multiple_choice":
+        details = [{"row": d["row"], "correct": int(d["pick"] == d["answer"])} for d in result["details"]]
+    else:
+        details = result["runs"][0]["details"]
+    for d in details:
         row = task.rows[d["row"]]
         cells.setdefault((row["length"], row["depth"]), []).append(d["correct"])
     lengths = sorted({k[0] for k in cells})
@@ -93,8 +121,9 @@ def accuracy_grid(task: Task, result: dict[str, Any]) -> dict[str, Any]:
     return {"lengths": lengths, "depths": depths, "accuracy": grid, "by_length": by_length}
 
 
-def plot_passkey(grids: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """Accuracy by length (one line per model) and a length x depth heatmap per model."""
+def plot_passkey(grids: dict[str, dict[str, Any]], path: str | Path, chance: float | None = None) -> Path:
+    """Accuracy by length (one line per model; `chance` drawn as a line) and a length x depth
+    heatmap per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +134,8 @@ def plot_passkey(grids: dict[str, dict[str, Any]], path: str | Path) -> Path:
     ax = axes[0][0]
     for name, g in grids.items():
         ax.plot(g["lengths"], [g["by_length"][str(x)] for x in g["lengths"]], marker="o", label=name)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", label="chance")
     ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), xscale="log")
     ax.legend()
     for ax, (name, g) in zip(axes[0][1:], grids.items()):
@@ -208,6 +239,8 @@ def long_context_main(argv: list[str]) -> int:
         "--seq-len", type=positive_int, help="sequence length of the loss by position (default: max length)"
     )
     p.add_argument("--batches", type=positive_int, default=4)
+    p.add_argument("--choices", type=int, default=10,
+                   help="passkey by log-likelihood among this many keys (0: skip it)")  # fmt: skip
     p.add_argument("--out", default="long_context", help="directory for report.json and the plots")
     p.add_argument("--seed", type=int, default=0)
     add_threads_argument(p)
@@ -215,7 +248,7 @@ def long_context_main(argv: list[str]) -> int:
     configure_threads("dsv3 eval", args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    report, grids, curves = {}, {}, {}
+    report, grids, choice_grids, curves = {}, {}, {}, {}
     for ckpt in args.ckpt:
         backend = LocalBackend.from_checkpoint(str(existing_dir("--ckpt", ckpt)))
         name = Path(ckpt).parent.parent.name if Path(ckpt).parent.name == "checkpoints" else Path(ckpt).name
@@ -223,6 +256,13 @@ def long_context_main(argv: list[str]) -> int:
         task = passkey_task(backend.tok, fits, depths, args.per_cell, args.seed)
         grids[name] = accuracy_grid(task, evaluate_task(task, backend))
         entry: dict[str, Any] = {"checkpoint": str(ckpt), "passkey": grids[name]}
+        if args.choices > 1:
+            choice = passkey_choice_task(
+                backend.tok, fits, depths, args.per_cell, args.seed, n_choices=args.choices
+            )
+            choice_grids[name] = entry["passkey_choice"] = accuracy_grid(
+                choice, evaluate_task(choice, backend)
+            )
         if args.buckets > 0 and (Path(ckpt) / "trainer.json").is_file():
             seq_len = min(args.seq_len or max(lengths), backend.max_len)
             batches = checkpoint_val_batches(ckpt, seq_len, 2, args.batches)
@@ -232,10 +272,17 @@ def long_context_main(argv: list[str]) -> int:
             f"{name}: passkey accuracy by length "
             + ", ".join(f"{k}: {v:.2f}" for k, v in grids[name]["by_length"].items())
         )
+        if name in choice_grids:
+            print(
+                f"{name}: passkey by log-likelihood (chance {1 / args.choices:.2f}) "
+                + ", ".join(f"{k}: {v:.2f}" for k, v in choice_grids[name]["by_length"].items())
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(plot_passkey(grids, out / "passkey.png"))
+    if choice_grids:
+        print(plot_passkey(choice_grids, out / "passkey_choice.png", chance=1 / args.choices))
     if curves:
         print(plot_loss_by_position(curves, out / "loss_by_position.png"))
     return 0
