@@ -68,6 +68,25 @@ def export_task(task, rows: list[int], bos_text: str, out: Path) -> str:
     return name
 
 
+def space_delimited(task, out: Path) -> Path:
+    """The task rewritten so that no context ends in whitespace: query.rstrip() and " " + choice
+    (the layout of MMLU-style prompts). lm-eval moves a context's trailing whitespace into the
+    continuation and encodes context + continuation as one string, so with this layout both
+    harnesses score the same tokens wherever the tokenizer does not merge across the boundary."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"{task.name}_sp"
+    rows = [
+        {**r, "query": r["query"].rstrip(), "choices": [" " + c.strip() for c in r["choices"]]}
+        for r in task.rows
+    ]
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"name": name, "kind": "multiple_choice", "few_shot": task.few_shot, "data": f"{name}.jsonl",
+            "description": f"{task.name} with space-delimited choices (bench/lm_eval_vs_builtin.py)"}  # fmt: skip
+    path = out / f"{name}.task.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
+
+
 def start_server(ckpt: str, threads: int) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "dsv3", "serve", ckpt, "--port", "0", "--served-model-name", "dsv3",
            "--threads", str(threads)]  # fmt: skip
@@ -143,17 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--task", default="smoke_mc", help="a multiple-choice task (bundled name or spec file)")
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
+    p.add_argument("--space-delimited", action="store_true",
+                   help="score the task rewritten with no trailing whitespace in contexts (see space_delimited)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the built-in run")
     args = p.parse_args(argv)
     (task,) = resolve_tasks([args.task])
     if task.kind != "multiple_choice":
         raise SystemExit(f"lm_eval_vs_builtin: --task {args.task}: kind {task.kind!r}, needs multiple_choice")
+    work = Path(args.work)
+    if args.space_delimited:
+        (task,) = resolve_tasks([str(space_delimited(task, work / "derived"))])
     if not os.access(args.lm_eval, os.X_OK):
         raise SystemExit(f"lm_eval_vs_builtin: --lm-eval {args.lm_eval}: not an executable")
     import torch
 
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
     rows = list(range(len(task.rows) if args.limit is None else min(args.limit, len(task.rows))))
     backend = LocalBackend.from_checkpoint(args.ckpt)
     name = export_task(task, rows, backend.tok.bos_token, work / "task")

@@ -61,9 +61,9 @@ def test_tiny_model_through_the_engine_with_a_controlled_check(ckpt):
 
 
 def test_cli_writes_the_kept_rows_and_the_report(ckpt, tmp_path, capsys):
-    out, rep = tmp_path / "chats.jsonl", tmp_path / "report.json"
+    out, rep = tmp_path / "chats.jsonl", tmp_path / "new_dir" / "report.json"
     argv = ["--out", str(out), "--model", str(ckpt), "--n", "3", "--samples", "2", "--max-tokens", "4",
-            "--temperature", "0.5", "--report", str(rep)]  # fmt: skip
+            "--temperature", "0.5", "--report", str(rep), "--threads", "1"]  # fmt: skip
     assert synth_main(argv) == 0
     report = json.loads(rep.read_text())
     assert report["questions"] == 3 and report["samples"] == 6  # three short code questions, two samples each

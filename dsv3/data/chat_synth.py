@@ -96,6 +96,7 @@ def synthesise(n: int = 600, seed: int = 0) -> list[dict]:
 
 def synth_main(argv: list[str] | None = None) -> int:
     from dsv3.cli import positive_int
+    from dsv3.threads import add_threads_argument
 
     p = argparse.ArgumentParser(
         prog="dsv3 synth", description="Synthesise the demo chat set from the corpus."
@@ -109,6 +110,7 @@ def synth_main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--max-tokens", type=positive_int, default=256, help="answer length cap")
     g.add_argument("--report", help="write the acceptance counts here (JSON)")
+    add_threads_argument(g)
     args = p.parse_args(argv)
     if args.model is None:
         rows = synthesise(args.n, args.seed)
@@ -126,9 +128,11 @@ def _rejection_rows(args: argparse.Namespace) -> list[dict]:
     from dsv3.cli import UsageError, existing_dir
     from dsv3.data.rejection import code_items, corpus_items, llm_generator, rejection_sample
     from dsv3.infer.llm import LLM
+    from dsv3.threads import configure_threads
 
     if not args.temperature >= 0:
         raise UsageError(f"--temperature {args.temperature}: must be >= 0")
+    configure_threads("dsv3 synth", args.threads)
     llm = LLM(str(existing_dir("--model", args.model)))
     if llm.tokenizer is None:
         raise UsageError(f"--model {args.model}: no tokenizer.json (the questions are text)")
@@ -140,6 +144,7 @@ def _rejection_rows(args: argparse.Namespace) -> list[dict]:
     for kind, s in sorted(report["by_kind"].items()):
         print(f"  {kind}: {s['accepted']}/{s['samples']} passed, {s['kept']} kept")
     if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=1))
     return rows
 
