@@ -175,6 +175,39 @@ def test_echo_returns_prompt_logprobs(client, llm):
     )
 
 
+def test_lm_eval_harness_request_shapes(http, llm):
+    """What lm-evaluation-harness's `local-completions` sends: its remote tokenizer's probes
+    (/tokenizer_info, /tokenize with add_special_tokens) and a log-likelihood batch (token-id prompts
+    of different lengths, max_tokens=1, echo, logprobs=1, seed); it sums token_logprobs[ctxlen:-1]."""
+    info = http.get("/tokenizer_info").json()
+    tok = llm.tokenizer
+    assert (info["bos_token"], info["eos_token"]) == (tok.bos_token, tok.eos_token) and info["chat_template"]
+    assert info["model_max_length"] == 256
+    for special in (False, True):
+        got = http.post("/tokenize", json={"prompt": "def add", "add_special_tokens": special}).json()
+        assert got["tokens"] == tok.encode("def add")
+    assert http.post("/tokenize", json={"prompt": tok.bos_token}).json()["tokens"] == [tok.bos_id]
+    pairs = [("To be, or not", " to be"), ("def add(a, b):", "\n    return a + b")]
+    prompts, ctxlens = [], []
+    for ctx, cont in pairs:
+        c = [tok.bos_id, *tok.encode(ctx)]
+        prompts.append(c + tok.encode(cont))
+        ctxlens.append(len(c))
+    body = {"model": MODEL, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}  # fmt: skip
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert len(choices) == 2
+    for ch, ids, n in zip(choices, prompts, ctxlens):
+        lps = ch["logprobs"]["token_logprobs"]
+        assert len(lps) == len(ids) + 1 and lps[0] is None and all(v is not None for v in lps[1:])
+        with torch.no_grad():
+            ref = llm.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+        want = sum(float(ref[i - 1, ids[i]]) for i in range(n, len(ids)))
+        assert sum(lps[n:-1]) == pytest.approx(want, abs=1e-3)
+
+
 def test_fim_through_suffix_equals_llm_complete(client, llm):
     prefix, suffix = "def add(a, b):\n    return ", "\n"
     params = SamplingParams(temperature=0, max_tokens=8)
@@ -194,7 +227,7 @@ def test_models_health_version_tokenize_detokenize(http, llm):
     assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "def add"
     schema = http.get("/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-            "/detokenize", "/version"} <= set(schema["paths"])  # fmt: skip
+            "/detokenize", "/tokenizer_info", "/version"} <= set(schema["paths"])  # fmt: skip
 
 
 BAD = [

@@ -7,7 +7,8 @@ Four kinds of conversations, each answer checkable from the corpus itself:
 - continue: "Continue this passage: ..." (two Shakespeare lines) -> the next line;
 - source: "Which Shakespeare work is this line from?" -> the work's title.
 A fifth of the conversations have a system prompt, a quarter are two turns (multi-turn).
-Not done: generating answers with a model and keeping those that pass a check (rejection sampling).
+With `--model CKPT --samples N`, a model writes the answers instead and only those passing the
+task's check are kept (rejection sampling, dsv3.data.rejection).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def synthesise(n: int = 600, seed: int = 0) -> list[dict]:
 
 def synth_main(argv: list[str] | None = None) -> int:
     from dsv3.cli import positive_int
+    from dsv3.threads import add_threads_argument
 
     p = argparse.ArgumentParser(
         prog="dsv3 synth", description="Synthesise the demo chat set from the corpus."
@@ -102,14 +104,49 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--n", type=positive_int, default=600, help="conversations")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("rejection sampling (answers written by a model, kept if they pass a check)")
+    g.add_argument("--model", help="checkpoint that writes the answers (with tokenizer.json)")
+    g.add_argument("--samples", type=positive_int, default=4, help="answers sampled per question")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-tokens", type=positive_int, default=256, help="answer length cap")
+    g.add_argument("--report", help="write the acceptance counts here (JSON)")
+    add_threads_argument(g)
     args = p.parse_args(argv)
-    rows = synthesise(args.n, args.seed)
+    if args.model is None:
+        rows = synthesise(args.n, args.seed)
+    else:
+        rows = _rejection_rows(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
     )
     print(f"wrote {len(rows)} conversations to {args.out}")
     return 0
+
+
+def _rejection_rows(args: argparse.Namespace) -> list[dict]:
+    from dsv3.cli import UsageError, existing_dir
+    from dsv3.data.rejection import code_items, corpus_items, llm_generator, rejection_sample
+    from dsv3.infer.llm import LLM
+    from dsv3.threads import configure_threads
+
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature {args.temperature}: must be >= 0")
+    configure_threads("dsv3 synth", args.threads)
+    llm = LLM(str(existing_dir("--model", args.model)))
+    if llm.tokenizer is None:
+        raise UsageError(f"--model {args.model}: no tokenizer.json (the questions are text)")
+    items = (code_items() + corpus_items(args.n, args.seed))[: args.n]
+    generate = llm_generator(llm, args.temperature, args.max_tokens, args.seed)
+    rows, report = rejection_sample(items, generate, args.samples)
+    print(f"rejection sampling: {report['accepted']}/{report['samples']} answers passed "
+          f"({report['rate']:.1%}); kept {report['kept']} of {report['questions']} questions")  # fmt: skip
+    for kind, s in sorted(report["by_kind"].items()):
+        print(f"  {kind}: {s['accepted']}/{s['samples']} passed, {s['kept']} kept")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

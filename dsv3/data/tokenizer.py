@@ -151,7 +151,13 @@ class Tokenizer:
         directory = Path(directory)
         with atomic_write(directory / "tokenizer.json", "w") as f:
             f.write(self.hf.to_str(pretty=False))
-        config = {
+        with atomic_write(directory / "tokenizer_config.json", "w") as f:
+            json.dump(self.hf_config(), f, ensure_ascii=False, indent=2)
+        return directory
+
+    def hf_config(self) -> dict:
+        """The transformers `tokenizer_config.json` of this tokenizer (also served at /tokenizer_info)."""
+        return {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
@@ -162,9 +168,6 @@ class Tokenizer:
             "chat_template": _CHAT_TEMPLATE,
             "dsv3": {"bos_id": self.bos_id, "eos_id": self.eos_id, "vocab_size": self.vocab_size},
         }
-        with atomic_write(directory / "tokenizer_config.json", "w") as f:
-            json.dump(config, f, ensure_ascii=False, indent=2)
-        return directory
 
     # ---- encode / decode --------------------------------------------------------------------------
     @property

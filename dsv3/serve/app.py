@@ -131,6 +131,10 @@ def build_app(loop: EngineLoop, settings: ServerSettings) -> FastAPI:
     async def tokenize(body: TokenizeRequest):
         return api.tokenize(body)
 
+    @app.get("/tokenizer_info", summary="The tokenizer's transformers config (as vLLM's endpoint)")
+    async def tokenizer_info():
+        return api.tokenizer_info()
+
     @app.post("/detokenize", summary="Token ids -> text")
     async def detokenize(body: DetokenizeRequest):
         return api.detokenize(body)

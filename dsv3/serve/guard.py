@@ -28,7 +28,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, st = scope["path"], self.state
-        protected = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        protected = path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/tokenizer_info")
         if protected and st.settings.api_key is not None:
             headers = dict(scope["headers"])
             if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {st.settings.api_key}":

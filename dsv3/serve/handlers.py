@@ -293,6 +293,12 @@ class Api:
             ids = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_len}
 
+    def tokenizer_info(self) -> dict:
+        """vLLM's /tokenizer_info: the tokenizer config (bos/eos/pad tokens, chat template) and the
+        model length; lm-evaluation-harness's `remote` tokenizer backend reads it, then /tokenize."""
+        info = {k: v for k, v in self.need_tokenizer("tokenizer").hf_config().items() if k != "dsv3"}
+        return {**info, "model_max_length": self.max_len}
+
     def detokenize(self, body: DetokenizeRequest) -> dict:
         self.check_model(body.model)
         tok = self.need_tokenizer("tokens")

@@ -90,6 +90,9 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: StrictBool = True
+    # vLLM's field (lm-evaluation-harness sends False): dsv3's tokenizer adds no special tokens to
+    # text either way (its tokenizer.json has no post-processor), so both values give the same ids
+    add_special_tokens: StrictBool = True
 
 
 class DetokenizeRequest(BaseModel):
