@@ -19,16 +19,19 @@ def test_calibrate_fits_a_profile_and_reports_held_out_runs(tmp_path):
     assert [r.name for r in rows] == [
         "decode-1 (fit)",
         "decode-2 (fit)",
+        "train 1x8 (fit)",
         "decode-3",
         "train 1x16",
         "ep2 train 1x16",
         "pp2 1f1b 4x16",
     ]
-    assert [r.held_out for r in rows] == [False, False, True, True, True, True]
+    assert [r.held_out for r in rows] == [False, False, False, True, True, True, True]
     # kernel_us and seq_us are solved so that the fit runs' predictions equal their measurements
     # (unless the noise made one of them negative, then it is clipped to 0)
     if hw.kernel_us > 0 and hw.seq_us > 0:
         assert all(r.predicted == pytest.approx(r.measured, rel=1e-6) for r in rows[:2])
+    if hw.token_us > 0:
+        assert rows[2].predicted == pytest.approx(rows[2].measured, rel=1e-6)
     assert all(r.predicted > 0 and r.measured > 0 for r in rows)
     assert hw.bf16_tflops > 0 and hw.ib_gbps > 0 and hw.gemm_eff == 1.0
     assert Hardware.load(hw.save(tmp_path / "cpu.json")) == hw
@@ -109,3 +112,20 @@ def test_ep_balance_of_the_runs_routing():
     one, _ = cal.predict_train(cfg, cal.PRESETS["cpu"], 1, 16, ep=2)
     heavy, _ = cal.predict_train(cfg, cal.PRESETS["cpu"], 1, 16, ep=2, balance=1.5)
     assert heavy > one
+
+
+def test_token_us_is_solved_from_one_training_run_and_costs_every_pass():
+    """A training step measured with a known token_us gives it back; the term is tokens x blocks x
+    token_us in the forward and twice that in the backward (as the element-wise passes)."""
+    from dataclasses import replace
+
+    from dsv3.planner.hardware import PRESETS
+
+    cfg = ModelConfig.from_preset("tiny")
+    truth = replace(PRESETS["cpu"], token_us=6.0)
+    measured = sum(cal.predict_train(cfg, truth, 1, 32))
+    assert cal.solve_token_us(cfg, PRESETS["cpu"], 1, 32, measured).token_us == pytest.approx(6.0, rel=1e-9)
+    extra = measured - sum(cal.predict_train(cfg, replace(truth, token_us=0.0), 1, 32))
+    blocks = cfg.n_layers + cfg.n_mtp_layers
+    assert extra == pytest.approx(3 * 32 * blocks * 6e-6, rel=1e-9)  # forward 1x + backward 2x
+    assert cal.fit_train_shape(2, 128) == (1, 128) and cal.fit_train_shape(1, 16) == (1, 8)

@@ -188,7 +188,7 @@ def forward_parts(
         )
         t["elementwise"] = t.get("elementwise", 0.0) + cost.roofline(
             hw, 0.0, tokens * elementwise_bytes(cfg, layer), 1.0, kernels=8
-        )
+        ) + tokens * hw.token_us * 1e-6  # fmt: skip
     if head:
         t["head"] = cost.gemm_time(hw, tokens, cfg.dim, cfg.vocab_size, False)
     return t
@@ -207,6 +207,7 @@ def model_costs(
     gemm = sum(v for k, v in parts.items() if k not in ("attention_core", "elementwise"))
     total = sum(parts.values())
     mtp = gemm_mtp = 0.0
+    core, elt = parts["attention_core"], parts["elementwise"]  # their backward costs 2x, MTP's too
     if last:  # MTP: one more MoE block and the head again, for every token (§2.2)
         moe = forward_parts(
             cfg, hw, tokens, pairs, fp8, balance, ep, layers=range(cfg.n_layers - 1, cfg.n_layers)
@@ -215,13 +216,15 @@ def model_costs(
         block_gemm = sum(v for k, v in moe.items() if k not in ("attention_core", "elementwise", "head"))
         mtp = cfg.n_mtp_layers * (block + parts["head"])
         gemm_mtp = cfg.n_mtp_layers * (block_gemm + parts["head"])
+        core += cfg.n_mtp_layers * moe["attention_core"]
+        elt += cfg.n_mtp_layers * moe["elementwise"]
     f_all, w_all = total + mtp, gemm + gemm_mtp
     redo = 0.0
     if recompute:  # RMSNorm and the MLA up-projections run again in the backward
         ups = [n for n in ("q_b", "kv_b") if n in cost.attention_weights(cfg)]
         redo = len(layers) * sum(cost.gemm_time(hw, tokens, *_kn(cfg, n), fp8) for n in ups)
         redo += parts["elementwise"] / 4
-    i_all = w_all + 2 * parts["attention_core"] + 2 * parts["elementwise"] + redo
+    i_all = w_all + 2 * core + 2 * elt + redo
     return f_all, i_all + w_all, w_all, {**parts, "mtp": mtp}
 
 
