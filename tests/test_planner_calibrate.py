@@ -30,7 +30,7 @@ def test_calibrate_fits_a_profile_and_reports_held_out_runs(tmp_path):
     # (unless the noise made one of them negative, then it is clipped to 0)
     if hw.kernel_us > 0 and hw.seq_us > 0:
         assert all(r.predicted == pytest.approx(r.measured, rel=1e-6) for r in rows[:2])
-    if hw.token_us > 0:
+    if hw.block_us > 0:
         assert rows[2].predicted == pytest.approx(rows[2].measured, rel=1e-6)
     assert all(r.predicted > 0 and r.measured > 0 for r in rows)
     assert hw.bf16_tflops > 0 and hw.ib_gbps > 0 and hw.gemm_eff == 1.0
@@ -114,18 +114,22 @@ def test_ep_balance_of_the_runs_routing():
     assert heavy > one
 
 
-def test_token_us_is_solved_from_one_training_run_and_costs_every_pass():
-    """A training step measured with a known token_us gives it back; the term is tokens x blocks x
-    token_us in the forward and twice that in the backward (as the element-wise passes)."""
+def test_block_us_is_solved_from_one_training_run_and_costs_every_pass():
+    """A training step measured with a known block_us gives it back; the term is blocks x block_us
+    in the forward and twice that in the backward (as the element-wise passes), whatever the batch."""
     from dataclasses import replace
 
     from dsv3.planner.hardware import PRESETS
 
     cfg = ModelConfig.from_preset("tiny")
-    truth = replace(PRESETS["cpu"], token_us=6.0)
+    truth = replace(PRESETS["cpu"], block_us=6.0)
     measured = sum(cal.predict_train(cfg, truth, 1, 32))
-    assert cal.solve_token_us(cfg, PRESETS["cpu"], 1, 32, measured).token_us == pytest.approx(6.0, rel=1e-9)
-    extra = measured - sum(cal.predict_train(cfg, replace(truth, token_us=0.0), 1, 32))
+    assert cal.solve_block_us(cfg, PRESETS["cpu"], 1, 32, measured).block_us == pytest.approx(6.0, rel=1e-9)
+    extra = measured - sum(cal.predict_train(cfg, replace(truth, block_us=0.0), 1, 32))
     blocks = cfg.n_layers + cfg.n_mtp_layers
-    assert extra == pytest.approx(3 * 32 * blocks * 6e-6, rel=1e-9)  # forward 1x + backward 2x
+    assert extra == pytest.approx(3 * blocks * 6e-6, rel=1e-9)  # forward 1x + backward 2x
+    two = sum(cal.predict_train(cfg, truth, 2, 32)) - sum(
+        cal.predict_train(cfg, replace(truth, block_us=0.0), 2, 32)
+    )
+    assert two == pytest.approx(extra, rel=1e-9)  # not per token
     assert cal.fit_train_shape(2, 128) == (1, 128) and cal.fit_train_shape(1, 16) == (1, 8)

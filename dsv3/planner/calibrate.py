@@ -8,8 +8,9 @@ Fit (what the profile is made of):
   overhead  kernel_us (per kernel) and seq_us (the engine's host work per sequence per decode
             step: scheduling, sampling, the cache's bookkeeping), solved so that the engine's decode
             steps at batch 1 and at `fit_batch` (32) are predicted exactly: two runs, two unknowns;
-            then token_us (per-row work per token and block of a pass) so that one training step
-            of half the held-out batch (`fit_train_shape`: 1x128) is predicted exactly
+            then block_us (host work per block per training pass: autograd's nodes, the losses,
+            the routing's bookkeeping; independent of the tokens) so that one training step of
+            half the held-out batch (`fit_train_shape`: 1x128) is predicted exactly
   gloo      two processes exchange all_to_all_single payloads of two sizes -> bandwidth (IB and
             "NVLink" alike: one machine) and latency per exchange
   The efficiencies are 1: the rates are what was reached, not peaks.
@@ -258,18 +259,18 @@ def solve_overheads(
 
 
 def fit_train_shape(batch: int, seq: int) -> tuple[int, int]:
-    """The training run token_us is fitted on: half the held-out batch (half its sequence length
+    """The training run block_us is fitted on: half the held-out batch (half its sequence length
     when the batch is one sequence), so that the held-out step is not the fit run."""
     return (batch // 2, seq) if batch > 1 else (1, max(2, seq // 2))
 
 
-def solve_token_us(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, measured: float) -> Hardware:
-    """`hw` with token_us solved so that one forward + backward of `batch` x `seq` tokens is
-    predicted as `measured` (the prediction is linear in token_us); clipped at 0."""
-    hw = replace(hw, token_us=0.0)
+def solve_block_us(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, measured: float) -> Hardware:
+    """`hw` with block_us solved so that one forward + backward of `batch` x `seq` tokens is
+    predicted as `measured` (the prediction is linear in block_us); clipped at 0."""
+    hw = replace(hw, block_us=0.0)
     base = sum(predict_train(cfg, hw, batch, seq))
-    per = sum(predict_train(cfg, replace(hw, token_us=1.0), batch, seq)) - base
-    return replace(hw, token_us=max(0.0, (measured - base) / per))
+    per = sum(predict_train(cfg, replace(hw, block_us=1.0), batch, seq)) - base
+    return replace(hw, block_us=max(0.0, (measured - base) / per))
 
 
 def fit_profile(
@@ -302,7 +303,7 @@ def calibrate(
     tb, ts = train
     fb, fs = fit_train_shape(tb, ts)
     fit_step = measure_train(cfg, fb, fs, repeats, tick)
-    hw = solve_token_us(cfg, hw, fb, fs, fit_step)
+    hw = solve_block_us(cfg, hw, fb, fs, fit_step)
     rows = [
         Row(f"decode-{b} (fit)", predict_decode(cfg, hw, b, prompt, steps), m, False) for b, m in fits.items()
     ]
@@ -344,7 +345,7 @@ def format_rows(hw: Hardware, rows: list[Row]) -> str:
     lines = [
         f"profile: GEMM {hw.bf16_tflops * 1e3:.1f} GFLOP/s, memory {hw.hbm_gbps:.1f} GB/s (BF16 units), "
         f"kernel {hw.kernel_us:.1f} us, host {hw.seq_us:.1f} us per decode sequence, "
-        f"{hw.token_us:.2f} us per token and block, "
+        f"{hw.block_us:.0f} us per block and pass, "
         f"gloo {hw.ib_gbps:.2f} GB/s + {hw.net_latency_us:.0f} us",
         f"{'run':<22} {'predicted ms':>13} {'measured ms':>12} {'error':>7}",
     ]

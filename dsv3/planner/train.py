@@ -188,7 +188,7 @@ def forward_parts(
         )
         t["elementwise"] = t.get("elementwise", 0.0) + cost.roofline(
             hw, 0.0, tokens * elementwise_bytes(cfg, layer), 1.0, kernels=8
-        ) + tokens * hw.token_us * 1e-6  # fmt: skip
+        ) + hw.block_us * 1e-6  # fmt: skip
     if head:
         t["head"] = cost.gemm_time(hw, tokens, cfg.dim, cfg.vocab_size, False)
     return t
