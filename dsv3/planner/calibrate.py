@@ -5,8 +5,12 @@ Fit (what the profile is made of):
   matmul    FP32 GEMM FLOP/s of one thread (the CPU model computes in FP32) -> bf16/fp8_tflops
   copy      bytes/s of a large tensor copy -> hbm_gbps, halved: the cost model counts BF16 weights
             and activations (2 bytes), the CPU moves FP32 (4), so the profile is in BF16 units
-  overhead  kernel_us: the per-kernel cost that makes the engine's batch-1 decode step of the
-            calibration model match (solved from that one measurement)
+  overhead  kernel_us (per kernel) and seq_us (the engine's host work per sequence per decode
+            step: scheduling, sampling, the cache's bookkeeping), solved so that the engine's decode
+            steps at batch 1 and at `fit_batch` (32) are predicted exactly: two runs, two unknowns;
+            then block_us (host work per block per training pass: autograd's nodes, the losses,
+            the routing's bookkeeping; independent of the tokens) so that one training step of
+            half the held-out batch (`fit_train_shape`: 1x128) is predicted exactly
   gloo      two processes exchange all_to_all_single payloads of two sizes -> bandwidth (IB and
             "NVLink" alike: one machine) and latency per exchange
   The efficiencies are 1: the rates are what was reached, not peaks.
@@ -14,10 +18,15 @@ Fit (what the profile is made of):
 Held out (predicted by the planner with the fitted profile, then measured):
   decode-B  the single-process engine (the model's decode path), B sequences, step time
   train     one forward + backward of the model on one process
-  ep2       one forward + backward with the routed experts over 2 gloo ranks (one hop, FP32 wire)
-  pp2       one 1F1B step over 2 gloo ranks (pipeline runtime), 4 micro-batches
+  ep2       one forward + backward with the routed experts over 2 gloo ranks (one hop, FP32 wire),
+            predicted on the busiest rank: the balance (max/mean rows per rank) of the run's routing
+            is counted from the same batches on one process, not fitted
+  pp2       one 1F1B step over 2 gloo ranks (pipeline runtime), 4 micro-batches, predicted with
+            per-stage costs: the runtime's split puts the head, the loss and MTP on the last stage
 
-Timings are wall-clock medians; on a loaded machine they mean little (docs/planning.md). Run it
+Timings are the fastest of the repeats (wall clock): on a shared machine the other processes only
+ever add time, so the least-disturbed repeat is the closest to an idle run; a median would follow
+the load. On a loaded machine they still mean little (docs/planning.md). Run it
 on an idle machine with one thread per process:  dsv3 plan calibrate --out cpu.json
 """
 
@@ -25,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from dataclasses import dataclass, replace
 
@@ -35,7 +43,7 @@ from dsv3.config import ModelConfig
 from dsv3.planner import cost
 from dsv3.planner.hardware import PRESETS, Hardware
 from dsv3.planner.serve import ServeLayout, _decode_step
-from dsv3.planner.train import model_costs
+from dsv3.planner.train import model_costs, stage_costs
 
 
 @dataclass(frozen=True)
@@ -50,28 +58,33 @@ class Row:
         return self.predicted / self.measured - 1
 
 
-def _median_time(fn, repeats: int, warmup: int = 1) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""`wall`: elapsed time; `cpu`: the calling thread's CPU time, which a shared machine's other
+processes do not inflate (single-threaded runs only: it misses waits on another rank)."""
+
+
+def _best_time(fn, repeats: int, warmup: int = 1, clock=time.perf_counter) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        times.append(clock() - t)
+    return min(times)
 
 
 # ---- micro-benchmarks --------------------------------------------------------------------------------
-def measure_matmul(n: int = 384, repeats: int = 5) -> float:
+def measure_matmul(n: int = 384, repeats: int = 5, clock=time.perf_counter) -> float:
     """FP32 FLOP/s of an n x n x n matmul."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _median_time(lambda: a @ b, repeats)
+    return 2 * n**3 / _best_time(lambda: a @ b, repeats, clock=clock)
 
 
-def measure_copy(mb: int = 64, repeats: int = 5) -> float:
+def measure_copy(mb: int = 64, repeats: int = 5, clock=time.perf_counter) -> float:
     """Bytes/s moved by a copy (read + write) of `mb` MB."""
     x, y = torch.empty(mb * 2**18), torch.randn(mb * 2**18)
-    return 2 * x.numel() * 4 / _median_time(lambda: x.copy_(y), repeats)
+    return 2 * x.numel() * 4 / _best_time(lambda: x.copy_(y), repeats, clock=clock)
 
 
 def _gloo_worker(rank: int, world: int, sizes: tuple[int, int], repeats: int) -> list[float]:
@@ -85,7 +98,7 @@ def _gloo_worker(rank: int, world: int, sizes: tuple[int, int], repeats: int) ->
             dist.all_to_all_single(y, x)
 
         dist.barrier()
-        out.append(_median_time(run, repeats))
+        out.append(_best_time(run, repeats))
     return out
 
 
@@ -109,8 +122,8 @@ def _model(cfg: ModelConfig):
     return Transformer(cfg)
 
 
-def measure_decode(cfg: ModelConfig, batch: int, prompt: int, steps: int) -> float:
-    """Median step time of the engine's decode steps (model path) with `batch` sequences."""
+def measure_decode(cfg: ModelConfig, batch: int, prompt: int, steps: int, clock=time.perf_counter) -> float:
+    """Fastest step time of the engine's decode steps (model path) with `batch` sequences."""
     from dsv3.infer.engine import Engine, EngineConfig
     from dsv3.infer.sampling import SamplingParams
 
@@ -124,13 +137,13 @@ def measure_decode(cfg: ModelConfig, batch: int, prompt: int, steps: int) -> flo
     engine.step()  # the prefills
     times = []
     while engine.has_unfinished():
-        t = time.perf_counter()
+        t = clock()
         engine.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:] or times)
+        times.append(clock() - t)
+    return min(times[1:] or times)
 
 
-def measure_train(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float:
+def measure_train(cfg: ModelConfig, batch: int, seq: int, repeats: int, clock=time.perf_counter) -> float:
     model = _model(cfg)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
 
@@ -138,7 +151,19 @@ def measure_train(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float
         model.loss(x).total.backward()
         model.zero_grad(set_to_none=True)
 
-    return _median_time(step, repeats)
+    return _best_time(step, repeats, clock=clock)
+
+
+def measure_ep_balance(cfg: ModelConfig, batch: int, seq: int, ep: int = 2) -> float:
+    """Max/mean expert rows over `ep` ranks holding E/ep consecutive experts each, of the batches
+    the EP run gives its ranks (`_dist_worker`'s), mean over the MoE layers: the busiest rank sets
+    the step and the other waits for it in the all-to-all."""
+    model = _model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (ep, batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        counts = sum(model.loss(x[r]).counts for r in range(ep))  # [L, E]
+    per_rank = counts.view(counts.shape[0], ep, -1).sum(-1).double()  # [L, ep]
+    return float((per_rank.amax(1) / per_rank.mean(1)).mean())
 
 
 def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
@@ -157,7 +182,7 @@ def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, 
         model.loss(x[rank]).total.backward()
         model.zero_grad(set_to_none=True)
 
-    out = {"ep2": _median_time(ep_step, repeats)}
+    out = {"ep2": _best_time(ep_step, repeats)}
     chunks = 4
     runner = PipelineRunner(_model(cfg), "1f1b", chunks)
     mbs = torch.randint(0, cfg.vocab_size, (chunks, seq + 1), generator=torch.Generator().manual_seed(1))
@@ -168,7 +193,7 @@ def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, 
         for p in runner.parameters():
             p.grad = None
 
-    out["pp2"] = _median_time(pp_step, repeats)
+    out["pp2"] = _best_time(pp_step, repeats)
     return out
 
 
@@ -182,9 +207,12 @@ def predict_decode(cfg: ModelConfig, hw: Hardware, batch: int, prompt: int, step
     return _decode_step(cfg, hw, lay, batch, 1.0)[0]
 
 
-def predict_train(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, ep: int = 1) -> tuple[float, float]:
-    """(compute, communication) seconds of one forward + backward on one rank."""
-    f, b, _, _ = model_costs(cfg, hw, batch * seq, batch * cost.causal_pairs(seq), False, ep, recompute=False)
+def predict_train(
+    cfg: ModelConfig, hw: Hardware, batch: int, seq: int, ep: int = 1, balance: float = 1.0
+) -> tuple[float, float]:
+    """(compute, communication) seconds of one forward + backward on the busiest rank."""
+    pairs = batch * cost.causal_pairs(seq)
+    f, b, _, _ = model_costs(cfg, hw, batch * seq, pairs, False, ep, recompute=False, balance=balance)
     comm = 0.0
     if ep > 1:
         copies = cost.expected_copies(cfg, ep, ep, two_hop=False)
@@ -194,20 +222,63 @@ def predict_train(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, ep: int 
 
 
 def predict_pipeline(cfg: ModelConfig, hw: Hardware, seq: int, chunks: int = 4) -> float:
-    from dsv3.parallel.pipeline.plan import Costs, simulate
+    from dsv3.parallel.pipeline.plan import simulate
     from dsv3.parallel.pipeline.schedule import build_schedule
 
-    f, b, w, _ = model_costs(cfg, hw, seq, cost.causal_pairs(seq), False, recompute=False)
+    costs = stage_costs(cfg, hw, 2, seq, cost.causal_pairs(seq), False, recompute=False)
     p2p = seq * cfg.dim * 4 / hw.ib_bytes + hw.net_latency_us * 1e-6  # FP32 activations
-    return simulate(build_schedule("1f1b", 2, chunks), Costs(f / 2, b / 2, w / 2), p2p).makespan
+    return simulate(build_schedule("1f1b", 2, chunks), costs, p2p).makespan
 
 
 # ---- the command ---------------------------------------------------------------------------------------
+def solve_overheads(
+    cfg: ModelConfig, hw: Hardware, fits: dict[int, float], prompt: int, steps: int
+) -> Hardware:
+    """`hw` with kernel_us and seq_us solved so that the decode steps measured at the batches of
+    `fits` ({batch: seconds}, one or two) are predicted exactly. The prediction is linear in both
+    (step = base + kernel_us x kernels + seq_us x batch); a negative solution is clipped to 0 and
+    the other refitted on the batch-1 run."""
+    hw = replace(hw, kernel_us=0.0, seq_us=0.0)
+    rows = []
+    for b, measured in sorted(fits.items()):
+        base = predict_decode(cfg, hw, b, prompt, steps)
+        per_k = predict_decode(cfg, replace(hw, kernel_us=1.0), b, prompt, steps) - base  # s per us
+        per_s = predict_decode(cfg, replace(hw, seq_us=1.0), b, prompt, steps) - base
+        rows.append((per_k, per_s, measured - base))
+    if len(rows) == 1:
+        (a, _, y), seq = rows[0], 0.0
+        kernel = y / a
+    else:
+        (a1, b1, y1), (a2, b2, y2) = rows[:2]
+        det = a1 * b2 - a2 * b1
+        kernel, seq = (y1 * b2 - y2 * b1) / det, (a1 * y2 - a2 * y1) / det
+        if seq < 0 or kernel < 0:  # clip, then refit the other on the smallest batch
+            seq = max(0.0, seq) if kernel >= 0 else max(0.0, y1 / b1)
+            kernel = max(0.0, (y1 - seq * b1) / a1)
+    return replace(hw, kernel_us=max(0.0, kernel), seq_us=max(0.0, seq))
+
+
+def fit_train_shape(batch: int, seq: int) -> tuple[int, int]:
+    """The training run block_us is fitted on: half the held-out batch (half its sequence length
+    when the batch is one sequence), so that the held-out step is not the fit run."""
+    return (batch // 2, seq) if batch > 1 else (1, max(2, seq // 2))
+
+
+def solve_block_us(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, measured: float) -> Hardware:
+    """`hw` with block_us solved so that one forward + backward of `batch` x `seq` tokens is
+    predicted as `measured` (the prediction is linear in block_us); clipped at 0."""
+    hw = replace(hw, block_us=0.0)
+    base = sum(predict_train(cfg, hw, batch, seq))
+    per = sum(predict_train(cfg, replace(hw, block_us=1.0), batch, seq)) - base
+    return replace(hw, block_us=max(0.0, (measured - base) / per))
+
+
 def fit_profile(
-    cfg: ModelConfig, prompt: int, steps: int, repeats: int, dist: bool
-) -> tuple[Hardware, float]:
-    """The fitted profile and the measured batch-1 decode step it was fitted on."""
-    flops, copy = measure_matmul(repeats=repeats), measure_copy(repeats=repeats)
+    cfg: ModelConfig, prompt: int, steps: int, repeats: int, dist: bool, fit_batch: int = 32,
+    clock=time.perf_counter,
+) -> tuple[Hardware, dict[int, float]]:  # fmt: skip
+    """The fitted profile and the measured decode steps ({batch: seconds}) it was fitted on."""
+    flops, copy = measure_matmul(repeats=repeats, clock=clock), measure_copy(repeats=repeats, clock=clock)
     hw = replace(
         PRESETS["cpu"], bf16_tflops=flops / 1e12, fp8_tflops=flops / 1e12, hbm_gbps=copy / 2 / 1e9,
         kernel_us=0.0, gemm_eff=1.0, attn_eff=1.0, hbm_eff=1.0, net_eff=1.0,
@@ -215,31 +286,43 @@ def fit_profile(
     if dist:
         bw, lat = measure_gloo(repeats)
         hw = replace(hw, nvlink_gbps=bw / 1e9, ib_gbps=bw / 1e9, net_latency_us=lat * 1e6)
-    measured = measure_decode(cfg, 1, prompt, steps)
-    base = predict_decode(cfg, hw, 1, prompt, steps)
-    probe = predict_decode(cfg, replace(hw, kernel_us=1.0), 1, prompt, steps) - base  # s per kernel_us
-    return replace(hw, kernel_us=max(0.0, (measured - base) / probe)), measured
+    fits = {b: measure_decode(cfg, b, prompt, steps, clock) for b in sorted({1, fit_batch})}
+    return solve_overheads(cfg, hw, fits, prompt, steps), fits
 
 
 def calibrate(
     cfg: ModelConfig, batches: tuple[int, ...], prompt: int, steps: int, train: tuple[int, int], repeats: int,
-    dist: bool = True,
+    dist: bool = True, fit_batch: int = 32, clock: str = "wall",
 ) -> tuple[Hardware, list[Row]]:  # fmt: skip
-    hw, fit_step = fit_profile(cfg, prompt, steps, repeats, dist)
-    rows = [Row("decode-1 (fit)", predict_decode(cfg, hw, 1, prompt, steps), fit_step, False)]
+    """The fitted profile and the rows (fit and held-out). `clock` (CLOCKS) times the
+    single-process runs and micro-benchmarks; the 2-rank runs are always timed by the wall clock."""
+    tick = CLOCKS[clock]
+    if fit_batch in batches:
+        raise ValueError(f"fit_batch: {fit_batch} is also a held-out batch ({batches})")
+    hw, fits = fit_profile(cfg, prompt, steps, repeats, dist, fit_batch, tick)
+    tb, ts = train
+    fb, fs = fit_train_shape(tb, ts)
+    fit_step = measure_train(cfg, fb, fs, repeats, tick)
+    hw = solve_block_us(cfg, hw, fb, fs, fit_step)
+    rows = [
+        Row(f"decode-{b} (fit)", predict_decode(cfg, hw, b, prompt, steps), m, False) for b, m in fits.items()
+    ]
+    rows.append(Row(f"train {fb}x{fs} (fit)", sum(predict_train(cfg, hw, fb, fs)), fit_step, False))
     for b in batches:
         rows.append(
             Row(
                 f"decode-{b}",
                 predict_decode(cfg, hw, b, prompt, steps),
-                measure_decode(cfg, b, prompt, steps),
+                measure_decode(cfg, b, prompt, steps, tick),
                 True,
             )
         )
-    tb, ts = train
     rows.append(
         Row(
-            f"train {tb}x{ts}", sum(predict_train(cfg, hw, tb, ts)), measure_train(cfg, tb, ts, repeats), True
+            f"train {tb}x{ts}",
+            sum(predict_train(cfg, hw, tb, ts)),
+            measure_train(cfg, tb, ts, repeats, tick),
+            True,
         )
     )
     if dist:
@@ -249,7 +332,7 @@ def calibrate(
         rows.append(
             Row(
                 f"ep2 train {tb}x{ts}",
-                sum(predict_train(cfg, hw, tb, ts, ep=2)),
+                sum(predict_train(cfg, hw, tb, ts, ep=2, balance=measure_ep_balance(cfg, tb, ts))),
                 max(r["ep2"] for r in res),
                 True,
             )
@@ -261,7 +344,9 @@ def calibrate(
 def format_rows(hw: Hardware, rows: list[Row]) -> str:
     lines = [
         f"profile: GEMM {hw.bf16_tflops * 1e3:.1f} GFLOP/s, memory {hw.hbm_gbps:.1f} GB/s (BF16 units), "
-        f"kernel {hw.kernel_us:.1f} us, gloo {hw.ib_gbps:.2f} GB/s + {hw.net_latency_us:.0f} us",
+        f"kernel {hw.kernel_us:.1f} us, host {hw.seq_us:.1f} us per decode sequence, "
+        f"{hw.block_us:.0f} us per block and pass, "
+        f"gloo {hw.ib_gbps:.2f} GB/s + {hw.net_latency_us:.0f} us",
         f"{'run':<22} {'predicted ms':>13} {'measured ms':>12} {'error':>7}",
     ]
     for r in rows:
@@ -277,10 +362,15 @@ def plan_calibrate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsv3 plan calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="model of the runs (small; tiny for a quick check)")
     p.add_argument("--batches", default="4,16,64", help="held-out decode batch sizes")
+    p.add_argument(
+        "--fit-batch", type=int, default=32, help="the second decode batch the overheads are fitted on"
+    )
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens per decode sequence")
-    p.add_argument("--steps", type=int, default=8, help="decode steps timed per batch size")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
     p.add_argument("--train", default="2x128", help="training batch: SEQUENCESxTOKENS")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="time the single-process runs by elapsed (wall) or thread CPU time (cpu: a shared machine)")  # fmt: skip
     p.add_argument("--no-dist", action="store_true", help="skip the gloo measurements and runs")
     p.add_argument("--out", help="write the fitted profile here (JSON, or YAML for .yaml)")
     args = p.parse_args(argv)
@@ -295,7 +385,21 @@ def plan_calibrate_main(argv: list[str] | None = None) -> int:
         ) from None
     torch.set_num_threads(1)
     cfg = ModelConfig.from_preset(args.preset)
-    hw, rows = calibrate(cfg, batches, args.prompt, args.steps, (tb, ts), args.repeats, not args.no_dist)
+    if args.fit_batch < 2 or args.fit_batch in batches:
+        raise UsageError(
+            f"--fit-batch {args.fit_batch}: must be >= 2 and not one of --batches {args.batches}"
+        )
+    hw, rows = calibrate(
+        cfg,
+        batches,
+        args.prompt,
+        args.steps,
+        (tb, ts),
+        args.repeats,
+        not args.no_dist,
+        args.fit_batch,
+        args.clock,
+    )
     print(format_rows(hw, rows))
     if args.out:
         print(f"profile: {hw.save(args.out)}")

@@ -14,6 +14,14 @@ planner is validated against):
                   kernels (FlashAttention-3) report similar fractions
   hbm_eff  0.85   FlashMLA's memory-bound decode reaches ~3000 of the 3350 GB/s of HBM3
   net_eff  0.90   DeepEP reaches ~153 of 160 GB/s over NVLink and ~43-58 of 50 GB/s over IB
+`seq_us` is the serving engine's host work per sequence per decode step (scheduling, sampling,
+the cache's bookkeeping) that the device does not hide: 0 on GPUs, where an engine schedules the
+next step while the GPU runs this one (an assumption, not a measurement); on this CPU the host is
+the device, and `dsv3 plan calibrate` fits it. `block_us` is the host work per block of a forward
+pass that the cost model's kernels do not count (the many small operators of routing, the losses,
+autograd's graph), independent of the batch; the backward pays it twice, like the element-wise
+passes. 0 on GPUs, on the same assumption as `seq_us`; `dsv3 plan calibrate` fits it on this CPU
+from one training run.
 The NVLink and IB figures of the H800 are the paper's (§3.2.2, "NVLink 160 GB/s, IB 50 GB/s"); the
 other presets scale NVLink by their vendors' NVLink-to-H800 ratio.
 
@@ -53,6 +61,8 @@ class Hardware:
     # fixed latencies
     kernel_us: float = 5.0  # launch + tail of one kernel (a layer runs ~10)
     net_latency_us: float = 10.0  # one all-to-all round (RDMA setup, synchronisation)
+    seq_us: float = 0.0  # host work per sequence per decode step not hidden behind the device
+    block_us: float = 0.0  # host work per block per forward pass not hidden behind the device
     # money
     price_per_gpu_hour: float = 2.0  # $ per GPU-hour (the paper's rental price, Table 1)
 
@@ -68,7 +78,7 @@ class Hardware:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ConfigError(f"{name}: an efficiency must be in (0, 1], got {v!r}")
-        for name in ("kernel_us", "net_latency_us", "price_per_gpu_hour"):
+        for name in ("kernel_us", "net_latency_us", "seq_us", "block_us", "price_per_gpu_hour"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.gpus_per_node < 1:

@@ -251,7 +251,7 @@ def _decode_step(
     head = cost.gemm_time(hw, tokens, d, cfg.vocab_size // tp, False)  # vocabulary-parallel in the group
     blocks = cfg.n_layers * attn + cfg.n_moe_layers * expert + cfg.n_dense_layers * dense
     mtp = attn + expert + head if lay.mtp else 0.0  # the draft: one more block and the head
-    compute = blocks + head + mtp
+    compute = blocks + head + mtp + B * hw.seq_us * 1e-6  # + the host's per-sequence work
     copies = cost.expected_copies(cfg, lay.decode_ep, hw.gpus_per_node, two_hop=False, k=k)
     a2a = cost.traffic(copies, tokens, d, k, "fp8" if lay.fp8 else "bf16", "bf16")
     comm = (cfg.n_moe_layers + (1 if lay.mtp else 0)) * a2a.seconds(hw)

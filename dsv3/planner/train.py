@@ -39,7 +39,16 @@ from typing import Any, get_type_hints
 
 from dsv3.config import ConfigError, ModelConfig, check_known_fields, parse_typed
 from dsv3.parallel.pipeline.plan import Costs, Simulation, peak_activations, simulate, summarize
-from dsv3.parallel.pipeline.schedule import SCHEDULES, ScheduleError, build_schedule
+from dsv3.parallel.pipeline.schedule import (
+    BACKWARD,
+    FORWARD,
+    INPUT_GRAD,
+    SCHEDULES,
+    WEIGHT_GRAD,
+    Op,
+    ScheduleError,
+    build_schedule,
+)
 from dsv3.planner import cost
 from dsv3.planner.hardware import Hardware, resolve_hardware
 
@@ -158,13 +167,14 @@ def elementwise_bytes(cfg: ModelConfig, layer: int) -> float:
 
 def forward_parts(
     cfg: ModelConfig, hw: Hardware, tokens: int, pairs: float, fp8: bool, balance: float = 1.0,
-    ep: int = 1, absorbed: bool = False,
+    ep: int = 1, absorbed: bool = False, layers: range | None = None, head: bool = True,
 ) -> dict[str, float]:  # fmt: skip
     """Seconds of one forward of the whole model over `tokens` tokens on one GPU, by part; the
-    routed experts see tokens x K copies spread over `ep` GPUs x `balance` on the busiest one."""
-    t: dict[str, float] = {}
+    routed experts see tokens x K copies spread over `ep` GPUs x `balance` on the busiest one.
+    `layers` (default all) and `head` restrict it to the blocks and head of one pipeline stage."""
+    t: dict[str, float] = {"head": 0.0}
     local = max(1, cfg.n_routed_experts // ep)
-    for layer in range(cfg.n_layers):
+    for layer in range(cfg.n_layers) if layers is None else layers:
         for part, k, n, _ in _gemms(cfg, layer):
             # the gate and the head stay in BF16 (§3.3), the other GEMMs follow the precision
             t[part] = t.get(part, 0.0) + cost.gemm_time(hw, tokens, k, n, fp8 and part != "gate")
@@ -178,29 +188,43 @@ def forward_parts(
         )
         t["elementwise"] = t.get("elementwise", 0.0) + cost.roofline(
             hw, 0.0, tokens * elementwise_bytes(cfg, layer), 1.0, kernels=8
-        )
-    t["head"] = cost.gemm_time(hw, tokens, cfg.dim, cfg.vocab_size, False)
+        ) + hw.block_us * 1e-6  # fmt: skip
+    if head:
+        t["head"] = cost.gemm_time(hw, tokens, cfg.dim, cfg.vocab_size, False)
     return t
 
 
 def model_costs(
-    cfg: ModelConfig, hw: Hardware, tokens: int, pairs: float, fp8: bool, ep: int = 1, recompute: bool = True
-) -> tuple[float, float, float, dict[str, float]]:
+    cfg: ModelConfig, hw: Hardware, tokens: int, pairs: float, fp8: bool, ep: int = 1, recompute: bool = True,
+    layers: range | None = None, last: bool = True, balance: float = 1.0,
+) -> tuple[float, float, float, dict[str, float]]:  # fmt: skip
     """(F, B, W, forward parts) in seconds of the whole model (MTP included) for `tokens` tokens
-    whose attention covers `pairs` (query, key) pairs per layer, on one GPU, no communication."""
-    parts = forward_parts(cfg, hw, tokens, pairs, fp8, ep=ep)
+    whose attention covers `pairs` (query, key) pairs per layer, on one GPU, no communication.
+    One pipeline stage: `layers` its blocks, `last` whether it holds the head and the MTP modules;
+    `balance` the busiest EP rank's expert rows over the mean."""
+    layers = range(cfg.n_layers) if layers is None else layers
+    parts = forward_parts(cfg, hw, tokens, pairs, fp8, balance, ep, layers=layers, head=last)
     gemm = sum(v for k, v in parts.items() if k not in ("attention_core", "elementwise"))
     total = sum(parts.values())
-    # MTP: one more block and the head again, for every token (§2.2)
-    mtp = cfg.n_mtp_layers * ((total - parts["head"]) / cfg.n_layers + parts["head"])
-    gemm_mtp = cfg.n_mtp_layers * ((gemm - parts["head"]) / cfg.n_layers + parts["head"])
+    mtp = gemm_mtp = 0.0
+    core, elt = parts["attention_core"], parts["elementwise"]  # their backward costs 2x, MTP's too
+    if last:  # MTP: one more MoE block and the head again, for every token (§2.2)
+        moe = forward_parts(
+            cfg, hw, tokens, pairs, fp8, balance, ep, layers=range(cfg.n_layers - 1, cfg.n_layers)
+        )
+        block = sum(moe.values()) - moe["head"]
+        block_gemm = sum(v for k, v in moe.items() if k not in ("attention_core", "elementwise", "head"))
+        mtp = cfg.n_mtp_layers * (block + parts["head"])
+        gemm_mtp = cfg.n_mtp_layers * (block_gemm + parts["head"])
+        core += cfg.n_mtp_layers * moe["attention_core"]
+        elt += cfg.n_mtp_layers * moe["elementwise"]
     f_all, w_all = total + mtp, gemm + gemm_mtp
     redo = 0.0
     if recompute:  # RMSNorm and the MLA up-projections run again in the backward
         ups = [n for n in ("q_b", "kv_b") if n in cost.attention_weights(cfg)]
-        redo = cfg.n_layers * sum(cost.gemm_time(hw, tokens, *_kn(cfg, n), fp8) for n in ups)
+        redo = len(layers) * sum(cost.gemm_time(hw, tokens, *_kn(cfg, n), fp8) for n in ups)
         redo += parts["elementwise"] / 4
-    i_all = w_all + 2 * parts["attention_core"] + 2 * parts["elementwise"] + redo
+    i_all = w_all + 2 * core + 2 * elt + redo
     return f_all, i_all + w_all, w_all, {**parts, "mtp": mtp}
 
 
@@ -218,6 +242,39 @@ def chunk_costs(cfg: ModelConfig, hw: Hardware, lay: TrainLayout) -> ChunkCosts:
         comm_f, comm_b = moe * fwd.seconds(hw) / pp, moe * bwd.seconds(hw) / pp
         p2p = tokens * cfg.dim * 2 / hw.ib_bytes + hw.net_latency_us * 1e-6
     return ChunkCosts(f_all / pp, b_all / pp, w_all / pp, comm_f, comm_b, p2p, parts)
+
+
+@dataclass(frozen=True)
+class StageCosts(Costs):
+    """Costs that differ per stage: `per_stage[s]` is stage s's (F, B, W) for one micro-batch (the
+    first stage embeds, the last runs the head, the loss and MTP). f/b/w hold the mean stage, for
+    the bubble formulas; the simulator reads `of`."""
+
+    per_stage: tuple[tuple[float, float, float], ...] = ()
+
+    def of(self, op: Op) -> float:
+        total = 0.0
+        for t in op.tasks:
+            f, b, w = self.per_stage[t.stage]
+            total += {FORWARD: f, BACKWARD: b, INPUT_GRAD: b - w, WEIGHT_GRAD: w}[t.kind]
+        return total
+
+
+def stage_costs(
+    cfg: ModelConfig, hw: Hardware, stages: int, tokens: int, pairs: float, fp8: bool, ep: int = 1,
+    recompute: bool = True,
+) -> StageCosts:  # fmt: skip
+    """Per-stage (F, B, W) of the pipeline runtime's split (`split_layers`: blocks and MTP modules
+    cut evenly, the head, loss and MTP on the last stage) for one micro-batch, no communication."""
+    from dsv3.parallel.pipeline.stages import split_layers
+
+    layout = split_layers(cfg.n_layers, cfg.n_mtp_layers, stages).layers
+    per = tuple(
+        model_costs(cfg, hw, tokens, pairs, fp8, ep, recompute, layers=r, last=s == stages - 1)[:3]
+        for s, r in enumerate(layout)
+    )
+    mean = [sum(c[i] for c in per) / stages for i in range(3)]
+    return StageCosts(mean[0], mean[1], min(mean[2], mean[1] * (1 - 1e-12)), per_stage=per)
 
 
 def schedule_costs(cc: ChunkCosts, schedule: str, sm_fraction: float) -> Costs:
