@@ -24,7 +24,9 @@ dsv3.infer.decode.weights:
   stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, its keys
   read through the block table, so its blocks need not be consecutive) whenever the kernels are
   native, on any geometry: where W_UK / W_UV are not folded (V3's shapes) it applies them per head
-  to the query and to the attention output, as `_attention` does. That removes the ~200 operator
+  to the query and to the attention output, as `_attention` does; it streams whichever attention
+  layout has fewer bytes (`_row_attention`: the few- or many-row folds, the BF16 copies where BF16
+  GEMMs run, within ROW_BF16_BOUND). That removes the ~200 operator
   launches per token that otherwise cost as much as the weights, and it splits its work across
   torch's threads (dsv3.infer.decode.kernels).
 `MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
