@@ -218,6 +218,63 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
             assert (logits[b] - want).abs().max() <= bound * max(1.0, want.abs().max().item())
 
 
+ROW_MODELS = {  # the presets' geometries, shortened (2 layers: dense then MoE) and a small vocabulary
+    "small": dict(n_layers=2, vocab_size=512, n_mtp_layers=0),
+    "v3-mini": dict(n_layers=2, vocab_size=512, n_mtp_layers=0),
+}
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+@pytest.mark.parametrize("preset", ROW_MODELS)
+def test_row_decoder_layouts_on_the_presets(preset, weights):
+    """The one-row decoder streams the attention layout with the fewest bytes (`_row_attention`):
+    fp32: the few- or many-row folds, exact (1e-5 of the forward); bf16: a BF16-valued model with
+    the attention's BF16 copies (`bf16_gemm`, forced here: the RowDecoder computes FP32 on any
+    CPU), within ROW_BF16_BOUND. Lone rows at T = 1, 2, 3, one with its blocks out of order."""
+    _check_row_decoder(ModelConfig.from_preset(preset).replace(**ROW_MODELS[preset]), weights)
+
+
+@pytest.mark.slow
+def test_row_decoder_bf16_attention_on_one_671b_layer():
+    """As above on one layer of the 671B geometry (W_UK and W_UV per head), BF16 attention copies."""
+    _check_row_decoder(ModelConfig.from_preset("671b").replace(**V3_LAYER), "bf16")
+
+
+def _check_row_decoder(cfg: ModelConfig, weights: str) -> None:
+    torch.manual_seed(0)
+    model = _model(cfg) if weights == "fp32" else _bf16_valued(_model(cfg))
+    cache = PagedLatentCache(cfg, num_blocks=24, block_size=4)
+    bf16 = weights == "bf16"
+    fast = FastDecoder(model, cache, weight_dtype=torch.bfloat16 if bf16 else None, bf16_gemm=bf16)
+    if fast._row_decoders()[0] is None:
+        pytest.skip(f"no native RowDecoder here ({cpu_kernels.why_not_native})")
+    for a in fast.weights.attn:
+        chosen = fast._row_attention(a)
+        assert decode._attention_bytes(chosen) <= decode._attention_bytes(a)
+        assert chosen.w_q.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    bound = decode.ROW_BF16_BOUND if bf16 else 1e-5
+    tables = [cache.allocator.allocate(8) for _ in range(2)]
+    tables[1] = [tables[1][i] for i in (3, 1, 0, 2, 5, 4, 7, 6)]
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    worst = 0.0
+    with torch.no_grad():
+        full = model(ids)
+        for b, table in enumerate(tables):
+            pos = torch.arange(5)[None]
+            cache.bind(make_context([table], pos, [5], 4))
+            model.hidden_states(ids[b : b + 1, :5], pos, cache, absorb=False)
+            p = 5
+            for T in (1, 2, 3, 1):
+                logits = fast.logits(fast.forward([ids[b, p : p + T].tolist()], [p], [table]))
+                want = full[b, p : p + T]
+                err = ((logits - want).abs().max() / max(1.0, want.abs().max().item())).item()
+                worst = max(worst, err)
+                p += T
+    assert worst <= bound, f"{weights}: logits {worst:.2e} from the forward's (bound {bound:.0e})"
+    if bf16:  # the rounding shows: the BF16 copies are what ran
+        assert worst > 1e-6
+
+
 @pytest.mark.parametrize("fold", [None, False], ids=["uv_folded", "unfolded"])
 def test_row_decoder_does_not_depend_on_the_thread_count(tiny, fold):
     """The native RowDecoder splits columns, heads and W_UK / W_UV across torch's threads: 1 and 2

@@ -24,7 +24,9 @@ dsv3.infer.decode.weights:
   stack in ONE native call (`RowDecoder`: the steps of `_attention` and `_ffn` in C++, its keys
   read through the block table, so its blocks need not be consecutive) whenever the kernels are
   native, on any geometry: where W_UK / W_UV are not folded (V3's shapes) it applies them per head
-  to the query and to the attention output, as `_attention` does. That removes the ~200 operator
+  to the query and to the attention output, as `_attention` does; it streams whichever attention
+  layout has fewer bytes (`_row_attention`: the few- or many-row folds, the BF16 copies where BF16
+  GEMMs run, within ROW_BF16_BOUND). That removes the ~200 operator
   launches per token that otherwise cost as much as the weights, and it splits its work across
   torch's threads (dsv3.infer.decode.kernels).
 `MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
@@ -133,6 +135,10 @@ class GatheredKeys:
 
 
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: ATen's GEMM
+# logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
+# rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
+# one 671B layer: tests/test_infer_fast.py::test_row_decoder_layouts_on_the_presets)
+ROW_BF16_BOUND = 5e-3
 _ATEN = Reference()
 log = logging.getLogger(__name__)
 
@@ -288,6 +294,7 @@ class FastDecoder:
             return None
         row = make(self.H, self.R, self.P)
         for a, f, pool in zip(attn, ffn, pools):
+            a = self._row_attention(a)
             row.add_attention(
                 a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.w_uk, a.w_uv, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps
             )
@@ -305,6 +312,18 @@ class FastDecoder:
                 f.norm_eps,
             )  # fmt: skip
         return row
+
+    def _row_attention(self, a: AttnWeights) -> AttnWeights:
+        """The attention weights the one-row decoder streams: a lone token reads every matrix once, so
+        its time is their bytes. Of the few-row layout and the many-row one (`AttnWeights.many`:
+        other folds, and rounded to BF16 where BF16 GEMMs run, `bf16_gemm`), the one with fewer
+        bytes: v3-mini's unfolded W_UV + o_proj is half its folded o_proj, and the BF16 copies halve
+        the rest. FP32 layouts compute the model's products (exact to rounding, 1e-5); the BF16 copies
+        of the folded matrices are rounded once (each weight within 2^-9 relative: logits within
+        `ROW_BF16_BOUND`), the activations and the accumulation stay FP32."""
+        if a.many is None:
+            return a
+        return min((a, a.many), key=_attention_bytes)
 
     def _few(self, rows: int) -> Kernels:
         return self.kernels if rows <= KERNEL_ROWS else self._aten
@@ -418,6 +437,11 @@ def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if w.dtype == x.dtype:
         return torch.bmm(x, w)
     return torch.bmm(x.to(w.dtype), w).to(x.dtype)
+
+
+def _attention_bytes(a: AttnWeights) -> int:
+    """The bytes one token reads from an attention layer's matrices."""
+    return sum(t.numel() * t.element_size() for t in (a.w_in, a.w_q, a.w_o, a.w_uk, a.w_uv) if t is not None)
 
 
 def _consecutive_start(table: list[int], position: int, block_size: int) -> int | None:

@@ -47,10 +47,16 @@ inline float load1(const uint16_t* p) {
 // 1024 columns whose sums stay in L1 (the pattern the hardware prefetcher follows best: a 4 MB head
 // ~1.7x faster from memory than 64-column tiles, which touch a new page per row), and every weight
 // loaded is used for all M rows: M rows cost one read of w.
+// Software prefetch, kAhead weight rows ahead, one cache line per row and line of the panel: the
+// hardware prefetcher ramps up per stream and a panel's row is only 2-4 KB (a new stream every few
+// hundred loads); measured on the AMD EPYC (Zen 4, 1 thread, from memory) BF16 GEMVs stream
+// ~1.3-1.5x faster with it (e.g. [1536, 2048] 302 -> 223 us, ~28 GB/s), FP32 ones ~1.05-1.1x.
+constexpr int64_t kAhead = 8;
+
 template <int M, typename T>
 void block(const float* const* x, const T* w, int64_t ldw, float* const* y, int64_t K, int64_t N, float alpha,
            bool acc) {
-  constexpr int64_t kPanel = 1024;
+  constexpr int64_t kPanel = 1024, kLine = 64 / sizeof(T);  // kLine: weights per cache line
   alignas(32) float sum[M][kPanel];
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int64_t nw = std::min(kPanel, N - n0), nv = nw & ~int64_t{7};
@@ -59,10 +65,13 @@ void block(const float* const* x, const T* w, int64_t ldw, float* const* y, int6
     for (; k + 4 <= K; k += 4) {
       const T* r0 = w + k * ldw + n0;
       const T *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+      const T* ahead = k + kAhead + 4 <= K ? r0 + kAhead * ldw : nullptr;  // the rows kAhead further on
       __m256 xb[M][4];
       for (int m = 0; m < M; ++m)
         for (int j = 0; j < 4; ++j) xb[m][j] = _mm256_set1_ps(x[m][k + j]);
       for (int64_t n = 0; n < nv; n += 8) {
+        if (ahead && n % kLine == 0)
+          for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * ldw + n), _MM_HINT_T0);
         const __m256 w0 = load8(r0 + n), w1 = load8(r1 + n), w2 = load8(r2 + n), w3 = load8(r3 + n);
         for (int m = 0; m < M; ++m) {
           __m256 a = _mm256_load_ps(sum[m] + n);
