@@ -173,30 +173,30 @@ def test_bad_invocation_is_one_line_and_exit_2(files, argv, expected, capsys, ca
     _check_one_line(argv, expected, files, code, stderr)
 
 
-# Through the real entry point: an argparse error of a delegated command; a UsageError from argv bytes
-# that are not UTF-8 (only a real command line decodes them to surrogates).
-SUBPROCESS_CASES = ["train-threads-0", "generate-surrogate"]
-
-
-@pytest.mark.parametrize("case", SUBPROCESS_CASES)
-def test_bad_invocation_through_python_m_dsv3(files, case):
-    argv, expected = next(c[1:] for c in CASES if c[0] == case)
+def test_bad_argv_bytes_through_python_m_dsv3(files):
+    """Through the real entry point: argv bytes that are not UTF-8 (only a real command line decodes
+    them to lone surrogates) give the one-line UsageError and exit code 2."""
+    argv, expected = next(c[1:] for c in CASES if c[0] == "generate-surrogate")
     r = _run(argv, files)
     _check_one_line(argv, expected, files, r.returncode, r.stderr.decode("utf-8", "replace"))
 
 
-def test_importing_every_command_prints_nothing():
-    """The in-process rows import each sub-command's module once; here a fresh interpreter imports them
-    all, and nothing (a warning, a log line) may reach stdout or stderr."""
+def test_fresh_interpreter_imports_every_command_quietly_then_exits_2(files):
+    """The in-process rows import each sub-command's module once, so here a fresh interpreter imports
+    them all, then runs `dsv3 train --threads 0` as `python -m dsv3` does (runpy): stdout stays empty
+    and stderr holds the usage and the one message line, nothing else (no warning, no log line)."""
     code = (
-        "import importlib\n"
+        "import importlib, runpy, sys\n"
         "from dsv3.cli import DELEGATED, PLANNERS\n"
         "for module, *_ in [*DELEGATED.values(), *PLANNERS.values()]:\n"
         "    importlib.import_module(module)\n"
+        "runpy.run_module('dsv3', run_name='__main__', alter_sys=True)\n"
     )
+    argv, expected = next(c[1:] for c in CASES if c[0] == "train-threads-0")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=240, env=env)
-    assert r.returncode == 0 and r.stdout == b"" and r.stderr == b"", r.stderr.decode("utf-8", "replace")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, timeout=240, env=env)
+    assert r.stdout == b"", r.stdout
+    _check_one_line(argv, expected, files, r.returncode, r.stderr.decode("utf-8", "replace"))
 
 
 def test_debug_shows_the_traceback(files, monkeypatch):
