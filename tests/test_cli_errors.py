@@ -1,18 +1,29 @@
 """Bad invocations of every sub-command: exit code 2, one line naming the culprit, no traceback.
 
-Each row runs `python -m dsv3 ...` in a subprocess, as a user would. The rows fail before any data
-is prepared or (but for a few) any model is loaded, so each costs about one torch import.
+The rows run `dsv3.cli.main(argv)` in-process (what `python -m dsv3 ...` calls), with stderr, warnings
+and log records captured: argparse's SystemExit is the exit code, any other exception escaping is the
+traceback a user would see. A few rows also run as a real `python -m dsv3` subprocess (the entry
+point, the exit status, argv bytes that are not UTF-8), and one subprocess imports every sub-command's
+module to check that importing prints nothing (the in-process rows import each module only once).
 """
 
+import io
+import logging
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 
 import pytest
 import torch
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.checkpoint import save_pretrained
+from dsv3.infer import cli as infer_cli  # noqa: F401 - imported here, see below
+
+# dsv3.infer.cli binds `out=sys.stdout` as a default when it is imported: imported inside a test that
+# captures output, that default would be the test's capture file, closed when the test ends.
 
 SURROGATE = b"def f(\xff):"  # not UTF-8: Python's argv holds it as a lone surrogate
 
@@ -85,12 +96,47 @@ CASES = [
 ]  # fmt: skip
 
 
+def _argv(argv: list, root) -> list:
+    return [a.replace("{root}", str(root)) if isinstance(a, str) else a for a in argv]
+
+
 def _run(argv: list, root, timeout: float = 240) -> subprocess.CompletedProcess:
-    args = [a.replace("{root}", str(root)) if isinstance(a, str) else a for a in argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "dsv3", *args], capture_output=True, timeout=timeout, env=env
+        [sys.executable, "-m", "dsv3", *_argv(argv, root)], capture_output=True, timeout=timeout, env=env
     )
+
+
+def _run_in_process(argv: list, root, capsys, caplog) -> tuple[int, str]:
+    """(exit code, stderr) of `dsv3.cli.main(argv)`: bytes in argv are decoded as Python decodes a
+    command line (lone surrogates); warnings and WARNING log records, which a subprocess would print
+    on stderr, are appended to stderr; an exception other than SystemExit is appended as a traceback."""
+    from dsv3.cli import main
+
+    args = [os.fsdecode(a) if isinstance(a, bytes) else a for a in _argv(argv, root)]
+    capsys.readouterr()
+    caplog.clear()
+    threads = torch.get_num_threads()
+    extra = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("default")  # as a fresh interpreter shows them
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.filterwarnings("ignore", "Failed to initialize NumPy")
+            try:
+                code = main(args)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - a user would see this traceback
+                code, extra = 1, [traceback.format_exc()]
+        extra += [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught]
+        extra += [
+            f"{r.levelname}:{r.name}:{r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().err + "".join(f"{x}\n" for x in extra)
 
 
 def _message_lines(stderr: str) -> list[str]:
@@ -108,23 +154,58 @@ def _message_lines(stderr: str) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("argv,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_invocation_is_one_line_and_exit_2(files, argv, expected):
-    if "--device" in argv and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    r = _run(argv, files)
-    stderr = r.stderr.decode("utf-8", "replace")
+def _check_one_line(argv, expected, root, code: int, stderr: str) -> None:
     assert "Traceback" not in stderr, stderr
-    assert r.returncode == 2, stderr
+    assert code == 2, stderr
     lines = _message_lines(stderr)
     assert len(lines) == 1, stderr
     assert lines[0].startswith(f"dsv3 {argv[0]}"), lines[0]
-    assert expected.replace("{root}", str(files)) in lines[0], lines[0]
+    assert expected.replace("{root}", str(root)) in lines[0], lines[0]
 
 
-def test_debug_shows_the_traceback(files):
-    r = _run(["generate", "--ckpt", "{root}/missing", "--prompt", "x", "--debug"], files)
-    assert r.returncode != 0 and "Traceback" in r.stderr.decode() and "UsageError" in r.stderr.decode()
+@pytest.mark.parametrize("argv,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_invocation_is_one_line_and_exit_2(files, argv, expected, capsys, caplog, monkeypatch, tmp_path):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("DSV3_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, stderr = _run_in_process(argv, files, capsys, caplog)
+    _check_one_line(argv, expected, files, code, stderr)
+
+
+def test_bad_argv_bytes_through_python_m_dsv3(files):
+    """Through the real entry point: argv bytes that are not UTF-8 (only a real command line decodes
+    them to lone surrogates) give the one-line UsageError and exit code 2."""
+    argv, expected = next(c[1:] for c in CASES if c[0] == "generate-surrogate")
+    r = _run(argv, files)
+    _check_one_line(argv, expected, files, r.returncode, r.stderr.decode("utf-8", "replace"))
+
+
+def test_fresh_interpreter_imports_every_command_quietly_then_exits_2(files):
+    """The in-process rows import each sub-command's module once, so here a fresh interpreter imports
+    them all, then runs `dsv3 train --threads 0` as `python -m dsv3` does (runpy): stdout stays empty
+    and stderr holds the usage and the one message line, nothing else (no warning, no log line)."""
+    code = (
+        "import importlib, runpy, sys\n"
+        "from dsv3.cli import DELEGATED, PLANNERS\n"
+        "for module, *_ in [*DELEGATED.values(), *PLANNERS.values()]:\n"
+        "    importlib.import_module(module)\n"
+        "runpy.run_module('dsv3', run_name='__main__', alter_sys=True)\n"
+    )
+    argv, expected = next(c[1:] for c in CASES if c[0] == "train-threads-0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, timeout=240, env=env)
+    assert r.stdout == b"", r.stdout
+    _check_one_line(argv, expected, files, r.returncode, r.stderr.decode("utf-8", "replace"))
+
+
+def test_debug_shows_the_traceback(files, monkeypatch):
+    """--debug lets the UsageError escape main (a subprocess would print its traceback)."""
+    from dsv3.cli import UsageError, main
+
+    monkeypatch.delenv("DSV3_DEBUG", raising=False)
+    with pytest.raises(UsageError, match="no such directory"):
+        main(_argv(["generate", "--ckpt", "{root}/missing", "--prompt", "x", "--debug"], files))
 
 
 # ---- dsv3 chat: long conversations, bad lines, Ctrl-C ---------------------------------------------
@@ -134,7 +215,10 @@ CHAT = ["chat", "--ckpt", "{root}/ckpt", "--max-tokens", "4", "--temperature", "
 def test_chat_drops_old_turns_and_refuses_bad_lines(files):
     """The tiny model holds 256 positions: a few 100-character lines (about a token per character)
     overflow it, so the oldest turns go; a non-UTF-8 line and one longer than the context are refused
-    with a note, and the chat carries on to the end of its input."""
+    with a note, and the chat carries on to the end of its input. In-process, on a byte stream as
+    stdin (chat_main reconfigures it as it does sys.stdin); the Ctrl-C test below runs the real thing."""
+    from dsv3.infer.cli import chat_main
+
     lines = [f"turn {i} " + "xq" * 48 for i in range(5)]
     stdin = (
         "\n".join(lines[:3]).encode()
@@ -144,10 +228,16 @@ def test_chat_drops_old_turns_and_refuses_bad_lines(files):
         + lines[3].encode()
         + b"\n"
     )
-    args = [a.replace("{root}", str(files)) for a in CHAT]
-    r = subprocess.run([sys.executable, "-m", "dsv3", *args], input=stdin, capture_output=True, timeout=300)
-    out, err = r.stdout.decode(), r.stderr.decode()
-    assert r.returncode == 0 and "Traceback" not in err, err
+    out = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        code = chat_main(
+            _argv(CHAT[1:], files), stdin=io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"), out=out
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = out.getvalue()
+    assert code == 0
     assert "(dropped the 2 oldest messages" in out, out
     assert "(the line is not valid UTF-8; not sent)" in out
     assert "(message too long:" in out

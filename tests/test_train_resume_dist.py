@@ -87,26 +87,44 @@ def precision(request) -> str:
     return request.param
 
 
+def _cut_full_resume(rank: int, world: int, root: str, precision: str) -> dict:
+    """One launch for the three 2-rank runs of a precision: the uninterrupted reference, the run
+    SIGTERMed on rank 1 after step STOP_AT (then copied for the 1-process resume, after both ranks
+    have stopped), and its resume on the same 2 ranks."""
+    import torch.distributed as dist
+
+    full = _fit(rank, world, root, f"{precision}-full", False, None)
+    cut = _fit(rank, world, root, f"{precision}-cut", False, STOP_AT)
+    dist.barrier()
+    if rank == 0:  # one copy per resume: each truncates and trains on
+        shutil.copytree(f"{root}/{precision}-cut", f"{root}/{precision}-cut1")
+    dist.barrier()
+    resumed = _fit(rank, world, root, f"{precision}-cut", True, None)
+    return {"full": full, "cut": cut, "resumed": resumed}
+
+
 @pytest.fixture(scope="module")
-def interrupted(root, precision) -> str:
-    """A 2-rank run SIGTERMed on rank 1 after step 3: both ranks stop there, rank 0 saves."""
-    res = run_ranks(_fit, 2, root, f"{precision}-cut", False, STOP_AT, timeout=60, deadline=150)
+def runs(root, precision) -> list[dict]:
+    return run_ranks(_cut_full_resume, 2, root, precision, timeout=60, deadline=280)
+
+
+@pytest.fixture(scope="module")
+def interrupted(root, precision, runs) -> str:
+    """The 2-rank run SIGTERMed on rank 1 after step 3: both ranks stop there, rank 0 saves."""
+    res = [r["cut"] for r in runs]
     assert [r["interrupted"] for r in res] == [STOP_AT, STOP_AT]
     assert res[0]["path"] and res[0]["path"].endswith(f"step_{STOP_AT:08d}") and res[1]["path"] is None
-    shutil.copytree(
-        f"{root}/{precision}-cut", f"{root}/{precision}-cut1"
-    )  # one copy per resume: each truncates and trains on
     return res[0]["path"]
 
 
 @pytest.fixture(scope="module")
-def reference(root, precision) -> list[tuple[int, float]]:
-    run_ranks(_fit, 2, root, f"{precision}-full", False, None, timeout=60, deadline=150)
+def reference(root, precision, runs) -> list[tuple[int, float]]:
+    assert [r["full"] for r in runs] == [{"interrupted": None, "step": STEPS}] * 2
     return _losses(root, f"{precision}-full")
 
 
-def test_sigterm_on_one_rank_resumes_on_two_ranks_bit_for_bit(root, precision, interrupted, reference):
-    run_ranks(_fit, 2, root, f"{precision}-cut", True, None, timeout=60, deadline=150)
+def test_sigterm_on_one_rank_resumes_on_two_ranks_bit_for_bit(root, precision, interrupted, reference, runs):
+    assert [r["resumed"] for r in runs] == [{"interrupted": None, "step": STEPS}] * 2
     assert _losses(root, f"{precision}-cut") == reference
 
 
