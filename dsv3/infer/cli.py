@@ -172,7 +172,8 @@ def _report(llm, n_tokens: int, seconds: float, out: TextIO) -> None:
         print(f"[speculative: {llm.spec_stats.summary()}]", file=out)
 
 
-def generate_main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+def generate_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # the stream of now, not of import time
     p = argparse.ArgumentParser(prog="dsv3 generate", description="Generate continuations of prompts.")
     _common(p, max_tokens=64, temperature=0.0)
     src = p.add_mutually_exclusive_group(required=True)
@@ -209,8 +210,9 @@ def generate_main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> in
     return 0
 
 
-def chat_main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO = sys.stdout) -> int:
+def chat_main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     """Ctrl-C or end of input at the prompt (or during a reply) ends the chat with exit code 0."""
+    out = out or sys.stdout  # the stream of now, not of import time
     p = argparse.ArgumentParser(prog="dsv3 chat", description="Chat interactively (/exit, /clear).")
     _common(p, max_tokens=256, temperature=0.7)
     p.add_argument("--system", default="", help="system prompt")
@@ -319,7 +321,8 @@ class _Chat:
             _report(llm, len(o.token_ids), time.perf_counter() - t0, out)
 
 
-def complete_main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+def complete_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout  # the stream of now, not of import time
     p = argparse.ArgumentParser(
         prog="dsv3 complete", description="Fill in the middle of a prefix and a suffix."
     )
