@@ -93,12 +93,16 @@ def results_markdown(work: Path, info: dict) -> str:
     lines = ["# Post-training results", "", f"Checkpoints: base `{info['base']}`, extended `{info['extended']}`, "
              f"SFT `{info['sft']}`.", "", "## Passkey accuracy by prompt length", ""]  # fmt: skip
     names = list(lc)
-    lengths = lc[names[0]]["passkey"]["lengths"]
+    lengths = sorted(
+        {n for name in names for n in lc[name]["passkey"]["lengths"]}
+    )  # the extended model's go further
     lines += ["| model | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
     for name in names:
         by = lc[name]["passkey"]["by_length"]
         lines.append(
-            f"| {name} | " + " | ".join(f"{by.get(str(n), float('nan')):.2f}" for n in lengths) + " |"
+            f"| {name} | "
+            + " | ".join((f"{by[str(n)]:.2f}" if str(n) in by else "-") for n in lengths)
+            + " |"
         )
     lines += ["", "![passkey](long_context/passkey.png)", ""]
     if all("passkey_choice" in lc[n] for n in names):
@@ -107,7 +111,9 @@ def results_markdown(work: Path, info: dict) -> str:
         for name in names:
             by = lc[name]["passkey_choice"]["by_length"]
             lines.append(
-                f"| {name} | " + " | ".join(f"{by.get(str(n), float('nan')):.2f}" for n in lengths) + " |"
+                f"| {name} | "
+                + " | ".join((f"{by[str(n)]:.2f}" if str(n) in by else "-") for n in lengths)
+                + " |"
             )
         lines += ["", "![passkey by log-likelihood](long_context/passkey_choice.png)", ""]
     if any("loss_by_position" in lc[n] for n in names):
