@@ -132,6 +132,8 @@ class GatheredKeys:
         self.data.index_copy_(1, self.slots, self.new)
 
 
+PREFILL_SCORES = 2**24  # most attention scores (rows x tokens x heads x keys) of a fast prefill chunk
+PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention may cost this many times the naive one's
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: ATen's GEMM
 _ATEN = Reference()
 log = logging.getLogger(__name__)
@@ -180,14 +182,17 @@ class FastDecoder:
         return not (self.weights.swapped() or self.weights.hooked())
 
     @torch.no_grad()
-    def forward(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def forward(
+        self, tokens: list[list[int]], starts: list[int], tables: list[list[int]], one_call: bool = True
+    ) -> torch.Tensor:
         """Token ids [B, T] placed at positions starts[b] + 0..T-1 of sequences with block tables ->
         the last layer's output [B*T, D] (before the final norm: see `logits`, `hidden`). Writes
-        the tokens' latents into the cache and sets every MoE layer's `last_counts`."""
+        the tokens' latents into the cache and sets every MoE layer's `last_counts`. one_call: a
+        lone sequence goes through the native RowDecoder (False: the many-row GEMMs, `prefill`)."""
         w = self.weights
         if w.stale():
             w.build()
-        row = self._row_decoders()[0] if len(tokens) == 1 else None
+        row = self._row_decoders()[0] if len(tokens) == 1 and one_call else None
         if row is not None:  # one sequence: every layer in one native call, which counts experts
             x, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
             x, counts = row.forward(
@@ -205,6 +210,30 @@ class FastDecoder:
         for moe, c in zip((f.moe for f in w.ffn if f.moe is not None), counts):
             moe.record(c)  # this path routes on its own: it records what `MoE.route` would
         return x
+
+    def prefill_pays(self, B: int, T: int, S: int) -> bool:
+        """Whether a prefill chunk of B rows x T new tokens, S key positions (the longest row's
+        context), runs on this path (`prefill`) rather than the model's naive-MLA forward: when its
+        attention scores fit in PREFILL_SCORES entries and the absorbed attention costs at most
+        PREFILL_GROWTH times the multiply-adds of the naive one (with BF16 GEMMs, which run the
+        projections ~4x faster than FP32 here, at most 4x that)."""
+        H, R, P = self.H, self.R, self.P
+        N, V = self.model.config.qk_nope_head_dim, self.model.config.v_head_dim
+        if B * T * H * S > PREFILL_SCORES:
+            return False
+        absorbed = B * T * H * (R * (N + V) + S * (2 * R + P))  # W_UK, W_UV per query; scores over latents
+        naive = B * S * H * R * (N + V) + B * T * H * S * (N + P + V)  # K, V per key; per-head scores
+        return absorbed <= PREFILL_GROWTH * (4 if self.bf16_gemm else 1) * naive
+
+    @torch.no_grad()
+    def prefill(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """A prefill chunk, tokens [B, T] at positions starts[b] + 0..T-1 -> the model's final hidden
+        states [B, T, D] (after the final norm, as `Transformer.hidden_states`): the absorbed
+        attention over the paged cache, causal among the chunk's tokens, with this path's fused
+        projections, grouped expert GEMMs and, on CPUs with BF16 arithmetic and BF16 weights, BF16
+        GEMMs; the same cache rows and `last_counts` as the model's forward."""
+        x = self.forward(tokens, starts, tables, one_call=False)
+        return self.hidden(x).view(len(tokens), len(tokens[0]), -1)
 
     def can_draft(self) -> bool:
         """True when `mtp_forward` can run: MTP module 1 is supported and the cache holds its layer."""
