@@ -195,7 +195,7 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
         )
     lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
     assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
-    assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch")
+    assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch-widened")
     many = fast.weights.attn[0].many  # the many-row attention matrices: BF16 only with BF16 GEMMs
     assert (many is not None and many.w_q.dtype == torch.bfloat16) == (gemm == "bf16")
     if gemm == "bf16" and variant == "v3_geometry":  # W_UK per head (W_UV folds at this width)
@@ -210,12 +210,21 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
             cache.bind(make_context([tables[b]], pos, [n], 4))
             model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
     bound = BF16_GEMM_BOUND if gemm == "bf16" else 1e-5
+    first: dict = {}
     for step in range(2):
         pos = [n + step for n in lens]
         logits = fast.logits(fast.forward([[int(ids[b, p])] for b, p in enumerate(pos)], pos, tables))
         for b, p in enumerate(pos):
             want = full[b, p]
             assert (logits[b] - want).abs().max() <= bound * max(1.0, want.abs().max().item())
+        if gemm == "fp32":  # FP32 GEMMs on BF16-stored weights: each widened once, kept for the next step
+            kept = dict(fast._aten._wide)
+            assert kept and all(
+                w.dtype == torch.bfloat16 and c.dtype == torch.float32 for w, c in kept.values()
+            )
+            if step == 1:
+                assert kept.keys() == first.keys() and all(kept[k][1] is first[k][1] for k in kept)
+            first = kept
 
 
 @pytest.mark.parametrize("fold", [None, False], ids=["uv_folded", "unfolded"])

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
-from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, kernels, plan_kernels
+from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, WidenOnce, kernels, plan_kernels
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -175,7 +175,8 @@ class FastDecoder:
         self.bf16_gemm = bf16 and (plan.bf16_gemm if bf16_gemm is None else bf16_gemm)
         # with BF16 GEMMs the attention's many-row matrices are stored in BF16 too (rounded once)
         self.weights = DecodeWeights(model, fold, weight_dtype, torch.bfloat16 if self.bf16_gemm else None)
-        self._aten: Kernels = Bf16Gemm() if self.bf16_gemm else _ATEN  # more than KERNEL_ROWS rows
+        # more than KERNEL_ROWS rows: BF16 GEMMs; or FP32 on BF16-stored weights widened once
+        self._aten: Kernels = Bf16Gemm() if self.bf16_gemm else WidenOnce() if bf16 else _ATEN
         if fp32_cpu:
             log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm))
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
@@ -197,9 +198,7 @@ class FastDecoder:
         """Token ids [B, T] placed at positions starts[b] + 0..T-1 of sequences with block tables ->
         the last layer's output [B*T, D] (before the final norm: see `logits`, `hidden`). Writes
         the tokens' latents into the cache and sets every MoE layer's `last_counts`."""
-        w = self.weights
-        if w.stale():
-            w.build()
+        self._fresh()
         row = self._row_decoders()[0] if len(tokens) == 1 else None
         if row is None:
             return self._batched(tokens, starts, tables, naive=False)
@@ -251,8 +250,7 @@ class FastDecoder:
         attention over the paged cache, causal among the chunk's tokens, with this path's fused
         projections, grouped expert GEMMs and, on CPUs with BF16 arithmetic and BF16 weights, BF16
         GEMMs; the same cache rows and `last_counts` as the model's forward."""
-        if self.weights.stale():
-            self.weights.build()
+        self._fresh()
         x = self._batched(tokens, starts, tables, naive=True)
         return self.hidden(x).view(len(tokens), len(tokens[0]), -1)
 
@@ -267,8 +265,7 @@ class FastDecoder:
         """MTP module 1 (for drafting): the main model's final hidden states h_prev [B*T, D] and the
         tokens one ahead [B, T] at positions starts[b] + 0..T-1 -> h^1 [B*T, D] (before
         shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`."""
-        if self.weights.stale():
-            self.weights.build()
+        self._fresh()
         if not self.can_draft():
             raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
         m = self.weights.mtp
@@ -314,6 +311,14 @@ class FastDecoder:
         return self.model.norm(x)
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _fresh(self) -> DecodeWeights:
+        """The decode weights, rebuilt (and the widened copies dropped) when the model changed."""
+        if self.weights.stale():
+            self.weights.build()
+            if isinstance(self._aten, WidenOnce):
+                self._aten.clear()
+        return self.weights
+
     def _row_decoders(self) -> tuple:
         """The native one-row decoders (main layers, MTP module 1), None where they cannot run (no
         native kernels); any geometry, W_UK / W_UV folded or not. Rebuilt with the weights, and when
@@ -485,7 +490,8 @@ class FastDecoder:
                 decode_moe.experts_few(x, xg, w, routes)
             routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
         else:
-            decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None)
+            wide = self._aten.wide if isinstance(self._aten, WidenOnce) else None
+            decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None, wide)
             routed.append(idx)
         return x
 
