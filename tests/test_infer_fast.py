@@ -195,7 +195,7 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
         )
     lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
     assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
-    assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch")
+    assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch-widened")
     many = fast.weights.attn[0].many  # the many-row attention matrices: BF16 only with BF16 GEMMs
     assert (many is not None and many.w_q.dtype == torch.bfloat16) == (gemm == "bf16")
     if gemm == "bf16" and variant == "v3_geometry":  # W_UK per head (W_UV folds at this width)
@@ -210,12 +210,21 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
             cache.bind(make_context([tables[b]], pos, [n], 4))
             model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
     bound = BF16_GEMM_BOUND if gemm == "bf16" else 1e-5
+    first: dict = {}
     for step in range(2):
         pos = [n + step for n in lens]
         logits = fast.logits(fast.forward([[int(ids[b, p])] for b, p in enumerate(pos)], pos, tables))
         for b, p in enumerate(pos):
             want = full[b, p]
             assert (logits[b] - want).abs().max() <= bound * max(1.0, want.abs().max().item())
+        if gemm == "fp32":  # FP32 GEMMs on BF16-stored weights: each widened once, kept for the next step
+            kept = dict(fast._aten._wide)
+            assert kept and all(
+                w.dtype == torch.bfloat16 and c.dtype == torch.float32 for w, c in kept.values()
+            )
+            if step == 1:
+                assert kept.keys() == first.keys() and all(kept[k][1] is first[k][1] for k in kept)
+            first = kept
 
 
 ROW_MODELS = {  # the presets' geometries, shortened (2 layers: dense then MoE) and a small vocabulary
@@ -524,3 +533,50 @@ def test_decode_moe_sets_last_counts_like_moe(tiny):
     assert torch.equal(moe.last_counts, counts) and int(counts.sum()) == 3 * tiny.n_activated_experts
     assert (got - want).abs().max() <= 1e-6
     moe.__class__ = MoE
+
+
+@pytest.mark.parametrize(
+    "preset, B, gemm",
+    [("tiny", 5, "fp32"), ("v3-mini", 64, "fp32"), ("v3-mini", 64, "bf16")],
+    ids=["tiny-b5", "v3mini-b64", "v3mini-b64-bf16-gemm"],
+)
+def test_fast_prefill_equals_the_model_forward(preset, B, gemm):
+    """Chunked prefill on the fast path (`FastDecoder.prefill`: absorbed attention over the paged
+    cache, fused projections, grouped experts) against the model's naive-MLA forward: B rows (every
+    other row's blocks out of order) prefilled in two chunks (6 tokens, then 4 over the cached 6):
+    final hidden states of every token and the latent cache rows written within 1e-5 (FP32 GEMMs;
+    BF16 GEMMs where the CPU has BF16 arithmetic, on a BF16-valued model: within BF16_GEMM_BOUND
+    but for at most 2% of the tokens, where rounding flipped a near-tie in the top-k routing), and
+    the same `last_counts`."""
+    plan = cpu_kernels.plan_kernels()
+    if gemm == "bf16" and not plan.bf16_gemm:
+        pytest.skip(f"no BF16 arithmetic on this CPU ({plan.kind}: {' '.join(plan.flags)})")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset)
+    if preset == "v3-mini":
+        cfg = cfg.replace(n_layers=2, vocab_size=512, n_mtp_layers=0)
+    model = _model(cfg) if gemm == "fp32" else _bf16_valued(_model(cfg))
+    dtype = torch.bfloat16 if gemm == "bf16" else None
+    caches = [PagedLatentCache(cfg, num_blocks=B * 3 + 4, block_size=4) for _ in range(2)]
+    fast = FastDecoder(model, caches[0], weight_dtype=dtype, bf16_gemm=gemm == "bf16")
+    tables = [caches[0].allocator.allocate(3) for _ in range(B)]
+    tables[1::2] = [t[::-1] for t in tables[1::2]]
+    ids = torch.randint(0, cfg.vocab_size, (B, 10))
+    bound = 1e-5 if gemm == "fp32" else BF16_GEMM_BOUND
+    beyond = 0
+    with torch.no_grad():
+        for a, b in ((0, 6), (6, 10)):
+            assert fast.prefill_pays(B, b - a, b) == (gemm == "bf16")  # FP32: the model's forward runs
+            got = fast.prefill(ids[:, a:b].tolist(), [a] * B, tables)  # (B, T, D)
+            got_counts = [m.last_counts.clone() for m in model.moe_layers()[: cfg.n_moe_layers]]
+            pos = torch.arange(a, b).expand(B, -1)
+            caches[1].bind(make_context(tables, pos, [b] * B, 4))
+            want = model.hidden_states(ids[:, a:b], pos, caches[1], absorb=False)
+            for g, w in zip(got.flatten(0, 1), want.flatten(0, 1)):  # per token
+                beyond += bool((g - w).abs().max() > bound * max(1.0, w.abs().max().item()))
+            if gemm == "fp32":
+                assert all(torch.equal(c, m.last_counts) for c, m in zip(got_counts, model.moe_layers()))
+    slots = torch.tensor([blk * 4 + i for t in tables for blk in t for i in range(4)])
+    rows, ref_rows = caches[0].data[:, slots], caches[1].data[:, slots]
+    assert (rows - ref_rows).abs().max() <= bound * max(1.0, ref_rows.abs().max().item())
+    assert beyond <= (0 if gemm == "fp32" else B * 10 // 50)  # BF16: seen 8 of 640 tokens, 95% < 7e-3

@@ -362,7 +362,7 @@ class Engine:
     def _prefill_hidden(self, seqs: list[Sequence], rows: list[list[int]], start: list[int]) -> torch.Tensor:
         """One [G, C] prefill forward -> hidden states [G, C, D] (the seam the expert-parallel
         engine's two-micro-batch prefill replaces)."""
-        return self.runner.hidden(seqs, rows, start, absorb=False)
+        return self.runner.prefill_hidden(seqs, rows, start)
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
         """Finish seqs with finish_reason "error" and free their blocks; one warning names them."""

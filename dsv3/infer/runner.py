@@ -71,6 +71,16 @@ class ModelRunner:
         return forward(ids, positions, self._bind(seqs, positions, lens), absorb)
 
     @torch.no_grad()
+    def prefill_hidden(self, seqs: Seq[Sequence], tokens: list[list[int]], start: list[int]) -> torch.Tensor:
+        """A prefill chunk, tokens [B, C] at start[b] + 0..C-1 -> final hidden [B, C, D]: on the fast
+        path where it pays (`FastDecoder.prefill_pays`), else the model's naive-MLA forward."""
+        fast = self._fast()
+        B, C = len(tokens), len(tokens[0])
+        if fast is not None and fast.prefill_pays(B, C, max(start) + C):
+            return fast.prefill(tokens, start, [s.block_table for s in seqs])
+        return self.hidden(seqs, tokens, start, absorb=False)
+
+    @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h)
 

@@ -21,6 +21,8 @@ M = B * K routed copies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -73,18 +75,21 @@ def experts(
     weights: torch.Tensor,
     idx: torch.Tensor,
     compute: torch.dtype | None = None,
+    wide: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
 ) -> None:
     """x [B, D] += the routed experts of xn [B, D], in place (grouped GEMMs over rows sorted by expert).
-    compute: the GEMMs' dtype (None: xn's, BF16 weights widened; BF16: BF16 GEMMs on BF16 weights)."""
+    compute: the GEMMs' dtype (None: xn's, BF16 weights widened; BF16: BF16 GEMMs on BF16 weights);
+    wide(w, dtype): w in dtype (default w.to(dtype); `WidenOnce.wide` keeps the copy)."""
     K, E, hid = idx.shape[1], len(w.w13), w.w2[0].shape[0]
     dt = compute or xn.dtype
+    wide = wide or torch.Tensor.to
     flat = idx.flatten()
     order = flat.argsort(stable=True)
     offsets = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
     token = order // K  # (M,) the token of each routed copy, grouped by expert
-    t = grouped_linear(xn[token].to(dt), w.w13_all.to(dt), offsets).to(xn.dtype)  # (M, 2I)
+    t = grouped_linear(xn[token].to(dt), wide(w.w13_all, dt), offsets).to(xn.dtype)  # (M, 2I)
     h = F.silu(t[:, :hid]) * t[:, hid:] * weights.flatten()[order, None].to(x.dtype)
-    x.index_add_(0, token, grouped_linear(h.to(dt), w.w2_all.to(dt), offsets).to(x.dtype))
+    x.index_add_(0, token, grouped_linear(h.to(dt), wide(w.w2_all, dt), offsets).to(x.dtype))
 
 
 def counts(routed: list, n_experts: int) -> torch.Tensor:

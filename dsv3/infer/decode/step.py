@@ -29,6 +29,12 @@ dsv3.infer.decode.weights:
   GEMMs run, within ROW_BF16_BOUND). That removes the ~200 operator
   launches per token that otherwise cost as much as the weights, and it splits its work across
   torch's threads (dsv3.infer.decode.kernels).
+Prefill chunks of a BF16 checkpoint on a CPU with BF16 arithmetic run here too (`prefill`,
+`prefill_pays`; ModelRunner.prefill_hidden): the same fused projections, grouped experts and BF16
+GEMMs, and, where the many-row weights keep W_UK / W_UV apart (V3's shapes: `AttnWeights.w_kvb`),
+the naive MLA of the model's prefill (K and V per head from the gathered latents in one GEMM, then
+SDPA); elsewhere the absorbed attention when it costs little more. In FP32 the model's forward runs
+prefill (the same multiply-adds, measured as fast).
 `MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
 (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
@@ -48,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
-from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, kernels, plan_kernels
+from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, WidenOnce, kernels, plan_kernels
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -111,8 +117,8 @@ class GatheredKeys:
         self.buf = data.new_empty(B * S, data.shape[-1])  # one layer's keys, reused by every layer:
         # a fresh ~10 MB tensor per layer (batch 64, v3-mini) costs page faults on first touch
         visible = s[None, None] <= pos[..., None]  # (B, T, S): causal, and nothing past the row
-        bias = torch.zeros(B, T, S, dtype=data.dtype).masked_fill(~visible, float("-inf"))
-        self.bias = bias.repeat_interleave(heads, dim=1)  # (B, T*H, S), queries ordered (t, h)
+        self.causal = torch.zeros(B, T, S, dtype=data.dtype).masked_fill(~visible, float("-inf"))
+        self.bias = self.causal.repeat_interleave(heads, dim=1)  # (B, T*H, S), queries ordered (t, h)
         self.rows, self.cols = torch.arange(B).repeat_interleave(T), pos.flatten()  # (B*T,)
         self.slots = gather[self.rows, self.cols]  # (B*T,) where the new rows go
         self.at = self.rows * S + self.cols  # (B*T,) their rows in `buf`
@@ -124,16 +130,23 @@ class GatheredKeys:
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [B*T, H, W] -> [B*T, H, R]; invisible key positions are masked by a -inf bias."""
-        torch.index_select(self.data[layer], 0, self.index, out=self.buf)
-        k = self.buf.index_copy_(0, self.at, self.new[layer]).view(self.B, self.S, -1)  # (B, S, W)
+        k = self.keys(layer)  # (B, S, W)
         q = q.reshape(self.B, -1, q.shape[-1])  # (B, T*H, W)
         probs = torch.baddbmm(self.bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, T*H, S)
         return torch.bmm(probs, k[..., : self.rank]).view(len(self.rows), -1, self.rank)  # (B*T, H, R)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """The cache rows [B, S, W] of every row's positions 0 .. S-1, this step's new rows included
+        (rows past a row's last new token: pool row 0, masked by `bias` / `causal`)."""
+        torch.index_select(self.data[layer], 0, self.index, out=self.buf)
+        return self.buf.index_copy_(0, self.at, self.new[layer]).view(self.B, self.S, -1)
 
     def finish(self) -> None:
         self.data.index_copy_(1, self.slots, self.new)
 
 
+PREFILL_SCORES = 2**24  # most attention scores (rows x tokens x heads x keys) of a fast prefill chunk
+PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention (BF16) may cost this x 4 the naive one's (FP32)
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: ATen's GEMM
 # logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
 # rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
@@ -168,7 +181,8 @@ class FastDecoder:
         self.bf16_gemm = bf16 and (plan.bf16_gemm if bf16_gemm is None else bf16_gemm)
         # with BF16 GEMMs the attention's many-row matrices are stored in BF16 too (rounded once)
         self.weights = DecodeWeights(model, fold, weight_dtype, torch.bfloat16 if self.bf16_gemm else None)
-        self._aten: Kernels = Bf16Gemm() if self.bf16_gemm else _ATEN  # more than KERNEL_ROWS rows
+        # more than KERNEL_ROWS rows: BF16 GEMMs; or FP32 on BF16-stored weights widened once
+        self._aten: Kernels = Bf16Gemm() if self.bf16_gemm else WidenOnce() if bf16 else _ATEN
         if fp32_cpu:
             log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm))
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
@@ -190,27 +204,61 @@ class FastDecoder:
         """Token ids [B, T] placed at positions starts[b] + 0..T-1 of sequences with block tables ->
         the last layer's output [B*T, D] (before the final norm: see `logits`, `hidden`). Writes
         the tokens' latents into the cache and sets every MoE layer's `last_counts`."""
-        w = self.weights
-        if w.stale():
-            w.build()
+        self._fresh()
         row = self._row_decoders()[0] if len(tokens) == 1 else None
-        if row is not None:  # one sequence: every layer in one native call, which counts experts
-            x, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
-            x, counts = row.forward(
-                x, *self._rope_rows(positions), tables[0], self.cache.block_size, starts[0]
-            )
-        else:
-            keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables)
-            cos, sin = self._rope_rows(positions)
-            routed: list = []
-            for layer, (aw, fw) in enumerate(zip(w.attn, w.ffn)):
-                x = self._attention(x, aw, layer, keys, cos, sin)
-                x = self._ffn(x, fw, routed)
-            counts = decode_moe.counts(routed, self.n_experts).unbind(0) if routed else []
-            keys.finish()
-        for moe, c in zip((f.moe for f in w.ffn if f.moe is not None), counts):
-            moe.record(c)  # this path routes on its own: it records what `MoE.route` would
+        if row is None:
+            return self._batched(tokens, starts, tables, naive=False)
+        # one sequence: every layer in one native call, which counts experts
+        x, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
+        x, counts = row.forward(x, *self._rope_rows(positions), tables[0], self.cache.block_size, starts[0])
+        self._record(counts)
         return x
+
+    def _batched(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]], naive: bool):
+        """`forward` through the many-row operators, layer by layer (naive: `_attention`'s prefill
+        form where the weights have it)."""
+        keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables, gather=naive)
+        cos, sin = self._rope_rows(positions)
+        routed: list = []
+        for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
+            x = self._attention(x, aw, layer, keys, cos, sin, naive)
+            x = self._ffn(x, fw, routed)
+        keys.finish()
+        self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
+        return x
+
+    def _record(self, counts) -> None:
+        for moe, c in zip((f.moe for f in self.weights.ffn if f.moe is not None), counts):
+            moe.record(c)  # this path routes on its own: it records what `MoE.route` would
+
+    def prefill_pays(self, B: int, T: int, S: int) -> bool:
+        """Whether a prefill chunk of B rows x T new tokens, S key positions (the longest row's
+        context), runs on this path (`prefill`) rather than the model's forward: with BF16 GEMMs
+        (BF16 weights on a CPU with BF16 arithmetic, ~4x FP32 here; in FP32 the model's forward
+        runs the same multiply-adds as fast: measured), when its attention scores fit in
+        PREFILL_SCORES entries and, where the weights fold W_UK / W_UV (no naive form, `w_kvb`), the
+        absorbed attention costs at most PREFILL_GROWTH times the FP32 naive one's multiply-adds."""
+        H, R, P = self.H, self.R, self.P
+        N, V = self.model.config.qk_nope_head_dim, self.model.config.v_head_dim
+        if not self.bf16_gemm or B * T <= KERNEL_ROWS or B * T * H * S > PREFILL_SCORES:
+            return False
+        many = self.weights.attn[0].many
+        if many is not None and many.w_kvb is not None:
+            return True  # the naive attention, as the model's, on this path's fused BF16 GEMMs
+        absorbed = B * T * H * (R * (N + V) + S * (2 * R + P))  # W_UK, W_UV per query; scores over latents
+        naive = B * S * H * R * (N + V) + B * T * H * S * (N + P + V)  # K, V per key; per-head scores
+        return absorbed <= PREFILL_GROWTH * 4 * naive
+
+    @torch.no_grad()
+    def prefill(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """A prefill chunk, tokens [B, T] at positions starts[b] + 0..T-1 -> the model's final hidden
+        states [B, T, D] (after the final norm, as `Transformer.hidden_states`): the absorbed
+        attention over the paged cache, causal among the chunk's tokens, with this path's fused
+        projections, grouped expert GEMMs and, on CPUs with BF16 arithmetic and BF16 weights, BF16
+        GEMMs; the same cache rows and `last_counts` as the model's forward."""
+        self._fresh()
+        x = self._batched(tokens, starts, tables, naive=True)
+        return self.hidden(x).view(len(tokens), len(tokens[0]), -1)
 
     def can_draft(self) -> bool:
         """True when `mtp_forward` can run: MTP module 1 is supported and the cache holds its layer."""
@@ -223,8 +271,7 @@ class FastDecoder:
         """MTP module 1 (for drafting): the main model's final hidden states h_prev [B*T, D] and the
         tokens one ahead [B, T] at positions starts[b] + 0..T-1 -> h^1 [B*T, D] (before
         shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`."""
-        if self.weights.stale():
-            self.weights.build()
+        self._fresh()
         if not self.can_draft():
             raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
         m = self.weights.mtp
@@ -270,6 +317,14 @@ class FastDecoder:
         return self.model.norm(x)
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _fresh(self) -> DecodeWeights:
+        """The decode weights, rebuilt (and the widened copies dropped) when the model changed."""
+        if self.weights.stale():
+            self.weights.build()
+            if isinstance(self._aten, WidenOnce):
+                self._aten.clear()
+        return self.weights
+
     def _row_decoders(self) -> tuple:
         """The native one-row decoders (main layers, MTP module 1), None where they cannot run (no
         native kernels); any geometry, W_UK / W_UV folded or not. Rebuilt with the weights, and when
@@ -332,11 +387,14 @@ class FastDecoder:
         """x [M, K] @ w [K, N] (+ bias [M, N]): the few-row kernel for a few rows, else ATen."""
         return self._few(x.shape[0]).mm(x, w, bias)
 
-    def _inputs(self, data, pools, tokens: list[list[int]], starts: list[int], tables: list[list[int]]):
+    def _inputs(
+        self, data, pools, tokens: list[list[int]], starts: list[int], tables: list[list[int]], gather=False
+    ):
         """The keys of this step over `data` (layers [L, slots, W]), the token embeddings [B*T, D]
-        and the positions of the B*T new tokens."""
+        and the positions of the B*T new tokens (gather: `GatheredKeys` even for a lone sequence)."""
         bs, T = self.cache.block_size, len(tokens[0])
-        start = _consecutive_start(tables[0], starts[0] + T - 1, bs) if len(tokens) == 1 else None
+        alone = len(tokens) == 1 and not gather
+        start = _consecutive_start(tables[0], starts[0] + T - 1, bs) if alone else None
         if start is not None:
             x = self._embed(tokens[0])
             return SliceKeys(pools, start, starts[0], self.R, T), x, [starts[0] + t for t in range(T)]
@@ -373,11 +431,13 @@ class FastDecoder:
         ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[1])
         return ms.add_(eps).rsqrt_()
 
-    def _attention(self, x, w: AttnWeights, layer: int, keys, cos, sin) -> torch.Tensor:
-        """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows."""
+    def _attention(self, x, w: AttnWeights, layer: int, keys, cos, sin, naive: bool = False) -> torch.Tensor:
+        """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows. naive (prefill, with
+        `GatheredKeys`): K and V per head from the latents where the weights have `w_kvb`."""
         B, R, P = x.shape[0], self.R, self.P
         if B > KERNEL_ROWS and w.many is not None:  # the folds that pay for many rows
             w = w.many
+        naive = naive and w.w_kvb is not None
         a = self._mm(x * self._inv_rms(x, w.norm_eps), w.w_in)  # (B, C)
         if w.q_rank:
             cq, a = a[:, : w.q_rank], a[:, w.q_rank :]
@@ -388,7 +448,9 @@ class FastDecoder:
         n = q.shape[-1] - 2 * P
         q_pe = q[..., n : n + P]
         torch.addcmul(q_pe * cos[:, None], q[..., n + P :], sin[:, None], out=q_pe)  # RoPE in place
-        if w.w_uk is None:
+        if naive:
+            q = q[..., : n + P]  # (B, H, N + P) [q_nope | q_pe]
+        elif w.w_uk is None:
             q = q[..., : n + P]  # (B, H, W) [q_lat | q_pe]
         else:  # W_UK per head: (H, B, N) @ (H, N, R)
             q = torch.cat([_bmm(q[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), q_pe], dim=-1)
@@ -396,10 +458,30 @@ class FastDecoder:
         kv = a[:, :R]
         torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
         torch.addcmul(a[:, R : R + P] * cos, a[:, R + P : R + 2 * P], sin, out=row[:, R:])
+        if naive:
+            return self._mm(self._naive_attend(layer, keys, q, w.w_kvb), w.w_o, x)  # residual + o_proj
         o = keys.attend(layer, q)  # (B, H, R)
         if w.w_uv is not None:  # W_UV per head: (H, B, R) @ (H, R, V)
             o = _bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
         return self._mm(o.reshape(B, -1), w.w_o, x)  # residual + o_proj
+
+    def _naive_attend(
+        self, layer: int, keys: GatheredKeys, q: torch.Tensor, w_kvb: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B*T, H, N + P] (q_nope | rope(q_pe), the softmax scale folded in) -> attention output
+        [B*T, H * V]: each key position's k_nope | v per head from its latent in one GEMM (the model's
+        naive MLA, dsv3.model.attention), then causal attention per head (SDPA)."""
+        k = keys.keys(layer)  # (B, S, W)
+        B, S, _ = k.shape
+        H, R, P = self.H, self.R, self.P
+        N = q.shape[-1] - P
+        kv = self._mm(k[..., :R].reshape(B * S, R), w_kvb).view(B, S, H, -1)  # (B, S, H, N + V)
+        k_h = torch.cat([kv[..., :N], k[:, :, None, R:].expand(B, S, H, P)], dim=-1)  # (B, S, H, N + P)
+        q_h = q.view(B, -1, H, N + P).transpose(1, 2)  # (B, H, T, N + P)
+        o = F.scaled_dot_product_attention(
+            q_h, k_h.transpose(1, 2), kv[..., N:].transpose(1, 2), attn_mask=keys.causal[:, None], scale=1.0
+        )  # (B, H, T, V)
+        return o.transpose(1, 2).reshape(q.shape[0], -1)
 
     def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list) -> torch.Tensor:
         """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`."""
@@ -427,7 +509,8 @@ class FastDecoder:
                 decode_moe.experts_few(x, xg, w, routes)
             routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
         else:
-            decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None)
+            wide = self._aten.wide if isinstance(self._aten, WidenOnce) else None
+            decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None, wide)
             routed.append(idx)
         return x
 

@@ -94,6 +94,9 @@ class AttnWeights:
     # the weights for many rows (more than the few-row kernels take), where the folds that save
     # multiply-adds there differ from the few-row ones (`FOLD_MAX_GROWTH_MANY`); None: these
     many: AttnWeights | None = None
+    # [R, H * (N + V)] kv_b_proj as [in, out] (per head k_nope | v), set where neither W_UK nor W_UV
+    # is folded: prefill chunks then compute K and V per head from the latents (the naive MLA)
+    w_kvb: torch.Tensor | None = None
 
 
 @dataclass
@@ -130,9 +133,13 @@ def _attention(
             **({"w_in": m.w_in, "w_q": m.w_q, "w_uk": m.w_uk} if many[0] != few[0] else {}),
             **({"w_o": m.w_o, "w_uv": m.w_uv} if many[1] != few[1] else {}),
         )
+    base = w.many or w
+    if base.w_uk is not None and base.w_uv is not None:  # unfolded for many rows: naive prefill
+        H, NV = mla.n_heads, N + V
+        w_kvb = mla.kv_b_weight().reshape(H * NV, R).T.contiguous()  # (R, H * (N + V))
+        base = w.many = replace(base, w_kvb=w_kvb)
     if many_dtype is not None and many_dtype != w.w_o.dtype:  # rounded once, for BF16 GEMMs
-        base = w.many or w
-        names = ("w_in", "w_q", "w_o", "w_uk", "w_uv")
+        names = ("w_in", "w_q", "w_o", "w_uk", "w_uv", "w_kvb")
         w.many = replace(base, **{k: _stored(getattr(base, k), many_dtype) for k in names})
     return w
 
