@@ -330,13 +330,17 @@ def main() -> None:
                 else:
                     print(f"batch {B}: prompts are windows of the run's held-out documents")
                 for k, vocab in [(k, v) for k in map(int, args.spec_k.split(",")) for v in vocabs]:
-                    spec = LLM(
+                    spec = LLM(  # the plain side's weight storage: a BF16 checkpoint's BF16 matrices
                         llm.model,
                         speculative=True,
                         num_speculative_tokens=k,
                         draft_vocab=vocab,
                         max_num_batched_tokens=8192,
+                        weight_dtype=llm.engine.config.weight_dtype,
                     )
+                    # with BF16 arithmetic, [B, k + 1] verification rounds differently from [B, 1]
+                    # steps, so near-tied greedy picks may differ: counted, not asserted
+                    exact = spec.engine.runner.fast is None or not spec.engine.runner.fast.bf16_gemm
                     time_dsv3(spec, prompts[:1], 4)
                     spec.engine.spec_stats.__init__(k)  # count the measured runs only
                     # per forward: plain decode step, verification ([B, k + 1]) and drafting (MTP
@@ -344,13 +348,14 @@ def main() -> None:
                     spec_calls = time_calls(spec.engine.runner, ["verify", "mtp_hidden", "mtp_logits"])
                     for acc in plain_calls.values():
                         acc[:] = [0.0, 0]
-                    plain, fast = [], []
+                    plain, fast, same = [], [], 0
                     for _ in range(args.repeats):
                         dt, ref = time_dsv3(llm, prompts, args.new)
                         plain.append(B * args.new / dt)
                         dt, got = time_dsv3(spec, prompts, args.new)
                         fast.append(B * args.new / dt)
-                        assert got == ref, "speculative greedy output differs from plain greedy"
+                        assert got == ref or not exact, "speculative greedy output differs from plain greedy"
+                        same += sum(a == b for a, b in zip(got, ref))
                     p, f = statistics.median(plain), statistics.median(fast)
                     st = spec.spec_stats
                     rates = ", ".join(f"{r:.0%}" for r in st.acceptance_rates)
@@ -362,7 +367,10 @@ def main() -> None:
                     cost = (
                         f"{step * 1e3:.1f} | {ver * 1e3:.1f} | {draft * 1e3:.1f} | {(ver + draft) / step:.2f}"
                     )
-                    print(f"{row} {st.mean_accept_length:.2f} | {cost} |")
+                    agree = (
+                        "" if exact else f" (BF16 GEMMs: {same}/{B * args.repeats} sequences as plain greedy)"
+                    )
+                    print(f"{row} {st.mean_accept_length:.2f} | {cost} |{agree}")
 
         ours_b = llm.engine.bytes_per_token
         hf_b = hf_cache_bytes_per_token(hf, cfg.vocab_size)

@@ -360,6 +360,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    """dsv3's tok/s over each other engine's, one panel per metric (decode, prompt), a bar per
+    (weights, threads, batch) and engine; the 1.0 line is parity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [e for e in ("llama.cpp", "vLLM") if any(e in r["decode_tok_s"] for r in rows)]
+    labels = [f"{r['weights']} {r['threads']}t b{r['batch']}" for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.55 * len(rows) + 2), 6.5), sharex=True)
+    width = 0.8 / max(1, len(others))
+    for ax, metric in zip(axes, ("decode_tok_s", "prompt_tok_s")):
+        for k, engine in enumerate(others):
+            ratios = [
+                r[metric]["dsv3"] / r[metric][engine] if engine in r[metric] else float("nan") for r in rows
+            ]
+            ax.bar([i + (k - (len(others) - 1) / 2) * width for i in range(len(rows))], ratios, width,
+                   label=f"dsv3 / {engine}")  # fmt: skip
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{metric.split('_')[0]}: dsv3 / other")
+        ax.legend(loc="upper left", fontsize=8)
+    axes[-1].set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=8)
+    axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="v3-mini", help="preset of the random model (default v3-mini)")
@@ -375,7 +405,15 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64, help="new tokens per sequence")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON of every row")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the ratios dsv3 / other")
+    p.add_argument("--from-json", type=Path, default=None, help="only re-draw --plot from a saved --out JSON")
     a = p.parse_args()
+    if a.from_json:
+        if not a.plot:
+            sys.exit("--from-json: needs --plot PNG")
+        saved = json.loads(a.from_json.read_text())
+        print(plot(saved["rows"], a.plot, f"{saved['args'].get('preset', '?')}; CPU: {saved['cpu']}"))
+        return
     for w in a.weights.split(","):
         if w not in ("fp32", "bf16"):
             sys.exit(f"--weights: expected fp32 and/or bf16, got {w!r}")
@@ -422,6 +460,8 @@ def main() -> None:
     if a.out:
         a.out.write_text(json.dumps({"cpu": cpu_summary(), "args": vars(a) | {"work": str(a.work),
                          "llama_cpp": str(a.llama_cpp)}, "rows": rows}, indent=1, default=str))  # fmt: skip
+    if a.plot:
+        print(plot(rows, a.plot, f"{a.preset}; CPU: {cpu_summary()}"))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.checkpoint import save_pretrained
 from dsv3.data.tokenizer import Tokenizer
 from dsv3.evals import Task, TaskFileError, load_task, mean_stderr, pass_at_k
-from dsv3.evals.backends import GenRequest, LocalBackend, OpenAIBackend
+from dsv3.evals.backends import GenRequest, LocalBackend, OpenAIBackend, server_bos
 from dsv3.evals.loaders import bundled_tasks, humaneval_rows, mmlu_rows, resolve_tasks
 from dsv3.evals.runner import check_completion, evaluate_task, format_table, score_multiple_choice
 from dsv3.evals.sandbox import run_program
@@ -292,12 +292,12 @@ class FakeCompletions(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeCompletions.bodies.append(body)
         tok, prompt = self.tok, body["prompt"]
-        ids = tok.encode(prompt)
+        ids = tok.encode(prompt)  # as dsv3 serve: no bos added, special-token text read as the token
         if body.get("echo"):
             with torch.no_grad():
-                logp = torch.log_softmax(self.model(torch.tensor([[tok.bos_id, *ids[:-1]]])).float(), -1)[0]
-            lps = [float(logp[j, t]) for j, t in enumerate(ids)]
-            lps[0] = None  # the OpenAI API reports no logprob for the first prompt token
+                logp = torch.log_softmax(self.model(torch.tensor([ids[:-1]])).float(), -1)[0]
+            lps = [None] + [float(logp[j - 1, t]) for j, t in enumerate(ids) if j > 0]
+            # the OpenAI API reports no logprob for the first prompt token
             offsets = [len(tok.decode(ids[:j])) for j in range(len(ids))]
             choice = {"text": prompt, "logprobs": {"token_logprobs": lps, "text_offset": offsets}}
         else:
@@ -305,6 +305,14 @@ class FakeCompletions(BaseHTTPRequestHandler):
         out = json.dumps({"choices": [choice]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def do_GET(self):  # /tokenizer_info, as dsv3 serve and vLLM answer it
+        info = {"bos_token": self.tok.bos_token, "add_bos_token": False}
+        out = json.dumps(info).encode() if self.path == "/tokenizer_info" else b"{}"
+        self.send_response(200 if self.path == "/tokenizer_info" else 404)
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
         self.wfile.write(out)
@@ -329,12 +337,17 @@ def test_openai_backend_scores_multiple_choice_as_the_local_model_does(server, m
     for ctx, cont in requests:
         assert tok.encode(ctx + cont) == tok.encode(ctx) + tok.encode(cont)
     local = LocalBackend(model, tok).loglikelihood(requests)
-    remote = OpenAIBackend(server).loglikelihood(requests)
+    bos = server_bos(server)  # the server adds none: the backend sends it, as LocalBackend scores it
+    assert bos == tok.bos_token and server_bos("http://127.0.0.1:9", timeout_s=2) is None
+    remote = OpenAIBackend(server, bos=bos).loglikelihood(requests)
     assert remote == pytest.approx(local, abs=1e-4)
-    assert FakeCompletions.bodies[0]["echo"] is True and FakeCompletions.bodies[0]["max_tokens"] == 0
+    body = FakeCompletions.bodies[0]
+    assert body["echo"] is True and body["max_tokens"] == 0 and body["prompt"].startswith(tok.bos_token)
+    without = OpenAIBackend(server).loglikelihood(requests)  # no bos: a different (worse-posed) score
+    assert max(abs(a - b) for a, b in zip(without, local)) > 1e-3
     task = Task(name="mc", kind="multiple_choice", rows=MC_ROWS)
     assert (
-        evaluate_task(task, OpenAIBackend(server))["acc"]
+        evaluate_task(task, OpenAIBackend(server, bos=bos))["acc"]
         == evaluate_task(task, LocalBackend(model, tok))["acc"]
     )
 

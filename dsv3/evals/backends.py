@@ -128,19 +128,46 @@ def keep_head(ids: list[int], head: int, limit: int) -> list[int]:
 FIM_TEXT = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
 
 
+def server_bos(base_url: str, api_key: str | None = None, timeout_s: float = 30.0) -> str | None:
+    """The bos text to put in front of every prompt sent to the server at `base_url`, so that it
+    scores what LocalBackend scores (every text starts with bos): the `bos_token` of its
+    /tokenizer_info (vLLM's endpoint, also dsv3 serve's) when that says the server does not add it
+    itself (`add_bos_token` false: dsv3 checkpoints, served by dsv3 or vLLM); None when it adds it,
+    or when the server has no /tokenizer_info."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    req = urllib.request.Request(
+        f"{root}/tokenizer_info", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            info = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, json.JSONDecodeError):
+        return None
+    bos = info.get("bos_token") if isinstance(info, dict) else None
+    if isinstance(bos, dict):  # transformers' AddedToken layout
+        bos = bos.get("content")
+    return bos if isinstance(bos, str) and bos and not info.get("add_bos_token", False) else None
+
+
 class OpenAIBackend:
     """An OpenAI-compatible server's /v1/completions. Log-likelihoods as lm-evaluation-harness asks
     for them: the prompt is context + continuation with echo=true, logprobs=1, max_tokens=0, and the
     continuation's score is the sum of the echoed token logprobs whose text offset is at or past
-    the context's end (the first token, which has no logprob, is never part of it)."""
+    the context's end (the first token, which has no logprob, is never part of it). `bos`: text put
+    in front of every prompt (see server_bos), as LocalBackend puts bos in front of every text."""
 
     def __init__(
-        self, base_url: str, model: str = "dsv3", timeout_s: float = 600.0, api_key: str | None = None
+        self,
+        base_url: str,
+        model: str = "dsv3",
+        timeout_s: float = 600.0,
+        api_key: str | None = None,
+        bos: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
-        self.model, self.timeout_s, self.api_key = model, timeout_s, api_key
+        self.model, self.timeout_s, self.api_key, self.bos = model, timeout_s, api_key, bos or ""
 
     @property
     def name(self) -> str:
@@ -167,6 +194,7 @@ class OpenAIBackend:
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         out = []
         for ctx, cont in requests:
+            ctx = self.bos + ctx
             answer = self._post({"prompt": ctx + cont, "echo": True, "logprobs": 1, "max_tokens": 0,
                                  "temperature": 0.0})  # fmt: skip
             try:
@@ -188,7 +216,7 @@ class OpenAIBackend:
                 if r.suffix is None
                 else f"{FIM_TEXT[0]}{r.prompt}{FIM_TEXT[1]}{r.suffix}{FIM_TEXT[2]}"
             )
-            body = {"prompt": prompt, "max_tokens": r.max_tokens, "temperature": r.temperature}
+            body = {"prompt": self.bos + prompt, "max_tokens": r.max_tokens, "temperature": r.temperature}
             if r.stop:
                 body["stop"] = list(r.stop)[:4]  # the OpenAI API takes at most 4 stop strings
             if r.seed is not None:

@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--ckpt", help="a checkpoint directory with tokenizer.json")
     src.add_argument("--server", help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", default="dsv3", help="model name sent to --server")
+    p.add_argument("--server-bos", default="auto",
+                   help="text put before every prompt sent to --server: auto (the bos token of its "
+                        "/tokenizer_info when it does not add one itself), none, or the text")  # fmt: skip
     p.add_argument("--limit", type=positive_int, help="score only the first N rows of each task")
     p.add_argument("--temperatures", help="comma-separated, overriding every generation task's")
     p.add_argument("--samples", type=positive_int, help="completions per prompt (pass@k), overriding")
@@ -71,7 +74,7 @@ def _override(task, args: argparse.Namespace):
 
 def tasks_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from dsv3.evals.backends import LocalBackend, OpenAIBackend
+    from dsv3.evals.backends import LocalBackend, OpenAIBackend, server_bos
     from dsv3.evals.loaders import resolve_tasks
     from dsv3.evals.runner import evaluate_task, format_table, write_report
 
@@ -79,7 +82,14 @@ def tasks_main(argv: list[str]) -> int:
     tasks = [_override(t, args) for t in resolve_tasks(refs)]  # every task file checked before any work
     configure_threads("dsv3 eval", args.threads)
     if args.server:
-        backend = OpenAIBackend(args.server, args.model)
+        bos = {"auto": None, "none": ""}.get(args.server_bos, args.server_bos)
+        if bos is None:
+            bos = server_bos(args.server) or ""
+            print(
+                f"--server-bos auto: {'prompts start with ' + repr(bos) if bos else 'no bos added'}",
+                file=sys.stderr,
+            )
+        backend = OpenAIBackend(args.server, args.model, bos=bos)
     else:
         from dsv3.cli import existing_dir
 
