@@ -260,7 +260,8 @@ def test_chat_exits_cleanly_on_ctrl_c_at_the_prompt(files):
         assert b">>> " in seen, seen
         time.sleep(0.3)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        p.wait(timeout=30)  # stdin stays open: only the signal can end the read (communicate() would
+        out, err = p.stdout.read(), p.stderr.read()  # close it, racing the signal with end of input)
     finally:
         p.kill()
     assert p.returncode == 0, err.decode()
