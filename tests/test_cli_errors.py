@@ -250,8 +250,10 @@ def test_chat_exits_cleanly_on_ctrl_c_at_the_prompt(files):
     import time
 
     args = [a.replace("{root}", str(files)) for a in CHAT]
+    # a user's terminal delivers Ctrl-C; a shell that starts pytest in the background without job
+    # control has SIGINT ignored, the child inherits that and Python then installs no handler
     p = subprocess.Popen([sys.executable, "-m", "dsv3", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)  # fmt: skip
+                         stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         seen, deadline = b"", time.monotonic() + 240
         while b">>> " not in seen and time.monotonic() < deadline:  # wait until it reads the prompt
