@@ -88,6 +88,17 @@ def stages(args: argparse.Namespace, s: dict) -> dict:
     return {"base": str(base), "extended": str(extended), "sft": str(sft), "times": times}
 
 
+def length_table(lc: dict, names: list[str], lengths: list[int], key: str) -> list[str]:
+    """Accuracy by prompt length, a row per model ("-" where a length exceeds its context)."""
+    lines = ["| model | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for name in names:
+        by = lc[name][key]["by_length"]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{by[str(n)]:.2f}" if str(n) in by else "-" for n in lengths) + " |"
+        )
+    return lines
+
+
 def results_markdown(work: Path, info: dict) -> str:
     lc = json.loads((work / "long_context" / "report.json").read_text())
     lines = ["# Post-training results", "", f"Checkpoints: base `{info['base']}`, extended `{info['extended']}`, "
@@ -96,25 +107,11 @@ def results_markdown(work: Path, info: dict) -> str:
     lengths = sorted(
         {n for name in names for n in lc[name]["passkey"]["lengths"]}
     )  # the extended model's go further
-    lines += ["| model | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
-    for name in names:
-        by = lc[name]["passkey"]["by_length"]
-        lines.append(
-            f"| {name} | "
-            + " | ".join((f"{by[str(n)]:.2f}" if str(n) in by else "-") for n in lengths)
-            + " |"
-        )
+    lines += length_table(lc, names, lengths, "passkey")
     lines += ["", "![passkey](long_context/passkey.png)", ""]
     if all("passkey_choice" in lc[n] for n in names):
-        lines += ["## Passkey by log-likelihood (the true key among 10; chance 0.10)", "",
-                  "| model | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]  # fmt: skip
-        for name in names:
-            by = lc[name]["passkey_choice"]["by_length"]
-            lines.append(
-                f"| {name} | "
-                + " | ".join((f"{by[str(n)]:.2f}" if str(n) in by else "-") for n in lengths)
-                + " |"
-            )
+        lines += ["## Passkey by log-likelihood (the true key among 10; chance 0.10)", ""]
+        lines += length_table(lc, names, lengths, "passkey_choice")
         lines += ["", "![passkey by log-likelihood](long_context/passkey_choice.png)", ""]
     if any("loss_by_position" in lc[n] for n in names):
         buckets = next(lc[n] for n in names if "loss_by_position" in lc[n])["loss_by_position"]
