@@ -216,19 +216,3 @@ def test_kernel_plan_follows_the_cpu_flags():
     assert avx2.kind == "avx2-fp32" and not avx2.bf16_gemm
     assert cpu_kernels.plan_kernels([]).kind == "generic-fp32"
     assert "FP32 GEMMs" in avx2.line("native", True, False)
-
-
-def test_bf16_gemm_multiplies_bf16_weights_in_bf16():
-    g = torch.Generator().manual_seed(2)
-    x, w, bias = (
-        torch.randn(8, 64, generator=g),
-        torch.randn(64, 32, generator=g).bfloat16(),
-        torch.randn(8, 32),
-    )
-    k = cpu_kernels.Bf16Gemm()
-    assert torch.equal(k.mm(x, w), (x.bfloat16() @ w).float())
-    assert torch.equal(k.mm(x, w, bias), (x.bfloat16() @ w).float() + bias)
-    out = bias.clone()
-    k.addmm_(out, x, w, 0.5)
-    assert torch.allclose(out, bias + 0.5 * (x.bfloat16() @ w).float())
-    assert torch.equal(k.mm(x, w.float()), REF.mm(x, w.float()))  # FP32 weights: the reference

@@ -10,6 +10,7 @@ from decode_util import assert_decode_matches_forward
 from torch import nn
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.infer.decode import gemm as gemm_lib
 from dsv3.infer.decode import kernels as cpu_kernels
 from dsv3.infer.decode import step as decode
 from dsv3.infer.decode.compiled import DecodeMoE
@@ -179,23 +180,38 @@ BF16_GEMM_BOUND = 3e-2  # logits, relative to the largest: activations and outpu
 
 @pytest.mark.parametrize("variant", ["tiny", "v3_geometry"])
 @pytest.mark.parametrize("gemm", ["fp32", "bf16"])
-def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "aten"])
+def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, packed, caplog):
     """A BF16-valued model with BF16-stored weights, 6 rows (more than KERNEL_ROWS): FP32 GEMMs are
     exact (1e-5); BF16 GEMMs, which the plan picks where the CPU has AVX512_BF16 or AMX (else this
-    variant is skipped), stay within BF16_GEMM_BOUND. The choice is stated in one log line."""
+    variant is skipped), stay within BF16_GEMM_BOUND; both on oneDNN-packed weights (skipped where
+    oneDNN packing does not run here) and on ATen's GEMMs. The choice is stated in one log line; the
+    widened or packed copies are made once and kept for the next step."""
     plan = cpu_kernels.plan_kernels()
     if gemm == "bf16" and not plan.bf16_gemm:
         pytest.skip(f"no BF16 arithmetic on this CPU ({plan.kind}: {' '.join(plan.flags)})")
+    if packed and (why := gemm_lib.why_not_packed(gemm == "bf16")):
+        pytest.skip(why)
     tiny = tiny.replace(**VARIANTS[variant])  # v3_geometry: W_UK / W_UV per head (BF16 with BF16 GEMMs)
     model = _bf16_valued(_model(tiny))
     cache = PagedLatentCache(model.config, num_blocks=60, block_size=4)
     with caplog.at_level("INFO", logger="dsv3.infer.decode.step"):
         fast = FastDecoder(
-            model, cache, weight_dtype=torch.bfloat16, bf16_gemm=None if gemm == "bf16" else False
+            model,
+            cache,
+            weight_dtype=torch.bfloat16,
+            bf16_gemm=None if gemm == "bf16" else False,
+            packed=packed,
         )
     lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
     assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
-    assert fast._aten.name == ("torch-bf16" if gemm == "bf16" else "torch-widened")
+    assert ("packed weights" in lines[0]) == packed
+    names = (
+        {"bf16": "onednn-packed-bf16", "fp32": "onednn-packed"}
+        if packed
+        else {"bf16": "torch-bf16", "fp32": "torch-widened"}
+    )
+    assert fast._aten.name == names[gemm]
     many = fast.weights.attn[0].many  # the many-row attention matrices: BF16 only with BF16 GEMMs
     assert (many is not None and many.w_q.dtype == torch.bfloat16) == (gemm == "bf16")
     if gemm == "bf16" and variant == "v3_geometry":  # W_UK per head (W_UV folds at this width)
@@ -217,13 +233,20 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, caplog):
         for b, p in enumerate(pos):
             want = full[b, p]
             assert (logits[b] - want).abs().max() <= bound * max(1.0, want.abs().max().item())
-        if gemm == "fp32":  # FP32 GEMMs on BF16-stored weights: each widened once, kept for the next step
-            kept = dict(fast._aten._wide)
+        if packed:  # every many-row matrix packed once (FP32, or BF16 with BF16 GEMMs), kept
+            kept = {k: p for k, (w, p, dtype) in fast._aten._packed.items()}
             assert kept and all(
-                w.dtype == torch.bfloat16 and c.dtype == torch.float32 for w, c in kept.values()
+                dtype == (w.dtype if gemm == "bf16" else torch.float32)
+                for w, _, dtype in fast._aten._packed.values()
             )
+        elif gemm == "fp32":  # FP32 GEMMs on BF16-stored weights: each widened once, kept
+            kept = {k: c for k, (w, c) in fast._aten._wide.items()}
+            assert kept and all(
+                w.dtype == torch.bfloat16 and c.dtype == torch.float32 for w, c in fast._aten._wide.values()
+            )
+        if packed or gemm == "fp32":
             if step == 1:
-                assert kept.keys() == first.keys() and all(kept[k][1] is first[k][1] for k in kept)
+                assert kept.keys() == first.keys() and all(kept[k] is first[k] for k in kept)
             first = kept
 
 

@@ -89,58 +89,6 @@ class Reference:
             out[m : m + 1].addmm_(F.silu(t[:, :hid]) * t[:, hid:], w2[e].to(xn.dtype), alpha=g)
 
 
-class WidenOnce(Reference):
-    """The reference, but a weight stored in another dtype than the activations' (BF16 weights, FP32
-    compute: CPUs without BF16 arithmetic) is widened once and the copy kept, instead of on every
-    call (at batch 64 the per-call widening cost ~30% of a step; ATen's FP32 GEMM on a fresh copy
-    runs at about half its rate on a kept one). The copies are keyed by the weight's storage,
-    shape and strides (a view taken again, like the head's first columns, finds its copy); they
-    cost a second, FP32 copy of those matrices. `clear` drops them (the weights were rebuilt)."""
-
-    name = "torch-widened"
-
-    def __init__(self) -> None:
-        self._wide: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (weight, its copy)
-
-    def wide(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """w in `dtype`: w itself, or its kept copy (made on first use)."""
-        if w.dtype == dtype:
-            return w
-        key = (w.data_ptr(), tuple(w.shape), w.stride(), dtype)  # the weight is held: no reuse of ptr
-        if key not in self._wide:
-            self._wide[key] = (w, w.to(dtype))
-        return self._wide[key][1]
-
-    def clear(self) -> None:
-        self._wide.clear()
-
-    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return super().mm(x, self.wide(w, x.dtype), bias)
-
-    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
-        super().addmm_(out, x, self.wide(w, x.dtype), alpha)
-
-
-class Bf16Gemm(Reference):
-    """The reference, but BF16 weights are multiplied in BF16: the activations rounded to BF16, oneDNN's
-    BF16 GEMM through ATen (FP32 accumulation; the output rounded to BF16, then widened). For many
-    rows on CPUs with BF16 arithmetic (AVX512_BF16, AMX), where it is several times faster than
-    widening the weights to FP32 per call; not exact (see `KernelPlan`). FP32 weights as Reference."""
-
-    name = "torch-bf16"
-
-    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if w.dtype != torch.bfloat16:
-            return super().mm(x, w, bias)
-        y = (x.to(w.dtype) @ w).to(x.dtype)
-        return y if bias is None else y.add_(bias)
-
-    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
-        if w.dtype != torch.bfloat16:
-            return super().addmm_(out, x, w, alpha)
-        out.add_((x.to(w.dtype) @ w).to(out.dtype), alpha=alpha)
-
-
 @dataclass(frozen=True)
 class KernelPlan:
     """The decode kernels chosen for this CPU at start-up (`plan_kernels`):
@@ -155,9 +103,11 @@ class KernelPlan:
     bf16_gemm: bool
     flags: tuple[str, ...]
 
-    def line(self, native: str, bf16_weights: bool, bf16_gemm: bool) -> str:
-        """The one log line stating the choice (native: the few-row kernels' name)."""
-        many = "BF16 GEMMs (oneDNN) on the BF16 weights" if bf16_gemm else "FP32 GEMMs (ATen)"
+    def line(self, native: str, bf16_weights: bool, bf16_gemm: bool, packed: bool = False) -> str:
+        """The one log line stating the choice (native: the few-row kernels' name; packed: the
+        many-row GEMMs run on oneDNN-packed weights, dsv3.infer.decode.gemm)."""
+        lib = "oneDNN, packed weights" if packed else "oneDNN" if bf16_gemm else "ATen"
+        many = f"BF16 GEMMs ({lib}) on the BF16 weights" if bf16_gemm else f"FP32 GEMMs ({lib})"
         stored = "BF16" if bf16_weights else "model-dtype"
         return (
             f"dsv3 decode kernels: {self.kind} (CPU flags: {' '.join(self.flags) or 'none read'}); "

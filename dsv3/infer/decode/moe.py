@@ -21,13 +21,10 @@ M = B * K routed copies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode.weights import FfnWeights
-from dsv3.model.moe import grouped_linear
 
 FEW_ROWS = 8  # up to this many tokens, run only the selected experts, one by one
 
@@ -69,27 +66,19 @@ def experts_few(
 
 
 def experts(
-    x: torch.Tensor,
-    xn: torch.Tensor,
-    w: FfnWeights,
-    weights: torch.Tensor,
-    idx: torch.Tensor,
-    compute: torch.dtype | None = None,
-    wide: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
+    x: torch.Tensor, xn: torch.Tensor, w: FfnWeights, weights: torch.Tensor, idx: torch.Tensor, gemm
 ) -> None:
-    """x [B, D] += the routed experts of xn [B, D], in place (grouped GEMMs over rows sorted by expert).
-    compute: the GEMMs' dtype (None: xn's, BF16 weights widened; BF16: BF16 GEMMs on BF16 weights);
-    wide(w, dtype): w in dtype (default w.to(dtype); `WidenOnce.wide` keeps the copy)."""
+    """x [B, D] += the routed experts of xn [B, D], in place: the routed copies sorted by expert, one
+    grouped GEMM for w1 | w3 and one for w2 through `gemm` (dsv3.infer.decode.gemm: its dtype, its
+    kept or packed weights), each copy's gate value applied before w2, the sum over experts by index_add_."""
     K, E, hid = idx.shape[1], len(w.w13), w.w2[0].shape[0]
-    dt = compute or xn.dtype
-    wide = wide or torch.Tensor.to
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    offsets = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+    starts = [0, *torch.bincount(flat, minlength=E).cumsum(0).tolist()]
     token = order // K  # (M,) the token of each routed copy, grouped by expert
-    t = grouped_linear(xn[token].to(dt), wide(w.w13_all, dt), offsets).to(xn.dtype)  # (M, 2I)
+    t = gemm.grouped(xn[token], w.w13_all, starts)  # (M, 2I)
     h = F.silu(t[:, :hid]) * t[:, hid:] * weights.flatten()[order, None].to(x.dtype)
-    x.index_add_(0, token, grouped_linear(h.to(dt), wide(w.w2_all, dt), offsets).to(x.dtype))
+    x.index_add_(0, token, gemm.grouped(h, w.w2_all, starts))
 
 
 def counts(routed: list, n_experts: int) -> torch.Tensor:

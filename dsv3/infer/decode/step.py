@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
-from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, WidenOnce, kernels, plan_kernels
+from dsv3.infer.decode.gemm import Packed, many_row_gemm
+from dsv3.infer.decode.kernels import Kernels, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
@@ -76,7 +77,8 @@ class FastDecoder:
     weight_dtype: storage dtype of the feed-forward matrices and the head (dsv3.infer.decode.weights);
     native: use the C++ few-row kernels when they build (dsv3.infer.decode.kernels); bf16_gemm: run
     more than KERNEL_ROWS rows through BF16 GEMMs on the BF16-stored matrices (None: where the CPU
-    has BF16 arithmetic and weight_dtype is BF16, `plan_kernels`). The choice is logged once."""
+    has BF16 arithmetic and weight_dtype is BF16, `plan_kernels`); packed: run those on weights packed
+    once for oneDNN where it runs here (dsv3.infer.decode.gemm). The choice is logged once."""
 
     def __init__(
         self,
@@ -86,6 +88,7 @@ class FastDecoder:
         weight_dtype: torch.dtype | None = None,
         native: bool = True,
         bf16_gemm: bool | None = None,
+        packed: bool = True,
     ) -> None:
         cfg = model.config
         self.model, self.cache = model, cache
@@ -96,10 +99,10 @@ class FastDecoder:
         self.bf16_gemm = bf16 and (plan.bf16_gemm if bf16_gemm is None else bf16_gemm)
         # with BF16 GEMMs the attention's many-row matrices are stored in BF16 too (rounded once)
         self.weights = DecodeWeights(model, fold, weight_dtype, torch.bfloat16 if self.bf16_gemm else None)
-        # more than KERNEL_ROWS rows: BF16 GEMMs; or FP32 on BF16-stored weights widened once
-        self._aten: Kernels = Bf16Gemm() if self.bf16_gemm else WidenOnce() if bf16 else _ATEN
+        # more than KERNEL_ROWS rows: oneDNN GEMMs on packed weights (BF16 with BF16 GEMMs), or ATen's
+        self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu)
         if fp32_cpu:
-            log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm))
+            log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm, isinstance(self._aten, Packed)))
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
         self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
@@ -236,8 +239,7 @@ class FastDecoder:
         """The decode weights, rebuilt (and the widened copies dropped) when the model changed."""
         if self.weights.stale():
             self.weights.build()
-            if isinstance(self._aten, WidenOnce):
-                self._aten.clear()
+            self._aten.clear()
         return self.weights
 
     def _row_decoders(self) -> tuple:
@@ -424,8 +426,7 @@ class FastDecoder:
                 decode_moe.experts_few(x, xg, w, routes)
             routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
         else:
-            wide = self._aten.wide if isinstance(self._aten, WidenOnce) else None
-            decode_moe.experts(x, xg, w, weights, idx, torch.bfloat16 if self.bf16_gemm else None, wide)
+            decode_moe.experts(x, xg, w, weights, idx, self._aten)
             routed.append(idx)
         return x
 

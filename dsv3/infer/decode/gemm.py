@@ -1,0 +1,208 @@
+"""Many-row GEMMs of the fast decode path: batched decoding, the verification of many rows, prefill
+chunks (DESIGN §8).
+
+Above KERNEL_ROWS rows (dsv3.infer.decode.step) the few-row kernels of dsv3.infer.decode.kernels no
+longer pay and the step's matrices go through a GEMM library. Which one matters more than anything
+else in a batched step: the weights are read once per call, from memory (a v3-mini model is ~100 MB
+of matrices, far more than the caches), and how a library streams them sets the rate. Measured on
+the AMD EPYC of docs/benchmarks.md (Zen 4: AVX-512 and AVX512_BF16, no AMX; 1 thread, 16 rows
+through a [1536, 2048] matrix not in cache): ATen's FP32 GEMM (MKL) 1.94 ms, 52 GFLOP/s; the same
+weights packed once into oneDNN's blocked layout 0.78 ms (2.5x); in BF16, ATen's GEMM (oneDNN on
+the plain layout) 1.20 ms and packed 0.40 ms (3x). Packed FP32 is 2.1-2.5x faster than ATen's from
+1 to 1,024 rows, and differs from it only in the order of the sums (~1e-6 relative).
+
+One contract, four implementations:
+- `mm(x, w, bias)`: x [M, K] @ w [K, N] (+ bias [M, N]) -> new [M, N], x FP32;
+- `addmm_(out, x, w, alpha)`: out += alpha * x @ w, in place;
+- `grouped(x, w, starts)`: rows x [M, K] sorted by expert, w [E, K, N], starts [E + 1] the rows'
+  boundaries -> [M, N], row block e times w[e] (the routed experts of many tokens);
+- `clear()`: drop what was kept (the weights were rebuilt).
+`Aten`: ATen's GEMMs in the activations' dtype (weights `.to` per call). `WidenOnce`: the same on
+BF16-stored weights widened once and kept (CPUs without BF16 arithmetic). `Bf16Gemm`: BF16 weights
+multiplied in BF16 (activations rounded to BF16, FP32 accumulation, outputs rounded to BF16).
+`Packed`: every weight packed once into oneDNN's layout (`torch.ops.mkldnn`, the path inductor's
+CPU weight freezing takes), FP32, or BF16 for BF16-stored weights where BF16 GEMMs run; the packed
+copy is kept beside the plain one (which the few-row kernels read), so the many-row matrices cost a
+second copy of their bytes. `many_row_gemm` picks: `Packed` where oneDNN packing runs on this
+machine (a probe at first use; DSV3_ONEDNN_PACKED=0 turns it off), else the ATen classes.
+
+Shapes: M rows, K inputs, N outputs, E experts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsv3.infer.decode.kernels import Reference
+from dsv3.model.moe import grouped_linear
+
+
+class Aten(Reference):
+    """ATen's GEMMs in the activations' dtype (the few-row reference, plus `grouped`)."""
+
+    name = "torch"
+
+    def wide(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return w.to(dtype)
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        offsets = torch.tensor(starts[1:], dtype=torch.int32, device=x.device)
+        return grouped_linear(x, self.wide(w, x.dtype), offsets)
+
+    def clear(self) -> None:
+        pass
+
+
+class WidenOnce(Aten):
+    """ATen's GEMMs, but a weight stored in another dtype than the activations' (BF16 weights, FP32
+    compute: CPUs without BF16 arithmetic) is widened once and the copy kept, instead of on every
+    call (at batch 64 the per-call widening cost ~30% of a step; ATen's FP32 GEMM on a fresh copy
+    runs at about half its rate on a kept one). The copies are keyed by the weight's storage,
+    shape and strides (a view taken again, like the head's first columns, finds its copy); they
+    cost a second, FP32 copy of those matrices. `clear` drops them (the weights were rebuilt)."""
+
+    name = "torch-widened"
+
+    def __init__(self) -> None:
+        self._wide: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (weight, its copy)
+
+    def wide(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """w in `dtype`: w itself, or its kept copy (made on first use)."""
+        if w.dtype == dtype:
+            return w
+        key = (w.data_ptr(), tuple(w.shape), w.stride(), dtype)  # the weight is held: no reuse of ptr
+        if key not in self._wide:
+            self._wide[key] = (w, w.to(dtype))
+        return self._wide[key][1]
+
+    def clear(self) -> None:
+        self._wide.clear()
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return super().mm(x, self.wide(w, x.dtype), bias)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
+        super().addmm_(out, x, self.wide(w, x.dtype), alpha)
+
+
+class Bf16Gemm(Aten):
+    """ATen's GEMMs, but BF16 weights are multiplied in BF16: the activations rounded to BF16,
+    oneDNN's BF16 GEMM through ATen (FP32 accumulation; the output rounded to BF16, then widened).
+    For many rows on CPUs with BF16 arithmetic (AVX512_BF16, AMX), where it is several times faster
+    than widening the weights to FP32 per call; not exact (see `KernelPlan`). FP32 weights as `Aten`."""
+
+    name = "torch-bf16"
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if w.dtype != torch.bfloat16:
+            return super().mm(x, w, bias)
+        y = (x.to(w.dtype) @ w).to(x.dtype)
+        return y if bias is None else y.add_(bias)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
+        if w.dtype != torch.bfloat16:
+            return super().addmm_(out, x, w, alpha)
+        out.add_((x.to(w.dtype) @ w).to(out.dtype), alpha=alpha)
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        if w.dtype != torch.bfloat16:
+            return super().grouped(x, w, starts)
+        offsets = torch.tensor(starts[1:], dtype=torch.int32, device=x.device)
+        return grouped_linear(x.to(w.dtype), w, offsets).to(x.dtype)
+
+
+class Packed:
+    """Every weight packed once into oneDNN's blocked layout and multiplied there (see the module
+    docstring for why). bf16: BF16-stored weights are packed and multiplied in BF16 (as `Bf16Gemm`:
+    activations and outputs rounded to BF16, FP32 accumulation); otherwise every weight is packed in
+    FP32 (BF16-stored ones widened once, exactly), and the products are FP32 ones in another order
+    of summation. The packed copies are keyed by the weight's storage, shape and strides, as
+    `WidenOnce`'s (the weight is held with its copy, so its storage is not reused)."""
+
+    def __init__(self, bf16: bool = False) -> None:
+        self.bf16 = bf16
+        self.name = "onednn-packed-bf16" if bf16 else "onednn-packed"
+        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
+
+    def packed(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """w [K, N] packed for `linear` ([N, K] in oneDNN's layout) and the dtype it computes in."""
+        key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype)
+        hit = self._packed.get(key)
+        if hit is None:
+            dtype = torch.bfloat16 if self.bf16 and w.dtype == torch.bfloat16 else torch.float32
+            hit = self._packed[key] = (w, _pack(w.to(dtype)), dtype)
+        return hit[1], hit[2]
+
+    def clear(self) -> None:
+        self._packed.clear()
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        p, dtype = self.packed(w)
+        if dtype == x.dtype:
+            if bias is not None and bias.is_contiguous():  # the residual added inside oneDNN's GEMM
+                return torch.ops.mkldnn._linear_pointwise.binary(x, bias, p, None, "add")
+            y = _linear(x, p)
+        else:
+            y = _linear(x.to(dtype), p).to(x.dtype)
+        return y if bias is None else y.add_(bias)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
+        out.add_(self.mm(x, w), alpha=alpha)
+
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """One packed GEMM per expert that has rows (CPU grouped_mm is a loop of GEMMs too)."""
+        out = x.new_empty(x.shape[0], w.shape[-1])
+        for e in range(w.shape[0]):
+            a, b = starts[e], starts[e + 1]
+            if b > a:
+                out[a:b] = self.mm(x[a:b], w[e])
+        return out
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """w [K, N] -> oneDNN's packed [N, K] weight for `_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), None)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+_probed: dict[bool, str | None] = {}  # bf16 -> why oneDNN packing does not run here (None: it does)
+
+
+def why_not_packed(bf16: bool = False) -> str | None:
+    """None when oneDNN's packed linear runs here (in BF16 too, with `bf16`) and gives x @ w, else why not.
+    Probed once per process."""
+    if os.environ.get("DSV3_ONEDNN_PACKED", "1") == "0":
+        return "DSV3_ONEDNN_PACKED=0"
+    if bf16 not in _probed:
+        _probed[bf16] = _probe(bf16)
+    return _probed[bf16]
+
+
+def _probe(bf16: bool) -> str | None:
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 24, generator=g), torch.randn(24, 40, generator=g)
+    if bf16:
+        x, w = x.bfloat16(), w.bfloat16()
+    try:
+        y = _linear(x, _pack(w)).float()
+    except Exception as e:  # an op missing from this torch build, or not runnable on this CPU
+        return f"oneDNN's packed linear failed: {type(e).__name__}: {str(e)[:200]}"
+    want = x.float() @ w.float()
+    if not torch.allclose(y, want, rtol=1e-2 if bf16 else 1e-5, atol=1e-2 if bf16 else 1e-4):
+        return "oneDNN's packed linear gave a wrong product"
+    return None
+
+
+def many_row_gemm(bf16_weights: bool, bf16_gemm: bool, packed: bool = True):
+    """The many-row GEMMs for these weights: `Packed` where oneDNN packing runs (and `packed`),
+    else `Bf16Gemm` (bf16_gemm), `WidenOnce` (BF16-stored weights, FP32 compute) or `Aten`."""
+    if packed and why_not_packed(bf16_gemm) is None:
+        return Packed(bf16_gemm)
+    return Bf16Gemm() if bf16_gemm else WidenOnce() if bf16_weights else Aten()

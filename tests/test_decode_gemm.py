@@ -1,0 +1,99 @@
+"""The many-row GEMMs of the fast decode path (dsv3.infer.decode.gemm) held to plain torch: oneDNN's
+packed weights in FP32 (the products of x @ w up to the order of the sums) and BF16 (as ATen's BF16
+GEMM), with the residual, in place, per expert with empty experts, on strided views; the packed
+copies are made once; the choice falls back to ATen where packing is turned off."""
+
+import pytest
+import torch
+
+from dsv3.infer.decode import gemm as gemm_lib
+from dsv3.infer.decode.gemm import Aten, Bf16Gemm, Packed, WidenOnce, many_row_gemm
+
+G = torch.Generator().manual_seed(3)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float) -> bool:
+    return (got - want).abs().max().item() <= rel * want.abs().max().item()
+
+
+def test_bf16_gemm_multiplies_bf16_weights_in_bf16():
+    x, w, bias = (
+        torch.randn(8, 64, generator=G),
+        torch.randn(64, 32, generator=G).bfloat16(),
+        torch.randn(8, 32),
+    )
+    k = Bf16Gemm()
+    assert torch.equal(k.mm(x, w), (x.bfloat16() @ w).float())
+    assert torch.equal(k.mm(x, w, bias), (x.bfloat16() @ w).float() + bias)
+    out = bias.clone()
+    k.addmm_(out, x, w, 0.5)
+    assert torch.allclose(out, bias + 0.5 * (x.bfloat16() @ w).float())
+    assert torch.equal(k.mm(x, w.float()), Aten().mm(x, w.float()))  # FP32 weights: ATen's
+
+
+@pytest.fixture
+def packing():
+    if why := gemm_lib.why_not_packed():
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("rows", [5, 16, 64, 300])
+def test_packed_fp32_is_x_at_w(packing, rows):
+    x, w, bias = torch.randn(rows, 96, generator=G), torch.randn(96, 200, generator=G), torch.randn(rows, 200)
+    k = Packed()
+    want = x.double() @ w.double()
+    assert _close(k.mm(x, w).double(), want, 1e-6)
+    assert _close(k.mm(x, w, bias).double(), want + bias.double(), 1e-6)  # the residual, fused
+    out = bias.clone()
+    k.addmm_(out, x, w, 0.5)
+    assert _close(out.double(), bias.double() + 0.5 * want, 1e-6)
+    view = w[:, 7:150]  # a strided view of a weight (the head's first columns)
+    assert _close(k.mm(x, view).double(), want[:, 7:150], 1e-6)
+    xs = torch.randn(rows, 120, generator=G)[:, 10:106]  # a strided input (a slice of a fused output)
+    assert _close(k.mm(xs, w).double(), xs.double() @ w.double(), 1e-6)
+    assert len(k._packed) == 2  # w and its view, each packed once however often used
+    k.clear()
+    assert not k._packed
+
+
+def test_packed_widens_bf16_weights_exactly_without_bf16_gemms(packing):
+    x, w = torch.randn(12, 64, generator=G), torch.randn(64, 48, generator=G).bfloat16()
+    got = Packed(bf16=False).mm(x, w)
+    assert got.dtype == torch.float32 and _close(got.double(), x.double() @ w.double(), 1e-6)
+
+
+def test_packed_bf16_is_a_bf16_gemm():
+    if why := gemm_lib.why_not_packed(bf16=True):
+        pytest.skip(why)
+    x, w = torch.randn(32, 256, generator=G), torch.randn(256, 128, generator=G).bfloat16()
+    got = Packed(bf16=True).mm(x, w)
+    want = (x.bfloat16() @ w).float()  # ATen's BF16 GEMM: BF16 inputs, FP32 sums, a BF16 result
+    assert got.dtype == torch.float32 and _close(got, want, 1e-2)
+    assert _close(got.double(), x.double() @ w.double(), 2e-2)
+
+
+@pytest.mark.parametrize("kind", ["aten", "widened", "packed"])
+def test_grouped_is_one_product_per_expert(kind):
+    if kind == "packed" and (why := gemm_lib.why_not_packed()):
+        pytest.skip(why)
+    k = {"aten": Aten, "widened": WidenOnce, "packed": Packed}[kind]()
+    E, counts = 5, [3, 0, 6, 1, 0]  # experts 1 and 4 get no rows
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    x, w = torch.randn(sum(counts), 32, generator=G), torch.randn(E, 32, 24, generator=G)
+    if kind == "widened":
+        w = w.bfloat16()
+    got = k.grouped(x, w, starts)
+    want = torch.cat([x[starts[e] : starts[e + 1]].double() @ w[e].double() for e in range(E)])
+    assert got.shape == (sum(counts), 24) and _close(got.double(), want, 1e-6)
+
+
+def test_many_row_gemm_choice(monkeypatch):
+    monkeypatch.setenv("DSV3_ONEDNN_PACKED", "0")
+    assert gemm_lib.why_not_packed() == "DSV3_ONEDNN_PACKED=0"
+    assert isinstance(many_row_gemm(True, False), WidenOnce)
+    assert isinstance(many_row_gemm(True, True), Bf16Gemm)
+    assert type(many_row_gemm(False, False)) is Aten
+    monkeypatch.delenv("DSV3_ONEDNN_PACKED")
+    if gemm_lib.why_not_packed() is None:
+        assert isinstance(many_row_gemm(False, False), Packed)
+        assert isinstance(many_row_gemm(True, False, packed=False), WidenOnce)
