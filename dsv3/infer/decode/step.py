@@ -29,12 +29,13 @@ dsv3.infer.decode.weights:
   GEMMs run, within ROW_BF16_BOUND). That removes the ~200 operator
   launches per token that otherwise cost as much as the weights, and it splits its work across
   torch's threads (dsv3.infer.decode.kernels).
-Prefill chunks of a BF16 checkpoint on a CPU with BF16 arithmetic run here too (`prefill`,
-`prefill_pays`; ModelRunner.prefill_hidden): the same fused projections, grouped experts and BF16
-GEMMs, and, where the many-row weights keep W_UK / W_UV apart (V3's shapes: `AttnWeights.w_kvb`),
-the naive MLA of the model's prefill (K and V per head from the gathered latents in one GEMM, then
-SDPA); elsewhere the absorbed attention when it costs little more. In FP32 the model's forward runs
-prefill (the same multiply-adds, measured as fast).
+Prefill chunks run here too where this path's GEMMs beat the model's (`prefill`, `prefill_pays`;
+ModelRunner.prefill_hidden): BF16 GEMMs (a BF16 checkpoint on a CPU with BF16 arithmetic), or FP32
+ones on oneDNN-packed weights (dsv3.infer.decode.gemm: ~2.5x ATen's FP32 GEMM here); the same fused
+projections and grouped experts, and, where the many-row weights keep W_UK / W_UV apart (V3's
+shapes: `AttnWeights.w_kvb`), the naive MLA of the model's prefill (K and V per head from the
+gathered latents in one GEMM, then SDPA); elsewhere the absorbed attention when it costs little
+more. Otherwise (ATen's FP32 GEMMs, the same as the model's) the model's forward runs prefill.
 `MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
 (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
@@ -62,8 +63,11 @@ from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
 
 PREFILL_SCORES = 2**24  # most attention scores (rows x tokens x heads x keys) of a fast prefill chunk
-PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention (BF16) may cost this x 4 the naive one's (FP32)
-KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: ATen's GEMM
+PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention may cost this x GEMM_GAIN the naive one's (FP32)
+GEMM_GAIN = {"bf16": 4.0, "packed": 2.0}  # this path's GEMM rate over the model's FP32 one (ATen): measured
+KERNEL_ROWS = (
+    4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: dsv3.infer.decode.gemm
+)
 # logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
 # rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
 # one 671B layer: tests/test_infer_fast.py::test_row_decoder_layouts_on_the_presets)
@@ -101,8 +105,9 @@ class FastDecoder:
         self.weights = DecodeWeights(model, fold, weight_dtype, torch.bfloat16 if self.bf16_gemm else None)
         # more than KERNEL_ROWS rows: oneDNN GEMMs on packed weights (BF16 with BF16 GEMMs), or ATen's
         self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu)
+        self._packed = isinstance(self._aten, Packed)
         if fp32_cpu:
-            log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm, isinstance(self._aten, Packed)))
+            log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm, self._packed))
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
         self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
@@ -151,21 +156,23 @@ class FastDecoder:
 
     def prefill_pays(self, B: int, T: int, S: int) -> bool:
         """Whether a prefill chunk of B rows x T new tokens, S key positions (the longest row's
-        context), runs on this path (`prefill`) rather than the model's forward: with BF16 GEMMs
-        (BF16 weights on a CPU with BF16 arithmetic, ~4x FP32 here; in FP32 the model's forward
-        runs the same multiply-adds as fast: measured), when its attention scores fit in
-        PREFILL_SCORES entries and, where the weights fold W_UK / W_UV (no naive form, `w_kvb`), the
-        absorbed attention costs at most PREFILL_GROWTH times the FP32 naive one's multiply-adds."""
+        context), runs on this path (`prefill`) rather than the model's forward: where this path's
+        GEMMs are faster than the model's (BF16 GEMMs, ~4x FP32 here; FP32 on oneDNN-packed weights,
+        ~2x; with ATen's FP32 GEMMs the model's forward runs the same multiply-adds as fast:
+        measured), when its attention scores fit in PREFILL_SCORES entries and, where the weights
+        fold W_UK / W_UV (no naive form, `w_kvb`), the absorbed attention costs at most
+        PREFILL_GROWTH x GEMM_GAIN times the FP32 naive one's multiply-adds."""
         H, R, P = self.H, self.R, self.P
         N, V = self.model.config.qk_nope_head_dim, self.model.config.v_head_dim
-        if not self.bf16_gemm or B * T <= KERNEL_ROWS or B * T * H * S > PREFILL_SCORES:
+        gain = GEMM_GAIN["bf16"] if self.bf16_gemm else GEMM_GAIN["packed"] if self._packed else None
+        if gain is None or B * T <= KERNEL_ROWS or B * T * H * S > PREFILL_SCORES:
             return False
         many = self.weights.attn[0].many
         if many is not None and many.w_kvb is not None:
-            return True  # the naive attention, as the model's, on this path's fused BF16 GEMMs
+            return True  # the naive attention, as the model's, on this path's fused GEMMs
         absorbed = B * T * H * (R * (N + V) + S * (2 * R + P))  # W_UK, W_UV per query; scores over latents
         naive = B * S * H * R * (N + V) + B * T * H * S * (N + P + V)  # K, V per key; per-head scores
-        return absorbed <= PREFILL_GROWTH * 4 * naive
+        return absorbed <= PREFILL_GROWTH * gain * naive
 
     @torch.no_grad()
     def prefill(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
