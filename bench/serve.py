@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -37,9 +38,13 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON file of every run's summary")
 
 
-def compare(sides: dict[str, str], a: argparse.Namespace, note=lambda: "") -> list[dict]:
+def compare(sides: dict[str, str], a: argparse.Namespace, note=lambda: "", turn=None) -> list[dict]:
     """Every side at every concurrency, alternating within each repeat; prints the table and returns
-    every run's summary. note(): text appended to each progress line (e.g. the load average)."""
+    every run's summary. note(): text appended to each progress line (e.g. the load average).
+    turn(name): a context manager around each run of side `name` whose yielded dict, filled by its
+    exit, joins the run's summary (bench/serve_vs_vllm.py: the other server stopped, and the CPU
+    seconds it used meanwhile, bench/quiet.py)."""
+    turn = turn or (lambda name: contextlib.nullcontext({}))
     runs: list[dict] = []
     for c in a.concurrency:
         n = max(a.num_prompts, a.prompts_per_concurrency * c)
@@ -53,12 +58,14 @@ def compare(sides: dict[str, str], a: argparse.Namespace, note=lambda: "") -> li
                     argv += ["--api-key", a.api_key]
                 args = build_parser().parse_args(argv)
                 check_args(args)
-                s = asyncio.run(run(args))
+                with turn(name) as t:
+                    s = asyncio.run(run(args))
                 s.pop("requests")
-                runs.append({"side": name, "concurrency": c, "repeat": rep, "note": note(), **s})
+                runs.append({"side": name, "concurrency": c, "repeat": rep, "note": note(), **s, **t})
+                idle = "".join(f", {o} used {v:.2f} CPU s" for o, v in t.get("idle_cpu_s", {}).items())
                 print(f"{name} c={c} rep={rep}: {s['output_throughput']:.1f} tok/s, "
                       f"TTFT {s['ttft']['median_ms']:.1f} ms, TPOT {s['tpot']['median_ms']:.1f} ms, "
-                      f"{s['failed']} failed {note()}", flush=True)  # fmt: skip
+                      f"{s['failed']} failed{idle} {note()}", flush=True)  # fmt: skip
     names = list(sides)
     ratio_head = "".join(f" {names[0]} / {o} tok/s |" for o in names[1:])
     print(f"\n| side | concurrency | output tok/s | TTFT median (ms) | TPOT median (ms) |{ratio_head}")

@@ -7,6 +7,11 @@ through bench/serve.py's `compare`): the same random token-id prompts at each co
 alternating within each repeat. Reports output tokens/s, median TTFT and TPOT per side and the
 ratio dsv3 / vLLM, with the load average at each run; stops both servers at the end.
 
+While one server is measured the other's process tree is stopped (SIGSTOP; bench/quiet.py) and it
+is continued after; each run first checks that its server still answers /health, and records in
+"idle_cpu_s" the CPU seconds the other server used during the run (a warning above 5% of its wall
+time). Both servers run in their own sessions, continued before they are stopped.
+
     python bench/serve_vs_vllm.py CKPT --vllm-python ~/vllm-venv/bin/python --threads 1 \\
         --concurrency 1 8 32 --prompts-per-concurrency 2 --input-len 64 --output-len 64
 
@@ -18,8 +23,10 @@ $VLLM_PYTHON) only dsv3 runs, with a one-line reason. Server logs go beside --lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +35,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import add_load_arguments, compare  # noqa: E402  (bench/ is not a package)
+import quiet  # noqa: E402  (bench/ is not a package)
+from serve import add_load_arguments, compare  # noqa: E402
 
 
 def free_port() -> int:
@@ -56,16 +64,30 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) ->
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     f = open(log, "w")  # noqa: SIM115  (the child keeps it)
-    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    # its own session: Ctrl-C reaches only this process, which continues and stops the server
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:
+    quiet.resume(proc.pid)  # a stopped server would not act on SIGTERM
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # its whole session (vLLM's engine core too)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def server_turn(name: str, servers: dict[str, tuple[subprocess.Popen, str, Path]]):
+    """One measured run of server `name`: it must answer /health (continued after the other's run),
+    the other servers' trees are stopped meanwhile and their CPU seconds recorded (quiet.turn)."""
+    proc, url, log = servers[name]
+    wait_healthy(url, proc, 60.0, log)
+    others = {o: quiet.tree(p.pid) for o, (p, _, _) in servers.items() if o != name}
+    with quiet.turn(name, others, pause=list(others)) as t:
+        yield t
 
 
 def main() -> None:
@@ -90,6 +112,7 @@ def main() -> None:
     max_len = a.prefix_len + a.input_len + a.output_len + 64
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} cores")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind to `stop` like Ctrl-C
     procs, sides = [], {}
     try:
         port = free_port()
@@ -142,7 +165,9 @@ def main() -> None:
                 sides.pop("vLLM")
         print(f"prompts: {a.input_len} random token ids (below {a.vocab_size}), {a.output_len} new tokens, "
               f"greedy, eos ignored; {a.threads} thread(s) per server, vLLM dtype {dtype}; medians of {a.repeats}")  # fmt: skip
-        compare(sides, a, note=lambda: f"(load {os.getloadavg()[0]:.1f})")
+        servers = {n: next(p for p in procs if p[1] == url) for n, url in sides.items()}
+        compare(sides, a, note=lambda: f"(load {os.getloadavg()[0]:.1f})",
+                turn=lambda name: server_turn(name, servers))  # fmt: skip
     finally:
         for proc, _, _ in procs:
             stop(proc)

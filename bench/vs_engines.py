@@ -13,6 +13,13 @@ the table gives medians of the repeats:
 - decode tok/s: B * (N - 1) / t(the N - 1 further steps), so prefill is left out;
 - ratios dsv3 / other of those medians.
 
+While one side is timed the others are kept off the CPU (bench/quiet.py): vLLM's worker process tree,
+which lives across all batches of a (weights, threads) setting and spins its OpenMP threads when
+idle, is stopped (SIGSTOP) and continued for its own turn and before it is closed; llama.cpp has
+no process outside its turn. Each row's `idle_cpu_s[side][other]` gives the CPU seconds `other`
+still used during `side`'s timed turns (`turn_s[side]` their wall time), and a warning is printed
+when a turn's exceeds 5% of its wall time.
+
 dsv3 and vLLM are timed around their `generate` calls (t(N new tokens) - t(1 new token) for the
 decode time); llama.cpp through bench/llama_driver.c, a small driver over libllama compiled here
 (llama.cpp's own tools take text, which its tokenizer would split its own way, or random tokens),
@@ -40,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +55,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import quiet  # noqa: E402  (bench/ is not a package)
+
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -183,7 +194,9 @@ class LlamaCpp:
 
 # ---- vLLM ---------------------------------------------------------------------------------------
 class VllmWorker:
-    """bench/vs_vllm_worker.py in vLLM's venv, one process per (dtype, thread count)."""
+    """bench/vs_vllm_worker.py in vLLM's venv, one process per (dtype, thread count), in its own
+    session: its tree is stopped while the other sides are timed (bench/quiet.py), and Ctrl-C on the
+    terminal reaches only this process, whose `close` resumes and ends the worker."""
 
     name = "vLLM"
 
@@ -200,7 +213,13 @@ class VllmWorker:
                "--max-num-seqs", str(max_seqs), "--max-model-len", str(max_len)]  # fmt: skip
         self.log = open(ckpt.parent / f"vllm-{weights}-{threads}t.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            start_new_session=True,
         )
         self._read("@@ready")
 
@@ -220,14 +239,20 @@ class VllmWorker:
         out = json.loads(self._read("@@result "))
         return out["seconds"], out["tokens"]
 
+    def pids(self) -> list[int]:
+        """The worker's process tree (vLLM's engine core and its workers), the worker first."""
+        return quiet.tree(self.proc.pid)
+
     def close(self) -> None:
+        quiet.resume(self.proc.pid)  # a stopped tree would neither read EOF nor die of SIGTERM
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the whole session, engine core included
+                self.proc.wait()
         self.log.close()
 
 
@@ -307,33 +332,56 @@ def compare(args, ckpts: dict[str, Path], llama: LlamaCpp | None, vllm_python: s
     return rows
 
 
+def side_turn(timed, dsv3: Dsv3, vllm: VllmWorker | None, log):
+    """quiet.turn for `timed`: the vLLM worker's tree stopped unless it is vLLM's turn, and the CPU
+    seconds the other persistent sides use meanwhile measured (dsv3: this process, without its
+    children; llama.cpp has no process outside its own turn)."""
+    others: dict[str, list[int]] = {}
+    if timed is not dsv3:
+        others[dsv3.name] = [os.getpid()]
+    if vllm is not None and timed is not vllm:
+        others[vllm.name] = vllm.pids()
+    pause = [vllm.name] if vllm is not None and timed is not vllm else []
+    return quiet.turn(timed.name, others, pause=pause, warn=log)
+
+
 def measure(args, dsv3: Dsv3, llama, vllm, weights: str, threads: int, prompts, log) -> dict:
-    """One row: every side at one batch size, alternating over the repeats."""
+    """One row: every side at one batch size, alternating over the repeats, each timed with the
+    others stopped (`side_turn`); idle_cpu_s[side][other]: CPU seconds `other` used during `side`'s
+    timed turns (all repeats), turn_s[side]: their wall time."""
     b, new = len(prompts), args.new
     sides = [s for s in (dsv3, llama, vllm) if s is not None]
     rates: dict[str, list[tuple[float, float]]] = {s.name: [] for s in sides}
     tokens: dict[str, list[list[int]]] = {}
+    idle: dict[str, dict[str, float]] = {s.name: {} for s in sides}
+    turn_s = dict.fromkeys(rates, 0.0)
     before = load()
     for s in (dsv3, vllm):  # warm-up at this batch shape
         if s is not None:
-            s.run(prompts, 2)
+            with side_turn(s, dsv3, vllm, lambda m: None):
+                s.run(prompts, 2)
     for rep in range(args.repeats):
         for s in sides[rep % len(sides) :] + sides[: rep % len(sides)]:
-            if s is llama:
-                pp, tg, tokens[s.name] = llama.rates(weights, threads, prompts, new)
-            else:
-                pp, tg, tokens[s.name] = timed_rates(s, prompts, new)
+            with side_turn(s, dsv3, vllm, log) as t:
+                if s is llama:
+                    pp, tg, tokens[s.name] = llama.rates(weights, threads, prompts, new)
+                else:
+                    pp, tg, tokens[s.name] = timed_rates(s, prompts, new)
             rates[s.name].append((pp, tg))
+            turn_s[s.name] += t["wall_s"]
+            for other, cpu in t["idle_cpu_s"].items():
+                idle[s.name][other] = idle[s.name].get(other, 0.0) + cpu
     med = {
         n: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for n, v in rates.items()
     }
     row = {"weights": weights, "threads": threads, "batch": b, "load": [before, load()],
            "prompt_tok_s": {n: m[0] for n, m in med.items()}, "decode_tok_s": {n: m[1] for n, m in med.items()},
-           "runs": rates}  # fmt: skip
+           "runs": rates, "idle_cpu_s": idle, "turn_s": turn_s}  # fmt: skip
     if weights == "fp32":
         row["same_tokens"] = {n: agree(tokens["dsv3"], t) for n, t in tokens.items() if n != "dsv3"}
     log(f"{weights} {threads}t batch {b}: " + ", ".join(f"{n} {m[1]:.1f} decode / {m[0]:.0f} prompt tok/s"
-        for n, m in med.items()) + f"; load {before:.1f}-{load():.1f}")  # fmt: skip
+        for n, m in med.items()) + f"; load {before:.1f}-{load():.1f}; CPU s of the others while timed: "
+        + ", ".join(f"{n} {sum(o.values()):.2f} of {turn_s[n]:.1f}" for n, o in idle.items()))  # fmt: skip
     return row
 
 
@@ -408,6 +456,8 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None, help="PNG of the ratios dsv3 / other")
     p.add_argument("--from-json", type=Path, default=None, help="only re-draw --plot from a saved --out JSON")
     a = p.parse_args()
+    # a kill's SIGTERM unwinds like Ctrl-C, so a stopped vLLM worker is resumed and closed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if a.from_json:
         if not a.plot:
             sys.exit("--from-json: needs --plot PNG")

@@ -81,3 +81,70 @@ def test_serve_compare_puts_the_ratio_of_medians_on_the_first_sides_row(monkeypa
     out = capsys.readouterr().out
     assert "| dsv3 | 4 | 100.0 | 1.0 | 2.0 | 2.00x |" in out
     assert "| vLLM | 4 | 50.0 | 1.0 | 2.0 | |" in out
+
+
+def _state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_measure_stops_the_vllm_worker_tree_while_the_other_sides_are_timed(vs):
+    import subprocess
+    import time
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    seen: list[tuple[str, str]] = []
+
+    class Side:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, prompts, new):
+            seen.append((self.name, _state(spin.pid)))
+            time.sleep(0.05)
+            return 0.01 * new, [[1] * new for _ in prompts]
+
+        def pids(self):
+            return vs.quiet.tree(spin.pid)
+
+    try:
+        a = argparse.Namespace(new=4, repeats=2)
+        row = vs.measure(a, Side("dsv3"), None, Side("vLLM"), "bf16", 1, [[5, 6]], lambda m: None)
+    finally:
+        vs.quiet.resume(spin.pid)
+        spin.kill()
+        spin.wait()
+    assert {st for n, st in seen if n == "dsv3"} == {"T"}  # stopped for every dsv3 call, warm-up too
+    assert "T" not in {st for n, st in seen if n == "vLLM"}
+    assert row["idle_cpu_s"]["dsv3"] == {"vLLM": 0.0}
+    assert set(row["idle_cpu_s"]["vLLM"]) == {"dsv3"} and row["turn_s"]["dsv3"] > 0.2
+
+
+def test_serve_compare_wraps_each_run_in_the_turn_and_keeps_what_it_yields(monkeypatch):
+    import contextlib
+
+    serve = _load("serve")
+    order: list[str] = []
+
+    async def fake_run(args):
+        order.append("run")
+        return {"output_throughput": 1.0, "ttft": {"median_ms": 1.0}, "tpot": {"median_ms": 1.0}, "failed": 0,
+                "requests": []}  # fmt: skip
+
+    @contextlib.contextmanager
+    def turn(name):
+        order.append(f"in {name}")
+        t: dict = {}
+        yield t
+        t["idle_cpu_s"] = {"other": 0.5}
+        order.append(f"out {name}")
+
+    monkeypatch.setattr(serve, "run", fake_run)
+    p = argparse.ArgumentParser()
+    serve.add_load_arguments(p)
+    runs = serve.compare(
+        {"dsv3": "http://a", "vLLM": "http://b"}, p.parse_args(["--concurrency", "1"]), turn=turn
+    )
+    assert order == ["in dsv3", "run", "out dsv3", "in vLLM", "run", "out vLLM"]
+    assert [r["idle_cpu_s"] for r in runs] == [{"other": 0.5}] * 2
