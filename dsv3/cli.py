@@ -138,6 +138,11 @@ DELEGATED = {
         "chat SFT on JSONL conversations (V3 chat format, assistant-only loss)",
     ),
     "synth": ("dsv3.data.chat_synth", "synth_main", "synthesise the demo chat set from the corpus"),
+    "distill-mtp": (
+        "dsv3.train.mtp_distill",
+        "distill_mtp_main",
+        "train MTP module 1 on the model's own greedy outputs (speculative drafts)",
+    ),
     "generate": ("dsv3.infer.cli", "generate_main", "generate from a checkpoint (batched, --speculative)"),
     "chat": ("dsv3.infer.cli", "chat_main", "interactive chat with a checkpoint (/exit, /clear)"),
     "complete": ("dsv3.infer.cli", "complete_main", "fill in the middle between --prefix and --suffix"),
