@@ -250,6 +250,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--spec-k", default="1,2", help="speculative tokens to try (MTP drafts per step)")
     ap.add_argument("--spec-batches", default="1,16")
+    ap.add_argument(
+        "--spec-prompts",
+        type=int,
+        default=1,
+        help="batch 1: this many different prompts, decoded one after another (their total rate)",
+    )
+    ap.add_argument(
+        "--prompts-from",
+        help="training checkpoint whose held-out documents give the prompts (default: --ckpt)",
+    )
     ap.add_argument("--draft-vocabs", default="all,2048",
                     help="draft vocabularies to try (EngineConfig.draft_vocab; 'all' = the full vocabulary)")  # fmt: skip
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled reference decode")
@@ -323,12 +333,15 @@ def main() -> None:
             print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
             vocabs = [None if v == "all" else int(v) for v in args.draft_vocabs.split(",")]
             plain_calls = time_calls(llm.engine.runner, ["decode_logits"])
+            source = args.prompts_from or args.ckpt
             for B in [int(b) for b in args.spec_batches.split(",") if b]:
-                prompts = held_out_prompts(path, B, args.prompt_len) if args.ckpt else None
+                n = args.spec_prompts if B == 1 else B  # batch 1: several prompts, one at a time
+                prompts = held_out_prompts(source, n, args.prompt_len) if source else None
                 if prompts is None:
-                    prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+                    prompts = torch.randint(0, cfg.vocab_size, (n, args.prompt_len)).tolist()
                 else:
-                    print(f"batch {B}: prompts are windows of the run's held-out documents")
+                    print(f"batch {B}: {n} prompts, windows of the held-out documents of {source}")
+                groups = [[q] for q in prompts] if B == 1 else [prompts]
                 for k, vocab in [(k, v) for k in map(int, args.spec_k.split(",")) for v in vocabs]:
                     spec = LLM(  # the plain side's weight storage: a BF16 checkpoint's BF16 matrices
                         llm.model,
@@ -350,12 +363,21 @@ def main() -> None:
                         acc[:] = [0.0, 0]
                     plain, fast, same = [], [], 0
                     for _ in range(args.repeats):
-                        dt, ref = time_dsv3(llm, prompts, args.new)
-                        plain.append(B * args.new / dt)
-                        dt, got = time_dsv3(spec, prompts, args.new)
-                        fast.append(B * args.new / dt)
-                        assert got == ref or not exact, "speculative greedy output differs from plain greedy"
-                        same += sum(a == b for a, b in zip(got, ref))
+                        for group in groups:  # the sides in turn, per group of prompts
+                            dt, ref = time_dsv3(llm, group, args.new)
+                            plain.append((len(group) * args.new, dt))
+                            dt, got = time_dsv3(spec, group, args.new)
+                            fast.append((len(group) * args.new, dt))
+                            assert got == ref or not exact, (
+                                "speculative greedy output differs from plain greedy"
+                            )
+                            same += sum(a == b for a, b in zip(got, ref))
+                    # per repeat: all groups' tokens over their time; the median of the repeats
+                    per = len(groups)
+                    plain = [sum(t for t, _ in plain[i : i + per]) / sum(d for _, d in plain[i : i + per])
+                             for i in range(0, len(plain), per)]  # fmt: skip
+                    fast = [sum(t for t, _ in fast[i : i + per]) / sum(d for _, d in fast[i : i + per])
+                            for i in range(0, len(fast), per)]  # fmt: skip
                     p, f = statistics.median(plain), statistics.median(fast)
                     st = spec.spec_stats
                     rates = ", ".join(f"{r:.0%}" for r in st.acceptance_rates)
@@ -368,7 +390,7 @@ def main() -> None:
                         f"{step * 1e3:.1f} | {ver * 1e3:.1f} | {draft * 1e3:.1f} | {(ver + draft) / step:.2f}"
                     )
                     agree = (
-                        "" if exact else f" (BF16 GEMMs: {same}/{B * args.repeats} sequences as plain greedy)"
+                        "" if exact else f" (BF16 GEMMs: {same}/{n * args.repeats} sequences as plain greedy)"
                     )
                     print(f"{row} {st.mean_accept_length:.2f} | {cost} |{agree}")
 
