@@ -13,9 +13,10 @@ dsv3.infer.decode.weights:
   matmul;
 - the cache (`SliceKeys`, `GatheredKeys`, in dsv3.infer.decode.keys): a lone sequence whose
   blocks are consecutive in the pool (the usual case: the allocator hands out increasing ids)
-  attends over a slice of the pool and writes its new row in place; otherwise each layer gathers its keys through the block tables
-  with one index_select (row copies into one buffer the layers share), puts its new rows into them,
-  and the new rows of all layers go to the pool in one write at the end of the step;
+  attends over a slice of the pool and writes its new row in place; otherwise each layer attends through the block tables (with the
+  native kernels in one pass over the pool, csrc/paged_attention.cpp; else gathering its keys with
+  one index_select into one buffer the layers share), and the new rows of all layers go to the pool
+  in one write at the end of the step;
 - MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode.moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
 - matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.decode.kernels (native C++ on AVX2 CPUs:
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
-from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Reference, WidenOnce, kernels, plan_kernels
+from dsv3.infer.decode.kernels import Bf16Gemm, Kernels, Native, Reference, WidenOnce, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
@@ -313,7 +314,10 @@ class FastDecoder:
         if start is not None:
             x = self._embed(tokens[0])
             return SliceKeys(pools, start, starts[0], self.R, T), x, [starts[0] + t for t in range(T)]
-        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R)
+        native = self.kernels if isinstance(self.kernels, Native) else None  # reads the pool directly
+        keys = GatheredKeys(
+            data, tables, starts, T, bs, self.H, self.R, native.paged_attend if native else None
+        )
         x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
         return keys, x, [p + t for p in starts for t in range(T)]
 

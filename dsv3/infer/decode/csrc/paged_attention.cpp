@@ -1,0 +1,252 @@
+// Absorbed-MLA attention of many rows read straight from the paged latent cache (DESIGN §3.2, §8):
+// the native fast path of dsv3/infer/decode/keys.py GatheredKeys.attend, built into the same
+// extension as few_rows.cpp (which registers `paged_attend` from here).
+//
+// For each of B rows, its T new queries (t = 0..T-1 at positions start_b + t) and H heads:
+//   out[b T + t, h] = softmax_j(q[b T + t, h] . key_j) @ key_j[:R],  j = 0 .. start_b + t,
+// key_j the cache row of position j: pool[table[b][j / block] * block + j % block] for j < start_b
+// (read through the block table: no gather copy), new[b T + j - start_b] for the step's new rows
+// (not yet in the pool). One pass over the keys with an online softmax (running max and sum per
+// query, the flash-decoding recurrence), in chunks of kChunk keys: a chunk's scores for every query
+// of the row, then its probabilities times the chunk's latents (the chunk still in L1 / L2). Each
+// key row is read from memory once for all T * H queries of its row: B * S * W bytes per layer.
+// Pool and new rows in FP32 or BF16 (widened on load, exact); q, out and all sums FP32.
+//
+// Threads: at::parallel_for over the rows. A query's result is computed by one thread with the
+// same sequence of operations whatever the split (the chunks start at fixed positions; the
+// register blocking of queries keeps one accumulator per query), so it does not depend on the
+// thread count.
+//
+// Shapes: B rows, T new tokens per row, H heads, R kv_lora_rank, W = R + P cache width,
+// S_b = start_b + T key positions of row b, Q = T * H queries per row.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 32;  // keys per online-softmax step: 32 x 576 FP32 = 72 KB (L2)
+
+inline __m256 wide8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 wide8(const uint16_t* p) {  // 8 BF16 -> 8 FP32: the BF16 bits are the high half
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float wide1(const float* p) { return *p; }
+
+inline float wide1(const uint16_t* p) {
+  uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// s[i] = q_i . k (W wide) for N <= 4 queries against one key row; per query the same operations
+// whatever N (one accumulator each), so the blocking does not change a result
+template <int N, typename T>
+inline void dots(const float* const* q, const T* k, int64_t W, float* s) {
+  __m256 acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= W; c += 8) {
+    const __m256 kv = wide8(k + c);
+    for (int i = 0; i < N; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + c), kv, acc[i]);
+  }
+  for (int i = 0; i < N; ++i) {
+    float r = hsum(acc[i]);
+    for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * wide1(k + cc);
+    s[i] = r;
+  }
+}
+
+// o_i[0:R] = o_i * scale_i + sum_j p_i[j] k_j[0:R] over n keys, for N <= 2 queries: 32 columns at a
+// time in registers, each key tile loaded once for both queries
+template <int N, typename T>
+inline void accumulate(float* const* o, const float* scale, const float* const* p, const T* const* k, int64_t n,
+                       int64_t R) {
+  int64_t c = 0;
+  for (; c + 32 <= R; c += 32) {
+    __m256 a[N][4];
+    for (int i = 0; i < N; ++i) {
+      const __m256 sc = _mm256_set1_ps(scale[i]);
+      for (int v = 0; v < 4; ++v) a[i][v] = _mm256_mul_ps(_mm256_loadu_ps(o[i] + c + 8 * v), sc);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 k0 = wide8(k[j] + c), k1 = wide8(k[j] + c + 8), k2 = wide8(k[j] + c + 16),
+                   k3 = wide8(k[j] + c + 24);
+      for (int i = 0; i < N; ++i) {
+        const __m256 pj = _mm256_set1_ps(p[i][j]);
+        a[i][0] = _mm256_fmadd_ps(pj, k0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(pj, k1, a[i][1]);
+        a[i][2] = _mm256_fmadd_ps(pj, k2, a[i][2]);
+        a[i][3] = _mm256_fmadd_ps(pj, k3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < N; ++i)
+      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(o[i] + c + 8 * v, a[i][v]);
+  }
+  for (; c < R; ++c)
+    for (int i = 0; i < N; ++i) {
+      float a = o[i][c] * scale[i];
+      for (int64_t j = 0; j < n; ++j) a += p[i][j] * wide1(k[j] + c);
+      o[i][c] = a;
+    }
+}
+
+// one row b: its Q = T * H queries over its S = start + T keys
+template <typename T>
+void attend_row(const float* q, int64_t qs0, int64_t qs1, const T* pool, const T* fresh, const int64_t* table,
+                int64_t block, int64_t start, int64_t Tn, int64_t H, int64_t W, int64_t R, float* out,
+                std::vector<float>& work) {
+  const int64_t Q = Tn * H, S = start + Tn;
+  work.resize(Q * (kChunk + 2));
+  float *sc = work.data(), *mx = sc + Q * kChunk, *sum = mx + Q;  // scores / probabilities per chunk
+  std::fill(mx, mx + Q, -INFINITY);
+  std::fill(sum, sum + Q, 0.f);
+  std::fill(out, out + Q * R, 0.f);
+  std::vector<const float*> qp(Q);
+  std::vector<float*> op(Q);
+  for (int64_t t = 0; t < Tn; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      qp[t * H + h] = q + t * qs0 + h * qs1;
+      op[t * H + h] = out + (t * H + h) * R;
+    }
+  const T* keys[kChunk];
+  float scale[2];
+  for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, S - j0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = j0 + j;
+      keys[j] = pos < start ? pool + (table[pos / block] * block + pos % block) * W : fresh + (pos - start) * W;
+    }
+    // scores: key j against every query that sees it (query t sees positions <= start + t)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = j0 + j;
+      const int64_t t0 = std::max<int64_t>(0, pos - start);  // the first token that sees it
+      float s4[4];
+      for (int64_t i = 0; i < t0 * H; ++i) sc[i * kChunk + j] = -INFINITY;
+      int64_t i = t0 * H;
+      for (; i + 4 <= Q; i += 4) {
+        dots<4>(qp.data() + i, keys[j], W, s4);
+        for (int u = 0; u < 4; ++u) sc[(i + u) * kChunk + j] = s4[u];
+      }
+      for (; i < Q; ++i) dots<1>(qp.data() + i, keys[j], W, sc + i * kChunk + j);
+    }
+    // the online softmax step, then probabilities x latents, two queries at a time
+    for (int64_t i = 0; i < Q; i += 2) {
+      const int nq = std::min<int64_t>(2, Q - i);
+      const float* pr[2];
+      float* o2[2];
+      for (int u = 0; u < nq; ++u) {
+        float* s = sc + (i + u) * kChunk;
+        float m = mx[i + u];
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+        if (m == -INFINITY) {  // no key of this chunk visible yet: nothing changes
+          scale[u] = 1.f;
+          for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+        } else {
+          scale[u] = std::exp(mx[i + u] - m);  // 0 on the first chunk (mx = -inf)
+          float add = 0.f;
+          for (int64_t j = 0; j < n; ++j) add += s[j] = std::exp(s[j] - m);
+          sum[i + u] = sum[i + u] * scale[u] + add;
+          mx[i + u] = m;
+        }
+        pr[u] = s;
+        o2[u] = op[i + u];
+      }
+      if (nq == 2)
+        accumulate<2>(o2, scale, pr, keys, n, R);
+      else
+        accumulate<1>(o2, scale, pr, keys, n, R);
+    }
+  }
+  for (int64_t i = 0; i < Q; ++i) {
+    const float inv = 1.f / sum[i];
+    for (int64_t c = 0; c < R; ++c) op[i][c] *= inv;
+  }
+}
+
+template <typename T>
+void attend_rows(const torch::Tensor& q, const torch::Tensor& pool, const torch::Tensor& fresh,
+                 const torch::Tensor& table, int64_t block, const std::vector<int64_t>& starts, int64_t Tn,
+                 int64_t R, torch::Tensor& out) {
+  const int64_t B = starts.size(), H = q.size(1), W = q.size(2), bw = table.size(1);
+  const T* pp = reinterpret_cast<const T*>(pool.data_ptr());
+  const T* fp = reinterpret_cast<const T*>(fresh.data_ptr());
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const float* qp = q.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> work;
+    for (int64_t b = b0; b < b1; ++b)
+      attend_row<T>(qp + b * Tn * q.stride(0), q.stride(0), q.stride(1), pp, fp + b * Tn * W, tp + b * bw, block,
+                    starts[b], Tn, H, W, R, o + b * Tn * H * R, work);
+  });
+}
+
+// q [B*T, H, W] FP32 (unit last stride; the softmax scale folded in), pool [slots, W] and new
+// [B*T, W] (FP32 or BF16, one dtype), table [B, blocks] int64, starts [B] -> out [B*T, H, R] FP32
+torch::Tensor paged_attend(const torch::Tensor& q, const torch::Tensor& pool, const torch::Tensor& fresh,
+                           const torch::Tensor& table, int64_t block, const std::vector<int64_t>& starts,
+                           int64_t R) {
+  const int64_t B = starts.size();
+  TORCH_CHECK(B > 0, "starts: expected at least one row");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1,
+              "q: expected float32 [B*T, H, W] with unit last stride, got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(q.size(0) % B == 0, "q: ", q.size(0), " query rows for ", B, " rows");
+  const int64_t Tn = q.size(0) / B, H = q.size(1), W = q.size(2);
+  TORCH_CHECK(pool.dim() == 2 && pool.is_contiguous() && pool.size(1) == W,
+              "pool: expected contiguous [slots, ", W, "], got ", pool.sizes());
+  TORCH_CHECK(pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kBFloat16,
+              "pool: expected float32 or bfloat16, got ", pool.scalar_type());
+  TORCH_CHECK(fresh.dim() == 2 && fresh.is_contiguous() && fresh.size(0) == B * Tn && fresh.size(1) == W &&
+                  fresh.scalar_type() == pool.scalar_type(),
+              "new: expected contiguous [", B * Tn, ", ", W, "] in the pool's dtype, got ", fresh.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && table.scalar_type() == torch::kInt64 &&
+                  table.size(0) == B,
+              "table: expected contiguous int64 [", B, ", blocks], got ", table.sizes());
+  TORCH_CHECK(R > 0 && R <= W, "rank: ", R, " outside (0, ", W, "]");
+  TORCH_CHECK(block > 0, "block: expected > 0, got ", block);
+  const int64_t slots = pool.size(0), bw = table.size(1);
+  const int64_t* tp = table.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = starts[b];
+    TORCH_CHECK(s >= 0 && (s == 0 || (s - 1) / block < bw), "starts: row ", b, " at ", s, " beyond its ", bw,
+                " blocks of ", block);
+    for (int64_t k = 0; k * block < s; ++k)
+      TORCH_CHECK(tp[b * bw + k] >= 0 && (tp[b * bw + k] + 1) * block <= slots, "table: row ", b, " block ",
+                  tp[b * bw + k], " outside the pool");
+  }
+  auto out = torch::empty({B * Tn, H, R}, q.options());
+  if (pool.scalar_type() == torch::kBFloat16)
+    attend_rows<uint16_t>(q, pool, fresh, table, block, starts, Tn, R, out);
+  else
+    attend_rows<float>(q, pool, fresh, table, block, starts, Tn, R, out);
+  return out;
+}
+
+}  // namespace
+
+void add_paged_attention(pybind11::module_& m) {
+  m.def("paged_attend", &paged_attend,
+        "softmax(q . keys) @ keys[:, :R] per row, the keys read through the block table, causal among new rows",
+        py::arg("q"), py::arg("pool"), py::arg("new"), py::arg("table"), py::arg("block"), py::arg("starts"),
+        py::arg("rank"));
+}
