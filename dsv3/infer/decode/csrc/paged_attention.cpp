@@ -58,22 +58,67 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// s[i] = q_i . k (W wide) for N <= 4 queries against one key row; per query the same operations
-// whatever N (one accumulator each), so the blocking does not change a result
-template <int N, typename T>
-inline void dots(const float* const* q, const T* k, int64_t W, float* s) {
-  __m256 acc[N];
-  for (int i = 0; i < N; ++i) acc[i] = _mm256_setzero_ps();
+// s[i * K + u] = q_i . key_u (W wide) for N <= 4 queries against K <= 2 key rows, each key vector
+// loaded once for all N queries and each query vector once for the K keys; per (query, key) the same
+// operations whatever N and K (one accumulator each), so the blocking does not change a result
+template <int N, int K, typename T>
+inline void dots(const float* const* q, const T* const* k, int64_t W, float* const* s) {
+  __m256 acc[N][K];
+  for (int i = 0; i < N; ++i)
+    for (int u = 0; u < K; ++u) acc[i][u] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= W; c += 8) {
-    const __m256 kv = wide8(k + c);
-    for (int i = 0; i < N; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + c), kv, acc[i]);
+    __m256 kv[K];
+    for (int u = 0; u < K; ++u) kv[u] = wide8(k[u] + c);
+    for (int i = 0; i < N; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q[i] + c);
+      for (int u = 0; u < K; ++u) acc[i][u] = _mm256_fmadd_ps(qv, kv[u], acc[i][u]);
+    }
   }
-  for (int i = 0; i < N; ++i) {
-    float r = hsum(acc[i]);
-    for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * wide1(k + cc);
-    s[i] = r;
+  for (int i = 0; i < N; ++i)
+    for (int u = 0; u < K; ++u) {
+      float r = hsum(acc[i][u]);
+      for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * wide1(k[u] + cc);
+      *s[i * K + u] = r;
+    }
+}
+
+// the scores of queries i0 .. Q-1 against K key rows (chunk columns j .. j + K - 1), 4 queries at a time
+template <int K, typename T>
+inline void score_keys(const float* const* q, int64_t i0, int64_t Q, const T* const* k, int64_t W, float* sc,
+                       int64_t j) {
+  float* o[4 * K];
+  int64_t i = i0;
+  for (; i + 4 <= Q; i += 4) {
+    for (int a = 0; a < 4; ++a)
+      for (int u = 0; u < K; ++u) o[a * K + u] = sc + (i + a) * kChunk + j + u;
+    dots<4, K>(q + i, k, W, o);
   }
+  for (; i < Q; ++i) {
+    for (int u = 0; u < K; ++u) o[u] = sc + i * kChunk + j + u;
+    dots<1, K>(q + i, k, W, o);
+  }
+}
+
+// exp(x) for 8 lanes (Cephes' range reduction and degree-5 polynomial: within ~2 ulp of exp for
+// x >= -87.3; below that, -inf included, exactly 0)
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
+  const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, x), x, x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
 // o_i[0:R] = o_i * scale_i + sum_j p_i[j] k_j[0:R] over n keys, for N <= 2 queries: 32 columns at a
@@ -130,41 +175,47 @@ void attend_row(const float* q, int64_t qs0, int64_t qs1, const T* pool, const T
     }
   const T* keys[kChunk];
   float scale[2];
+  auto key = [&](int64_t pos) {
+    return pos < start ? pool + (table[pos / block] * block + pos % block) * W : fresh + (pos - start) * W;
+  };
   for (int64_t j0 = 0; j0 < S; j0 += kChunk) {
     const int64_t n = std::min(kChunk, S - j0);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = j0 + j;
-      keys[j] = pos < start ? pool + (table[pos / block] * block + pos % block) * W : fresh + (pos - start) * W;
+    for (int64_t j = 0; j < n; ++j) keys[j] = key(j0 + j);
+    // the next chunk's keys into the cache while this one computes (rows of scattered blocks: the
+    // hardware prefetcher starts over at every block)
+    for (int64_t pos = j0 + kChunk; pos < std::min(S, j0 + 2 * kChunk); ++pos) {
+      const char* r = reinterpret_cast<const char*>(key(pos));
+      for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(r + b, _MM_HINT_T1);
     }
-    // scores: key j against every query that sees it (query t sees positions <= start + t)
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = j0 + j;
-      const int64_t t0 = std::max<int64_t>(0, pos - start);  // the first token that sees it
-      float s4[4];
+    // scores: key j against every query that sees it (query t sees positions <= start + t); two
+    // cached keys at a time (every query sees them), the new ones one by one
+    int64_t j = 0;
+    for (; j + 2 <= n && j0 + j + 1 < start; j += 2) score_keys<2>(qp.data(), 0, Q, keys + j, W, sc, j);
+    for (; j < n; ++j) {
+      const int64_t t0 = std::max<int64_t>(0, j0 + j - start);  // the first token that sees it
       for (int64_t i = 0; i < t0 * H; ++i) sc[i * kChunk + j] = -INFINITY;
-      int64_t i = t0 * H;
-      for (; i + 4 <= Q; i += 4) {
-        dots<4>(qp.data() + i, keys[j], W, s4);
-        for (int u = 0; u < 4; ++u) sc[(i + u) * kChunk + j] = s4[u];
-      }
-      for (; i < Q; ++i) dots<1>(qp.data() + i, keys[j], W, sc + i * kChunk + j);
+      score_keys<1>(qp.data(), t0 * H, Q, keys + j, W, sc, j);
     }
     // the online softmax step, then probabilities x latents, two queries at a time
+    const int64_t n8 = (n + 7) & ~int64_t{7};
     for (int64_t i = 0; i < Q; i += 2) {
       const int nq = std::min<int64_t>(2, Q - i);
       const float* pr[2];
       float* o2[2];
       for (int u = 0; u < nq; ++u) {
         float* s = sc + (i + u) * kChunk;
+        std::fill(s + n, s + n8, -INFINITY);
         float m = mx[i + u];
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+        for (int64_t c = 0; c < n; ++c) m = std::max(m, s[c]);
         if (m == -INFINITY) {  // no key of this chunk visible yet: nothing changes
           scale[u] = 1.f;
-          for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+          std::fill(s, s + n, 0.f);
         } else {
           scale[u] = std::exp(mx[i + u] - m);  // 0 on the first chunk (mx = -inf)
+          const __m256 mv = _mm256_set1_ps(m);
+          for (int64_t c = 0; c < n8; c += 8) _mm256_storeu_ps(s + c, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), mv)));
           float add = 0.f;
-          for (int64_t j = 0; j < n; ++j) add += s[j] = std::exp(s[j] - m);
+          for (int64_t c = 0; c < n; ++c) add += s[c];
           sum[i + u] = sum[i + u] * scale[u] + add;
           mx[i + u] = m;
         }
