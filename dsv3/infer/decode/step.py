@@ -13,10 +13,11 @@ dsv3.infer.decode.weights:
   matmul;
 - the cache (`SliceKeys`, `GatheredKeys`, in dsv3.infer.decode.keys): a lone sequence whose
   blocks are consecutive in the pool (the usual case: the allocator hands out increasing ids)
-  attends over a slice of the pool and writes its new row in place; otherwise each layer attends through the block tables (with the
-  native kernels in one pass over the pool, csrc/paged_attention.cpp; else gathering its keys with
-  one index_select into one buffer the layers share), and the new rows of all layers go to the pool
-  in one write at the end of the step;
+  attends over a slice of the pool and writes its new row in place; otherwise each layer attends
+  through the block tables (decode and verification with the native kernels: one pass over the
+  pool, csrc/paged_attention.cpp; else, and for prefill chunks, its keys gathered by one
+  index_select into one buffer the layers share), and the new rows of all layers go to the pool in
+  one write at the end of the step;
 - MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode.moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
 - matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.decode.kernels (native C++ on AVX2 CPUs:
@@ -314,10 +315,10 @@ class FastDecoder:
         if start is not None:
             x = self._embed(tokens[0])
             return SliceKeys(pools, start, starts[0], self.R, T), x, [starts[0] + t for t in range(T)]
-        native = self.kernels if isinstance(self.kernels, Native) else None  # reads the pool directly
-        keys = GatheredKeys(
-            data, tables, starts, T, bs, self.H, self.R, native.paged_attend if native else None
-        )
+        # decode / verification: the native attention reads the pool directly (one row per thread);
+        # a prefill chunk's many queries per row stay on torch's GEMMs, which split them across threads
+        attend = self.kernels.paged_attend if isinstance(self.kernels, Native) and not gather else None
+        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R, attend)
         x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
         return keys, x, [p + t for p in starts for t in range(T)]
 
