@@ -109,7 +109,7 @@ def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path) -> str:
 
     def fake_load(name, sources, **kwargs):
         names.append(name)
-        return types.SimpleNamespace(mm=None, addmm_=None, experts_=None, RowDecoder=None)
+        return types.SimpleNamespace(mm=None, addmm_=None, experts_=None, RowDecoder=None, paged_attend=None)
 
     monkeypatch.setattr(ext, "load", fake_load)
     monkeypatch.setattr(cpu_kernels, "SOURCE", source)

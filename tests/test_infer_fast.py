@@ -418,8 +418,8 @@ def test_engine_fast_path_equals_reference_engine(tiny, monkeypatch, native):
             used["slice"] += 1
 
     class Gathered(decode.GatheredKeys):
-        def __init__(self, *a):
-            super().__init__(*a)
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
             used["gathered"] += 1
 
     monkeypatch.setattr(decode, "SliceKeys", Slice)

@@ -14,7 +14,8 @@ the bytes again. So this module offers three operations with one contract and tw
 x, out and the activations are FP32; w may be FP32 or BF16 (widened to FP32 when loaded, which is
 exact), accumulation is FP32, so a BF16 weight gives the same products as its FP32 copy.
 
-`Native` is the C++ kernel in csrc/few_rows.cpp (AVX2 + FMA; the output columns of a product, and
+`Native` is the C++ kernel in csrc/few_rows.cpp, with csrc/paged_attention.cpp (the many-row attention
+of dsv3.infer.decode.keys) built into it (AVX2 + FMA; the output columns of a product, and
 the heads of the attention, split across torch's intra-op threads through at::parallel_for, with
 results independent of the thread count), compiled on first use by
 torch.utils.cpp_extension into torch's extension cache (~30 s once per machine; set
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
+PAGED_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"  # GatheredKeys' native attend
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the runtime torch has already loaded (one thread pool)
 BASE_NAME = "dsv3_few_rows"
@@ -137,6 +139,7 @@ class Native:
     def __init__(self, module) -> None:
         self.mm, self.addmm_, self.experts_ = module.mm, module.addmm_, module.experts_
         self.RowDecoder = module.RowDecoder
+        self.paged_attend = module.paged_attend  # csrc/paged_attention.cpp (dsv3.infer.decode.keys)
 
 
 _loaded: dict[str, Kernels] = {}  # the build is per process: load once, keep the reason if it failed
@@ -269,11 +272,11 @@ def kernels(native: bool = True) -> Kernels:
 
                 _ninja_on_path()
 
-                name = build_name(SOURCE.read_bytes())
+                name = build_name(SOURCE.read_bytes() + PAGED_SOURCE.read_bytes())
                 with build_lock(build_directory(name)) as directory:
                     module = load(
                         name,
-                        [str(SOURCE)],
+                        [str(SOURCE), str(PAGED_SOURCE)],
                         extra_cflags=list(CFLAGS),
                         extra_ldflags=list(LDFLAGS),
                         build_directory=str(directory),

@@ -1,13 +1,20 @@
 """The keys a fast decode step attends over, read from the paged latent cache (DESIGN §3.2, §8):
 `SliceKeys` for a lone sequence whose blocks are consecutive in the pool (a slice, its new rows
-written in place), `GatheredKeys` for anything else (each layer gathers its rows through the block
-tables into one reused buffer; the new rows of all layers go to the pool in one write at the end).
+written in place), `GatheredKeys` for anything else (the new rows of all layers go to the pool in one
+write at the end). `GatheredKeys.attend` has two implementations of one contract: the torch
+reference gathers each layer's rows through the block tables into one reused buffer (index_select,
+then the new rows copied in) and runs two batched matmuls with a -inf bias; with the native kernels
+(`attend=`, csrc/paged_attention.cpp) one pass per row reads the keys straight from the pool
+through the block table, with an online softmax (flash-decoding's running max and sum): the keys
+are read once instead of copied once and read twice, and nothing past a row's own length is read.
 Used by dsv3.infer.decode.step.
 
 Shapes: B rows, T new tokens per row, S key positions, H heads, R kv_lora_rank, W = R + P cache width.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -43,8 +50,10 @@ class SliceKeys:
 
 
 class GatheredKeys:
-    """Any rows, T new tokens each (T > 1: speculative verification): each layer's keys gathered
-    by one index_select when it attends, new rows put into them and written to the pool at the end."""
+    """Any rows, T new tokens each (T > 1: speculative verification), new rows written to the pool
+    at the end. attend: the native paged attention (`Native.paged_attend`, dsv3.infer.decode.kernels)
+    or None for the torch reference, which gathers each layer's keys by one index_select (`keys`,
+    which the naive prefill reads either way)."""
 
     def __init__(
         self,
@@ -55,6 +64,7 @@ class GatheredKeys:
         block_size: int,
         heads: int,
         rank: int,
+        attend: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         B, S, L = len(tables), max(starts) + T, data.shape[0]
         width = max(len(t) for t in tables)
@@ -65,12 +75,12 @@ class GatheredKeys:
         # pool row of each (row, position), 0 past the row's last new token: gathered per layer in
         # `attend` by index_select (a row copy; ~8x faster than one advanced index over all layers)
         self.index = gather.masked_fill(s >= pos[:, -1:] + 1, 0).flatten()  # (B*S,)
-        self.S = S
-        self.buf = data.new_empty(B * S, data.shape[-1])  # one layer's keys, reused by every layer:
-        # a fresh ~10 MB tensor per layer (batch 64, v3-mini) costs page faults on first touch
+        self.S, self.heads = S, heads
+        self._buf: torch.Tensor | None = None  # one layer's keys [B*S, W], reused by every layer
         visible = s[None, None] <= pos[..., None]  # (B, T, S): causal, and nothing past the row
         self.causal = torch.zeros(B, T, S, dtype=data.dtype).masked_fill(~visible, float("-inf"))
-        self.bias = self.causal.repeat_interleave(heads, dim=1)  # (B, T*H, S), queries ordered (t, h)
+        self._bias: torch.Tensor | None = None  # (B, T*H, S) the causal mask per query (torch attend)
+        self.native, self.table, self.starts, self.block_size = attend, table, list(starts), block_size
         self.rows, self.cols = torch.arange(B).repeat_interleave(T), pos.flatten()  # (B*T,)
         self.slots = gather[self.rows, self.cols]  # (B*T,) where the new rows go
         self.at = self.rows * S + self.cols  # (B*T,) their rows in `buf`
@@ -81,17 +91,28 @@ class GatheredKeys:
         return self.new[layer]
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q [B*T, H, W] -> [B*T, H, R]; invisible key positions are masked by a -inf bias."""
+        """q [B*T, H, W] (the softmax scale folded in) -> softmax(q k^T) k[:, :R]: [B*T, H, R], over
+        each row's positions 0 .. its new token's (causal among the T new ones). Native: read
+        through the block tables, no gather; torch: the gathered keys, the rest masked by -inf."""
+        if self.native is not None:
+            return self.native(
+                q, self.data[layer], self.new[layer], self.table, self.block_size, self.starts, self.rank
+            )
         k = self.keys(layer)  # (B, S, W)
         q = q.reshape(self.B, -1, q.shape[-1])  # (B, T*H, W)
-        probs = torch.baddbmm(self.bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, T*H, S)
+        if self._bias is None:
+            self._bias = self.causal.repeat_interleave(self.heads, dim=1)  # queries ordered (t, h)
+        probs = torch.baddbmm(self._bias, q, k.transpose(1, 2)).softmax(dim=-1)  # (B, T*H, S)
         return torch.bmm(probs, k[..., : self.rank]).view(len(self.rows), -1, self.rank)  # (B*T, H, R)
 
     def keys(self, layer: int) -> torch.Tensor:
         """The cache rows [B, S, W] of every row's positions 0 .. S-1, this step's new rows included
-        (rows past a row's last new token: pool row 0, masked by `bias` / `causal`)."""
-        torch.index_select(self.data[layer], 0, self.index, out=self.buf)
-        return self.buf.index_copy_(0, self.at, self.new[layer]).view(self.B, self.S, -1)
+        (rows past a row's last new token: pool row 0, masked by `causal`)."""
+        if self._buf is None:  # one buffer for every layer: a fresh ~10 MB tensor per layer (batch
+            # 64, v3-mini) costs page faults on first touch
+            self._buf = self.data.new_empty(self.B * self.S, self.data.shape[-1])
+        torch.index_select(self.data[layer], 0, self.index, out=self._buf)
+        return self._buf.index_copy_(0, self.at, self.new[layer]).view(self.B, self.S, -1)
 
     def finish(self) -> None:
         self.data.index_copy_(1, self.slots, self.new)

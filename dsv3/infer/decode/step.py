@@ -13,9 +13,11 @@ dsv3.infer.decode.weights:
   matmul;
 - the cache (`SliceKeys`, `GatheredKeys`, in dsv3.infer.decode.keys): a lone sequence whose
   blocks are consecutive in the pool (the usual case: the allocator hands out increasing ids)
-  attends over a slice of the pool and writes its new row in place; otherwise each layer gathers its keys through the block tables
-  with one index_select (row copies into one buffer the layers share), puts its new rows into them,
-  and the new rows of all layers go to the pool in one write at the end of the step;
+  attends over a slice of the pool and writes its new row in place; otherwise each layer attends
+  through the block tables (decode and verification with the native kernels: one pass over the
+  pool, csrc/paged_attention.cpp; else, and for prefill chunks, its keys gathered by one
+  index_select into one buffer the layers share), and the new rows of all layers go to the pool in
+  one write at the end of the step;
 - MoE: one matmul for the gate logits and the shared experts' gate | up, then dsv3.infer.decode.moe
   (Python routing and only the K selected experts for one token, grouped GEMMs for more).
 - matmuls of up to `KERNEL_ROWS` rows run on dsv3.infer.decode.kernels (native C++ on AVX2 CPUs:
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
 from dsv3.infer.decode.gemm import Packed, many_row_gemm
-from dsv3.infer.decode.kernels import Kernels, Reference, kernels, plan_kernels
+from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
@@ -65,9 +67,7 @@ from dsv3.model.transformer import Transformer
 PREFILL_SCORES = 2**24  # most attention scores (rows x tokens x heads x keys) of a fast prefill chunk
 PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention may cost this x GEMM_GAIN the naive one's (FP32)
 GEMM_GAIN = {"bf16": 4.0, "packed": 2.0}  # this path's GEMM rate over the model's FP32 one (ATen): measured
-KERNEL_ROWS = (
-    4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: dsv3.infer.decode.gemm
-)
+KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
 # logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
 # rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
 # one 671B layer: tests/test_infer_fast.py::test_row_decoder_layouts_on_the_presets)
@@ -322,7 +322,10 @@ class FastDecoder:
         if start is not None:
             x = self._embed(tokens[0])
             return SliceKeys(pools, start, starts[0], self.R, T), x, [starts[0] + t for t in range(T)]
-        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R)
+        # decode / verification: the native attention reads the pool directly (one row per thread);
+        # a prefill chunk's many queries per row stay on torch's GEMMs, which split them across threads
+        attend = self.kernels.paged_attend if isinstance(self.kernels, Native) and not gather else None
+        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R, attend)
         x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
         return keys, x, [p + t for p in starts for t in range(T)]
 

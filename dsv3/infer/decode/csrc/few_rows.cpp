@@ -627,7 +627,10 @@ class RowDecoder {
 
 }  // namespace
 
+void add_paged_attention(pybind11::module_& m);  // paged_attention.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  add_paged_attention(m);
   m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
   m.def("addmm_", &addmm_, "out += alpha * x @ w, in place");
   m.def("experts_", &experts_, "out += the routed experts of xn, in place");
