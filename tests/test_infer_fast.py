@@ -379,6 +379,36 @@ def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant, native):
         assert torch.equal(model.mtp[0].block.mlp.last_counts, ref_model.mtp[0].block.mlp.last_counts)
 
 
+@pytest.mark.parametrize("variant", ["tiny", "v3_geometry"])
+def test_fast_mtp_prefill_equals_the_model_mtp_module(tiny, variant):
+    """A prompt chunk through MTP module 1 on the fast path (`mtp_forward(prefill=True)`, the many-row
+    operators and the prefill attention, as the engine runs it where `prefill_pays`) against the
+    model's MTP module: 3 rows (one with its blocks out of order), 6 tokens then 4 over the cached
+    6: outputs and the MTP layer's cache rows within 1e-5, the same `last_counts`."""
+    model = _model(tiny.replace(**VARIANTS[variant]))
+    ref_model = copy.deepcopy(model)
+    caches = [PagedLatentCache(model.config, num_blocks=20, block_size=4) for _ in range(2)]
+    fast = FastDecoder(model, caches[0])
+    tables = [caches[0].allocator.allocate(3) for _ in range(3)]
+    tables[1] = tables[1][::-1]
+    ids = torch.randint(0, tiny.vocab_size, (3, 11))
+    with torch.no_grad():
+        h = ref_model.hidden_states(ids[:, :10])
+        for a, b in ((0, 6), (6, 10)):
+            got = fast.mtp_forward(
+                h[:, a:b].flatten(0, 1), ids[:, a + 1 : b + 1].tolist(), [a] * 3, tables, True
+            )
+            pos = torch.arange(a, b).expand(3, -1)
+            caches[1].bind(make_context(tables, pos, [b] * 3, 4))
+            want = ref_model.mtp_hidden(1, h[:, a:b], ids[:, a + 1 : b + 1], pos, caches[1], absorb=False)
+            assert (got - want.flatten(0, 1)).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+            assert torch.equal(model.mtp[0].block.mlp.last_counts, ref_model.mtp[0].block.mlp.last_counts)
+    L = model.config.n_layers  # the MTP layer's pool follows the main layers'
+    slots = torch.tensor([blk * 4 + i for t in tables for blk in t for i in range(4)])
+    rows, ref_rows = caches[0].data[L, slots], caches[1].data[L, slots]
+    assert (rows - ref_rows).abs().max() <= 1e-5 * max(1.0, ref_rows.abs().max().item())
+
+
 def _engines(model: Transformer, **options) -> tuple[Engine, Engine, Transformer]:
     """A fast engine on `model` and a reference engine on an identical copy (so that each has its
     own `last_counts`)."""

@@ -121,12 +121,15 @@ class ModelRunner:
         absorb: bool,
     ) -> torch.Tensor:
         """MTP module 1 at positions start[b] + 0..T-1: h_prev [B, T, D] and the tokens one ahead
-        [B, T] -> h^1 [B, T, D] (before its output norm)."""
+        [B, T] -> h^1 [B, T, D] (before its output norm). absorb: decoding-sized chunks (drafts);
+        otherwise a prompt chunk, on the fast path where its prefill pays (`FastDecoder.prefill_pays`)."""
         fast = self._fast()
-        if absorb and fast is not None and fast.can_draft():
+        if fast is not None and fast.can_draft():
             B, T, D = h_prev.shape
-            x = fast.mtp_forward(h_prev.reshape(B * T, D), tokens, start, [s.block_table for s in seqs])
-            return x.view(B, T, D)
+            if absorb or fast.prefill_pays(B, T, max(start) + T):
+                tables = [s.block_table for s in seqs]
+                x = fast.mtp_forward(h_prev.reshape(B * T, D), tokens, start, tables, prefill=not absorb)
+                return x.view(B, T, D)
         ids = self.tensor(tokens)
         positions = self.tensor(start)[:, None] + torch.arange(ids.shape[1], device=self.device)
         lens = [s + ids.shape[1] for s in start]

@@ -191,20 +191,27 @@ class FastDecoder:
 
     @torch.no_grad()
     def mtp_forward(
-        self, h_prev: torch.Tensor, tokens: list[list[int]], starts: list[int], tables: list[list[int]]
+        self,
+        h_prev: torch.Tensor,
+        tokens: list[list[int]],
+        starts: list[int],
+        tables: list[list[int]],
+        prefill: bool = False,
     ) -> torch.Tensor:
         """MTP module 1 (for drafting): the main model's final hidden states h_prev [B*T, D] and the
         tokens one ahead [B, T] at positions starts[b] + 0..T-1 -> h^1 [B*T, D] (before
-        shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`."""
+        shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`.
+        prefill: a prompt chunk (where `prefill_pays`), through the many-row operators and the
+        prefill form of `_attention`, as `prefill` runs the main layers."""
         self._fresh()
         if not self.can_draft():
             raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
         m = self.weights.mtp
-        row = self._row_decoders()[1] if len(tokens) == 1 else None
+        row = self._row_decoders()[1] if len(tokens) == 1 and not prefill else None
         if row is not None:
             e, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
         else:
-            keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables)
+            keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables, prefill)
         cos, sin = self._rope_rows(positions)
         x = self._mm(h_prev * self._inv_rms(h_prev, m.h_eps), m.w_hid)
         x = self._mm(e * self._inv_rms(e, m.e_eps), m.w_emb, x)  # eh_proj([enorm(e); hnorm(h)])
@@ -212,7 +219,7 @@ class FastDecoder:
             x, counts = row.forward(x, cos, sin, tables[0], self.cache.block_size, starts[0])
         else:
             routed: list = []
-            x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin), m.ffn, routed)
+            x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin, prefill), m.ffn, routed)
             counts = decode_moe.counts(routed, self.n_experts) if routed else []
             keys.finish()
         if m.ffn.moe is not None:
