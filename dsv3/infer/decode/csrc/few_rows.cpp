@@ -629,14 +629,19 @@ class RowDecoder {
 
 void add_paged_attention(pybind11::module_& m);  // paged_attention.cpp
 
+// The compute entry points release the GIL while they run (their arguments are converted before,
+// their results after): a server's event-loop thread keeps answering and streaming during a
+// multi-millisecond decode step instead of waiting for it (dsv3.serve.engine_loop).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using nogil = py::call_guard<py::gil_scoped_release>;
   add_paged_attention(m);
-  m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none());
-  m.def("addmm_", &addmm_, "out += alpha * x @ w, in place");
-  m.def("experts_", &experts_, "out += the routed experts of xn, in place");
+  m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
+        nogil());
+  m.def("addmm_", &addmm_, "out += alpha * x @ w, in place", nogil());
+  m.def("experts_", &experts_, "out += the routed experts of xn, in place", nogil());
   py::class_<RowDecoder>(m, "RowDecoder")
       .def(py::init<int64_t, int64_t, int64_t>())
       .def("add_attention", &RowDecoder::add_attention)
       .def("add_ffn", &RowDecoder::add_ffn)
-      .def("forward", &RowDecoder::forward);
+      .def("forward", &RowDecoder::forward, nogil());
 }

@@ -343,5 +343,5 @@ void add_paged_attention(pybind11::module_& m) {
   m.def("paged_attend", &paged_attend,
         "softmax(q . keys) @ keys[:, :R] per row, the keys read through the block table, causal among new rows",
         py::arg("q"), py::arg("pool"), py::arg("new"), py::arg("table"), py::arg("block"), py::arg("starts"),
-        py::arg("rank"));
+        py::arg("rank"), pybind11::call_guard<pybind11::gil_scoped_release>());  // as few_rows.cpp's
 }
