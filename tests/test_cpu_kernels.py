@@ -96,9 +96,10 @@ def test_bad_inputs_name_the_argument(native):
         )
 
 
-def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path) -> str:
+def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path, attr: str = "SOURCE") -> str:
     """The extension name `kernels()` passes to torch's builder for a checkout whose kernel source
-    is `source_text` (the builder is replaced: nothing is compiled)."""
+    (`attr`: SOURCE, PAGED_SOURCE or HEADER) is `source_text` (the builder is replaced: nothing is
+    compiled)."""
     import types
 
     import torch.utils.cpp_extension as ext
@@ -112,7 +113,7 @@ def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path) -> str:
         return types.SimpleNamespace(mm=None, addmm_=None, experts_=None, RowDecoder=None, paged_attend=None)
 
     monkeypatch.setattr(ext, "load", fake_load)
-    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    monkeypatch.setattr(cpu_kernels, attr, source)
     monkeypatch.setattr(cpu_kernels, "_unavailable", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # not the real cache
@@ -131,6 +132,14 @@ def test_build_is_keyed_by_the_source(monkeypatch, tmp_path):
     assert a != b
     assert a == a_again
     assert a.isidentifier() and a.startswith("dsv3_few_rows_")
+
+
+@pytest.mark.parametrize("attr", ["PAGED_SOURCE", "HEADER"])
+def test_build_is_keyed_by_every_file_of_the_build(monkeypatch, tmp_path, attr):
+    """The attention source and the shared header are compiled in too: changing either is a new build."""
+    a = _name_kernels_would_build(monkeypatch, "// version A\n", tmp_path, attr)
+    b = _name_kernels_would_build(monkeypatch, "// version B\n", tmp_path, attr)
+    assert a != b
 
 
 def test_build_name_covers_the_flags_and_the_torch_version():

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
 PAGED_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"  # GatheredKeys' native attend
+HEADER = Path(__file__).parent / "csrc" / "widen.h"  # the loads both sources include
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the runtime torch has already loaded (one thread pool)
 BASE_NAME = "dsv3_few_rows"
@@ -272,7 +273,7 @@ def kernels(native: bool = True) -> Kernels:
 
                 _ninja_on_path()
 
-                name = build_name(SOURCE.read_bytes() + PAGED_SOURCE.read_bytes())
+                name = build_name(b"".join(p.read_bytes() for p in (SOURCE, PAGED_SOURCE, HEADER)))
                 with build_lock(build_directory(name)) as directory:
                     module = load(
                         name,

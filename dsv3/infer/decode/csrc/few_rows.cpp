@@ -18,6 +18,8 @@
 
 #include <immintrin.h>
 
+#include "widen.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,21 +28,8 @@
 
 namespace {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const uint16_t* p) {  // 8 BF16 -> 8 FP32: the BF16 bits are the high half
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline float load1(const float* p) { return *p; }
-
-inline float load1(const uint16_t* p) {
-  uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using dsv3::load1;
+using dsv3::load8;
 
 // y[m][0:N] = (acc ? y[m] : 0) + alpha * x[m][0:K] @ w for M <= 4 rows, w row r at w + r * ldw.
 // Weight rows are read in order, four at a time, each as one contiguous run per panel of up to

@@ -25,6 +25,8 @@
 
 #include <immintrin.h>
 
+#include "widen.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,21 +37,8 @@ namespace {
 
 constexpr int64_t kChunk = 16;  // keys per online-softmax step: 16 x 576 FP32 = 36 KB (L1)
 
-inline __m256 wide8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 wide8(const uint16_t* p) {  // 8 BF16 -> 8 FP32: the BF16 bits are the high half
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline float wide1(const float* p) { return *p; }
-
-inline float wide1(const uint16_t* p) {
-  uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using dsv3::load1;
+using dsv3::load8;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -69,7 +58,7 @@ inline void dots(const float* const* q, const T* const* k, int64_t W, float* con
   int64_t c = 0;
   for (; c + 8 <= W; c += 8) {
     __m256 kv[K];
-    for (int u = 0; u < K; ++u) kv[u] = wide8(k[u] + c);
+    for (int u = 0; u < K; ++u) kv[u] = load8(k[u] + c);
     for (int i = 0; i < N; ++i) {
       const __m256 qv = _mm256_loadu_ps(q[i] + c);
       for (int u = 0; u < K; ++u) acc[i][u] = _mm256_fmadd_ps(qv, kv[u], acc[i][u]);
@@ -78,7 +67,7 @@ inline void dots(const float* const* q, const T* const* k, int64_t W, float* con
   for (int i = 0; i < N; ++i)
     for (int u = 0; u < K; ++u) {
       float r = hsum(acc[i][u]);
-      for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * wide1(k[u] + cc);
+      for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * load1(k[u] + cc);
       *s[i * K + u] = r;
     }
 }
@@ -93,7 +82,7 @@ inline void dots42(const float* const* q, const T* const* k, int64_t W, float* c
   const T *k0 = k[0], *k1 = k[1];
   int64_t c = 0;
   for (; c + 8 <= W; c += 8) {
-    const __m256 u = wide8(k0 + c), v = wide8(k1 + c);
+    const __m256 u = load8(k0 + c), v = load8(k1 + c);
     __m256 x = _mm256_loadu_ps(q0 + c);
     a00 = _mm256_fmadd_ps(x, u, a00);
     a01 = _mm256_fmadd_ps(x, v, a01);
@@ -111,7 +100,7 @@ inline void dots42(const float* const* q, const T* const* k, int64_t W, float* c
   for (int i = 0; i < 4; ++i)
     for (int u = 0; u < 2; ++u) {
       float r = hsum(acc[i * 2 + u]);
-      for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * wide1(k[u] + cc);
+      for (int64_t cc = c; cc < W; ++cc) r += q[i][cc] * load1(k[u] + cc);
       *s[i * 2 + u] = r;
     }
 }
@@ -170,8 +159,8 @@ inline void accumulate(float* const* o, const float* scale, const float* const* 
       for (int v = 0; v < 4; ++v) a[i][v] = _mm256_mul_ps(_mm256_loadu_ps(o[i] + c + 8 * v), sc);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const __m256 k0 = wide8(k[j] + c), k1 = wide8(k[j] + c + 8), k2 = wide8(k[j] + c + 16),
-                   k3 = wide8(k[j] + c + 24);
+      const __m256 k0 = load8(k[j] + c), k1 = load8(k[j] + c + 8), k2 = load8(k[j] + c + 16),
+                   k3 = load8(k[j] + c + 24);
       for (int i = 0; i < N; ++i) {
         const __m256 pj = _mm256_set1_ps(p[i][j]);
         a[i][0] = _mm256_fmadd_ps(pj, k0, a[i][0]);
@@ -186,7 +175,7 @@ inline void accumulate(float* const* o, const float* scale, const float* const* 
   for (; c < R; ++c)
     for (int i = 0; i < N; ++i) {
       float a = o[i][c] * scale[i];
-      for (int64_t j = 0; j < n; ++j) a += p[i][j] * wide1(k[j] + c);
+      for (int64_t j = 0; j < n; ++j) a += p[i][j] * load1(k[j] + c);
       o[i][c] = a;
     }
 }
