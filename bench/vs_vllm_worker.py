@@ -6,6 +6,9 @@ JSON lines on stdin, `{"prompts": [[ids...], ...], "max_tokens": N}`, with one l
 `@@result {"seconds": S, "tokens": [[ids...], ...]}` each on stdout (vLLM logs to stdout too; the
 prefix tells the parent's line apart). Greedy, eos ignored, no detokenisation (the prompts are
 token ids; `skip_tokenizer_init`), prefix caching off so a repeated prompt is prefilled again.
+On CPUs with AMX, vLLM picks its AMX MLA backend, which takes BF16 / FP16 / INT8 / FP8 weights
+only ("expect weight to be bfloat16, ..." at load for FP32); for FP32 there the worker asks for
+vLLM's other CPU MLA backend (`CPU_MLA`, the one it runs on CPUs without AMX).
 Imports nothing of dsv3 (its venv has no dsv3) and only the standard library besides vLLM.
 
     VLLM_CPU_OMP_THREADS_BIND=0 python bench/vs_vllm_worker.py CKPT --dtype float32
@@ -27,9 +30,13 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     a = p.parse_args()
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    extra = {}
+    if a.dtype == "float32" and torch.cpu._is_amx_tile_supported():
+        extra["attention_config"] = {"backend": "CPU_MLA"}  # AMX_MLA refuses FP32 weights
     llm = LLM(
         model=a.ckpt,
         dtype=a.dtype,
@@ -39,6 +46,7 @@ def main() -> None:
         max_num_batched_tokens=a.max_num_batched_tokens,
         enable_prefix_caching=False,
         seed=0,
+        **extra,
     )
     print("@@ready", flush=True)
     for line in sys.stdin:
