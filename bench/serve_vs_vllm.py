@@ -18,6 +18,8 @@ time). Both servers run in their own sessions, continued before they are stopped
 CKPT: a Hugging Face checkpoint with a tokenizer, e.g. the `v3-mini` one bench/vs_engines.py writes
 (vLLM's CPU MLA needs kv_lora_rank 512 and qk_rope_head_dim 64). Without --vllm-python (or
 $VLLM_PYTHON) only dsv3 runs, with a one-line reason. Server logs go beside --log-dir.
+On CPUs with AMX an FP32 checkpoint gets vLLM's `CPU_MLA` attention backend (`--attention-backend`):
+the AMX MLA backend vLLM picks there refuses FP32 weights (see bench/vs_vllm_worker.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quiet  # noqa: E402  (bench/ is not a package)
 from serve import add_load_arguments, compare  # noqa: E402
+
+from dsv3.infer.decode.kernels import cpu_flags  # noqa: E402
 
 
 def free_port() -> int:
@@ -144,6 +148,8 @@ def main() -> None:
                    "--dtype", dtype,
                    "--max-num-seqs", str(a.max_num_seqs), "--max-model-len", str(max_len),
                    "--no-enable-prefix-caching", "--seed", "0"]  # fmt: skip
+            if dtype == "float32" and "amx_tile" in cpu_flags():
+                cmd += ["--attention-backend", "CPU_MLA"]  # AMX_MLA refuses FP32 weights
             procs.append(
                 (
                     start(cmd, venv, logs / "serve-vllm.log"),
