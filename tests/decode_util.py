@@ -1,4 +1,5 @@
-"""Shared check for the fast decode paths: one token at a time after a prefill equals the full forward."""
+"""Shared helpers for the fast decode paths' tests: rows prefilled into the paged cache through the
+model, and the check that one token at a time after a prefill equals the full forward."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import torch
 from dsv3 import Transformer
 from dsv3.infer.decode.step import FastDecoder
 from dsv3.infer.paged_cache import PagedLatentCache, make_context
+
+
+def prefill_rows(
+    model: Transformer, cache: PagedLatentCache, ids: torch.Tensor, lens: list[int], tables: list[list[int]]
+) -> None:
+    """Row b's first lens[b] tokens of ids [B, T] through the model (naive attention) into the
+    cache blocks tables[b] (block size 4), one row at a time: the state the engine leaves after
+    prefilling those prompts."""
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            pos = torch.arange(n)[None]
+            cache.bind(make_context([tables[b]], pos, [n], 4))
+            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
 
 
 def assert_decode_matches_forward(

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from decode_util import assert_decode_matches_forward
+from decode_util import assert_decode_matches_forward, prefill_rows
 from torch import nn
 
 from dsv3 import ModelConfig, Transformer
@@ -101,10 +101,7 @@ def _check_fast_equals_forward(model: Transformer, fold: bool | None, native: bo
     with torch.no_grad():
         h_full = model.hidden_states(ids)
         full = model.lm_head(h_full)  # what model(ids) returns
-        for b, n in enumerate(lens):
-            pos = torch.arange(n)[None]
-            cache.bind(make_context([tables[b]], pos, [n], 4))
-            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    prefill_rows(model, cache, ids, lens, tables)
 
     def check(rows: list[int], p: list[int], T: int) -> None:
         tok = [ids[b, q : q + T].tolist() for b, q in zip(rows, p)]
@@ -160,10 +157,7 @@ def test_fast_logits_equal_full_forward_at_batch_64_on_v3_mini(native, gemm):
     ids = torch.randint(0, cfg.vocab_size, (B, 12))
     with torch.no_grad():
         full = model(ids)
-        for b, n in enumerate(lens):
-            pos = torch.arange(n)[None]
-            cache.bind(make_context([tables[b]], pos, [n], 4))
-            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    prefill_rows(model, cache, ids, lens, tables)
     beyond = 0
     for pos, T in (([n for n in lens], 1), ([n + 1 for n in lens], 2)):
         x = fast.forward([ids[b, p : p + T].tolist() for b, p in enumerate(pos)], pos, tables)
@@ -221,10 +215,7 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, packed, caplog):
     ids = torch.randint(0, tiny.vocab_size, (len(lens), 12))
     with torch.no_grad():
         full = model(ids)
-        for b, n in enumerate(lens):
-            pos = torch.arange(n)[None]
-            cache.bind(make_context([tables[b]], pos, [n], 4))
-            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    prefill_rows(model, cache, ids, lens, tables)
     bound = BF16_GEMM_BOUND if gemm == "bf16" else 1e-5
     first: dict = {}
     for step in range(2):

@@ -7,12 +7,13 @@ decoder's batched logits on the kernel equal the model's forward."""
 
 import pytest
 import torch
+from decode_util import prefill_rows
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.infer.decode import kernels as cpu_kernels
 from dsv3.infer.decode.keys import GatheredKeys
 from dsv3.infer.decode.step import FastDecoder
-from dsv3.infer.paged_cache import PagedLatentCache, make_context
+from dsv3.infer.paged_cache import PagedLatentCache
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +150,7 @@ def test_fast_decoder_batched_logits_on_the_native_attention(native, monkeypatch
     ids = torch.randint(0, cfg.vocab_size, (len(lens), 12))
     with torch.no_grad():
         full = model(ids)
-        for b, n in enumerate(lens):
-            pos = torch.arange(n)[None]
-            cache.bind(make_context([tables[b]], pos, [n], 4))
-            model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
+    prefill_rows(model, cache, ids, lens, tables)
     for pos, T in (([n for n in lens], 1), ([n + 1 for n in lens], 2)):
         calls.clear()
         x = fast.forward([ids[b, p : p + T].tolist() for b, p in enumerate(pos)], pos, tables)
