@@ -36,11 +36,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quiet  # noqa: E402  (bench/ is not a package)
 from serve import add_load_arguments, compare  # noqa: E402
-
-from dsv3.infer.decode.kernels import cpu_flags  # noqa: E402
 
 
 def free_port() -> int:
@@ -148,7 +148,7 @@ def main() -> None:
                    "--dtype", dtype,
                    "--max-num-seqs", str(a.max_num_seqs), "--max-model-len", str(max_len),
                    "--no-enable-prefix-caching", "--seed", "0"]  # fmt: skip
-            if dtype == "float32" and "amx_tile" in cpu_flags():
+            if dtype == "float32" and torch.cpu._is_amx_tile_supported():  # vLLM's own test
                 cmd += ["--attention-backend", "CPU_MLA"]  # AMX_MLA refuses FP32 weights
             procs.append(
                 (

@@ -14,12 +14,11 @@ def prefill_rows(
     model: Transformer, cache: PagedLatentCache, ids: torch.Tensor, lens: list[int], tables: list[list[int]]
 ) -> None:
     """Row b's first lens[b] tokens of ids [B, T] through the model (naive attention) into the
-    cache blocks tables[b] (block size 4), one row at a time: the state the engine leaves after
-    prefilling those prompts."""
+    cache blocks tables[b], one row at a time: the state the engine leaves after prefilling them."""
     with torch.no_grad():
         for b, n in enumerate(lens):
             pos = torch.arange(n)[None]
-            cache.bind(make_context([tables[b]], pos, [n], 4))
+            cache.bind(make_context([tables[b]], pos, [n], cache.block_size))
             model.hidden_states(ids[b : b + 1, :n], pos, cache, absorb=False)
 
 

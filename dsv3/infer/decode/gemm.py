@@ -155,8 +155,7 @@ class Packed:
         """One packed GEMM per expert that has rows (CPU grouped_mm is a loop of GEMMs too), the rows
         converted to the GEMMs' dtype once and the output once (not per expert: with BF16 GEMMs on
         AMX the per-expert conversions cost more than the GEMMs)."""
-        dtype = torch.bfloat16 if self.bf16 and w.dtype == torch.bfloat16 else torch.float32
-        xd = x.to(dtype)
+        xd = x.to(self.packed(w[0])[1])  # every expert's weights compute in the same dtype
         out = xd.new_empty(x.shape[0], w.shape[-1])
         for e in range(w.shape[0]):
             a, b = starts[e], starts[e + 1]
