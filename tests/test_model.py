@@ -6,7 +6,17 @@ import torch.nn.functional as F
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.model.cache import LatentCache
-from dsv3.model.moe import Gate, GroupedExperts, MoE, balance_loss, sort_by_expert, update_bias
+from dsv3.model.moe import (
+    Gate,
+    GroupedExperts,
+    MoE,
+    balance_loss,
+    bucketed,
+    pad_rows,
+    sort_by_expert,
+    unpad_rows,
+    update_bias,
+)
 from dsv3.model.transformer import IGNORE_INDEX
 
 
@@ -158,12 +168,14 @@ def _experts_loop_reference(experts: GroupedExperts, x: torch.Tensor, counts: to
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_equal_loop_reference(dtype):
+@pytest.mark.parametrize("counts", [[5, 0, 9, 1, 0, 13], [37, 0, 16, 130, 1, 19]], ids=["few", "padded"])
+def test_grouped_experts_equal_loop_reference(dtype, counts):
+    """Empty experts included; in BF16 the larger counts go through pad_rows."""
     E, D, inter = 6, 32, 16
     experts = GroupedExperts(E, D, inter).to(dtype)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    counts = torch.tensor([5, 0, 9, 1, 0, 13])  # empty experts included
+    counts = torch.tensor(counts)
     x = torch.randn(int(counts.sum()), D, dtype=dtype, requires_grad=True)
     grad = torch.randn(x.shape[0], D, dtype=dtype)
     y = experts(x, counts)
@@ -178,6 +190,29 @@ def test_grouped_experts_equal_loop_reference(dtype):
     assert torch.allclose(gx, gx_ref, atol=tol, rtol=tol)
     for a, b in zip(gw, gw_ref):
         assert torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+def test_pad_rows_buckets_bf16_rows_and_keeps_them():
+    x = torch.randn(70, 8, dtype=torch.bfloat16)
+    counts = torch.tensor([0, 15, 16, 17, 22])  # sum 70
+    padded, padded_counts, rows = pad_rows(x, counts)
+    assert padded_counts.tolist() == [0, 15, 16, 17, 22]  # below 32: steps of 1 (16 sizes per octave)
+    counts = torch.tensor([0, 3, 33, 34])
+    padded, padded_counts, rows = pad_rows(x, counts)
+    assert padded_counts.tolist() == [0, 3, 34, 34]  # 32-63: steps of 2
+    assert torch.equal(unpad_rows(padded, rows), x)
+    real = torch.zeros(padded.shape[0], dtype=torch.bool).index_fill_(0, rows, True)
+    assert not padded[~real].any()  # the added rows are zeros
+    assert int(real.sum()) == 70 and padded.shape[0] == 71
+    # the sizes a GEMM sees: a few hundred up to 64k rows, none more than 1/16 larger than needed
+    m = torch.arange(1, 1 << 16)
+    sizes = bucketed(m)
+    assert bool((sizes >= m).all()) and bool((sizes * 16 <= m * 17).all())
+    assert len(sizes.unique()) == 15 + 16 * 12 + 1  # 1-15, 16 per octave to 2^16
+    # where the kernels do not compile per shape (FP32 on CPUs), nothing is padded
+    x32 = x.float()
+    same, same_counts, none = pad_rows(x32, counts)
+    assert same is x32 and same_counts is counts and none is None
 
 
 def test_moe_routed_equals_per_token_reference(tiny):

@@ -120,14 +120,15 @@ def test_a_step_reduces_the_counts_of_all_layers_in_one_collective(tmp_path):
 # ---- rank agreement ------------------------------------------------------------------------------------
 def _disagreeing_rank(rank: int, world: int) -> dict:
     """Each rank's own measurement says something else: rank 0 slow BF16, rank 1 fast BF16."""
-    from dsv3 import bf16
-    from dsv3.train import metrics
+    from dsv3 import ModelConfig, bf16
+    from dsv3.train import metrics, precision
 
-    metrics.matmul_peak = lambda dtype, *a, **k: 1e9 if dtype == torch.float32 else (1e7, 1e10)[rank]
+    precision.matmul_peak = lambda dtype, *a, **k: 1e9 if dtype == torch.float32 else (1e7, 1e10)[rank]
     bf16.needed = lambda device="cpu": rank == 0
+    tiny = ModelConfig.from_preset("tiny")
     return {
-        "precision": metrics.pick_precision("auto"),
-        "requested": metrics.pick_precision("fp32"),
+        "precision": precision.pick_precision("auto", tiny, 2, 32),
+        "requested": precision.pick_precision("fp32", tiny, 2, 32),
         "bf16_needed": metrics.decided_by_rank0(bf16.needed),
     }
 

@@ -23,7 +23,7 @@ from dsv3.parallel.pipeline.phases import PhasedPass
 from dsv3.parallel.pipeline.stages import PipelineStage, split_batch, split_layers
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, defer_weight_grads, restore_weight_grads
 
-COUNTS = torch.tensor([3, 0, 5, 2])  # rows per expert, one expert without tokens
+COUNTS = torch.tensor([3, 0, 21, 2])  # rows per expert, one without tokens, one padded in BF16 (pad_rows)
 
 
 def _experts(cls):
@@ -51,12 +51,21 @@ def _mlp(_cls):
     return Fp8MLP.from_mlp(MLP(128, 64), FP8)
 
 
+def _bf16_experts(_cls):
+    torch.manual_seed(0)
+    e = GroupedExperts(4, 128, 64)
+    for w in e.parameters():
+        nn.init.normal_(w, std=0.1)
+    return e.to(torch.bfloat16)  # BF16 kernels: its rows are padded to bucketed sizes on CPUs
+
+
 CASES = [  # (module factory, class, input shape, takes counts)
     (_linear, Fp8Linear, (2, 5, 128), False),
     (_linear, Bf16Linear, (2, 5, 128), False),
     (_mlp, Fp8MLP, (2, 5, 128), False),
-    (_experts, Fp8GroupedExperts, (10, 128), True),
-    (_experts, Bf16GroupedExperts, (10, 128), True),
+    (_experts, Fp8GroupedExperts, (26, 128), True),
+    (_experts, Bf16GroupedExperts, (26, 128), True),
+    (_bf16_experts, GroupedExperts, (26, 128), True),
 ]
 
 
@@ -65,7 +74,8 @@ def test_deferred_weight_gradients_equal_the_undeferred_ones(make, cls, shape, r
     module = make(cls)
     assert type(module) is cls
     ref = copy.deepcopy(module)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    dtype = next(module.parameters()).dtype
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
 
     def run(m):
         xi = x.clone().requires_grad_()
@@ -73,7 +83,7 @@ def test_deferred_weight_gradients_equal_the_undeferred_ones(make, cls, shape, r
         return xi, out
 
     xi_ref, out_ref = run(ref)
-    dy = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     out_ref.backward(dy)
 
     store = WeightGradStore()

@@ -41,7 +41,8 @@ from dsv3.train import schedules
 from dsv3.train.config import TrainConfig
 from dsv3.train.log import RunLog, logged, truncate_logs
 from dsv3.train.metrics import matmul_peak as measure_peak
-from dsv3.train.metrics import mean_max_violation, pick_precision, train_flops_per_token
+from dsv3.train.metrics import mean_max_violation, train_flops_per_token
+from dsv3.train.precision import pick_precision
 from dsv3.train.state import (
     TrainCheckpointError,
     latest_valid_checkpoint,
@@ -143,29 +144,32 @@ class Trainer:
         self.resumed_from = ckpt
         if ckpt is None and resume:  # nothing to continue from: the run would start over
             self._check_nothing_lost(force)
-        self.precision, self.precision_reason = pick_precision(cfg.precision)
+        torch.manual_seed(cfg.seed)
+        if dataset is None:
+            dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
+        self.data = dataset
+        model_cfg = read_config(Path(ckpt)) if ckpt is not None else self.model_config(dataset)
+        # auto: whichever of BF16 and FP32 runs this model's step faster here (rank 0 times it)
+        self.precision, self.precision_reason = pick_precision(
+            cfg.precision, model_cfg, cfg.micro_batch, cfg.seq_len
+        )
         # fp8 keeps a BF16 compute copy on GPUs; on CPUs the FP8 GEMMs are emulated in FP32 and the
         # rest stays FP32, since CPUs without BF16 units run BF16 ~100x slower (docs/fp8.md)
         low = self.precision == "bf16" or (self.precision == "fp8" and torch.cuda.is_available())
         dtype = torch.bfloat16 if low else torch.float32
-        torch.manual_seed(cfg.seed)
-
-        if dataset is None:
-            dataset = prepare_data(self.data_config(tokenizer=str(ckpt) if ckpt else cfg.tokenizer))
-        self.data = dataset
         # with pipeline stages a rank builds the model on the meta device and fills only its own
         # stages and experts at `parallelize` (from `source`); otherwise the whole model, here
         sliced = cfg.parallel.get("pp", 1) > 1
         source = None
         if ckpt is not None and sliced:
             with torch.device("meta"):
-                self.model = Transformer(read_config(Path(ckpt))).to(dtype)
+                self.model = Transformer(model_cfg).to(dtype)
             source = WeightSource(Path(ckpt))  # verified above
         elif ckpt is not None:
             self.model = load_pretrained(ckpt, dtype=dtype, verify=False)  # verified above
         else:
             with torch.device("meta" if sliced else "cpu"):
-                self.model = Transformer(self.model_config(dataset)).to(dtype)
+                self.model = Transformer(model_cfg).to(dtype)
             source = WeightSource(Path(cfg.init) if cfg.init else None)
             # --init: weights and gate biases of another run; optimizer and schedule start afresh
             if cfg.init and not sliced:

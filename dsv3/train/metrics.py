@@ -75,21 +75,3 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     box = [decide() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def pick_precision(requested: str) -> tuple[str, str]:
-    """Resolve `auto`: BF16 only where BF16 matmul is at least half as fast as FP32 (CPUs without
-    BF16 units run it ~100x slower). Returns (precision, reason). Under torch.distributed rank 0
-    measures and every rank takes its choice (`decided_by_rank0`)."""
-    if requested != "auto":
-        return requested, "requested"
-    return decided_by_rank0(_measure_precision)
-
-
-def _measure_precision() -> tuple[str, str]:
-    if torch.cuda.is_available():
-        return "bf16", "GPU"
-    fp32, bf16 = matmul_peak(torch.float32, 512, 0.1), matmul_peak(torch.bfloat16, 512, 0.1)
-    if bf16 >= 0.5 * fp32:
-        return "bf16", f"BF16 matmul {bf16 / 1e9:.0f} GF/s vs FP32 {fp32 / 1e9:.0f} GF/s"
-    return "fp32", f"BF16 matmul {bf16 / 1e9:.1f} GF/s is slow here (FP32 {fp32 / 1e9:.0f} GF/s)"

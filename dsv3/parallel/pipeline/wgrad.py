@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.model.layers import accumulate_grad
-from dsv3.model.moe import GroupedExperts, grouped_linear
+from dsv3.model.moe import GroupedExperts, grouped_linear, pad_rows, unpad_rows
 
 
 class WeightGradStore:
@@ -140,11 +140,12 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _experts_forward(self: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """GroupedExperts.forward with the three grouped GEMMs deferring dW: x [M, D], counts [E] -> [M, D]."""
+    x, counts, rows = pad_rows(x, counts)
     offsets = counts.cumsum(0).to(torch.int32)
     store = self._wgrad_store
     gate = _GroupedLinearFn.apply(x, self.w1, offsets, store)  # (M, I)
     up = _GroupedLinearFn.apply(x, self.w3, offsets, store)  # (M, I)
-    return _GroupedLinearFn.apply(F.silu(gate) * up, self.w2, offsets, store)  # (M, D)
+    return unpad_rows(_GroupedLinearFn.apply(F.silu(gate) * up, self.w2, offsets, store), rows)  # (M, D)
 
 
 def _deferring_classes() -> tuple[type, ...]:
