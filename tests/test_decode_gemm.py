@@ -72,19 +72,25 @@ def test_packed_bf16_is_a_bf16_gemm():
     assert _close(got.double(), x.double() @ w.double(), 2e-2)
 
 
-@pytest.mark.parametrize("kind", ["aten", "widened", "packed"])
-def test_grouped_is_one_product_per_expert(kind):
-    if kind == "packed" and (why := gemm_lib.why_not_packed()):
+@pytest.mark.parametrize("kind", ["aten", "widened", "bf16", "packed", "packed-bf16"])
+@pytest.mark.parametrize("counts", [[3, 0, 6, 1, 0], [3, 0, 37, 1, 70]], ids=["few", "bucketed"])
+def test_grouped_is_one_product_per_expert(kind, counts):
+    """Experts without rows included; with more than 32 rows an expert's GEMM takes a bucketed row
+    count (`bucketed`: 37 -> 38 reads a row of the next expert, 70 -> 72 two rows past the end)."""
+    if kind.startswith("packed") and (why := gemm_lib.why_not_packed(bf16=kind == "packed-bf16")):
         pytest.skip(why)
-    k = {"aten": Aten, "widened": WidenOnce, "packed": Packed}[kind]()
-    E, counts = 5, [3, 0, 6, 1, 0]  # experts 1 and 4 get no rows
+    make = {"aten": Aten, "widened": WidenOnce, "bf16": Bf16Gemm, "packed": Packed,
+            "packed-bf16": lambda: Packed(bf16=True)}  # fmt: skip
+    k = make[kind]()
+    E = len(counts)
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     x, w = torch.randn(sum(counts), 32, generator=G), torch.randn(E, 32, 24, generator=G)
-    if kind == "widened":
+    if kind in ("widened", "bf16", "packed-bf16"):
         w = w.bfloat16()
     got = k.grouped(x, w, starts)
     want = torch.cat([x[starts[e] : starts[e + 1]].double() @ w[e].double() for e in range(E)])
-    assert got.shape == (sum(counts), 24) and _close(got.double(), want, 1e-6)
+    assert got.shape == (sum(counts), 24) and got.dtype == x.dtype
+    assert _close(got.double(), want, 2e-2 if "bf16" in kind else 1e-6)
 
 
 def test_many_row_gemm_choice(monkeypatch):

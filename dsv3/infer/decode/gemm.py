@@ -36,7 +36,7 @@ import os
 import torch
 
 from dsv3.infer.decode.kernels import Reference
-from dsv3.model.moe import grouped_linear
+from dsv3.model.moe import bucketed, grouped_linear, pad_rows, unpad_rows
 
 
 class Aten(Reference):
@@ -109,8 +109,10 @@ class Bf16Gemm(Aten):
     def grouped(self, x: torch.Tensor, w: torch.Tensor, starts: list[int]) -> torch.Tensor:
         if w.dtype != torch.bfloat16:
             return super().grouped(x, w, starts)
-        offsets = torch.tensor(starts[1:], dtype=torch.int32, device=x.device)
-        return grouped_linear(x.to(w.dtype), w, offsets).to(x.dtype)
+        counts = torch.tensor([b - a for a, b in zip(starts, starts[1:])])
+        xp, counts, rows = pad_rows(x.to(w.dtype), counts)  # oneDNN: a kernel per row count
+        offsets = counts.cumsum(0).to(device=x.device, dtype=torch.int32)
+        return unpad_rows(grouped_linear(xp, w, offsets), rows).to(x.dtype)
 
 
 class Packed:
@@ -154,13 +156,19 @@ class Packed:
     def grouped(self, x: torch.Tensor, w: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """One packed GEMM per expert that has rows (CPU grouped_mm is a loop of GEMMs too), the rows
         converted to the GEMMs' dtype once and the output once (not per expert: with BF16 GEMMs on
-        AMX the per-expert conversions cost more than the GEMMs)."""
+        AMX the per-expert conversions cost more than the GEMMs). Each GEMM takes a bucketed number
+        of rows (`dsv3.model.moe.bucketed`: oneDNN compiles a kernel per new row count, a quarter of
+        a BF16 prefill's time on AMX before), the extra ones the next expert's or zeros, dropped."""
+        n = [b - a for a, b in zip(starts, starts[1:])]
+        rows = bucketed(torch.tensor(n)).tolist()
         xd = x.to(self.packed(w[0])[1])  # every expert's weights compute in the same dtype
+        tail = max(a + m for a, m in zip(starts, rows)) - x.shape[0]
+        src = torch.cat([xd, xd.new_zeros(tail, x.shape[1])]) if tail > 0 else xd
         out = xd.new_empty(x.shape[0], w.shape[-1])
         for e in range(w.shape[0]):
             a, b = starts[e], starts[e + 1]
             if b > a:
-                out[a:b] = _linear(xd[a:b], self.packed(w[e])[0])
+                out[a:b] = _linear(src[a : a + rows[e]], self.packed(w[e])[0])[: b - a]
         return out.to(x.dtype)
 
 
