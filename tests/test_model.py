@@ -11,6 +11,7 @@ from dsv3.model.moe import (
     GroupedExperts,
     MoE,
     balance_loss,
+    bucket,
     bucketed,
     pad_rows,
     sort_by_expert,
@@ -209,6 +210,7 @@ def test_pad_rows_buckets_bf16_rows_and_keeps_them():
     sizes = bucketed(m)
     assert bool((sizes >= m).all()) and bool((sizes * 16 <= m * 17).all())
     assert len(sizes.unique()) == 15 + 16 * 12 + 1  # 1-15, 16 per octave to 2^16
+    assert sizes.tolist() == [bucket(int(c)) for c in m]  # the decode path's Python twin
     # where the kernels do not compile per shape (FP32 on CPUs), nothing is padded
     x32 = x.float()
     same, same_counts, none = pad_rows(x32, counts)

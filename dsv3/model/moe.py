@@ -158,6 +158,12 @@ def bucketed(m: torch.Tensor) -> torch.Tensor:
     return (m + step - 1) // step * step
 
 
+def bucket(m: int) -> int:
+    """`bucketed` for one count, in Python (per GEMM call of the decode path)."""
+    step = 1 << max(m.bit_length() - 5, 0)
+    return -(-m // step) * step
+
+
 def unpad_rows(y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The real rows of a `pad_rows` output."""
     return y if rows is None else y.index_select(0, rows)

@@ -36,7 +36,7 @@ import os
 import torch
 
 from dsv3.infer.decode.kernels import Reference
-from dsv3.model.moe import bucketed, grouped_linear, pad_rows, unpad_rows
+from dsv3.model.moe import bucket, grouped_linear, pad_rows, unpad_rows
 
 
 class Aten(Reference):
@@ -142,6 +142,11 @@ class Packed:
 
     def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         p, dtype = self.packed(w)
+        m = bucket(x.shape[0])
+        if m > x.shape[0]:  # a bucketed row count: a prompt of a new length compiles no new kernels
+            y = _linear(torch.cat([x.to(dtype), x.new_zeros(m - x.shape[0], x.shape[1], dtype=dtype)]), p)
+            y = y[: x.shape[0]].to(x.dtype)
+            return y if bias is None else y.add_(bias)
         if dtype == x.dtype:
             if bias is not None and bias.is_contiguous():  # the residual added inside oneDNN's GEMM
                 return torch.ops.mkldnn._linear_pointwise.binary(x, bias, p, None, "add")
@@ -160,7 +165,7 @@ class Packed:
         of rows (`dsv3.model.moe.bucketed`: oneDNN compiles a kernel per new row count, a quarter of
         a BF16 prefill's time on AMX before), the extra ones the next expert's or zeros, dropped."""
         n = [b - a for a, b in zip(starts, starts[1:])]
-        rows = bucketed(torch.tensor(n)).tolist()
+        rows = [bucket(c) for c in n]
         xd = x.to(self.packed(w[0])[1])  # every expert's weights compute in the same dtype
         tail = max(a + m for a, m in zip(starts, rows)) - x.shape[0]
         src = torch.cat([xd, xd.new_zeros(tail, x.shape[1])]) if tail > 0 else xd
