@@ -61,6 +61,9 @@ def test_a_model_too_large_to_copy_keeps_the_matmul_choice(monkeypatch, fast_bf1
     monkeypatch.setattr(P, "step_time", lambda *a: pytest.fail("the 671B probe copy would not fit"))
     got, reason = P.pick_precision("auto", ModelConfig(), 1, 4096)  # the full V3 geometry
     assert got == "bf16" and "too large" in reason
+    wide = dataclasses.replace(TINY, dim=2048, inter_dim=8192, moe_inter_dim=2048)  # 288M: fits
+    assert P.probe_config(wide).param_counts()["total_with_mtp"] < P.PROBE_MAX_PARAMS
+    assert "too large" in P.pick_precision("auto", wide, 8, 1024)[1]  # but a pass is 1.7 TFLOP
 
 
 def test_probe_config_keeps_one_layer_of_each_kind():

@@ -16,10 +16,11 @@ import time
 import torch
 
 from dsv3.config import ModelConfig
-from dsv3.train.metrics import decided_by_rank0, matmul_peak
+from dsv3.train.metrics import decided_by_rank0, matmul_peak, train_flops_per_token
 
 PROBE_TOKENS = 2048  # tokens per probed forward (fewer sequences of the run's length when it has more)
-PROBE_MAX_PARAMS = 300_000_000  # above this the probe copy is not built (memory, minutes)
+PROBE_MAX_PARAMS = 300_000_000  # above these the probe copy is not built: memory, and minutes of
+PROBE_MAX_FLOPS = 1e12  # timing while the other ranks wait (a pass of v3-mini's probe: 0.4 TFLOP)
 
 
 def pick_precision(requested: str, model: ModelConfig, micro_batch: int, seq_len: int) -> tuple[str, str]:
@@ -40,7 +41,8 @@ def _measure(model: ModelConfig, batch: int, seq_len: int) -> tuple[str, str]:
         return "fp32", f"BF16 matmul {bf16 / 1e9:.1f} GF/s is slow here (FP32 {fp32 / 1e9:.0f} GF/s)"
     matmul = f"BF16 matmul {bf16 / 1e9:.0f} GF/s vs FP32 {fp32 / 1e9:.0f} GF/s"
     probe = probe_config(model)
-    if probe.param_counts()["total_with_mtp"] > PROBE_MAX_PARAMS:
+    flops = train_flops_per_token(probe, seq_len) * batch * seq_len
+    if probe.param_counts()["total_with_mtp"] > PROBE_MAX_PARAMS or flops > PROBE_MAX_FLOPS:
         return "bf16", f"{matmul} (the model is too large to time a step of)"
     t = {"fp32": float("inf"), "bf16": float("inf")}
     for _ in range(2):  # alternated, the best of each: a neighbour's burst hits both sides
