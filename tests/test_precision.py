@@ -36,6 +36,16 @@ def test_auto_takes_the_precision_whose_step_is_faster(monkeypatch, fast_bf16_ma
     assert [s[0] for s in seen] == ["fp32", "bf16", "fp32", "bf16"]
 
 
+def test_auto_leaves_the_seeded_random_stream_alone(monkeypatch):
+    """The matmul probe draws random matrices after the trainer seeded torch: a run's initial
+    weights must not depend on whether `auto` measured."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(P, "step_time", lambda *a: 1.0)
+    before = torch.random.get_rng_state()
+    P.pick_precision("auto", TINY, 2, 32)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_auto_caps_the_probe_at_a_few_thousand_tokens(monkeypatch, fast_bf16_matmul):
     seen = []
     monkeypatch.setattr(

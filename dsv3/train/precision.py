@@ -30,7 +30,8 @@ def pick_precision(requested: str, model: ModelConfig, micro_batch: int, seq_len
     if requested != "auto":
         return requested, "requested"
     batch = max(1, min(micro_batch, PROBE_TOKENS // seq_len))
-    return decided_by_rank0(lambda: _measure(model, batch, seq_len))
+    with torch.random.fork_rng():  # the probes draw random inputs: the run's seeded stream is untouched
+        return decided_by_rank0(lambda: _measure(model, batch, seq_len))
 
 
 def _measure(model: ModelConfig, batch: int, seq_len: int) -> tuple[str, str]:
