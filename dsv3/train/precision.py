@@ -2,10 +2,11 @@
 
 A GPU takes BF16. On a CPU a 512 x 512 matmul first rules out BF16 where the CPU has no BF16
 arithmetic (it runs ~100x slower there). Where BF16 matmul is fast (AVX512_BF16, AMX) that is not
-enough: a training step is also elementwise work, dtype conversions and many small expert GEMMs,
-and on a 2-core Xeon with AMX the `small` preset trained 1.5x slower in BF16 than in FP32 although
-its BF16 matmul is 3.6x faster. So there the forward + backward of the model itself is timed in
-both dtypes, from a copy with one block of each kind, and the faster one wins.
+enough: a training step is also elementwise work, dtype conversions and many small expert GEMMs.
+On a 2-core Xeon with AMX the `small` preset once trained 1.5x slower in BF16 than in FP32 although
+its BF16 matmul was 3.6x faster (oneDNN compiled new expert GEMM kernels every step, since fixed by
+`dsv3.model.moe.pad_rows`), a cost no matmul probe sees. So there the forward + backward of the
+model itself is timed in both dtypes, from a copy with one block of each kind, and the faster wins.
 """
 
 from __future__ import annotations
