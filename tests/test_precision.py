@@ -33,7 +33,8 @@ def test_auto_takes_the_precision_whose_step_is_faster(monkeypatch, fast_bf16_ma
     assert got == pick
     assert f"BF16 {bf16_s:.2f} s vs FP32 {fp32_s:.2f} s" in reason and "8 x 256 tokens" in reason
     assert sorted(set(seen)) == [("bf16", 8, 256), ("fp32", 8, 256)]  # both timed, alternated
-    assert [s[0] for s in seen] == ["fp32", "bf16", "fp32", "bf16"]
+    rounds = 1 if max(fp32_s, bf16_s) > 1.2 * min(fp32_s, bf16_s) else 2  # a close call: timed again
+    assert [s[0] for s in seen] == ["fp32", "bf16"] * rounds
 
 
 def test_auto_leaves_the_seeded_random_stream_alone(monkeypatch):
