@@ -152,16 +152,15 @@ def pad_rows(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch
     return x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, rows, x), padded, rows
 
 
-def bucketed(m: torch.Tensor) -> torch.Tensor:
-    """Row counts (int64) rounded up to one of 16 sizes per power of two (exact below 32)."""
-    step = torch.where(m >= 16, 2 ** (torch.log2(m.clamp(min=1).double()).floor().long() - 4), 1)
-    return (m + step - 1) // step * step
-
-
 def bucket(m: int) -> int:
-    """`bucketed` for one count, in Python (per GEMM call of the decode path)."""
+    """A row count rounded up to one of 16 sizes per power of two (exact below 32)."""
     step = 1 << max(m.bit_length() - 5, 0)
     return -(-m // step) * step
+
+
+def bucketed(m: torch.Tensor) -> torch.Tensor:
+    """`bucket` of every count of m (int64)."""
+    return torch.tensor([bucket(c) for c in m.tolist()], dtype=torch.int64)
 
 
 def unpad_rows(y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

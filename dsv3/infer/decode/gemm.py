@@ -162,7 +162,7 @@ class Packed:
         """One packed GEMM per expert that has rows (CPU grouped_mm is a loop of GEMMs too), the rows
         converted to the GEMMs' dtype once and the output once (not per expert: with BF16 GEMMs on
         AMX the per-expert conversions cost more than the GEMMs). Each GEMM takes a bucketed number
-        of rows (`dsv3.model.moe.bucketed`: oneDNN compiles a kernel per new row count, a quarter of
+        of rows (`dsv3.model.moe.bucket`: oneDNN compiles a kernel per new row count, a quarter of
         a BF16 prefill's time on AMX before), the extra ones the next expert's or zeros, dropped."""
         n = [b - a for a, b in zip(starts, starts[1:])]
         rows = [bucket(c) for c in n]
