@@ -448,6 +448,9 @@ def test_engine_fast_path_equals_reference_engine(tiny, monkeypatch, native):
     if not native:
         monkeypatch.setattr(decode, "kernels", lambda native=True: cpu_kernels.Reference())
     fast, ref, _ = _engines(_model(tiny))
+    # decodes and prefill chunks apart, as the reference runs them, so that `last_counts` after a
+    # step is the same forward's (merged: test_engine_merges_decodes_into_prefill_chunks)
+    monkeypatch.setattr(fast, "_decode_with_prefill", lambda *args: None)
     rows = fast.runner.fast.kernels.name == "native"
     prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (5, 13, 3)]
     got, got_counts = _step_all(fast, prompts[:1], GREEDY)  # alone: a pool slice
@@ -626,3 +629,82 @@ def test_fast_prefill_equals_the_model_forward(preset, B, gemm):
     rows, ref_rows = caches[0].data[:, slots], caches[1].data[:, slots]
     assert (rows - ref_rows).abs().max() <= bound * max(1.0, ref_rows.abs().max().item())
     assert beyond <= (0 if gemm != "bf16" else B * 10 // 50)  # BF16: seen 8 of 640 tokens, 95% < 7e-3
+
+
+@pytest.mark.parametrize("preset, Bd", [("tiny", 1), ("tiny", 3), ("v3-mini", 3)])
+def test_mixed_forward_equals_decode_and_prefill_apart(preset, Bd):
+    """`FastDecoder.mixed` (plain decodes and a prefill chunk in one forward) against `forward` then
+    `prefill` on a copy: the decodes' logits and the chunk's hidden states within 1e-5, the same
+    cache rows, and `last_counts` the sum of the two forwards' (one decode row: its keys a pool
+    slice; several: the paged attention; v3-mini keeps W_UK / W_UV apart, so its chunk runs the
+    naive attention, tiny's the absorbed one)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset)
+    if preset == "v3-mini":
+        cfg = cfg.replace(n_layers=2, vocab_size=512, n_mtp_layers=0)
+    models = [_model(cfg)]
+    models.append(copy.deepcopy(models[0]))
+    caches = [PagedLatentCache(cfg, num_blocks=24, block_size=4) for _ in range(2)]
+    fasts = [FastDecoder(m, c) for m, c in zip(models, caches)]
+    if not fasts[0].prefill_pays(2, 5, 5):
+        pytest.skip(f"prefill chunks do not run on the fast path here ({fasts[0]._aten.__class__.__name__})")
+    assert (fasts[0].weights.attn[0].many.w_kvb is not None) == (preset == "v3-mini")
+    d_tables = [caches[0].allocator.allocate(3) for _ in range(Bd)]
+    p_tables = [caches[0].allocator.allocate(2)[::-1] for _ in range(2)]  # out of order
+    context = torch.randint(0, cfg.vocab_size, (Bd, 6)).tolist()
+    nxt = torch.randint(0, cfg.vocab_size, (Bd, 1)).tolist()
+    chunk = torch.randint(0, cfg.vocab_size, (2, 5)).tolist()
+    for f in fasts:
+        f.prefill(context, [0] * Bd, d_tables)
+    decode, prefill = (nxt, [6] * Bd, d_tables), (chunk, [0, 0], p_tables)
+    moes = [m.moe_layers()[: cfg.n_moe_layers] for m in models]
+    x, h = fasts[0].mixed(decode, prefill)
+    got_counts = [m.last_counts.clone() for m in moes[0]]
+    want_x = fasts[1].forward(*decode)
+    want_counts = [m.last_counts.clone() for m in moes[1]]
+    want_h = fasts[1].prefill(*prefill)
+    want_counts = [c + m.last_counts for c, m in zip(want_counts, moes[1])]
+    got_logits, want_logits = fasts[0].logits(x), fasts[1].logits(want_x)
+    assert got_logits.shape == (Bd, cfg.vocab_size) and h.shape == (2, 5, cfg.dim)
+    for got, want in ((got_logits, want_logits), (h, want_h)):
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert all(torch.equal(a, b) for a, b in zip(got_counts, want_counts))
+    assert sum(c.sum().item() for c in got_counts) == (Bd + 10) * cfg.n_activated_experts * len(got_counts)
+    assert (caches[0].data - caches[1].data).abs().max() <= 1e-5 * max(1.0, caches[1].data.abs().max().item())
+
+
+def test_engine_merges_decodes_into_prefill_chunks(tiny, monkeypatch):
+    """Requests arriving while others decode: their prompts' chunks and the running decodes run as
+    one forward (`Engine._decode_with_prefill`), with the same greedy tokens and logprobs within
+    1e-5 as the engine running them apart."""
+    model = _model(tiny)
+    config = EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)
+    engines = [Engine(model, config), Engine(copy.deepcopy(model), config)]
+    if not engines[0].runner.fast.prefill_pays(1, 8, 8):
+        pytest.skip("prefill chunks do not run on the fast path here")
+    merged = {"n": 0}
+    real = Engine._decode_with_prefill
+
+    def spy(self, *args):
+        out = real(self, *args)
+        merged["n"] += out is not None
+        return out
+
+    monkeypatch.setattr(Engine, "_decode_with_prefill", spy)
+    monkeypatch.setattr(engines[1], "_decode_with_prefill", lambda *args: None)
+    prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (9, 7, 12, 8, 10)]
+    outs = []
+    for engine in engines:
+        done, arrivals = {}, list(prompts)
+        while arrivals or engine.has_unfinished():
+            if arrivals:  # one new request every step, while the earlier ones decode
+                engine.add_request(arrivals.pop(0), GREEDY)
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        outs.append(done)
+    assert merged["n"] >= len(prompts) - 1
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == len(prompts)
+    for rid, a in outs[0].items():
+        b = outs[1][rid]
+        assert a.token_ids == b.token_ids and len(a.token_ids) == GREEDY.max_tokens
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) <= 1e-5 for t in la)

@@ -265,6 +265,12 @@ class EPEngine(Engine):
         self.two_batch_calls += 1
         return h
 
+    def _decode_with_prefill(
+        self, decodes: list, seqs: list, rows: list[list[int]], start: list[int]
+    ) -> None:
+        """Never merged here: the group agrees on this rank's number of forwards before running them."""
+        return None
+
     def _prefill_hidden(self, seqs: list, rows: list[list[int]], start: list[int]) -> torch.Tensor:
         """A prefill forward: two overlapped micro-batches (`two_batch_prefill`), after the group's
         one-batch forwards of the step (a rank without a decode forward joins the others' first)."""

@@ -81,6 +81,27 @@ class ModelRunner:
         return self.hidden(seqs, tokens, start, absorb=False)
 
     @torch.no_grad()
+    def mixed(
+        self, decodes: Seq[Sequence], seqs: Seq[Sequence], tokens: list[list[int]], start: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Plain decodes (each sequence's next token) and a prefill chunk, tokens [G, C] at
+        start[g] + 0..C-1, in ONE forward on the fast path (`FastDecoder.mixed`: the weights read
+        once for both) where the chunk runs there anyway (`FastDecoder.prefill_pays`) -> (decode
+        logits [B, V], the chunk's final hidden [G, C, D]); None elsewhere (`decode_logits` and
+        `prefill_hidden` apart)."""
+        fast = self._fast()
+        G, C = len(tokens), len(tokens[0])
+        if fast is None or not fast.prefill_pays(G, C, max(start) + C):
+            return None
+        d = (
+            [[s.tokens[-1]] for s in decodes],
+            [s.num_computed for s in decodes],
+            [s.block_table for s in decodes],
+        )
+        x, h = fast.mixed(d, (tokens, start, [s.block_table for s in seqs]))
+        return fast.logits(x), h
+
+    @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h)
 

@@ -148,7 +148,7 @@ class FastDecoder:
         cos, sin = self._rope_rows(positions)
         routed: list = []
         for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
-            x = self._attention(x, aw, layer, keys, cos, sin, naive)
+            x = self._attention(x, aw, layer, [(x.shape[0], keys, naive)], cos, sin)
             x = self._ffn(x, fw, routed)
         keys.finish()
         self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
@@ -189,6 +189,29 @@ class FastDecoder:
         x = self._batched(tokens, starts, tables, naive=True)
         return self.hidden(x).view(len(tokens), len(tokens[0]), -1)
 
+    @torch.no_grad()
+    def mixed(self, decode: tuple, prefill: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain decodes and a prefill chunk in ONE forward, each given as (tokens, starts, tables):
+        decode tokens [Bd, 1], prefill tokens [G, C] (a chunk `prefill` would take: `prefill_pays`).
+        Their rows share every projection and expert GEMM, so the weights are read once for both,
+        and each part attends over its own keys (the decodes as `forward` does, the chunk as
+        `prefill`). -> (the decodes' last-layer output [Bd, D] (see `logits`), the chunk's final
+        hidden states [G, C, D]); the same cache rows and tokens as the two forwards apart."""
+        self._fresh()
+        d_keys, xd, d_pos = self._inputs(self.data, self.pools, *decode)
+        p_keys, xp, p_pos = self._inputs(self.data, self.pools, *prefill, gather=True)
+        Bd = xd.shape[0]
+        x, (cos, sin) = torch.cat([xd, xp]), self._rope_rows(d_pos + p_pos)
+        parts = [(Bd, d_keys, False), (xp.shape[0], p_keys, True)]
+        routed: list = []
+        for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
+            x = self._ffn(self._attention(x, aw, layer, parts, cos, sin), fw, routed)
+        d_keys.finish()
+        p_keys.finish()
+        self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
+        G, C = len(prefill[0]), len(prefill[0][0])
+        return x[:Bd], self.hidden(x[Bd:]).view(G, C, -1)
+
     def can_draft(self) -> bool:
         """True when `mtp_forward` can run: MTP module 1 is supported and the cache holds its layer."""
         return self.weights.mtp is not None and self.mtp_data.shape[0] > 0
@@ -223,7 +246,9 @@ class FastDecoder:
             x, counts = row.forward(x, cos, sin, tables[0], self.cache.block_size, starts[0])
         else:
             routed: list = []
-            x = self._ffn(self._attention(x, m.attn, 0, keys, cos, sin, prefill), m.ffn, routed)
+            x = self._ffn(
+                self._attention(x, m.attn, 0, [(x.shape[0], keys, prefill)], cos, sin), m.ffn, routed
+            )
             counts = decode_moe.counts(routed, self.n_experts) if routed else []
             keys.finish()
         if m.ffn.moe is not None:
@@ -369,13 +394,14 @@ class FastDecoder:
         ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[1])
         return ms.add_(eps).rsqrt_()
 
-    def _attention(self, x, w: AttnWeights, layer: int, keys, cos, sin, naive: bool = False) -> torch.Tensor:
-        """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows. naive (prefill, with
-        `GatheredKeys`): K and V per head from the latents where the weights have `w_kvb`."""
+    def _attention(self, x, w: AttnWeights, layer: int, parts: list, cos, sin) -> torch.Tensor:
+        """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows. parts: consecutive row
+        ranges as (rows, keys, naive), each attending over its own keys (`mixed`: plain decodes, then
+        a prefill chunk); naive (prefill, with `GatheredKeys`): K and V per head from the latents
+        where the weights have `w_kvb`. The projections run once over all rows."""
         B, R, P = x.shape[0], self.R, self.P
         if B > KERNEL_ROWS and w.many is not None:  # the folds that pay for many rows
             w = w.many
-        naive = naive and w.w_kvb is not None
         a = self._mm(x * self._inv_rms(x, w.norm_eps), w.w_in)  # (B, C)
         if w.q_rank:
             cq, a = a[:, : w.q_rank], a[:, w.q_rank :]
@@ -386,22 +412,27 @@ class FastDecoder:
         n = q.shape[-1] - 2 * P
         q_pe = q[..., n : n + P]
         torch.addcmul(q_pe * cos[:, None], q[..., n + P :], sin[:, None], out=q_pe)  # RoPE in place
-        if naive:
-            q = q[..., : n + P]  # (B, H, N + P) [q_nope | q_pe]
-        elif w.w_uk is None:
-            q = q[..., : n + P]  # (B, H, W) [q_lat | q_pe]
-        else:  # W_UK per head: (H, B, N) @ (H, N, R)
-            q = torch.cat([_bmm(q[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), q_pe], dim=-1)
-        row = keys.new_rows(layer)  # (B, W): kv_a_layernorm(c_kv) | rope(k_pe)
-        kv = a[:, :R]
-        torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
-        torch.addcmul(a[:, R : R + P] * cos, a[:, R + P : R + 2 * P], sin, out=row[:, R:])
-        if naive:
-            return self._mm(self._naive_attend(layer, keys, q, w.w_kvb), w.w_o, x)  # residual + o_proj
-        o = keys.attend(layer, q)  # (B, H, R)
-        if w.w_uv is not None:  # W_UV per head: (H, B, R) @ (H, R, V)
-            o = _bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
-        return self._mm(o.reshape(B, -1), w.w_o, x)  # residual + o_proj
+        outs, lo = [], 0
+        for rows, keys, naive in parts:
+            hi, naive = lo + rows, naive and w.w_kvb is not None
+            row = keys.new_rows(layer)  # (rows, W): kv_a_layernorm(c_kv) | rope(k_pe)
+            kv, pe = a[lo:hi, :R], a[lo:hi, R : R + 2 * P]
+            torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
+            torch.addcmul(pe[:, :P] * cos[lo:hi], pe[:, P:], sin[lo:hi], out=row[:, R:])
+            qs = q[lo:hi, :, : n + P]  # [q_lat | q_pe], or [q_nope | q_pe] where W_UK is apart
+            if naive:
+                outs.append(self._naive_attend(layer, keys, qs, w.w_kvb))  # (rows, H * V)
+            else:
+                if w.w_uk is not None:  # W_UK per head: (H, rows, N) @ (H, N, R)
+                    qs = torch.cat(
+                        [_bmm(qs[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), qs[..., n:]], -1
+                    )
+                o = keys.attend(layer, qs)  # (rows, H, R)
+                if w.w_uv is not None:  # W_UV per head: (H, rows, R) @ (H, R, V)
+                    o = _bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
+                outs.append(o.reshape(rows, -1))
+            lo = hi
+        return self._mm(outs[0] if len(outs) == 1 else torch.cat(outs), w.w_o, x)  # residual + o_proj
 
     def _naive_attend(
         self, layer: int, keys: GatheredKeys, q: torch.Tensor, w_kvb: torch.Tensor
