@@ -447,10 +447,14 @@ class FastDecoder:
         kv = self._mm(k[..., :R].reshape(B * S, R), w_kvb).view(B, S, H, -1)  # (B, S, H, N + V)
         k_h = torch.cat([kv[..., :N], k[:, :, None, R:].expand(B, S, H, P)], dim=-1)  # (B, S, H, N + P)
         q_h = q.view(B, -1, H, N + P).transpose(1, 2)  # (B, H, T, N + P)
+        v = kv[..., N:].transpose(1, 2)  # (B, H, S, V)
+        V = v.shape[-1]
+        if V < N + P:  # SDPA's fused CPU kernel needs one head width for q, k and v, else it runs its
+            v = F.pad(v, (0, N + P - V))  # math path: zero columns, dropped (512 FP32 tokens: 1.8x)
         o = F.scaled_dot_product_attention(
-            q_h, k_h.transpose(1, 2), kv[..., N:].transpose(1, 2), attn_mask=keys.causal[:, None], scale=1.0
-        )  # (B, H, T, V)
-        return o.transpose(1, 2).reshape(q.shape[0], -1)
+            q_h, k_h.transpose(1, 2), v, attn_mask=keys.causal[:, None], scale=1.0
+        )
+        return o[..., :V].transpose(1, 2).reshape(q.shape[0], -1)  # (B, T, H, V) -> (B*T, H * V)
 
     def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list) -> torch.Tensor:
         """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`."""
