@@ -449,8 +449,8 @@ def test_engine_fast_path_equals_reference_engine(tiny, monkeypatch, native):
         monkeypatch.setattr(decode, "kernels", lambda native=True: cpu_kernels.Reference())
     fast, ref, _ = _engines(_model(tiny))
     # decodes and prefill chunks apart, as the reference runs them, so that `last_counts` after a
-    # step is the same forward's (merged: test_engine_merges_decodes_into_prefill_chunks)
-    monkeypatch.setattr(fast, "_decode_with_prefill", lambda *args: None)
+    # step is the same forward's (merged: test_engine_merges_decodes_and_prefill_chunks)
+    monkeypatch.setattr(fast, "_merged_forward", lambda *args: None)
     rows = fast.runner.fast.kernels.name == "native"
     prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (5, 13, 3)]
     got, got_counts = _step_all(fast, prompts[:1], GREEDY)  # alone: a pool slice
@@ -631,78 +631,95 @@ def test_fast_prefill_equals_the_model_forward(preset, B, gemm):
     assert beyond <= (0 if gemm != "bf16" else B * 10 // 50)  # BF16: seen 8 of 640 tokens, 95% < 7e-3
 
 
-@pytest.mark.parametrize("preset, Bd", [("tiny", 1), ("tiny", 3), ("v3-mini", 3)])
-def test_mixed_forward_equals_decode_and_prefill_apart(preset, Bd):
-    """`FastDecoder.mixed` (plain decodes and a prefill chunk in one forward) against `forward` then
-    `prefill` on a copy: the decodes' logits and the chunk's hidden states within 1e-5, the same
-    cache rows, and `last_counts` the sum of the two forwards' (one decode row: its keys a pool
-    slice; several: the paged attention; v3-mini keeps W_UK / W_UV apart, so its chunk runs the
-    naive attention, tiny's the absorbed one)."""
+@pytest.mark.parametrize("preset, Bd", [("tiny", 0), ("tiny", 1), ("tiny", 3), ("v3-mini", 3)])
+def test_mixed_forward_equals_decode_and_prefills_apart(preset, Bd):
+    """`FastDecoder.mixed` (plain decodes and two prefill chunks of different lengths, one of them
+    continuing a cached prefix, in one forward) against `forward` and `prefill` apart on a copy:
+    the decodes' logits and the chunks' hidden states within 1e-5, the same cache rows, and
+    `last_counts` the sum of the forwards' (one decode row: its keys a pool slice; several: the
+    paged attention; none: the chunks alone; v3-mini keeps W_UK / W_UV apart, so its chunks run
+    the naive attention, tiny's the absorbed one)."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset)
     if preset == "v3-mini":
         cfg = cfg.replace(n_layers=2, vocab_size=512, n_mtp_layers=0)
     models = [_model(cfg)]
     models.append(copy.deepcopy(models[0]))
-    caches = [PagedLatentCache(cfg, num_blocks=24, block_size=4) for _ in range(2)]
+    caches = [PagedLatentCache(cfg, num_blocks=32, block_size=4) for _ in range(2)]
     fasts = [FastDecoder(m, c) for m, c in zip(models, caches)]
-    if not fasts[0].prefill_pays(2, 5, 5):
+    if not fasts[0].prefill_pays(1, 6, 6):
         pytest.skip(f"prefill chunks do not run on the fast path here ({fasts[0]._aten.__class__.__name__})")
     assert (fasts[0].weights.attn[0].many.w_kvb is not None) == (preset == "v3-mini")
     d_tables = [caches[0].allocator.allocate(3) for _ in range(Bd)]
-    p_tables = [caches[0].allocator.allocate(2)[::-1] for _ in range(2)]  # out of order
-    context = torch.randint(0, cfg.vocab_size, (Bd, 6)).tolist()
-    nxt = torch.randint(0, cfg.vocab_size, (Bd, 1)).tolist()
-    chunk = torch.randint(0, cfg.vocab_size, (2, 5)).tolist()
-    for f in fasts:
-        f.prefill(context, [0] * Bd, d_tables)
-    decode, prefill = (nxt, [6] * Bd, d_tables), (chunk, [0, 0], p_tables)
+    a_tables = [caches[0].allocator.allocate(2)[::-1] for _ in range(2)]  # out of order
+    b_tables = [caches[0].allocator.allocate(3)]
+    ids = lambda rows, n: torch.randint(0, cfg.vocab_size, (rows, n)).tolist()  # noqa: E731
+    context, b_context = ids(Bd, 6), ids(1, 6)
+    for f in fasts:  # the decodes' contexts and chunk B's cached prefix
+        if Bd:
+            f.prefill(context, [0] * Bd, d_tables)
+        f.prefill(b_context, [0], b_tables)
+    decode = (ids(Bd, 1), [6] * Bd, d_tables) if Bd else None
+    chunks = [(ids(2, 5), [0, 0], a_tables), (ids(1, 3), [6], b_tables)]
     moes = [m.moe_layers()[: cfg.n_moe_layers] for m in models]
-    x, h = fasts[0].mixed(decode, prefill)
+    x, hidden = fasts[0].mixed(decode, chunks)
     got_counts = [m.last_counts.clone() for m in moes[0]]
-    want_x = fasts[1].forward(*decode)
-    want_counts = [m.last_counts.clone() for m in moes[1]]
-    want_h = fasts[1].prefill(*prefill)
-    want_counts = [c + m.last_counts for c, m in zip(want_counts, moes[1])]
-    got_logits, want_logits = fasts[0].logits(x), fasts[1].logits(want_x)
-    assert got_logits.shape == (Bd, cfg.vocab_size) and h.shape == (2, 5, cfg.dim)
-    for got, want in ((got_logits, want_logits), (h, want_h)):
+    want_counts = [torch.zeros_like(c) for c in got_counts]
+    want_x = None
+    if Bd:
+        want_x = fasts[1].forward(*decode)
+        want_counts = [c + m.last_counts for c, m in zip(want_counts, moes[1])]
+    want_hidden = []
+    for chunk in chunks:
+        want_hidden.append(fasts[1].prefill(*chunk))
+        want_counts = [c + m.last_counts for c, m in zip(want_counts, moes[1])]
+    pairs = list(zip(hidden, want_hidden))
+    assert [h.shape for h in hidden] == [(2, 5, cfg.dim), (1, 3, cfg.dim)]
+    if Bd:
+        pairs.append((fasts[0].logits(x), fasts[1].logits(want_x)))
+        assert pairs[-1][0].shape == (Bd, cfg.vocab_size)
+    else:
+        assert x is None
+    for got, want in pairs:
         assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     assert all(torch.equal(a, b) for a, b in zip(got_counts, want_counts))
-    assert sum(c.sum().item() for c in got_counts) == (Bd + 10) * cfg.n_activated_experts * len(got_counts)
+    assert sum(c.sum().item() for c in got_counts) == (Bd + 13) * cfg.n_activated_experts * len(got_counts)
     assert (caches[0].data - caches[1].data).abs().max() <= 1e-5 * max(1.0, caches[1].data.abs().max().item())
 
 
-def test_engine_merges_decodes_into_prefill_chunks(tiny, monkeypatch):
-    """Requests arriving while others decode: their prompts' chunks and the running decodes run as
-    one forward (`Engine._decode_with_prefill`), with the same greedy tokens and logprobs within
-    1e-5 as the engine running them apart."""
+def test_engine_merges_decodes_and_prefill_chunks(tiny, monkeypatch):
+    """Two requests of different lengths arriving every step while the earlier ones decode: their
+    prompt chunks and the running decodes run as one forward (`Engine._merged_forward`; the first
+    step: the two chunks alone), with the same greedy tokens and logprobs within 1e-5 as the
+    engine running them apart."""
     model = _model(tiny)
-    config = EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=32)
+    config = EngineConfig(num_blocks=96, block_size=4, max_num_batched_tokens=48)
     engines = [Engine(model, config), Engine(copy.deepcopy(model), config)]
-    if not engines[0].runner.fast.prefill_pays(1, 8, 8):
+    if not engines[0].runner.fast.prefill_pays(1, 7, 7):
         pytest.skip("prefill chunks do not run on the fast path here")
     merged = {"n": 0}
-    real = Engine._decode_with_prefill
+    real = Engine._merged_forward
 
     def spy(self, *args):
         out = real(self, *args)
         merged["n"] += out is not None
         return out
 
-    monkeypatch.setattr(Engine, "_decode_with_prefill", spy)
-    monkeypatch.setattr(engines[1], "_decode_with_prefill", lambda *args: None)
-    prompts = [torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in (9, 7, 12, 8, 10)]
+    monkeypatch.setattr(Engine, "_merged_forward", spy)
+    monkeypatch.setattr(engines[1], "_merged_forward", lambda *args: None)
+    lens = [(9, 7), (12, 8), (10, 13)]
+    prompts = [[torch.randint(0, tiny.vocab_size, (n,)).tolist() for n in pair] for pair in lens]
     outs = []
     for engine in engines:
         done, arrivals = {}, list(prompts)
         while arrivals or engine.has_unfinished():
-            if arrivals:  # one new request every step, while the earlier ones decode
-                engine.add_request(arrivals.pop(0), GREEDY)
+            if arrivals:  # two new requests every step, while the earlier ones decode
+                for p in arrivals.pop(0):
+                    engine.add_request(p, GREEDY)
             done.update({o.request_id: o for o in engine.step() if o.finished})
         outs.append(done)
-    assert merged["n"] >= len(prompts) - 1
-    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == len(prompts)
+    assert merged["n"] == len(lens)
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) == 2 * len(lens)
     for rid, a in outs[0].items():
         b = outs[1][rid]
         assert a.token_ids == b.token_ids and len(a.token_ids) == GREEDY.max_tokens

@@ -265,9 +265,7 @@ class EPEngine(Engine):
         self.two_batch_calls += 1
         return h
 
-    def _decode_with_prefill(
-        self, decodes: list, seqs: list, rows: list[list[int]], start: list[int]
-    ) -> None:
+    def _merged_forward(self, decodes: list, chunks: list) -> None:
         """Never merged here: the group agrees on this rank's number of forwards before running them."""
         return None
 

@@ -4,10 +4,11 @@
 - decodes as ONE batched forward [B, 1] (or [B, 1 + k] verifying k MTP drafts) on the absorbed MLA
   path, every row with its own positions and context length;
 - prefill chunks of equal length as one [G, C] forward on the naive path, writing the latent cache;
-- where the fast path runs both (`ModelRunner.mixed`), plain decodes and the first prefill chunk as
-  ONE forward whose rows share every projection and expert GEMM, each part attending over its own
-  keys: the weights are read once per step instead of twice (BF16 v3-mini, 32 decodes + a
-  64-token prompt: 61 vs 81 ms a step; FP32, bound by multiply-adds: 140 vs 158 ms).
+- where the fast path runs them all (`ModelRunner.mixed`), plain decodes and every prefill chunk
+  (of any lengths) as ONE forward whose rows share every projection and expert GEMM, each part
+  attending over its own keys: the weights are read once per step instead of once per forward
+  (BF16 v3-mini, 32 decodes + a 64-token prompt: 61 vs 81 ms a step; FP32, bound by
+  multiply-adds: 140 vs 158 ms).
 Separate (or unpadded) forwards rather than one padded batch: padding would cost up to B x C wasted
 tokens and MoE routes each token independently (no capacity, no dropping), so splitting a step
 into forwards or merging them changes no output (up to the GEMMs' rounding). Then the sampled tokens are appended, stop conditions checked (eos / stop
@@ -325,24 +326,24 @@ class Engine:
     def _run(self, batch, outputs: list[RequestOutput]) -> None:
         """The forwards of one batch; commits each request's tokens into `outputs` as it goes."""
         emitted: dict[int, tuple[Sequence, list[int], torch.Tensor]] = {}  # id(seq) -> tokens, logits
-        verified, groups, merged = None, list(_group_chunks(batch.prefills)), None
+        verified, merged = None, None
+        groups = [(seqs, start, end, [s.tokens[a:b] for s, a, b in zip(seqs, start, end)])
+                  for seqs, start, end in _group_chunks(batch.prefills)]  # fmt: skip
+        decodes = batch.decodes if not self.k else []
+        if groups and (decodes or len(groups) > 1):  # one forward for all, where that pays
+            merged = self._merged_forward(decodes, [(seqs, rows, start) for seqs, start, _, rows in groups])
         if batch.decodes and self.k:
             verified = self._verify(batch.decodes, emitted)
         elif batch.decodes:
             seqs = batch.decodes
-            if groups:  # the decodes ride along the first prefill chunk where that pays
-                p_seqs, start, end = groups[0]
-                rows = [s.tokens[a:b] for s, a, b in zip(p_seqs, start, end)]
-                merged = self._decode_with_prefill(seqs, p_seqs, rows, start)
             logits = self.runner.decode_logits(seqs) if merged is None else merged[0]  # (B, V)
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
             for i, s in enumerate(seqs):
                 s.num_computed += 1
                 emitted[id(s)] = (s, [tokens[i]], logits[i : i + 1])
         final = []
-        for g, (seqs, start, end) in enumerate(groups):
-            rows = [s.tokens[a:b] for s, a, b in zip(seqs, start, end)]
-            h = merged[1] if g == 0 and merged is not None else self._prefill_hidden(seqs, rows, start)
+        for g, (seqs, start, end, rows) in enumerate(groups):
+            h = merged[1][g] if merged is not None else self._prefill_hidden(seqs, rows, start)
             for s, b in zip(seqs, end):
                 s.num_computed = b
             if end[0] < seqs[0].num_tokens:  # not the prompt's last chunk: nothing to sample
@@ -372,14 +373,14 @@ class Engine:
         engine's two-micro-batch prefill replaces)."""
         return self.runner.prefill_hidden(seqs, rows, start)
 
-    def _decode_with_prefill(
-        self, decodes: list[Sequence], seqs: list[Sequence], rows: list[list[int]], start: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Plain decodes and a prefill chunk [G, C] in one forward where that pays
-        (`ModelRunner.mixed`): (decode logits [B, V], the chunk's hidden [G, C, D]), else None and
-        the two run apart (the seam the expert-parallel engine closes: its forwards are counted
-        across the group)."""
-        return self.runner.mixed(decodes, seqs, rows, start)
+    def _merged_forward(
+        self, decodes: list[Sequence], chunks: list[tuple[list[Sequence], list[list[int]], list[int]]]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]] | None:
+        """Plain decodes and every prefill chunk (seqs, rows [G, C], start) of a step in one forward
+        where that pays (`ModelRunner.mixed`): (decode logits [B, V] or None, each chunk's hidden
+        [G, C, D]), else None and they run apart (the seam the expert-parallel engine closes: its
+        forwards are counted across the group)."""
+        return self.runner.mixed(decodes, chunks)
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
         """Finish seqs with finish_reason "error" and free their blocks; one warning names them."""

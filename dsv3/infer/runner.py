@@ -82,24 +82,27 @@ class ModelRunner:
 
     @torch.no_grad()
     def mixed(
-        self, decodes: Seq[Sequence], seqs: Seq[Sequence], tokens: list[list[int]], start: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Plain decodes (each sequence's next token) and a prefill chunk, tokens [G, C] at
-        start[g] + 0..C-1, in ONE forward on the fast path (`FastDecoder.mixed`: the weights read
-        once for both) where the chunk runs there anyway (`FastDecoder.prefill_pays`) -> (decode
-        logits [B, V], the chunk's final hidden [G, C, D]); None elsewhere (`decode_logits` and
-        `prefill_hidden` apart)."""
+        self, decodes: Seq[Sequence], chunks: list[tuple[Seq[Sequence], list[list[int]], list[int]]]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]] | None:
+        """Plain decodes (each sequence's next token; may be none) and prefill chunks, each
+        (seqs, tokens [G, C], start: tokens at start[g] + 0..C-1), in ONE forward on the fast path
+        (`FastDecoder.mixed`: the weights read once for all) where every chunk runs there anyway
+        (`FastDecoder.prefill_pays`) -> (decode logits [B, V] or None, each chunk's final hidden
+        [G, C, D]); None elsewhere (`decode_logits` and `prefill_hidden` apart)."""
         fast = self._fast()
-        G, C = len(tokens), len(tokens[0])
-        if fast is None or not fast.prefill_pays(G, C, max(start) + C):
+        if fast is None or not all(
+            fast.prefill_pays(len(t), len(t[0]), max(s) + len(t[0])) for _, t, s in chunks
+        ):
             return None
-        d = (
-            [[s.tokens[-1]] for s in decodes],
-            [s.num_computed for s in decodes],
-            [s.block_table for s in decodes],
-        )
-        x, h = fast.mixed(d, (tokens, start, [s.block_table for s in seqs]))
-        return fast.logits(x), h
+        d = None
+        if decodes:
+            d = (
+                [[s.tokens[-1]] for s in decodes],
+                [s.num_computed for s in decodes],
+                [s.block_table for s in decodes],
+            )
+        x, hidden = fast.mixed(d, [(t, s, [q.block_table for q in seqs]) for seqs, t, s in chunks])
+        return (None if x is None else fast.logits(x)), hidden
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

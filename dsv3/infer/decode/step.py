@@ -190,27 +190,34 @@ class FastDecoder:
         return self.hidden(x).view(len(tokens), len(tokens[0]), -1)
 
     @torch.no_grad()
-    def mixed(self, decode: tuple, prefill: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain decodes and a prefill chunk in ONE forward, each given as (tokens, starts, tables):
-        decode tokens [Bd, 1], prefill tokens [G, C] (a chunk `prefill` would take: `prefill_pays`).
-        Their rows share every projection and expert GEMM, so the weights are read once for both,
-        and each part attends over its own keys (the decodes as `forward` does, the chunk as
-        `prefill`). -> (the decodes' last-layer output [Bd, D] (see `logits`), the chunk's final
-        hidden states [G, C, D]); the same cache rows and tokens as the two forwards apart."""
+    def mixed(
+        self, decode: tuple | None, prefills: list[tuple]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Plain decodes and prefill chunks in ONE forward, each given as (tokens, starts, tables):
+        decode tokens [Bd, 1] (or None), each prefill chunk [G, C] (chunks `prefill` would take:
+        `prefill_pays`; chunks of different lengths are separate entries). Their rows share every
+        projection and expert GEMM, so the weights are read once for all, and each part attends
+        over its own keys (the decodes as `forward` does, each chunk as `prefill`). -> (the decodes'
+        last-layer output [Bd, D] (see `logits`) or None, each chunk's final hidden states
+        [G, C, D]); the same cache rows and tokens as the forwards apart."""
         self._fresh()
-        d_keys, xd, d_pos = self._inputs(self.data, self.pools, *decode)
-        p_keys, xp, p_pos = self._inputs(self.data, self.pools, *prefill, gather=True)
-        Bd = xd.shape[0]
-        x, (cos, sin) = torch.cat([xd, xp]), self._rope_rows(d_pos + p_pos)
-        parts = [(Bd, d_keys, False), (xp.shape[0], p_keys, True)]
+        parts, xs, positions = [], [], []
+        for i, rows in enumerate(([decode] if decode is not None else []) + list(prefills)):
+            prefill = decode is None or i > 0
+            keys, x, pos = self._inputs(self.data, self.pools, *rows, gather=prefill)
+            parts.append((x.shape[0], keys, prefill))
+            xs.append(x)
+            positions += pos
+        x, (cos, sin) = torch.cat(xs), self._rope_rows(positions)
         routed: list = []
         for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
             x = self._ffn(self._attention(x, aw, layer, parts, cos, sin), fw, routed)
-        d_keys.finish()
-        p_keys.finish()
+        for _, keys, _ in parts:
+            keys.finish()
         self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
-        G, C = len(prefill[0]), len(prefill[0][0])
-        return x[:Bd], self.hidden(x[Bd:]).view(G, C, -1)
+        outs = list(x.split([rows for rows, _, _ in parts]))
+        decoded = outs.pop(0) if decode is not None else None
+        return decoded, [self.hidden(o).view(len(c[0]), len(c[0][0]), -1) for o, c in zip(outs, prefills)]
 
     def can_draft(self) -> bool:
         """True when `mtp_forward` can run: MTP module 1 is supported and the cache holds its layer."""
