@@ -9,10 +9,11 @@
   attending over its own keys: the weights are read once per step instead of once per forward
   (BF16 v3-mini, 32 decodes + a 64-token prompt: 61 vs 81 ms a step; FP32, bound by
   multiply-adds: 140 vs 158 ms).
-Separate (or unpadded) forwards rather than one padded batch: padding would cost up to B x C wasted
-tokens and MoE routes each token independently (no capacity, no dropping), so splitting a step
-into forwards or merging them changes no output (up to the GEMMs' rounding). Then the sampled tokens are appended, stop conditions checked (eos / stop
-tokens, stop strings, max_tokens, the model's length) and finished sequences free their blocks.
+Separate or concatenated rows rather than one padded batch: padding would cost up to B x C wasted
+tokens, and MoE routes each token independently (no capacity, no dropping), so splitting a step
+into forwards or merging them changes no output (up to the GEMMs' rounding). Then the sampled
+tokens are appended, stop conditions checked (eos / stop tokens, stop strings, max_tokens, the
+model's length) and finished sequences free their blocks.
 With speculative decoding the MTP module then drafts the next tokens of every row (see
 dsv3.infer.speculative).
 

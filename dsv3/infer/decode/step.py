@@ -38,6 +38,8 @@ projections and grouped experts, and, where the many-row weights keep W_UK / W_U
 shapes: `AttnWeights.w_kvb`), the naive MLA of the model's prefill (K and V per head from the
 gathered latents in one GEMM, then SDPA); elsewhere the absorbed attention when it costs little
 more. Otherwise (ATen's FP32 GEMMs, the same as the model's) the model's forward runs prefill.
+`mixed` runs a step's plain decodes and prefill chunks as one forward: every projection and expert
+GEMM over all their rows at once, the attention per part (`_attention`'s parts).
 `MoE.last_counts` is set for every MoE layer through `MoE.record`, as the model's forward does
 (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
@@ -404,7 +406,7 @@ class FastDecoder:
     def _attention(self, x, w: AttnWeights, layer: int, parts: list, cos, sin) -> torch.Tensor:
         """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows. parts: consecutive row
         ranges as (rows, keys, naive), each attending over its own keys (`mixed`: plain decodes, then
-        a prefill chunk); naive (prefill, with `GatheredKeys`): K and V per head from the latents
+        prefill chunks); naive (prefill, with `GatheredKeys`): K and V per head from the latents
         where the weights have `w_kvb`. The projections run once over all rows."""
         B, R, P = x.shape[0], self.R, self.P
         if B > KERNEL_ROWS and w.many is not None:  # the folds that pay for many rows
