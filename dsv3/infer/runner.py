@@ -106,6 +106,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., D] -> logits [..., V]: through the fast path's copy of the head
+        when it runs (BF16-stored for BF16 weights: half the bytes; the prompt's last token of
+        every prefill), else the model's."""
+        fast = self._fast()
+        if fast is not None:
+            return fast.head_logits(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
         return self.model.lm_head(h)
 
     def _fast(self) -> FastDecoder | None:

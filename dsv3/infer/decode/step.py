@@ -273,6 +273,11 @@ class FastDecoder:
         with `vocab`, only the first `vocab` columns of the head are read and the rest are -inf."""
         return self._head(x, self.model.mtp[0].shared_head.norm, vocab)
 
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's final hidden states [N, D] (after the final norm, as `prefill` returns them)
+        -> logits [N, Vo], on this path's head (BF16-stored with BF16 weights)."""
+        return self._mm(h, self.weights.head)
+
     def _head(self, x: torch.Tensor, norm, vocab: int | None = None) -> torch.Tensor:
         xn = torch.mul(x * self._inv_rms(x, norm.eps), norm.weight)
         head = self.weights.head  # (D, Vo)
