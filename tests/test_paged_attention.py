@@ -3,7 +3,10 @@
 over a -inf bias): FP32 within 1e-5 relative at B 1, 5, 64 and T 1, 2, 3 over out-of-order block
 tables and rows of different lengths, a BF16 pool within 1e-5 of the reference on its widened
 values, identical results at 1 and 2 threads, no per-layer gather, clear errors; and the fast
-decoder's batched logits on the kernel equal the model's forward."""
+decoder's batched logits on the kernel equal the model's forward. Each kernel test runs both widths
+of the kernel (AVX2's 8 lanes, AVX-512's 16) where the CPU has them; a skipped width says so."""
+
+import functools
 
 import pytest
 import torch
@@ -22,6 +25,15 @@ def native():
     if not isinstance(k, cpu_kernels.Native):
         pytest.skip(f"native kernels unavailable: {cpu_kernels.why_not_native}")
     return k
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def attend(request, native):
+    """The native paged attention at one width (skipped where this CPU lacks it)."""
+    wide = request.param == "avx512"
+    if wide and "avx512f" not in cpu_kernels.cpu_flags():
+        pytest.skip("the CPU lacks AVX-512F: the kernel's 16-lane width was not run")
+    return functools.partial(native.paged_attend, wide=wide)
 
 
 GEOMETRIES = {  # H, R, P: v3-mini's attention, and one whose widths are not multiples of 8 or 32
@@ -62,13 +74,13 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("T", [1, 2, 3])
 @pytest.mark.parametrize("B", [1, 5, 64])
-def test_native_attend_equals_torch(native, B, T):
+def test_native_attend_equals_torch(attend, B, T):
     """v3-mini's geometry, blocks of 16, and the odd geometry with blocks of 4 (rows spanning
     several out-of-order blocks and kernel chunks of 32 keys), every layer of the pool."""
     for geometry, block in (("v3-mini", 16), ("odd", 4)):
         data, tables, starts, new, q, (H, R) = _case(B, T, geometry, block, seed=B * 10 + T)
         ref = _keys(data, tables, starts, T, block, H, R, new)
-        got = _keys(data, tables, starts, T, block, H, R, new, native.paged_attend)
+        got = _keys(data, tables, starts, T, block, H, R, new, attend)
         for layer in range(2):
             want = ref.attend(layer, q)
             out = got.attend(layer, q)
@@ -77,7 +89,7 @@ def test_native_attend_equals_torch(native, B, T):
         assert got._buf is None  # the native path gathered nothing
 
 
-def test_native_attend_long_rows_and_q_views(native):
+def test_native_attend_long_rows_and_q_views(attend):
     """Rows of 1 .. 300 keys (past several chunks, a chunk holding only new keys for the first
     token: start 31, T 3), the query a strided view like the decoder's q[..., :W]."""
     H, R, P, block, T = 8, 512, 64, 16, 3
@@ -91,24 +103,24 @@ def test_native_attend_long_rows_and_q_views(native):
     wide = torch.randn(len(starts) * T, H, R + 2 * P, generator=g) * 0.1
     q = wide[..., : R + P]  # not contiguous
     want = _keys(data, tables, starts, T, block, H, R, new).attend(0, q)
-    got = _keys(data, tables, starts, T, block, H, R, new, native.paged_attend).attend(0, q)
+    got = _keys(data, tables, starts, T, block, H, R, new, attend).attend(0, q)
     assert _rel(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("T", [1, 3])
-def test_native_attend_on_a_bf16_pool(native, T):
+def test_native_attend_on_a_bf16_pool(attend, T):
     """A BF16 pool (and new rows): widened on load, which is exact, so within 1e-5 of the torch
     reference on the pool's FP32 copy. (The engine makes a BF16 cache only for a BF16 model,
     whose fast path runs on torch; the kernel takes it anyway.)"""
     data, tables, starts, new, q, (H, R) = _case(5, T, "v3-mini", 16, torch.bfloat16, seed=3)
     want = _keys(data.float(), tables, starts, T, 16, H, R, new.float()).attend(1, q)
-    got = _keys(data, tables, starts, T, 16, H, R, new, native.paged_attend).attend(1, q)
+    got = _keys(data, tables, starts, T, 16, H, R, new, attend).attend(1, q)
     assert got.dtype == torch.float32 and _rel(got, want) <= 1e-5
 
 
-def test_native_attend_does_not_depend_on_the_thread_count(native):
+def test_native_attend_does_not_depend_on_the_thread_count(attend):
     data, tables, starts, new, q, (H, R) = _case(5, 2, "v3-mini", 16, seed=5)
-    keys = _keys(data, tables, starts, 2, 16, H, R, new, native.paged_attend)
+    keys = _keys(data, tables, starts, 2, 16, H, R, new, attend)
     threads = torch.get_num_threads()
     try:
         outs = []
