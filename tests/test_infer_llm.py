@@ -110,10 +110,11 @@ def test_fp8_checkpoint_generates_like_its_dequantised_weights(tmp_path, tiny):
 
 def test_bf16_checkpoint_decodes_on_bf16_weights_exactly(tmp_path, tiny):
     """A BF16 checkpoint computed in FP32: the fast path keeps its feed-forward matrices and head in
-    BF16 (half the bytes per token), and greedy output equals the FP32 reference on the same values."""
+    BF16 (half the bytes per token), and greedy output equals the FP32 reference on the same values
+    (with an FP32 cache: the BF16 one LLM picks too rounds the cached values, test_kv_cache_dtype)."""
     torch.manual_seed(0)
     save_pretrained(Transformer(tiny), tmp_path, dtype=torch.bfloat16)
-    llm = LLM(tmp_path)
+    llm = LLM(tmp_path, kv_cache_dtype=torch.float32)
     assert llm.engine.config.weight_dtype == torch.bfloat16
     assert llm.engine.runner.fast.weights.head.dtype == torch.bfloat16
     assert LLM(tmp_path, weight_dtype=None).engine.config.weight_dtype is None  # an explicit choice wins

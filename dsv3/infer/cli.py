@@ -43,6 +43,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> 
     p.add_argument("--weight-dtype", choices=["fp32", "bf16"], default=None,
                    help="decode weights of the fast path (feed-forward, head); default: bf16 for a BF16 "
                    "checkpoint, else the model's dtype")  # fmt: skip
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="latent KV cache dtype; auto: bf16 for a BF16 checkpoint, else the model's dtype")  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print throughput and speculative acceptance")
     add_threads_argument(p)
 
@@ -148,6 +150,7 @@ def _llm(prog: str, args: argparse.Namespace):
         compile=args.compile,
         fp8_weights=args.fp8_weights,
         **({} if args.weight_dtype is None else {"weight_dtype": DTYPES[args.weight_dtype]}),
+        **({} if args.kv_cache_dtype == "auto" else {"kv_cache_dtype": DTYPES[args.kv_cache_dtype]}),
     )
 
 

@@ -64,6 +64,10 @@ class EngineConfig:
     # storage dtype of the fast path's feed-forward matrices and head (None: the model's); bfloat16
     # halves the bytes a decode step reads and is exact for a BF16 checkpoint (LLM picks it then)
     weight_dtype: torch.dtype | None = None
+    # dtype of the latent KV cache (None: the model's); bfloat16 under an FP32 model halves the
+    # cache's bytes (twice the tokens in `cache_memory`) and what attention reads, each cached value
+    # rounded once to BF16 (LLM picks it for a BF16 checkpoint, as vLLM's kv_cache_dtype "auto")
+    kv_cache_dtype: torch.dtype | None = None
     compile: bool = False  # torch.compile the model's decode forward (what the fast path does not run)
     prefix_caching: bool = False  # share full prompt blocks between requests (PrefixCachingAllocator)
 
@@ -77,6 +81,10 @@ class EngineConfig:
         if self.weight_dtype not in (None, torch.float32, torch.bfloat16):
             raise ConfigError(
                 f"weight_dtype: expected None, torch.float32 or torch.bfloat16, got {self.weight_dtype!r}"
+            )
+        if self.kv_cache_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ConfigError(
+                f"kv_cache_dtype: expected None, torch.float32 or torch.bfloat16, got {self.kv_cache_dtype!r}"
             )
         if self.num_blocks is not None and self.num_blocks <= 0:
             raise ConfigError(f"num_blocks: must be positive or None, got {self.num_blocks}")
@@ -137,11 +145,13 @@ class Engine:
         param = next(model.parameters())
         n_layers = cfg.n_layers + (1 if self.k else 0)  # MTP module 1 caches only when drafting
         num_blocks = config.num_blocks
+        cache_dtype = config.kv_cache_dtype or param.dtype
         if num_blocks is None:
-            per_block = n_layers * cfg.kv_cache_dim * param.element_size() * config.block_size
+            size = torch.empty((), dtype=cache_dtype).element_size()
+            per_block = n_layers * cfg.kv_cache_dim * size * config.block_size
             num_blocks = max(1, config.cache_memory // per_block)
         self.cache = PagedLatentCache(
-            cfg, num_blocks, config.block_size, n_layers, param.dtype, param.device,
+            cfg, num_blocks, config.block_size, n_layers, cache_dtype, param.device,
             prefix_caching=config.prefix_caching, model_key=repr(cfg),
         )  # fmt: skip
         self.runner = ModelRunner(

@@ -78,7 +78,8 @@ class LLM:
         NaN/inf weights (dsv3.checkpoint.load_pretrained); False skips both for a faster start.
         engine_options: fields of EngineConfig. A BF16 checkpoint computed in FP32 keeps the fast
         decode path's feed-forward matrices and head in BF16 (`weight_dtype`, exact: the values are
-        BF16) unless `weight_dtype` is given."""
+        BF16) and its latent KV cache in BF16 (`kv_cache_dtype`: each cached value rounded once, twice
+        the tokens per byte, as vLLM's "auto" for a BF16 model) unless those are given."""
         if isinstance(model, Transformer):
             self.model = model
         else:
@@ -90,6 +91,7 @@ class LLM:
                 self.model = load_pretrained(model, dtype=dtype, device=device, verify=verify)
                 if dtype == torch.float32 and bf16_checkpoint(model):
                     engine_options.setdefault("weight_dtype", torch.bfloat16)
+                    engine_options.setdefault("kv_cache_dtype", torch.bfloat16)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         self.tokenizer = tokenizer
         self.engine = Engine(self.model, EngineConfig(speculative=speculative, **engine_options), tokenizer)

@@ -261,5 +261,5 @@ class PagedLatentCache:
             _write(self.data, layer_id, ctx.slots.flatten(), new)
         else:
             _write_eager(self.data, layer_id, ctx.slots.flatten(), new)
-        keys = self.data[layer_id][ctx.gather]  # (B, S, W)
+        keys = self.data[layer_id][ctx.gather].to(kv.dtype)  # (B, S, W); a BF16 cache widened, exactly
         return keys[..., : self.rank], keys[..., self.rank :], ctx.key_positions

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=positive_int, default=None, help="prompt + output tokens at most")
     g.add_argument("--enable-prefix-caching", action="store_true", help="share cached prompt blocks")
     g.add_argument("--weight-dtype", choices=["fp32", "bf16"], default=None, help="fast-path decode weights")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="latent KV cache dtype (auto: bf16 for a BF16 checkpoint, else the model's)")  # fmt: skip
     g.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's projections in FP8")
     g.add_argument("--no-verify", action="store_true", help="skip the checkpoint's SHA-256 manifest check")
     g.add_argument("--seed", type=int, default=0, help="seeds requests without their own seed")
@@ -93,6 +95,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         opts["prefix_caching"] = True
     if args.weight_dtype is not None:
         opts["weight_dtype"] = DTYPES[args.weight_dtype]
+    if args.kv_cache_dtype != "auto":
+        opts["kv_cache_dtype"] = DTYPES[args.kv_cache_dtype]
     return opts
 
 

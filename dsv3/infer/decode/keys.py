@@ -36,6 +36,8 @@ class SliceKeys:
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q [T, H, W] -> attention output in latent space [T, H, R] (the new rows included)."""
         keys = self.pools[layer][self.start : self.slot + self.T]  # (S, W)
+        if keys.dtype != q.dtype:  # a BF16 cache under FP32 compute: widened, exactly
+            keys = keys.to(q.dtype)
         if self.tail is None:
             probs = (q[0] @ keys.T).softmax(dim=-1)  # (H, S)
             return (probs @ keys[:, : self.rank])[None]
@@ -53,7 +55,9 @@ class GatheredKeys:
     """Any rows, T new tokens each (T > 1: speculative verification), new rows written to the pool
     at the end. attend: the native paged attention (`Native.paged_attend`, dsv3.infer.decode.kernels)
     or None for the torch reference, which gathers each layer's keys by one index_select (`keys`,
-    which the naive prefill reads either way)."""
+    which the naive prefill reads either way). dtype: the compute dtype (default: the pool's); a
+    BF16 pool under FP32 compute is widened where torch reads it (`keys`), the new rows rounded to
+    BF16 when written into `new`."""
 
     def __init__(
         self,
@@ -65,6 +69,7 @@ class GatheredKeys:
         heads: int,
         rank: int,
         attend: Callable[..., torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         B, S, L = len(tables), max(starts) + T, data.shape[0]
         width = max(len(t) for t in tables)
@@ -78,7 +83,9 @@ class GatheredKeys:
         self.S, self.heads = S, heads
         self._buf: torch.Tensor | None = None  # one layer's keys [B*S, W], reused by every layer
         visible = s[None, None] <= pos[..., None]  # (B, T, S): causal, and nothing past the row
-        self.causal = torch.zeros(B, T, S, dtype=data.dtype).masked_fill(~visible, float("-inf"))
+        self.dtype = data.dtype if dtype is None else dtype
+        self.causal = torch.zeros(B, T, S, dtype=self.dtype).masked_fill(~visible, float("-inf"))
+        self._wide: torch.Tensor | None = None  # `keys` widened to `dtype` (a BF16 pool), reused
         self._bias: torch.Tensor | None = None  # (B, T*H, S) the causal mask per query (torch attend)
         self.native, self.table, self.starts, self.block_size = attend, table, list(starts), block_size
         self.rows, self.cols = torch.arange(B).repeat_interleave(T), pos.flatten()  # (B*T,)
@@ -112,7 +119,12 @@ class GatheredKeys:
             # 64, v3-mini) costs page faults on first touch
             self._buf = self.data.new_empty(self.B * self.S, self.data.shape[-1])
         torch.index_select(self.data[layer], 0, self.index, out=self._buf)
-        return self._buf.index_copy_(0, self.at, self.new[layer]).view(self.B, self.S, -1)
+        keys = self._buf.index_copy_(0, self.at, self.new[layer])
+        if keys.dtype != self.dtype:
+            if self._wide is None:
+                self._wide = torch.empty(keys.shape, dtype=self.dtype, device=keys.device)
+            keys = self._wide.copy_(keys)
+        return keys.view(self.B, self.S, -1)
 
     def finish(self) -> None:
         self.data.index_copy_(1, self.slots, self.new)

@@ -117,6 +117,7 @@ class FastDecoder:
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
         self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
+        self.dtype = model.embed_tokens.weight.dtype  # the activations' (the cache may be BF16 under FP32)
         self.data = cache.data[: cfg.n_layers]  # the main layers' pools (not the MTP layer's)
         self.pools = list(self.data.unbind(0))  # per layer [slots + 1, W]
         self.mtp_data = cache.data[cfg.n_layers : cfg.n_layers + 1]  # MTP module 1's pool, if cached
@@ -375,7 +376,7 @@ class FastDecoder:
         # decode / verification: the native attention reads the pool directly (one row per thread);
         # a prefill chunk's many queries per row stay on torch's GEMMs, which split them across threads
         attend = self.kernels.paged_attend if isinstance(self.kernels, Native) and not gather else None
-        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R, attend)
+        keys = GatheredKeys(data, tables, starts, T, bs, self.H, self.R, attend, self.dtype)
         x = self.model.embed_tokens.weight[torch.tensor(tokens).flatten()]  # (B*T, D)
         return keys, x, [p + t for p in starts for t in range(T)]
 
@@ -392,7 +393,7 @@ class FastDecoder:
             n = max(max(positions) + 1, 2 * self._rope.shape[0], 256)
             angles = torch.arange(n, dtype=torch.float32)[:, None] * self.model.rotary.inv_freq
             table = torch.stack([angles.cos(), angles.sin()], dim=1)  # (n, 2, P/2)
-            self._rope = table.repeat_interleave(2, dim=-1).to(self.data.dtype)  # (n, 2, P)
+            self._rope = table.repeat_interleave(2, dim=-1).to(self.dtype)  # (n, 2, P)
         if len(positions) == 1:
             rows = self._rope[positions[0] : positions[0] + 1]
         else:

@@ -196,6 +196,31 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return r;
 }
 
+// a . b with b a BF16 cache row (widened exactly on load), the same order of operations as `dot`
+inline float dot(const float* a, const uint16_t* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), dsv3::load8(b + i), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  float r = _mm_cvtss_f32(s);
+  for (; i < n; ++i) r += a[i] * dsv3::load1(b + i);
+  return r;
+}
+
+// FP32 -> BF16 rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline void store(float* dst, float v) { *dst = v; }
+inline void store(uint16_t* dst, float v) { *dst = to_bf16(v); }
+
 inline float inv_rms(const float* x, int64_t n, double eps) {
   return 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + static_cast<float>(eps));
 }
@@ -311,7 +336,7 @@ void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w
 }
 
 struct Attn {  // dsv3.infer.decode.weights.AttnWeights
-  torch::Tensor w_in, w_q, kv_norm, w_o, pool;  // pool: this layer's cache rows [slots, R + P]
+  torch::Tensor w_in, w_q, kv_norm, w_o, pool;  // pool: this layer's cache rows [slots, R + P], FP32 or BF16
   torch::Tensor w_uk, w_uv;  // [H, N, R], [H, R, V] when not folded (undefined when folded)
   int64_t q_rank, Qn, Vo;    // per-head query width before W_UK (N, or R folded), value width (V, or R)
   double norm_eps, q_eps, kv_eps;
@@ -334,7 +359,9 @@ class RowDecoder {
                      torch::Tensor pool, c10::optional<torch::Tensor> w_uk, c10::optional<torch::Tensor> w_uv,
                      int64_t q_rank, double norm_eps, double q_eps, double kv_eps) {
     TORCH_CHECK(pool.dim() == 2 && pool.size(1) == R + P && pool.is_contiguous() &&
-                    pool.scalar_type() == torch::kFloat32, "pool: expected contiguous float32 [slots, ", R + P, "]");
+                    (pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kBFloat16),
+                "pool: expected contiguous float32 or bfloat16 [slots, ", R + P, "], got ", pool.scalar_type(), " ",
+                pool.sizes());
     auto per_head = [&](const c10::optional<torch::Tensor>& t, const char* name, int64_t rows, int64_t cols) {
       if (!t.has_value()) return torch::Tensor();
       TORCH_CHECK(t->dim() == 3 && t->size(0) == H && t->is_contiguous() &&
@@ -444,7 +471,7 @@ class RowDecoder {
   // Absorbed MLA: scores against the cached latents [c_kv | k_pe], so without folds the query's
   // nope part goes through W_UK first (per head) and the latent output through W_UV after.
   void attention(float* x, int64_t T, const Attn& w, const float* cos, const float* sin, int64_t pos) {
-    const int64_t Dm = D(), C = w.w_in.size(1), W = R + P, Qn = w.Qn, Qw = Qn + 2 * P, S = pos + T;
+    const int64_t Dm = D(), C = w.w_in.size(1), Qw = w.Qn + 2 * P, S = pos + T;
     float* xnp = grow(xn, T * Dm);
     float* ap = grow(a, T * C);
     float* qp = grow(q, T * H * Qw);
@@ -464,21 +491,35 @@ class RowDecoder {
       for (int64_t t = 0; t < T; ++t)
         std::copy(ap + t * C + R + 2 * P, ap + t * C + R + 2 * P + H * Qw, qp + t * H * Qw);
     }
+    // the attention output fed to o_proj: the latent [T, H * R], or values [T, H * V] through W_UV
+    float* vp = w.pool.scalar_type() == torch::kBFloat16
+                          ? attend(reinterpret_cast<uint16_t*>(w.pool.data_ptr()), T, w, ap, qp, op, sp, cos, sin, pos)
+                          : attend(w.pool.data_ptr<float>(), T, w, ap, qp, op, sp, cos, sin, pos);
+    auto xrows = at(x, T, Dm);
+    product(in(at(vp, T, H * w.Vo)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj
+  }
+
+  // attention's cache part, over a pool of FP32 or BF16 rows (Pool: float or uint16_t; BF16 rows are
+  // rounded once when written and widened exactly when read, the arithmetic FP32): the new rows,
+  // the query per head as a cache row, softmax over the positions, the latent output (through
+  // W_UV into v where not folded), returned
+  template <typename Pool>
+  float* attend(Pool* pool, int64_t T, const Attn& w, float* ap, float* qp, float* op, float* sp, const float* cos,
+              const float* sin, int64_t pos) {
+    const int64_t C = w.w_in.size(1), W = R + P, Qn = w.Qn, Qw = Qn + 2 * P, S = pos + T;
     const float* g = w.kv_norm.data_ptr<float>();
-    float* pool = w.pool.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {  // the new rows: kv_a_layernorm(c_kv) | rope(k_pe)
       const float* kv = ap + t * C + w.q_rank;
       const float *ct = cos + t * P, *st = sin + t * P;
-      float* row_out = pool + rows_[pos + t] * W;
+      Pool* row_out = pool + rows_[pos + t] * W;
       const float rk = inv_rms(kv, R, w.kv_eps);
-      for (int64_t i = 0; i < R; ++i) row_out[i] = kv[i] * rk * g[i];
-      for (int64_t i = 0; i < P; ++i) row_out[R + i] = kv[R + i] * ct[i] + kv[R + P + i] * st[i];
+      for (int64_t i = 0; i < R; ++i) store(row_out + i, kv[i] * rk * g[i]);
+      for (int64_t i = 0; i < P; ++i) store(row_out + R + i, kv[R + i] * ct[i] + kv[R + P + i] * st[i]);
     }
     // per (token, head) query as a cache row [q_lat (R) | rope(q_pe) (P)]: in q itself when W_UK is
     // folded (q_lat | q_pe | rot(q_pe)), else in ql (q_lat = q_nope @ W_UK[h])
     float* qlp = w.w_uk.defined() ? grow(ql, T * H * W) : qp;
     const int64_t qs = w.w_uk.defined() ? W : Qw;
-    // the attention output fed to o_proj: the latent [T, H * R], or values [T, H * V] through W_UV
     float* vp = w.w_uv.defined() ? grow(v, T * H * w.Vo) : op;
     at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t hd = h0; hd < h1; ++hd) {
@@ -509,8 +550,8 @@ class RowDecoder {
           std::fill(oh, oh + R, 0.f);
           for (int64_t j = 0; j < St; ++j) {
             const float pr = sc[j] / sum;
-            const float* k = pool + rows_[j] * W;
-            for (int64_t i = 0; i < R; ++i) oh[i] += pr * k[i];
+            const Pool* k = pool + rows_[j] * W;
+            for (int64_t i = 0; i < R; ++i) oh[i] += pr * dsv3::load1(k + i);
           }
         }
         if (w.w_uv.defined()) {  // T rows of this head through its W_UV [R, V]
@@ -524,8 +565,7 @@ class RowDecoder {
         }
       }
     });
-    auto xrows = at(x, T, Dm);
-    product(in(at(vp, T, H * w.Vo)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj
+    return vp;
   }
 
   // x[t] += FFN(norm(x[t])): dense MLP, or shared + routed experts (decode.py FastDecoder._ffn)
