@@ -200,6 +200,10 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, packed, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
     assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
     assert ("packed weights" in lines[0]) == packed
+    wide = isinstance(fast.kernels, cpu_kernels.Native) and fast.kernels.wide
+    assert ("batched attention: native, AVX-512" in lines[0]) == wide and lines[0].endswith(
+        "; KV cache: FP32"
+    )
     names = (
         {"bf16": "onednn-packed-bf16", "fp32": "onednn-packed"}
         if packed

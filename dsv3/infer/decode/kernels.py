@@ -107,15 +107,26 @@ class KernelPlan:
     bf16_gemm: bool
     flags: tuple[str, ...]
 
-    def line(self, native: str, bf16_weights: bool, bf16_gemm: bool, packed: bool = False) -> str:
+    def line(
+        self,
+        native: str,
+        bf16_weights: bool,
+        bf16_gemm: bool,
+        packed: bool = False,
+        attention: str = "",
+        cache: str = "",
+    ) -> str:
         """The one log line stating the choice (native: the few-row kernels' name; packed: the
-        many-row GEMMs run on oneDNN-packed weights, dsv3.infer.decode.gemm)."""
+        many-row GEMMs run on oneDNN-packed weights, dsv3.infer.decode.gemm; attention: the batched
+        attention's kernel; cache: the latent cache's dtype)."""
         lib = "oneDNN, packed weights" if packed else "oneDNN" if bf16_gemm else "ATen"
         many = f"BF16 GEMMs ({lib}) on the BF16 weights" if bf16_gemm else f"FP32 GEMMs ({lib})"
         stored = "BF16" if bf16_weights else "model-dtype"
         return (
             f"dsv3 decode kernels: {self.kind} (CPU flags: {' '.join(self.flags) or 'none read'}); "
             f"up to 4 rows: {native} kernels, FP32 compute on {stored} feed-forward weights; more rows: {many}"
+            + (f"; batched attention: {attention}" if attention else "")
+            + (f"; KV cache: {cache}" if cache else "")
         )
 
 
