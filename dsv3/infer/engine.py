@@ -147,8 +147,7 @@ class Engine:
         num_blocks = config.num_blocks
         cache_dtype = config.kv_cache_dtype or param.dtype
         if num_blocks is None:
-            size = torch.empty((), dtype=cache_dtype).element_size()
-            per_block = n_layers * cfg.kv_cache_dim * size * config.block_size
+            per_block = n_layers * cfg.kv_cache_dim * cache_dtype.itemsize * config.block_size
             num_blocks = max(1, config.cache_memory // per_block)
         self.cache = PagedLatentCache(
             cfg, num_blocks, config.block_size, n_layers, cache_dtype, param.device,

@@ -114,7 +114,7 @@ class KernelPlan:
         bf16_gemm: bool,
         packed: bool = False,
         attention: str = "",
-        cache: str = "",
+        cache: torch.dtype | None = None,
     ) -> str:
         """The one log line stating the choice (native: the few-row kernels' name; packed: the
         many-row GEMMs run on oneDNN-packed weights, dsv3.infer.decode.gemm; attention: the batched
@@ -126,7 +126,7 @@ class KernelPlan:
             f"dsv3 decode kernels: {self.kind} (CPU flags: {' '.join(self.flags) or 'none read'}); "
             f"up to 4 rows: {native} kernels, FP32 compute on {stored} feed-forward weights; more rows: {many}"
             + (f"; batched attention: {attention}" if attention else "")
-            + (f"; KV cache: {cache}" if cache else "")
+            + (f"; KV cache: {_DTYPE_NAMES.get(cache, str(cache))}" if cache is not None else "")
         )
 
 
@@ -144,6 +144,9 @@ def plan_kernels(flags: list[str] | None = None) -> KernelPlan:
     return KernelPlan(kind, bf16, tuple(f))
 
 
+_DTYPE_NAMES = {torch.float32: "FP32", torch.bfloat16: "BF16"}
+
+
 class Native:
     """The C++ kernel (csrc/few_rows.cpp). `wide`: the paged attention runs its AVX-512 width
     (16 FP32 lanes: the attention 1.17-1.20x faster than AVX2's 8 on v3-mini's geometry, batch 8-64,
@@ -156,6 +159,11 @@ class Native:
         self.RowDecoder = module.RowDecoder
         self._paged = module.paged_attend  # csrc/paged_attention.cpp (dsv3.infer.decode.keys)
         self.wide = "avx512f" in cpu_flags() if wide is None else wide
+
+    @property
+    def attention(self) -> str:
+        """The batched attention's kernel and width, for the kernel plan's log line."""
+        return f"native, {'AVX-512 (16 lanes)' if self.wide else 'AVX2 (8 lanes)'}"
 
     def paged_attend(self, q, pool, new, table, block: int, starts: list[int], rank: int, wide=None):
         """softmax(q . keys) @ keys[:, :rank] per row, keys read through the block table

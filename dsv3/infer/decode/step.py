@@ -113,16 +113,10 @@ class FastDecoder:
         self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu)
         self._packed = isinstance(self._aten, Packed)
         if fp32_cpu:
-            native_attend = isinstance(self.kernels, Native)
-            attention = (
-                f"native, {'AVX-512 (16 lanes)' if self.kernels.wide else 'AVX2 (8 lanes)'}"
-                if native_attend
-                else "torch"
+            attention = self.kernels.attention if isinstance(self.kernels, Native) else "torch"
+            log.info(
+                plan.line(self.kernels.name, bf16, self.bf16_gemm, self._packed, attention, cache.data.dtype)
             )
-            cache_dtype = {torch.float32: "FP32", torch.bfloat16: "BF16"}.get(
-                cache.data.dtype, str(cache.data.dtype)
-            )
-            log.info(plan.line(self.kernels.name, bf16, self.bf16_gemm, self._packed, attention, cache_dtype))
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
         self.H, self.R, self.P = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.n_layers, self.n_experts = cfg.n_layers, cfg.n_routed_experts
