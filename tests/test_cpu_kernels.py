@@ -110,7 +110,17 @@ def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path, attr: str
 
     def fake_load(name, sources, **kwargs):
         names.append(name)
-        return types.SimpleNamespace(mm=None, addmm_=None, experts_=None, RowDecoder=None, paged_attend=None)
+        return types.SimpleNamespace(
+            mm=None,
+            addmm_=None,
+            experts_=None,
+            RowDecoder=None,
+            paged_attend=None,
+            amx_ready=lambda: False,
+            amx_pack=None,
+            amx_mm=None,
+            amx_grouped=None,
+        )
 
     monkeypatch.setattr(ext, "load", fake_load)
     monkeypatch.setattr(cpu_kernels, attr, source)

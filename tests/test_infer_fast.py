@@ -174,18 +174,25 @@ BF16_GEMM_BOUND = 3e-2  # logits, relative to the largest: activations and outpu
 
 @pytest.mark.parametrize("variant", ["tiny", "v3_geometry"])
 @pytest.mark.parametrize("gemm", ["fp32", "bf16"])
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "aten"])
-def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, packed, caplog):
+@pytest.mark.parametrize("lib", ["amx", "packed", "aten"])
+def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, lib, caplog, monkeypatch):
     """A BF16-valued model with BF16-stored weights, 6 rows (more than KERNEL_ROWS): FP32 GEMMs are
     exact (1e-5); BF16 GEMMs, which the plan picks where the CPU has AVX512_BF16 or AMX (else this
-    variant is skipped), stay within BF16_GEMM_BOUND; both on oneDNN-packed weights (skipped where
-    oneDNN packing does not run here) and on ATen's GEMMs. The choice is stated in one log line; the
+    variant is skipped), stay within BF16_GEMM_BOUND; on dsv3's AMX kernel (`AmxPacked`, BF16 only:
+    skipped where the CPU or the OS has no AMX), on oneDNN-packed weights (skipped where oneDNN
+    packing does not run here) and on ATen's GEMMs. The choice is stated in one log line; the
     widened or packed copies are made once and kept for the next step."""
     plan = cpu_kernels.plan_kernels()
+    packed, amx = lib != "aten", lib == "amx"
     if gemm == "bf16" and not plan.bf16_gemm:
         pytest.skip(f"no BF16 arithmetic on this CPU ({plan.kind}: {' '.join(plan.flags)})")
     if packed and (why := gemm_lib.why_not_packed(gemm == "bf16")):
         pytest.skip(why)
+    if amx and gemm == "fp32":
+        pytest.skip("the AMX kernel multiplies BF16 weights only")
+    if amx and not getattr(cpu_kernels.kernels(), "amx", False):
+        pytest.skip(f"no AMX in this process (CPU flags: {' '.join(plan.flags)})")
+    monkeypatch.setenv("DSV3_AMX", "1" if amx else "0")
     tiny = tiny.replace(**VARIANTS[variant])  # v3_geometry: W_UK / W_UV per head (BF16 with BF16 GEMMs)
     model = _bf16_valued(_model(tiny))
     cache = PagedLatentCache(model.config, num_blocks=60, block_size=4)
@@ -199,17 +206,17 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, packed, caplog):
         )
     lines = [r.getMessage() for r in caplog.records if r.name == "dsv3.infer.decode.step"]
     assert len(lines) == 1 and lines[0].startswith(f"dsv3 decode kernels: {plan.kind}")
-    assert ("packed weights" in lines[0]) == packed
+    assert ("packed weights" in lines[0]) == packed and ("AMX tiles" in lines[0]) == amx
     wide = isinstance(fast.kernels, cpu_kernels.Native) and fast.kernels.wide
     assert ("batched attention: native, AVX-512" in lines[0]) == wide and lines[0].endswith(
         "; KV cache: FP32"
     )
-    names = (
-        {"bf16": "onednn-packed-bf16", "fp32": "onednn-packed"}
-        if packed
-        else {"bf16": "torch-bf16", "fp32": "torch-widened"}
-    )
-    assert fast._aten.name == names[gemm]
+    names = {
+        "amx": {"bf16": "amx + onednn-packed-bf16"},
+        "packed": {"bf16": "onednn-packed-bf16", "fp32": "onednn-packed"},
+        "aten": {"bf16": "torch-bf16", "fp32": "torch-widened"},
+    }
+    assert fast._aten.name == names[lib][gemm]
     many = fast.weights.attn[0].many  # the many-row attention matrices: BF16 only with BF16 GEMMs
     assert (many is not None and many.w_q.dtype == torch.bfloat16) == (gemm == "bf16")
     if gemm == "bf16" and variant == "v3_geometry":  # W_UK per head (W_UV folds at this width)
@@ -228,7 +235,11 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, packed, caplog):
         for b, p in enumerate(pos):
             want = full[b, p]
             assert (logits[b] - want).abs().max() <= bound * max(1.0, want.abs().max().item())
-        if packed:  # every many-row matrix packed once (FP32, or BF16 with BF16 GEMMs), kept
+        if amx:  # 6 rows: every many-row matrix packed once into the tiles' layout, kept
+            kept = {k: p for k, (w, p) in fast._aten._tiles.items()}
+            assert kept and not fast._aten._packed
+            assert all(w.dtype == torch.bfloat16 for w, _ in fast._aten._tiles.values())
+        elif packed:  # every many-row matrix packed once (FP32, or BF16 with BF16 GEMMs), kept
             kept = {k: p for k, (w, p, dtype) in fast._aten._packed.items()}
             assert kept and all(
                 dtype == (w.dtype if gemm == "bf16" else torch.float32)

@@ -50,6 +50,7 @@ SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
 PAGED_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"  # GatheredKeys' native attend
 HEADER = Path(__file__).parent / "csrc" / "widen.h"  # the loads both sources include
 ATTEND = Path(__file__).parent / "csrc" / "attend_impl.h"  # paged_attention.cpp's row loop, both widths
+AMX_SOURCE = Path(__file__).parent / "csrc" / "amx_gemm.cpp"  # dsv3.infer.decode.gemm.AmxPacked's GEMMs
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the runtime torch has already loaded (one thread pool)
 BASE_NAME = "dsv3_few_rows"
@@ -115,11 +116,15 @@ class KernelPlan:
         packed: bool = False,
         attention: str = "",
         cache: torch.dtype | None = None,
+        amx: bool = False,
     ) -> str:
         """The one log line stating the choice (native: the few-row kernels' name; packed: the
         many-row GEMMs run on oneDNN-packed weights, dsv3.infer.decode.gemm; attention: the batched
-        attention's kernel; cache: the latent cache's dtype)."""
+        attention's kernel; cache: the latent cache's dtype; amx: up to 32 rows and the routed
+        experts on dsv3's AMX kernel, dsv3.infer.decode.gemm.AmxPacked)."""
         lib = "oneDNN, packed weights" if packed else "oneDNN" if bf16_gemm else "ATen"
+        if amx:
+            lib = "AMX tiles up to 32 rows and for the routed experts, else " + lib
         many = f"BF16 GEMMs ({lib}) on the BF16 weights" if bf16_gemm else f"FP32 GEMMs ({lib})"
         stored = "BF16" if bf16_weights else "model-dtype"
         return (
@@ -159,6 +164,10 @@ class Native:
         self.RowDecoder = module.RowDecoder
         self._paged = module.paged_attend  # csrc/paged_attention.cpp (dsv3.infer.decode.keys)
         self.wide = "avx512f" in cpu_flags() if wide is None else wide
+        # csrc/amx_gemm.cpp (dsv3.infer.decode.gemm.AmxPacked): where the CPU has AMX-BF16 and the
+        # OS grants this process the tile state
+        self.amx = "amx_bf16" in cpu_flags() and module.amx_ready()
+        self.amx_pack, self.amx_mm, self.amx_grouped = module.amx_pack, module.amx_mm, module.amx_grouped
 
     @property
     def attention(self) -> str:
@@ -301,11 +310,13 @@ def kernels(native: bool = True) -> Kernels:
 
                 _ninja_on_path()
 
-                name = build_name(b"".join(p.read_bytes() for p in (SOURCE, PAGED_SOURCE, HEADER, ATTEND)))
+                name = build_name(
+                    b"".join(p.read_bytes() for p in (SOURCE, PAGED_SOURCE, HEADER, ATTEND, AMX_SOURCE))
+                )
                 with build_lock(build_directory(name)) as directory:
                     module = load(
                         name,
-                        [str(SOURCE), str(PAGED_SOURCE)],
+                        [str(SOURCE), str(PAGED_SOURCE), str(AMX_SOURCE)],
                         extra_cflags=list(CFLAGS),
                         extra_ldflags=list(LDFLAGS),
                         build_directory=str(directory),

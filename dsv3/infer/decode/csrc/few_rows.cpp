@@ -657,6 +657,7 @@ class RowDecoder {
 }  // namespace
 
 void add_paged_attention(pybind11::module_& m);  // paged_attention.cpp
+void add_amx_gemm(pybind11::module_& m);  // amx_gemm.cpp
 
 // The compute entry points release the GIL while they run (their arguments are converted before,
 // their results after): a server's event-loop thread keeps answering and streaming during a
@@ -664,6 +665,7 @@ void add_paged_attention(pybind11::module_& m);  // paged_attention.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
   add_paged_attention(m);
+  add_amx_gemm(m);
   m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
         nogil());
   m.def("addmm_", &addmm_, "out += alpha * x @ w, in place", nogil());
