@@ -14,6 +14,7 @@ from dsv3.infer.decode import gemm as gemm_lib
 from dsv3.infer.decode import kernels as cpu_kernels
 from dsv3.infer.decode import step as decode
 from dsv3.infer.decode.compiled import DecodeMoE
+from dsv3.infer.decode.rows import attention_bytes, row_attention
 from dsv3.infer.decode.step import FastDecoder
 from dsv3.infer.decode.weights import folds
 from dsv3.infer.engine import Engine, EngineConfig
@@ -265,7 +266,7 @@ ROW_MODELS = {  # the presets' geometries, shortened (2 layers: dense then MoE) 
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
 @pytest.mark.parametrize("preset", ROW_MODELS)
 def test_row_decoder_layouts_on_the_presets(preset, weights):
-    """The one-row decoder streams the attention layout with the fewest bytes (`_row_attention`):
+    """The one-row decoder streams the attention layout with the fewest bytes (`row_attention`):
     fp32: the few- or many-row folds, exact (1e-5 of the forward); bf16: a BF16-valued model with
     the attention's BF16 copies (`bf16_gemm`, forced here: the RowDecoder computes FP32 on any
     CPU), within ROW_BF16_BOUND. Lone rows at T = 1, 2, 3, one with its blocks out of order."""
@@ -287,8 +288,8 @@ def _check_row_decoder(cfg: ModelConfig, weights: str) -> None:
     if fast._row_decoders()[0] is None:
         pytest.skip(f"no native RowDecoder here ({cpu_kernels.why_not_native})")
     for a in fast.weights.attn:
-        chosen = fast._row_attention(a)
-        assert decode._attention_bytes(chosen) <= decode._attention_bytes(a)
+        chosen = row_attention(a)
+        assert attention_bytes(chosen) <= attention_bytes(a)
         assert chosen.w_q.dtype == (torch.bfloat16 if bf16 else torch.float32)
     bound = decode.ROW_BF16_BOUND if bf16 else 1e-5
     tables = [cache.allocator.allocate(8) for _ in range(2)]

@@ -27,7 +27,7 @@ dsv3.infer.decode.weights:
   read through the block table, so its blocks need not be consecutive) whenever the kernels are
   native, on any geometry: where W_UK / W_UV are not folded (V3's shapes) it applies them per head
   to the query and to the attention output, as `_attention` does; it streams whichever attention
-  layout has fewer bytes (`_row_attention`: the few- or many-row folds, the BF16 copies where BF16
+  layout has fewer bytes (`dsv3.infer.decode.rows.row_attention`: the few- or many-row folds, the BF16 copies where BF16
   GEMMs run, within ROW_BF16_BOUND). That removes the ~200 operator
   launches per token that otherwise cost as much as the weights, and it splits its work across
   torch's threads (dsv3.infer.decode.kernels).
@@ -62,6 +62,7 @@ from dsv3.infer.decode import moe as decode_moe
 from dsv3.infer.decode.gemm import AmxPacked, Packed, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
+from dsv3.infer.decode.rows import row_decoder
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -326,47 +327,15 @@ class FastDecoder:
             return built
         ffns = [*w.ffn, *([w.mtp.ffn] if w.mtp else [])]
         gates = [(f.moe.gate, f.moe.gate.e_score_correction_bias) for f in ffns if f.moe is not None]
-        main = self._row_decoder(w.attn, w.ffn, self.pools)
-        mtp = self._row_decoder([w.mtp.attn], [w.mtp.ffn], self.mtp_pools) if self.can_draft() else None
+        dims = (self.H, self.R, self.P)
+        main = row_decoder(self.kernels, dims, w.attn, w.ffn, self.pools)
+        mtp = (
+            row_decoder(self.kernels, dims, [w.mtp.attn], [w.mtp.ffn], self.mtp_pools)
+            if self.can_draft()
+            else None
+        )
         self._rows = (main, mtp, w.attn, gates)
         return self._rows
-
-    def _row_decoder(self, attn: list[AttnWeights], ffn: list[FfnWeights], pools: list[torch.Tensor]):
-        make = getattr(self.kernels, "RowDecoder", None)
-        if make is None:
-            return None
-        row = make(self.H, self.R, self.P)
-        for a, f, pool in zip(attn, ffn, pools):
-            a = self._row_attention(a)
-            row.add_attention(
-                a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.w_uk, a.w_uv, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps
-            )
-            gate = f.moe.gate if f.moe is not None else None
-            row.add_ffn(
-                f.w_in, f.w_down, f.norm_w, f.gate_w,
-                None if gate is None else gate.e_score_correction_bias,
-                f.w13_all, f.w2_all, f.hidden,
-                0 if gate is None else f.moe.n_experts,
-                0 if gate is None else gate.top_k,
-                0 if gate is None else gate.n_groups,
-                0 if gate is None else gate.topk_groups,
-                gate is None or gate.score_func == "sigmoid",
-                0.0 if gate is None else gate.route_scale,
-                f.norm_eps,
-            )  # fmt: skip
-        return row
-
-    def _row_attention(self, a: AttnWeights) -> AttnWeights:
-        """The attention weights the one-row decoder streams: a lone token reads every matrix once, so
-        its time is their bytes. Of the few-row layout and the many-row one (`AttnWeights.many`:
-        other folds, and rounded to BF16 where BF16 GEMMs run, `bf16_gemm`), the one with fewer
-        bytes: v3-mini's unfolded W_UV + o_proj is half its folded o_proj, and the BF16 copies halve
-        the rest. FP32 layouts compute the model's products (exact to rounding, 1e-5); the BF16 copies
-        of the folded matrices are rounded once (each weight within 2^-9 relative: logits within
-        `ROW_BF16_BOUND`), the activations and the accumulation stay FP32."""
-        if a.many is None:
-            return a
-        return min((a, a.many), key=_attention_bytes)
 
     def _few(self, rows: int) -> Kernels:
         return self.kernels if rows <= KERNEL_ROWS else self._aten
@@ -521,8 +490,3 @@ def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if w.dtype == x.dtype:
         return torch.bmm(x, w)
     return torch.bmm(x.to(w.dtype), w).to(x.dtype)
-
-
-def _attention_bytes(a: AttnWeights) -> int:
-    """The bytes one token reads from an attention layer's matrices."""
-    return sum(t.numel() * t.element_size() for t in (a.w_in, a.w_q, a.w_o, a.w_uk, a.w_uv) if t is not None)

@@ -1,0 +1,65 @@
+"""The native one-row decoder's construction (DESIGN §8): a lone sequence's whole decode step, every
+layer's attention over its cache slice and its feed-forward with routing, in one call
+(`RowDecoder` in csrc/few_rows.cpp). dsv3.infer.decode.step.FastDecoder builds one for the main
+layers and one for MTP module 1, and rebuilds them with its weights.
+
+Shapes: H heads, R kv_lora_rank, P qk_rope_head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.infer.decode.weights import AttnWeights, FfnWeights
+
+
+def row_decoder(
+    kernels,
+    dims: tuple[int, int, int],
+    attn: list[AttnWeights],
+    ffn: list[FfnWeights],
+    pools: list[torch.Tensor],
+):
+    """A RowDecoder over these layers' weights and cache pools (dims: H, R, P), or None where
+    `kernels` has none (the torch reference)."""
+    make = getattr(kernels, "RowDecoder", None)
+    if make is None:
+        return None
+    row = make(*dims)
+    for a, f, pool in zip(attn, ffn, pools):
+        a = row_attention(a)
+        row.add_attention(
+            a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.w_uk, a.w_uv, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps
+        )
+        gate = f.moe.gate if f.moe is not None else None
+        row.add_ffn(
+            f.w_in, f.w_down, f.norm_w, f.gate_w,
+            None if gate is None else gate.e_score_correction_bias,
+            f.w13_all, f.w2_all, f.hidden,
+            0 if gate is None else f.moe.n_experts,
+            0 if gate is None else gate.top_k,
+            0 if gate is None else gate.n_groups,
+            0 if gate is None else gate.topk_groups,
+            gate is None or gate.score_func == "sigmoid",
+            0.0 if gate is None else gate.route_scale,
+            f.norm_eps,
+        )  # fmt: skip
+    return row
+
+
+def row_attention(a: AttnWeights) -> AttnWeights:
+    """The attention weights the one-row decoder streams: a lone token reads every matrix once, so
+    its time is their bytes. Of the few-row layout and the many-row one (`AttnWeights.many`: other
+    folds, and rounded to BF16 where BF16 GEMMs run, `bf16_gemm`), the one with fewer bytes:
+    v3-mini's unfolded W_UV + o_proj is half its folded o_proj, and the BF16 copies halve the rest.
+    FP32 layouts compute the model's products (exact to rounding, 1e-5); the BF16 copies of the
+    folded matrices are rounded once (each weight within 2^-9 relative: logits within
+    `dsv3.infer.decode.step.ROW_BF16_BOUND`), the activations and the accumulation stay FP32."""
+    if a.many is None:
+        return a
+    return min((a, a.many), key=attention_bytes)
+
+
+def attention_bytes(a: AttnWeights) -> int:
+    """The bytes one token reads from an attention layer's matrices."""
+    return sum(t.numel() * t.element_size() for t in (a.w_in, a.w_q, a.w_o, a.w_uk, a.w_uv) if t is not None)
