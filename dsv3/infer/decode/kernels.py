@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
 PAGED_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"  # GatheredKeys' native attend
-HEADER = Path(__file__).parent / "csrc" / "widen.h"  # the loads both sources include
+HEADER = Path(__file__).parent / "csrc" / "widen.h"  # the loads and the BF16 rounding the sources include
 ATTEND = Path(__file__).parent / "csrc" / "attend_impl.h"  # paged_attention.cpp's row loop, both widths
 AMX_SOURCE = Path(__file__).parent / "csrc" / "amx_gemm.cpp"  # dsv3.infer.decode.gemm.AmxPacked's GEMMs
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads

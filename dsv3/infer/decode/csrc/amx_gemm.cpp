@@ -28,6 +28,8 @@
 #include <cstring>
 #include <vector>
 
+#include "widen.h"  // dsv3::to_bf16
+
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define DSV3_AMX 1
@@ -131,11 +133,7 @@ void round_rows(const float* x, int64_t M, int64_t K, uint16_t* a, int64_t Kp) {
       __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + k + 16), _mm512_loadu_ps(s + k));
       _mm512_storeu_si512(d + k, (__m512i)v);
     }
-    for (; k < K; k++) {
-      uint32_t u;
-      std::memcpy(&u, s + k, 4);
-      d[k] = static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);  // finite values: RNE
-    }
+    for (; k < K; k++) d[k] = dsv3::to_bf16(s[k]);
   }
 }
 #pragma GCC pop_options

@@ -209,14 +209,7 @@ inline float dot(const float* a, const uint16_t* b, int64_t n) {
   return r;
 }
 
-// FP32 -> BF16 rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using dsv3::to_bf16;
 
 inline void store(float* dst, float v) { *dst = v; }
 inline void store(uint16_t* dst, float v) { *dst = to_bf16(v); }

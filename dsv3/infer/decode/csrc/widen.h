@@ -1,5 +1,6 @@
 // Loads shared by the native decode kernels (few_rows.cpp, paged_attention.cpp): FP32 values, or
-// BF16 ones widened to FP32 as they are loaded (exact: a BF16 value is the high half of its FP32).
+// BF16 ones widened to FP32 as they are loaded (exact: a BF16 value is the high half of its FP32);
+// and the one FP32 -> BF16 rounding (few_rows.cpp, amx_gemm.cpp).
 #pragma once
 
 #include <immintrin.h>
@@ -23,6 +24,15 @@ inline float load1(const uint16_t* p) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// FP32 -> BF16 rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
 
 }  // namespace dsv3
