@@ -124,6 +124,24 @@ def test_amx_packed_keeps_onednn_above_its_rows(native):
     assert not g._tiles and not g._packed
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16, 33])
+def test_amx_packed_bmm_is_one_grouped_gemm_per_head(native, rows):
+    """W_UK per head in V3's geometry ([128, 512], 4 heads here) on the strided query view the decode
+    step passes, and W_UV back ([512, 128]): one grouped call over the heads, each packed once."""
+    g = AmxPacked(native)
+    q = torch.randn(rows, 4, 192, generator=G)  # (rows, heads, nope 128 | rope 64)
+    w_uk = (torch.randn(4, 128, 512, generator=G) / 11).bfloat16()
+    w_uv = (torch.randn(4, 512, 128, generator=G) / 22).bfloat16()
+    x = q[..., :128].transpose(0, 1)  # (heads, rows, 128)
+    lat = g.bmm(x, w_uk)
+    assert lat.shape == (4, rows, 512) and lat.dtype == torch.float32
+    assert _rel(lat, torch.stack([_want(x[h], w_uk[h]) for h in range(4)])) <= BOUND
+    out = g.bmm(lat, w_uv)
+    assert _rel(out, torch.stack([_want(lat[h], w_uv[h]) for h in range(4)])) <= BOUND
+    assert len(g._tiles) == 2 and not g._packed
+    assert g.bmm(x[:, :0], w_uk).shape == (4, 0, 512)
+
+
 def test_many_row_gemm_picks_amx_only_where_it_runs(monkeypatch):
     """AmxPacked for BF16 GEMMs when the native kernels have AMX here; oneDNN's Packed with
     DSV3_AMX=0, for FP32 GEMMs, and without the native kernels."""

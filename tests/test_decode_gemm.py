@@ -94,6 +94,27 @@ def test_grouped_is_one_product_per_expert(kind, counts):
     assert _close(got.double(), want, 2e-2 if "bf16" in kind else 1e-6)
 
 
+@pytest.mark.parametrize("kind", ["aten", "widened", "bf16", "packed", "packed-bf16"])
+def test_bmm_is_one_product_per_group(kind):
+    """MLA's per-head W_UK / W_UV on strided views of the query (as the decode step passes them):
+    FP32 products on a kept FP32 copy where BF16 GEMMs do not run (`widened`, `packed`), BF16 ones
+    (the rows rounded) with them."""
+    if kind.startswith("packed") and (why := gemm_lib.why_not_packed(bf16=kind == "packed-bf16")):
+        pytest.skip(why)
+    make = {"aten": Aten, "widened": WidenOnce, "bf16": Bf16Gemm, "packed": Packed,
+            "packed-bf16": lambda: Packed(bf16=True)}  # fmt: skip
+    k = make[kind]()
+    q = torch.randn(6, 4, 40, generator=G)  # (rows, heads, nope | rope)
+    x, w = q[..., :32].transpose(0, 1), torch.randn(4, 32, 24, generator=G)  # (heads, rows, 32)
+    if kind != "aten":
+        w = w.bfloat16()
+    rounded = x.bfloat16() if kind in ("bf16", "packed-bf16") else x
+    got = k.bmm(x, w)
+    assert got.shape == (4, 6, 24) and got.dtype == x.dtype
+    assert _close(got.double(), rounded.double() @ w.double(), 1e-2 if "bf16" in kind else 1e-6)
+    assert torch.equal(k.bmm(x, w), got)  # the kept copy gives the same product
+
+
 def test_many_row_gemm_choice(monkeypatch):
     monkeypatch.setenv("DSV3_ONEDNN_PACKED", "0")
     assert gemm_lib.why_not_packed() == "DSV3_ONEDNN_PACKED=0"

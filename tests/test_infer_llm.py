@@ -224,7 +224,7 @@ def test_an_interrupted_generate_aborts_its_requests(ckpt):
 
 def test_a_request_failing_in_the_engine_raises_after_the_others_finish(ckpt, monkeypatch):
     import dsv3.infer.engine as engine_module
-    from dsv3.infer.engine import RequestFailed
+    from dsv3.infer.outputs import RequestFailed
 
     real = engine_module.logprob_entries
 

@@ -33,7 +33,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from dsv3.deploy.kv_transfer import KVReceiver, KVSender, KVTransferError, TransferStats, gather_blocks
-from dsv3.infer.engine import Engine, RequestOutput
+from dsv3.infer.engine import Engine
+from dsv3.infer.outputs import RequestOutput
 
 
 def send_msg(conn: Any, msg: Any) -> None:

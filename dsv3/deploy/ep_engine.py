@@ -59,8 +59,9 @@ import torch
 import torch.distributed as dist
 
 from dsv3.config import ConfigError
-from dsv3.infer.engine import Engine, EngineConfig, RequestOutput, _group_chunks
+from dsv3.infer.engine import Engine, EngineConfig, _group_chunks
 from dsv3.infer.eplb.planner import POLICIES
+from dsv3.infer.outputs import RequestOutput
 from dsv3.model.moe import MoE
 from dsv3.model.transformer import Transformer
 from dsv3.parallel.comm import WIRES, CommStats, Link, PeerFailure

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from dsv3.deploy.disagg import recv_msg, send_msg
-from dsv3.infer.engine import RequestOutput
+from dsv3.infer.outputs import RequestOutput
 from dsv3.infer.scheduler import RequestError
 from dsv3.serve.engine_loop import Delta, EngineDead, EngineLoop, LoopStats, _Add
 

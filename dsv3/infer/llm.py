@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from dsv3.checkpoint import load_pretrained
-from dsv3.infer.engine import Engine, EngineConfig, RequestFailed, RequestOutput
+from dsv3.infer.engine import Engine, EngineConfig
+from dsv3.infer.outputs import RequestFailed, RequestOutput
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.scheduler import RequestError
 from dsv3.model.transformer import Transformer

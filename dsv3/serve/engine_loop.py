@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv3.infer.engine import Engine, RequestOutput
+from dsv3.infer.engine import Engine
+from dsv3.infer.outputs import RequestOutput
 from dsv3.infer.sampling import SamplingParams
 
 

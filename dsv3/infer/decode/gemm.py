@@ -16,6 +16,8 @@ One contract, four implementations:
 - `addmm_(out, x, w, alpha)`: out += alpha * x @ w, in place;
 - `grouped(x, w, starts)`: rows x [M, K] sorted by expert, w [E, K, N], starts [E + 1] the rows'
   boundaries -> [M, N], row block e times w[e] (the routed experts of many tokens);
+- `bmm(x, w)`: x [G, M, K] @ w [G, K, N] -> [G, M, N], one matrix per group (MLA's W_UK and W_UV
+  per head where they are not folded: the real V3 geometry's batched decode);
 - `clear()`: drop what was kept (the weights were rebuilt).
 `Aten`: ATen's GEMMs in the activations' dtype (weights `.to` per call). `WidenOnce`: the same on
 BF16-stored weights widened once and kept (CPUs without BF16 arithmetic). `Bf16Gemm`: BF16 weights
@@ -50,6 +52,9 @@ class Aten(Reference):
     def grouped(self, x: torch.Tensor, w: torch.Tensor, starts: list[int]) -> torch.Tensor:
         offsets = torch.tensor(starts[1:], dtype=torch.int32, device=x.device)
         return grouped_linear(x, self.wide(w, x.dtype), offsets)
+
+    def bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, self.wide(w, x.dtype))
 
     def clear(self) -> None:
         pass
@@ -114,6 +119,11 @@ class Bf16Gemm(Aten):
         offsets = counts.cumsum(0).to(device=x.device, dtype=torch.int32)
         return unpad_rows(grouped_linear(xp, w, offsets), rows).to(x.dtype)
 
+    def bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if w.dtype != torch.bfloat16:
+            return super().bmm(x, w)
+        return torch.bmm(x.to(w.dtype), w).to(x.dtype)
+
 
 class Packed:
     """Every weight packed once into oneDNN's blocked layout and multiplied there (see the module
@@ -127,6 +137,7 @@ class Packed:
         self.bf16 = bf16
         self.name = "onednn-packed-bf16" if bf16 else "onednn-packed"
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
+        self._wide: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `bmm`'s FP32 copies
 
     def packed(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """w [K, N] packed for `linear` ([N, K] in oneDNN's layout) and the dtype it computes in."""
@@ -139,6 +150,7 @@ class Packed:
 
     def clear(self) -> None:
         self._packed.clear()
+        self._wide.clear()
 
     def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         p, dtype = self.packed(w)
@@ -175,6 +187,19 @@ class Packed:
             if b > a:
                 out[a:b] = _linear(src[a : a + rows[e]], self.packed(w[e])[0])[: b - a]
         return out.to(x.dtype)
+
+    def bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """ATen's batched GEMM (not packed: a per-head product is small), in BF16 for BF16-stored
+        weights with `bf16`, else in FP32 on a kept FP32 copy (BF16 products on CPUs without BF16
+        arithmetic run at ~1 GFLOP/s)."""
+        if w.dtype == x.dtype:
+            return torch.bmm(x, w)
+        if self.bf16 and w.dtype == torch.bfloat16:
+            return torch.bmm(x.to(w.dtype), w).to(x.dtype)
+        key = (w.data_ptr(), tuple(w.shape), w.stride(), x.dtype)
+        if key not in self._wide:
+            self._wide[key] = (w, w.to(x.dtype))
+        return torch.bmm(x, self._wide[key][1])
 
 
 AMX_ROWS = 32  # up to this many rows AmxPacked multiplies on its own AMX kernel; more: oneDNN's
@@ -220,6 +245,18 @@ class AmxPacked(Packed):
         if w.dtype != torch.bfloat16 or x.dtype != torch.float32:
             return super().grouped(x, w, starts)
         return self._native.amx_grouped(x, self.tiles(w), starts, w.shape[-1])
+
+    def bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The per-group products as one grouped GEMM on the tiles (group g's M rows times w[g]):
+        per head, W_UK and W_UV of the real V3 geometry are [128, 512] and [512, 128], which ATen's
+        BF16 batched GEMM ran at ~90 GFLOP/s here."""
+        if w.dtype != torch.bfloat16 or x.dtype != torch.float32 or not x.numel():
+            return super().bmm(x, w)
+        G, M, K = x.shape
+        y = self._native.amx_grouped(
+            x.reshape(G * M, K), self.tiles(w), list(range(0, G * M + 1, M)), w.shape[-1]
+        )
+        return y.view(G, M, -1)
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor:

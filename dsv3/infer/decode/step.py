@@ -422,11 +422,11 @@ class FastDecoder:
             else:
                 if w.w_uk is not None:  # W_UK per head: (H, rows, N) @ (H, N, R)
                     qs = torch.cat(
-                        [_bmm(qs[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), qs[..., n:]], -1
+                        [self._aten.bmm(qs[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), qs[..., n:]], -1
                     )
                 o = keys.attend(layer, qs)  # (rows, H, R)
                 if w.w_uv is not None:  # W_UV per head: (H, rows, R) @ (H, R, V)
-                    o = _bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
+                    o = self._aten.bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
                 outs.append(o.reshape(rows, -1))
             lo = hi
         return self._mm(outs[0] if len(outs) == 1 else torch.cat(outs), w.w_o, x)  # residual + o_proj
@@ -483,10 +483,3 @@ class FastDecoder:
             decode_moe.experts(x, xg, w, weights, idx, self._aten)
             routed.append(idx)
         return x
-
-
-def _bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [G, M, K] @ w [G, K, N] in w's dtype (a BF16-stored w: BF16 GEMMs, as `Bf16Gemm`), x's out."""
-    if w.dtype == x.dtype:
-        return torch.bmm(x, w)
-    return torch.bmm(x.to(w.dtype), w).to(x.dtype)
