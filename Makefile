@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsv3-installed
 
-.PHONY: setup demo post-training test lint format clean
+.PHONY: setup demo post-training test test-all lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: setup
 post-training: setup
 	$(PY) bench/post_training.py --base runs/demo/checkpoints/step_00000500 --work runs/post
 
+# the suite but for the cells marked `slow` (their coverage is in the default run in cheaper form)
 test: setup
+	$(PY) -m pytest -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest
 
 lint: setup

@@ -69,7 +69,6 @@ def test_fast_logits_equal_full_forward(tiny, variant, fold, native, weights):
     _check_fast_equals_forward(_model(tiny.replace(**VARIANTS[variant])), fold, native, weights)
 
 
-@pytest.mark.slow
 def test_fast_logits_equal_full_forward_on_one_671b_layer():
     """The real V3 geometry, where neither W_UK nor W_UV folds: the RowDecoder (native kernels)
     applies both per head; the batched rows run the same weights on ATen (the torch and BF16
@@ -293,7 +292,6 @@ def test_row_decoder_layouts_on_the_presets(preset, weights):
     _check_row_decoder(ModelConfig.from_preset(preset).replace(**ROW_MODELS[preset]), weights)
 
 
-@pytest.mark.slow
 def test_row_decoder_bf16_attention_on_one_671b_layer():
     """As above on one layer of the 671B geometry (W_UK and W_UV per head), BF16 attention copies."""
     _check_row_decoder(ModelConfig.from_preset("671b").replace(**V3_LAYER), "bf16")

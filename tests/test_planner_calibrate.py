@@ -11,7 +11,6 @@ from dsv3.planner.hardware import Hardware
 
 
 @pytest.mark.dist
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_calibrate_fits_a_profile_and_reports_held_out_runs(tmp_path):
     cfg = ModelConfig.from_preset("tiny")

@@ -173,7 +173,6 @@ def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path, small_data
         assert latest_valid_checkpoint(tmp_path / "t" / "checkpoints") == ckpts[0]
 
 
-@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, small_data):
     data, cache, ds = small_data
     out = tmp_path / "kill"
