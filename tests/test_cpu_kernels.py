@@ -235,3 +235,11 @@ def test_kernel_plan_follows_the_cpu_flags():
     assert avx2.kind == "avx2-fp32" and not avx2.bf16_gemm
     assert cpu_kernels.plan_kernels([]).kind == "generic-fp32"
     assert "FP32 GEMMs" in avx2.line("native", True, False)
+
+
+def test_kernel_plan_line_names_the_row_splits():
+    amx = cpu_kernels.plan_kernels(["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"])
+    line = amx.line("native", True, True, packed=True, amx_rows=32, kernel_rows=4)
+    assert "up to 4 rows: native kernels" in line
+    assert "AMX tiles up to 32 rows, for the routed experts and per-head W_UK / W_UV, else oneDNN" in line
+    assert "AMX" not in amx.line("native", True, True, packed=True)

@@ -116,20 +116,25 @@ class KernelPlan:
         packed: bool = False,
         attention: str = "",
         cache: torch.dtype | None = None,
-        amx: bool = False,
+        amx_rows: int = 0,
+        kernel_rows: int = 4,
     ) -> str:
-        """The one log line stating the choice (native: the few-row kernels' name; packed: the
-        many-row GEMMs run on oneDNN-packed weights, dsv3.infer.decode.gemm; attention: the batched
-        attention's kernel; cache: the latent cache's dtype; amx: up to 32 rows and the routed
-        experts on dsv3's AMX kernel, dsv3.infer.decode.gemm.AmxPacked)."""
+        """The one log line stating the choice (native: the few-row kernels' name, which run up to
+        `kernel_rows` rows; packed: the many-row GEMMs run on oneDNN-packed weights,
+        dsv3.infer.decode.gemm; attention: the batched attention's kernel; cache: the latent cache's
+        dtype; amx_rows: products of up to this many rows, the routed experts and the per-head W_UK /
+        W_UV on dsv3's AMX kernel, dsv3.infer.decode.gemm.AmxPacked; 0: not used)."""
         lib = "oneDNN, packed weights" if packed else "oneDNN" if bf16_gemm else "ATen"
-        if amx:
-            lib = "AMX tiles up to 32 rows and for the routed experts, else " + lib
+        if amx_rows:
+            lib = (
+                f"AMX tiles up to {amx_rows} rows, for the routed experts and per-head W_UK / W_UV, else "
+                + lib
+            )
         many = f"BF16 GEMMs ({lib}) on the BF16 weights" if bf16_gemm else f"FP32 GEMMs ({lib})"
         stored = "BF16" if bf16_weights else "model-dtype"
         return (
             f"dsv3 decode kernels: {self.kind} (CPU flags: {' '.join(self.flags) or 'none read'}); "
-            f"up to 4 rows: {native} kernels, FP32 compute on {stored} feed-forward weights; more rows: {many}"
+            f"up to {kernel_rows} rows: {native} kernels, FP32 compute on {stored} feed-forward weights; more rows: {many}"
             + (f"; batched attention: {attention}" if attention else "")
             + (f"; KV cache: {_DTYPE_NAMES.get(cache, str(cache))}" if cache is not None else "")
         )

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
-from dsv3.infer.decode.gemm import AmxPacked, Packed, many_row_gemm
+from dsv3.infer.decode.gemm import AMX_ROWS, AmxPacked, Packed, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
 from dsv3.infer.decode.rows import row_decoder
@@ -125,7 +125,8 @@ class FastDecoder:
                     self._packed,
                     attention,
                     cache.data.dtype,
-                    amx=isinstance(self._aten, AmxPacked),
+                    amx_rows=AMX_ROWS if isinstance(self._aten, AmxPacked) else 0,
+                    kernel_rows=KERNEL_ROWS,
                 )
             )
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)
