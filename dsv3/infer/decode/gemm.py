@@ -137,7 +137,7 @@ class Packed:
         self.bf16 = bf16
         self.name = "onednn-packed-bf16" if bf16 else "onednn-packed"
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.dtype]] = {}
-        self._wide: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `bmm`'s FP32 copies
+        self._widened = WidenOnce()  # `bmm`'s kept FP32 copies of BF16 weights (without BF16 GEMMs)
 
     def packed(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """w [K, N] packed for `linear` ([N, K] in oneDNN's layout) and the dtype it computes in."""
@@ -150,7 +150,7 @@ class Packed:
 
     def clear(self) -> None:
         self._packed.clear()
-        self._wide.clear()
+        self._widened.clear()
 
     def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         p, dtype = self.packed(w)
@@ -192,14 +192,9 @@ class Packed:
         """ATen's batched GEMM (not packed: a per-head product is small), in BF16 for BF16-stored
         weights with `bf16`, else in FP32 on a kept FP32 copy (BF16 products on CPUs without BF16
         arithmetic run at ~1 GFLOP/s)."""
-        if w.dtype == x.dtype:
-            return torch.bmm(x, w)
-        if self.bf16 and w.dtype == torch.bfloat16:
+        if self.bf16 and w.dtype == torch.bfloat16 and x.dtype != w.dtype:
             return torch.bmm(x.to(w.dtype), w).to(x.dtype)
-        key = (w.data_ptr(), tuple(w.shape), w.stride(), x.dtype)
-        if key not in self._wide:
-            self._wide[key] = (w, w.to(x.dtype))
-        return torch.bmm(x, self._wide[key][1])
+        return self._widened.bmm(x, w)
 
 
 AMX_ROWS = 32  # up to this many rows AmxPacked multiplies on its own AMX kernel; more: oneDNN's
