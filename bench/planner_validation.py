@@ -11,7 +11,10 @@ Settings taken from the publications, not chosen to fit:
             608B input tokens (56.3% cache hits) and 168B output tokens a day, mean KV length
             4,989 tokens per output token -> input 4,384 and output 1,211 tokens per request
             (input/output = 608/168 and input + output/2 = 4,989); decode SLO 1000/21 ms
-            (20-22 tokens/s per user); the prefill and decode units of §3.4.
+            (20-22 tokens/s per user); the prefill and decode units of §3.4, and those the blog
+            names for the production system (prefill: attention/shared expert DP32 with EP32 over
+            4 nodes; decode: DP144 with EP144 over 18 nodes, 2 routed experts and the shared
+            expert on every GPU; 32 redundant experts in both).
   training  §3.1/§4.2: 2048 H800, PP16 DualPipe, EP64 over 8 nodes, ZeRO-1, FP8, batch 15360 x 4K,
             14.8T tokens. Context extension (§4.3): 1000 steps at 32K (batch 1920) and 1000 at
             128K (batch 480); the planner needs >= 2 PP micro-batches per step for DualPipe, so
@@ -29,6 +32,8 @@ from dsv3.planner.train import TrainLayout, plan_train
 
 V3 = ModelConfig.from_preset("671b")
 MIX = dict(input_len=4384, output_len=1211, cache_hit=0.563, tpot_ms=1000 / 21)
+# the units of the inference-system blog (the source of the published per-node figures)
+BLOG = dict(prefill_tp=1, decode_gpus=144, decode_tp=1, decode_ep=144, shared_as_routed=False)
 EXTENSION = [(32768, 1000 * 1920 * 32768), (131072, 1000 * 480 * 131072)]  # (seq, tokens) per phase
 
 
@@ -39,6 +44,11 @@ def rows(hw) -> list[tuple[str, float | None, float, str]]:
         ("prefill input tokens/s per node (cache hits counted)", s.prefill.input_tps_per_node, 73.7e3, "tokens/s"),
         ("decode output tokens/s per node", s.decode.output_tps_per_node, 14.8e3, "tokens/s"),
         ("decode tokens/s per user (at the SLO's batch)", 1 / s.decode.tpot_s, 21.0, "tokens/s"),
+    ]  # fmt: skip
+    b = plan_serve(V3, hw, ServeLayout(**MIX, **BLOG))
+    out += [
+        ("prefill, the blog's unit (DP32 x EP32)", b.prefill.input_tps_per_node, 73.7e3, "tokens/s"),
+        ("decode, the blog's unit (DP144 x EP144)", b.decode.output_tps_per_node, 14.8e3, "tokens/s"),
     ]  # fmt: skip
     pre = plan_train(V3, hw, TrainLayout())
     out.append(("pre-training GPU-hours per trillion tokens", pre.gpu_hours_per_t, 180e3, "GPU-h"))
