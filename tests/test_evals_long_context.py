@@ -139,3 +139,52 @@ def test_long_context_command_on_a_checkpoint(tmp_path, tok, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert (out / "passkey.png").exists() and "passkey accuracy by length" in printed
     assert "passkey by log-likelihood (chance 0.10)" in printed
+
+
+def test_passkey_training_rows_are_prompt_completions_the_evaluation_scores(tok, tmp_path, capsys):
+    from dsv3.cli import main
+    from dsv3.data.chat import read_conversations, render
+    from dsv3.evals.long_context import passkey_training_rows
+
+    rows = passkey_training_rows(tok, 40, 128, 224, filler=FILLER)
+    lengths = [len([tok.bos_id, *tok.encode(r["prompt"])]) for r in rows]
+    assert (
+        124 <= min(lengths) and max(lengths) <= 228 and max(lengths) - min(lengths) > 40
+    )  # spread, in range
+    for r in rows:
+        key = r["completion"].strip(" .")
+        assert r["completion"] == f" {key}." and NEEDLE.format(key=key) in r["prompt"]
+        assert r["prompt"].endswith("What is the pass key? The pass key is")
+    # no training prompt is an evaluation prompt (their own random stream)
+    eval_prompts = {row["prompt"] for row in passkey_task(tok, [128], [0.0, 0.5, 1.0], 5, filler=FILLER).rows}
+    assert not eval_prompts & {r["prompt"] for r in rows}
+    ckpt = tmp_path / "tok"
+    tok.save(ckpt)
+    out = tmp_path / "pk.jsonl"
+    assert (
+        main(
+            [
+                "synth",
+                "--passkey",
+                "--tokenizer",
+                str(ckpt),
+                "--lengths",
+                "128-192",
+                "--n",
+                "12",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    got = read_conversations(out)
+    assert len(got) == 12 and all(set(r) == {"prompt", "completion"} for r in got)
+    ids, mask = render(tok, got[0])  # trained on exactly the completion and its eos
+    want = tok.encode(got[0]["completion"]) + [tok.eos_id]
+    assert ids[-len(want) :] == want and mask == [0] * (len(ids) - len(want)) + [1] * len(want)
+    assert ids[0] == tok.bos_id and ids[1 : len(ids) - len(want)] == tok.encode(got[0]["prompt"])
+    assert main(["synth", "--passkey", "--out", str(out)]) == 2
+    assert "--passkey: needs --tokenizer" in capsys.readouterr().err
+    assert main(["synth", "--passkey", "--tokenizer", str(ckpt), "--lengths", "64", "--out", str(out)]) == 2
+    assert "--lengths '64': expected MIN-MAX" in capsys.readouterr().err

@@ -167,6 +167,12 @@ def test_chat_data_errors_name_file_and_line(tmp_path):
                     '{"messages": [{"role": "robot", "content": "a"}]}\n')  # fmt: skip
     with pytest.raises(ChatDataError, match=r"c.jsonl:2: messages\[0\].role"):
         read_conversations(path)
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+    with pytest.raises(ChatDataError, match=r"c.jsonl:2: 'completion' must be a string"):
+        read_conversations(path)
+    path.write_text('{"prompt": "a", "completion": ""}\n')
+    with pytest.raises(ChatDataError, match=r"c.jsonl:1: empty 'completion'"):
+        read_conversations(path)
 
 
 def test_synthesised_demo_chats_are_valid_conversations(tok, tmp_path):

@@ -137,3 +137,28 @@ def test_init_errors_are_one_line(pretrained, tmp_path):
     args = parse_train_args(["--init", str(ckpt), "--out", str(tmp_path / "o"), "model.n_layers=2"])
     with pytest.raises(ConfigError, match="--init .*: the model differs"):
         Trainer(build_config(args), show_progress=False)
+
+
+def test_a_phase_from_an_sft_checkpoint_takes_the_pre_training_run_behind_it(pretrained, tmp_path):
+    """`dsv3 sft` on passkey rows, then `--phase ctx1` from its checkpoint: the recipe is the one the
+    pre-trained run gets (its data, shape, lr), not the SFT file and the SFT lr."""
+    from dsv3.data.tokenizer import Tokenizer
+    from dsv3.evals.long_context import passkey_training_rows
+    from dsv3.train.phases import init_values
+    from dsv3.train.sft import SFTConfig, run_sft
+
+    root, ckpt = pretrained
+    tok = Tokenizer.load(ckpt)
+    filler = " ".join(WORDS * 40)
+    rows = passkey_training_rows(tok, 12, 100, 120, filler=filler)
+    data = tmp_path / "pk.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_sft(SFTConfig(init=str(ckpt), data=str(data), out=str(tmp_path / "sft"), lr=1e-3, batch=4,
+                            max_steps=1, progress=False), log=lambda *_: None)  # fmt: skip
+    from_sft, from_pre = init_values(out["checkpoint"], "ctx1"), init_values(ckpt, "ctx1")
+    differ = {k for k in set(from_sft) | set(from_pre) if from_sft.get(k) != from_pre.get(k)}
+    assert differ <= {"init", "tokenizer", "precision"}, differ  # precision: "auto" again, SFT ran FP32
+    assert from_sft["data"] == from_pre["data"] != str(data)
+    assert from_sft["lr"] == pytest.approx(
+        3e-3 * paper.TAIL_LR / paper.PEAK_LR
+    )  # the pre-training's lr, scaled

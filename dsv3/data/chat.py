@@ -6,6 +6,11 @@ rendered exactly as `Tokenizer.apply_chat_template(messages, add_generation_prom
 
     <bos> system <｜User｜> user <｜Assistant｜> assistant <eos> <｜User｜> user <｜Assistant｜> assistant <eos>
 
+A prompt-completion row `{"prompt": str, "completion": str}` (the format of OpenAI's legacy
+fine-tuning files and TRL's prompt-completion data sets) is rendered plainly, without the chat
+markers: `<bos> prompt completion <eos>`, the two parts tokenized apart (as a prompt is at
+inference), the mask 1 on the completion and its eos.
+
 The loss mask is 1 on exactly the tokens the model writes in a chat: each assistant reply's
 content and the eos that ends it (so it learns to stop); 0 on bos, the system prompt, the user
 turns and the role markers, which the chat prompt provides (`<｜Assistant｜>` is the generation
@@ -36,8 +41,17 @@ class ChatDataError(Dsv3Error, ValueError):
     """A chat data file is malformed; the message is `file:line: what is wrong`."""
 
 
-def render(tok: Tokenizer, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one conversation in the V3 chat format (see the module docstring)."""
+def render(
+    tok: Tokenizer, messages: Sequence[dict[str, str]] | dict[str, str]
+) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of one conversation in the V3 chat format, or of one prompt-completion
+    row (see the module docstring)."""
+    if isinstance(messages, dict):
+        prompt, completion = (
+            tok._encode_plain(messages["prompt"]),
+            [*tok._encode_plain(messages["completion"]), tok.eos_id],
+        )
+        return [tok.bos_id, *prompt, *completion], [0] * (1 + len(prompt)) + [1] * len(completion)
     if tok.user_id is None or tok.assistant_id is None:
         raise TokenizerError(
             "the tokenizer has no <｜User｜>/<｜Assistant｜> tokens; migrate it (add_chat_tokens)"
@@ -61,8 +75,9 @@ def render(tok: Tokenizer, messages: Sequence[dict[str, str]]) -> tuple[list[int
     return ids, mask
 
 
-def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
-    """The `messages` of every line of a JSONL file; ChatDataError naming file and line."""
+def read_conversations(path: str | Path) -> list[list[dict[str, str]] | dict[str, str]]:
+    """The `messages` of every line of a JSONL file, or the line itself for a prompt-completion row;
+    ChatDataError naming file and line."""
     path = Path(path)
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -72,9 +87,19 @@ def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ChatDataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(row, dict) and "messages" not in row and ("prompt" in row or "completion" in row):
+            for name in ("prompt", "completion"):
+                if not isinstance(row.get(name), str):
+                    raise ChatDataError(f"{path}:{n}: '{name}' must be a string in a prompt-completion row")
+            if not row["completion"]:
+                raise ChatDataError(f"{path}:{n}: empty 'completion' (nothing to learn)")
+            out.append({"prompt": row["prompt"], "completion": row["completion"]})
+            continue
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not messages:
-            raise ChatDataError(f"{path}:{n}: expected an object with a non-empty 'messages' list")
+            raise ChatDataError(
+                f"{path}:{n}: expected an object with a non-empty 'messages' list (or 'prompt' and 'completion')"
+            )
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                 raise ChatDataError(f"{path}:{n}: messages[{i}].role must be system, user or assistant")

@@ -9,6 +9,10 @@ Four kinds of conversations, each answer checkable from the corpus itself:
 A fifth of the conversations have a system prompt, a quarter are two turns (multi-turn).
 With `--model CKPT --samples N`, a model writes the answers instead and only those passing the
 task's check are kept (rejection sampling, dsv3.data.rejection).
+
+With `--passkey --tokenizer CKPT`, it writes prompt-completion rows of the passkey retrieval task
+instead (dsv3.evals.long_context.passkey_training_rows): a model that has never learned to copy from
+its context can learn it from them (`dsv3 sft --data`) before a context extension is measured.
 """
 
 from __future__ import annotations
@@ -104,6 +108,10 @@ def synth_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--n", type=positive_int, default=600, help="conversations")
     p.add_argument("--seed", type=int, default=0)
+    k = p.add_argument_group("passkey retrieval rows (prompt-completion) instead of conversations")
+    k.add_argument("--passkey", action="store_true", help="write passkey retrieval rows")
+    k.add_argument("--tokenizer", help="checkpoint or tokenizer.json whose token counts set the lengths")
+    k.add_argument("--lengths", default="64-256", help="prompt lengths in tokens, MIN-MAX (uniform)")
     g = p.add_argument_group("rejection sampling (answers written by a model, kept if they pass a check)")
     g.add_argument("--model", help="checkpoint that writes the answers (with tokenizer.json)")
     g.add_argument("--samples", type=positive_int, default=4, help="answers sampled per question")
@@ -112,7 +120,9 @@ def synth_main(argv: list[str] | None = None) -> int:
     g.add_argument("--report", help="write the acceptance counts here (JSON)")
     add_threads_argument(g)
     args = p.parse_args(argv)
-    if args.model is None:
+    if args.passkey:
+        rows = _passkey_rows(args)
+    elif args.model is None:
         rows = synthesise(args.n, args.seed)
     else:
         rows = _rejection_rows(args)
@@ -120,8 +130,26 @@ def synth_main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
     )
-    print(f"wrote {len(rows)} conversations to {args.out}")
+    print(f"wrote {len(rows)} {'passkey rows' if args.passkey else 'conversations'} to {args.out}")
     return 0
+
+
+def _passkey_rows(args: argparse.Namespace) -> list[dict]:
+    from dsv3.cli import UsageError
+    from dsv3.data.tokenizer import Tokenizer
+    from dsv3.evals.long_context import passkey_training_rows
+
+    if args.model is not None:
+        raise UsageError("--passkey: the rows are made by rule; drop --model")
+    if args.tokenizer is None:
+        raise UsageError("--passkey: needs --tokenizer CKPT (lengths are counted in its tokens)")
+    lo, sep, hi = args.lengths.partition("-")
+    if not (sep and lo.strip().isdigit() and hi.strip().isdigit()):
+        raise UsageError(f"--lengths {args.lengths!r}: expected MIN-MAX, e.g. 64-256")
+    if not Path(args.tokenizer).exists():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    tok = Tokenizer.load(args.tokenizer)
+    return passkey_training_rows(tok, args.n, int(lo), int(hi), args.seed)
 
 
 def _rejection_rows(args: argparse.Namespace) -> list[dict]:

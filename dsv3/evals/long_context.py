@@ -51,24 +51,48 @@ def passkey_rows(
     for length in lengths:
         for depth in depths:
             for _ in range(per_cell):
-                key = str(int(rng.integers(10_000, 100_000)))
-                needle, question = tok.encode(NEEDLE.format(key=key)), tok.encode(QUESTION)
-                room = length - 1 - len(needle) - len(question)
-                if room < 0:
-                    from dsv3.cli import UsageError
-
-                    raise UsageError(f"--lengths {length}: too short for the needle and the question")
-                start = int(rng.integers(0, len(filler_ids) - room))
-                hay = filler_ids[start : start + room]
-                cut = round(depth * room)
-                # decode pieces separately: the token count is what the model sees, up to merges
-                prompt = (
-                    tok.decode(hay[:cut])
-                    + NEEDLE.format(key=key)
-                    + tok.decode(hay[cut:])
-                    + QUESTION.lstrip(" ")
-                )
+                prompt, key = _passkey_prompt(tok, filler_ids, rng, length, depth)
                 rows.append({"prompt": prompt, "answer": key, "length": length, "depth": depth})
+    return rows
+
+
+def _passkey_prompt(
+    tok, filler_ids: list[int], rng: np.random.Generator, length: int, depth: float
+) -> tuple[str, str]:
+    """One prompt of `length` tokens with its needle at relative `depth`, and its key."""
+    key = str(int(rng.integers(10_000, 100_000)))
+    needle, question = tok.encode(NEEDLE.format(key=key)), tok.encode(QUESTION)
+    room = length - 1 - len(needle) - len(question)
+    if room < 0:
+        from dsv3.cli import UsageError
+
+        raise UsageError(f"--lengths {length}: too short for the needle and the question")
+    start = int(rng.integers(0, len(filler_ids) - room))
+    hay = filler_ids[start : start + room]
+    cut = round(depth * room)
+    # decode pieces separately: the token count is what the model sees, up to merges
+    prompt = tok.decode(hay[:cut]) + NEEDLE.format(key=key) + tok.decode(hay[cut:]) + QUESTION.lstrip(" ")
+    return prompt, key
+
+
+def passkey_training_rows(
+    tok, n: int, min_len: int, max_len: int, seed: int = 0, filler: str | None = None
+) -> list[dict[str, str]]:
+    """`n` prompt-completion rows for learning the task: prompts as the evaluation's, of a length
+    drawn uniformly in [min_len, max_len] tokens with the needle at a uniform depth, and the
+    completion " KEY." that the evaluation's exact match reads. Keys and filler windows come from
+    their own random stream (seed + 7919): with the evaluation's default seeds no prompt repeats."""
+    if not 0 < min_len <= max_len:
+        from dsv3.cli import UsageError
+
+        raise UsageError(f"--lengths {min_len}-{max_len}: need 0 < min <= max")
+    filler_ids = tok.encode(filler if filler is not None else filler_text())
+    rng = np.random.default_rng(seed + 7919)
+    rows = []
+    for _ in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        prompt, key = _passkey_prompt(tok, filler_ids, rng, length, float(rng.random()))
+        rows.append({"prompt": prompt, "completion": f" {key}."})
     return rows
 
 

@@ -71,8 +71,12 @@ def init_values(path: str | Path, phase: str | None) -> dict[str, Any]:
             raise ConfigError(f"--phase {phase}: needs a training checkpoint (with trainer.json) as --init")
         return {"init": str(path), "tokenizer": str(path)}
     saved = dict(state.get("config") or {})
+    if saved.get("phase") == "sft":  # the pre-training settings behind an SFT run (its own are SFT's)
+        if "train_config" not in state:
+            raise ConfigError(f"--init {path}: this SFT checkpoint records no training run to continue from")
+        saved = {**state["train_config"], "phase": "sft", "pretraining_lr": saved["pretraining_lr"]}
     recipe_from = dict(saved)
-    for key in ("out", "init", "phase", "steps", "warmup_steps"):
+    for key in ("out", "init", "phase", "steps", "warmup_steps", "pretraining_lr"):
         saved.pop(key, None)
     if saved.get("precision") == "auto" and state.get("precision"):
         saved["precision"] = state["precision"]
@@ -84,7 +88,10 @@ def init_values(path: str | Path, phase: str | None) -> dict[str, Any]:
 
 def pretraining_lr(saved: dict[str, Any]) -> float:
     """The pre-training peak lr behind a run's saved TrainConfig fields: a context-extension run's own
-    lr is the pre-training's x tail_lr_ratio (7.3e-6 / 2.2e-4 in the paper)."""
+        lr is the pre-training's x tail_lr_ratio (7.3e-6 / 2.2e-4 in the paper); an SFT run records the
+    one behind its init."""
+    if saved.get("phase") == "sft" and "pretraining_lr" in saved:  # an SFT run records its init's
+        return float(saved["pretraining_lr"])
     lr = float(saved.get("lr", paper.PEAK_LR))
     if saved.get("phase") in PHASES:
         lr /= float(saved.get("tail_lr_ratio", paper.TAIL_LR / paper.PEAK_LR))

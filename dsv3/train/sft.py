@@ -47,8 +47,10 @@ class SFTConfig:
     batch: int = 8  # conversations per step
     seq_len: int | None = None  # tokens per conversation at most; None: the model's max_seq_len
     val_fraction: float = 0.1
+    max_val: int = 256  # held-out rows at most (a large data set's held-out loss is timed twice)
     seed: int = 0
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    progress: bool = True  # a tqdm bar over the steps (stderr)
     weight_decay: float = paper.WEIGHT_DECAY
     grad_clip: float = paper.GRAD_CLIP
     mtp_lambda: float = paper.MTP_LAMBDA_LATE
@@ -64,14 +66,34 @@ class SFTConfig:
             raise ConfigError(f"val_fraction: must be in (0, 1) (got {self.val_fraction!r})")
 
 
+def init_train_config(cfg: SFTConfig) -> dict[str, Any] | None:
+    """The TrainConfig fields of the run behind the init checkpoint (None without a training state;
+    through an SFT init, the run behind that one)."""
+    state = Path(cfg.init) / "trainer.json"
+    if not state.is_file():
+        return None
+    state = json.loads(state.read_text())
+    saved = state.get("config", {})
+    if saved.get("phase") == "sft":
+        return {
+            **state.get("train_config", {}),
+            "phase": "sft",
+            "pretraining_lr": saved.get("pretraining_lr"),
+        }
+    return saved
+
+
+def init_pretraining_lr(cfg: SFTConfig) -> float | None:
+    """The pre-training peak lr behind the init checkpoint (None without a training state)."""
+    saved = init_train_config(cfg)
+    return None if saved is None else pretraining_lr(saved)
+
+
 def peak_lr(cfg: SFTConfig) -> float:
     if cfg.lr is not None:
         return cfg.lr
-    state = Path(cfg.init) / "trainer.json"
-    if state.is_file():
-        saved = json.loads(state.read_text()).get("config", {})
-        return pretraining_lr(saved) * SFT_PEAK_LR / paper.PEAK_LR
-    return SFT_PEAK_LR
+    base = init_pretraining_lr(cfg)
+    return SFT_PEAK_LR if base is None else base * SFT_PEAK_LR / paper.PEAK_LR
 
 
 def cosine_lr(peak: float, final: float, step: int, total: int) -> float:
@@ -81,9 +103,9 @@ def cosine_lr(peak: float, final: float, step: int, total: int) -> float:
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * step / (total - 1)))
 
 
-def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
+def split(conversations: list, val_fraction: float, seed: int, max_val: int = 256) -> tuple[list, list]:
     order = np.random.default_rng(seed).permutation(len(conversations)).tolist()
-    n_val = max(1, round(val_fraction * len(conversations)))
+    n_val = max(1, min(max_val, round(val_fraction * len(conversations))))
     if n_val >= len(conversations):
         raise ConfigError(
             f"data: {len(conversations)} conversation(s) leave none to train on after the held-out share"
@@ -124,7 +146,7 @@ def run_sft(cfg: SFTConfig, log=print) -> dict[str, Any]:
             f"migrated the tokenizer: <｜User｜> = {tok.user_id}, <｜Assistant｜> = {tok.assistant_id} (special tokens)"
         )
     seq_len = min(cfg.seq_len or model.config.max_seq_len, model.config.max_seq_len)
-    train, val = split(read_conversations(cfg.data), cfg.val_fraction, cfg.seed)
+    train, val = split(read_conversations(cfg.data), cfg.val_fraction, cfg.seed, cfg.max_val)
     steps_per_epoch = math.ceil(len(train) / cfg.batch)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -141,6 +163,9 @@ def run_sft(cfg: SFTConfig, log=print) -> dict[str, Any]:
     metrics = open(out / "metrics.jsonl", "w")
     rng = np.random.default_rng(cfg.seed)
     step, t0 = 0, time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sft", unit="step", disable=not cfg.progress)
     for epoch in range(cfg.epochs):
         order = rng.permutation(len(train)).tolist()
         for i in range(0, len(order), cfg.batch):
@@ -160,11 +185,18 @@ def run_sft(cfg: SFTConfig, log=print) -> dict[str, Any]:
             step += 1
             row = {"kind": "sft", "step": step, "epoch": epoch, "loss": float(loss.main.detach()), "lr": lr}
             metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+    bar.close()
     metrics.close()
     after = chat_loss(model, tok, val, seq_len, cfg.batch)
     log(f"held-out chat loss after: {after:.4f} ({time.perf_counter() - t0:.1f} s)")
     state = {"step": step, "phase": "sft", "val_chat_loss_before": before, "val_chat_loss_after": after,
-             "config": {**dataclasses.asdict(cfg), "seq_len": seq_len, "phase": "sft", "lr": peak}}  # fmt: skip
+             "config": {**dataclasses.asdict(cfg), "seq_len": seq_len, "phase": "sft", "lr": peak,
+                        "pretraining_lr": init_pretraining_lr(cfg) or paper.PEAK_LR},
+             "train_config": {k: v for k, v in (init_train_config(cfg) or {}).items()
+                              if k not in ("phase", "pretraining_lr")}}  # fmt: skip
     path = save_checkpoint(out / "checkpoints", step, model, opt.state_dict(), state, tok, keep_last=1)
     return {
         "steps": step,
@@ -181,7 +213,9 @@ def sft_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsv3 sft", description="Chat SFT on JSONL conversations (V3 format).")
     p.add_argument("--init", required=True, help="the checkpoint to fine-tune")
     p.add_argument(
-        "--data", required=True, help='JSONL, one {"messages": [...]} per line (dsv3 synth makes one)'
+        "--data",
+        required=True,
+        help='JSONL, one {"messages": [...]} or {"prompt": ..., "completion": ...} per line (dsv3 synth makes both)',
     )
     p.add_argument("--out", default="runs/sft")
     p.add_argument("--epochs", type=positive_int, default=SFT_EPOCHS)
