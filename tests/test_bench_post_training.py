@@ -25,6 +25,7 @@ def test_post_training_script_at_a_toy_size(tmp_path):
     assert bench.main(["--toy", "--work", str(work), "--data", str(corpus)]) == 0
     results = (work / "RESULTS.md").read_text()
     for heading in (
+        "## Retrieval (passkey rows, loss on the key)",
         "## Passkey accuracy by prompt length",
         "## Validation loss by position",
         "## SFT",
@@ -32,7 +33,14 @@ def test_post_training_script_at_a_toy_size(tmp_path):
         "## Passkey by log-likelihood",
     ):
         assert heading in results
-    for row in ("| base |", "| extended |", "| sft |", "| random baseline |", "| after SFT |"):
+    for row in (
+        "| base |",
+        "| retrieval |",
+        "| extended |",
+        "| sft |",
+        "| random baseline |",
+        "| after SFT |",
+    ):
         assert row in results
     assert all(f"{t} [smoke]" in results for t in ("smoke_code", "smoke_fim", "smoke_cloze", "smoke_mc"))
     assert (work / "long_context" / "passkey.png").exists() and (

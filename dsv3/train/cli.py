@@ -270,7 +270,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _saved_config(ckpt: Path) -> dict:
-    """The TrainConfig fields a training checkpoint was written with (its trainer.json)."""
+    """The TrainConfig fields a training checkpoint was written with (its trainer.json); for an SFT
+    checkpoint, those of the training run it was fine-tuned from."""
     from dsv3.train.state import TrainCheckpointError
 
     if not ckpt.is_dir():
@@ -282,11 +283,16 @@ def _saved_config(ckpt: Path) -> dict:
     if not state_file.is_file():
         raise TrainCheckpointError(f"{state_file}: not found; --ckpt must be a training checkpoint")
     try:
-        saved = json.loads(state_file.read_text())["config"]
+        state = json.loads(state_file.read_text())
+        saved = state["config"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise TrainCheckpointError(f"{state_file}: not a trainer state ({type(e).__name__}: {e})") from None
     if not isinstance(saved, dict):
         raise TrainCheckpointError(f"{state_file}: 'config' is not a mapping")
+    if saved.get("phase") == "sft":  # an SFT checkpoint: the training run behind it (its data, shape)
+        if not isinstance(state.get("train_config"), dict):
+            raise TrainCheckpointError(f"{state_file}: an SFT state that records no training run behind it")
+        return dict(state["train_config"])
     return saved
 
 
