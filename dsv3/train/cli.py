@@ -289,11 +289,12 @@ def _saved_config(ckpt: Path) -> dict:
         raise TrainCheckpointError(f"{state_file}: not a trainer state ({type(e).__name__}: {e})") from None
     if not isinstance(saved, dict):
         raise TrainCheckpointError(f"{state_file}: 'config' is not a mapping")
-    if saved.get("phase") == "sft":  # an SFT checkpoint: the training run behind it (its data, shape)
-        if not isinstance(state.get("train_config"), dict):
-            raise TrainCheckpointError(f"{state_file}: an SFT state that records no training run behind it")
-        return dict(state["train_config"])
-    return saved
+    from dsv3.train.phases import run_config
+
+    behind = run_config(state)  # for an SFT checkpoint, the training run behind it (its data, shape)
+    if behind is None:
+        raise TrainCheckpointError(f"{state_file}: an SFT state that records no training run behind it")
+    return behind
 
 
 def plot_main(argv: list[str] | None = None) -> int:

@@ -70,13 +70,11 @@ def init_values(path: str | Path, phase: str | None) -> dict[str, Any]:
         if phase is not None:
             raise ConfigError(f"--phase {phase}: needs a training checkpoint (with trainer.json) as --init")
         return {"init": str(path), "tokenizer": str(path)}
-    saved = dict(state.get("config") or {})
-    if saved.get("phase") == "sft":  # the pre-training settings behind an SFT run (its own are SFT's)
-        if "train_config" not in state:
-            raise ConfigError(f"--init {path}: this SFT checkpoint records no training run to continue from")
-        saved = {**state["train_config"], "phase": "sft", "pretraining_lr": saved["pretraining_lr"]}
+    saved = run_config(state)
+    if saved is None:
+        raise ConfigError(f"--init {path}: this SFT checkpoint records no training run to continue from")
     recipe_from = dict(saved)
-    for key in ("out", "init", "phase", "steps", "warmup_steps", "pretraining_lr"):
+    for key in ("out", "init", "phase", "steps", "warmup_steps"):
         saved.pop(key, None)
     if saved.get("precision") == "auto" and state.get("precision"):
         saved["precision"] = state["precision"]
@@ -86,12 +84,20 @@ def init_values(path: str | Path, phase: str | None) -> dict[str, Any]:
     return values
 
 
+def run_config(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The TrainConfig fields of the training run behind a trainer state (trainer.json): its own,
+    or for an SFT checkpoint (whose `config` holds SFT's settings) the run it was fine-tuned from,
+    recorded as `train_config`; None for an SFT state without one."""
+    saved = dict(state.get("config") or {})
+    if saved.get("phase") != "sft":
+        return saved
+    behind = state.get("train_config")
+    return dict(behind) if isinstance(behind, dict) else None
+
+
 def pretraining_lr(saved: dict[str, Any]) -> float:
     """The pre-training peak lr behind a run's saved TrainConfig fields: a context-extension run's own
-        lr is the pre-training's x tail_lr_ratio (7.3e-6 / 2.2e-4 in the paper); an SFT run records the
-    one behind its init."""
-    if saved.get("phase") == "sft" and "pretraining_lr" in saved:  # an SFT run records its init's
-        return float(saved["pretraining_lr"])
+    lr is the pre-training's x tail_lr_ratio (7.3e-6 / 2.2e-4 in the paper)."""
     lr = float(saved.get("lr", paper.PEAK_LR))
     if saved.get("phase") in PHASES:
         lr /= float(saved.get("tail_lr_ratio", paper.TAIL_LR / paper.PEAK_LR))

@@ -30,7 +30,7 @@ import torch
 from dsv3 import paper
 from dsv3.checkpoint import load_pretrained
 from dsv3.config import ConfigError
-from dsv3.train.phases import pretraining_lr
+from dsv3.train.phases import pretraining_lr, run_config
 
 SFT_PEAK_LR, SFT_FINAL_LR = 5e-6, 1e-6  # §5.1.1
 SFT_EPOCHS = 2
@@ -70,17 +70,7 @@ def init_train_config(cfg: SFTConfig) -> dict[str, Any] | None:
     """The TrainConfig fields of the run behind the init checkpoint (None without a training state;
     through an SFT init, the run behind that one)."""
     state = Path(cfg.init) / "trainer.json"
-    if not state.is_file():
-        return None
-    state = json.loads(state.read_text())
-    saved = state.get("config", {})
-    if saved.get("phase") == "sft":
-        return {
-            **state.get("train_config", {}),
-            "phase": "sft",
-            "pretraining_lr": saved.get("pretraining_lr"),
-        }
-    return saved
+    return run_config(json.loads(state.read_text())) if state.is_file() else None
 
 
 def init_pretraining_lr(cfg: SFTConfig) -> float | None:
@@ -193,10 +183,8 @@ def run_sft(cfg: SFTConfig, log=print) -> dict[str, Any]:
     after = chat_loss(model, tok, val, seq_len, cfg.batch)
     log(f"held-out chat loss after: {after:.4f} ({time.perf_counter() - t0:.1f} s)")
     state = {"step": step, "phase": "sft", "val_chat_loss_before": before, "val_chat_loss_after": after,
-             "config": {**dataclasses.asdict(cfg), "seq_len": seq_len, "phase": "sft", "lr": peak,
-                        "pretraining_lr": init_pretraining_lr(cfg) or paper.PEAK_LR},
-             "train_config": {k: v for k, v in (init_train_config(cfg) or {}).items()
-                              if k not in ("phase", "pretraining_lr")}}  # fmt: skip
+             "config": {**dataclasses.asdict(cfg), "seq_len": seq_len, "phase": "sft", "lr": peak},
+             "train_config": init_train_config(cfg) or {}}  # fmt: skip
     path = save_checkpoint(out / "checkpoints", step, model, opt.state_dict(), state, tok, keep_last=1)
     return {
         "steps": step,
