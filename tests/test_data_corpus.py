@@ -121,6 +121,24 @@ def test_load_corpus_splits_user_data(tmp_path):
     assert a.fingerprint() != load_corpus(tmp_path, val_fraction=0.1, seed=4).fingerprint()
 
 
+def test_extra_documents_join_the_training_split_only(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"text": f"document number {i}"} for i in range(100)])
+    write_jsonl(tmp_path / "x.jsonl", [{"text": f"passkey row {i}"} for i in range(30)] + [{"text": "  "}])
+    base = load_corpus(tmp_path / "d.jsonl", val_fraction=0.1, seed=3)
+    mixed = load_corpus(tmp_path / "d.jsonl", val_fraction=0.1, seed=3, extra=tmp_path / "x.jsonl")
+    assert mixed.val == base.val  # the validation split is the corpus's alone
+    assert mixed.train[: len(base.train)] == base.train
+    added = mixed.train[len(base.train) :]
+    assert [d.text for d in added] == [f"passkey row {i}" for i in range(30)]  # blank rows dropped
+    assert all(d.name.startswith("extra/x.jsonl:") for d in added)
+    assert mixed.fingerprint() != base.fingerprint() and "30 training documents" in mixed.description
+    with pytest.raises(CorpusError, match="no such file"):
+        load_corpus(tmp_path / "d.jsonl", extra=tmp_path / "missing.jsonl")
+    write_jsonl(tmp_path / "blank.jsonl", [{"text": " "}])
+    with pytest.raises(CorpusError, match="blank.jsonl: no non-blank documents"):
+        load_corpus(tmp_path / "d.jsonl", extra=tmp_path / "blank.jsonl")
+
+
 def test_cap_documents():
     docs = [Document("x" * (10 + i % 7), "code", f"d{i}") for i in range(100)]
     kept = cap_documents(docs, 300)

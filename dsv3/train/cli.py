@@ -28,6 +28,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"])
     p.add_argument("--data", help="text/jsonl/parquet file or directory (default: the bundled corpus)")
+    p.add_argument(
+        "--data-extra",
+        help="more text/jsonl/parquet files added to the training split only (e.g. `dsv3 synth --passkey --text` rows)",
+    )
     p.add_argument("--out", help="run directory (logs, checkpoints, plots)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument(
@@ -66,7 +70,7 @@ def build_config(args: argparse.Namespace):
     found = saved_run_config(args.out) if args.resume and args.out else None
     values = dict(found[0]) if found else _init_values(args)
     values.update(TrainConfig.from_file(args.config) if args.config else {})
-    for name in ("preset", "steps", "precision", "data", "out"):
+    for name in ("preset", "steps", "precision", "data", "data_extra", "out"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     overrides = list(args.overrides)

@@ -62,6 +62,7 @@ class TrainConfig:
     recompute: bool = False  # activation checkpointing of every block
     # data (DESIGN §6)
     data: str | None = None  # a file or directory of text/jsonl/parquet; None: the bundled corpus
+    data_extra: str | None = None  # more such files, added to the training split only (e.g. passkey rows)
     tokenizer: str | None = None  # an existing tokenizer.json; None: train one
     fim_rate: float = paper.FIM_RATE
     val_fraction: float = 0.05  # by document; the default corpus has ~320 documents

@@ -245,7 +245,7 @@ class Trainer:
     def data_config(self, tokenizer: str | None = None) -> DataConfig:
         vocab = self.cfg.model.get("vocab_size", ModelConfig.from_preset(self.cfg.preset).vocab_size)
         return DataConfig(
-            data=self.cfg.data, tokenizer=tokenizer, vocab_size=vocab, val_fraction=self.cfg.val_fraction,
+            data=self.cfg.data, extra=self.cfg.data_extra, tokenizer=tokenizer, vocab_size=vocab, val_fraction=self.cfg.val_fraction,
             seed=self.cfg.seed, max_bytes=self.cfg.max_corpus_bytes, fim_rate=self.cfg.fim_rate,
             progress=self.show,
         )  # fmt: skip
