@@ -158,26 +158,8 @@ def test_passkey_training_rows_are_prompt_completions_the_evaluation_scores(tok,
     # no training prompt is an evaluation prompt (their own random stream)
     eval_prompts = {row["prompt"] for row in passkey_task(tok, [128], [0.0, 0.5, 1.0], 5, filler=FILLER).rows}
     assert not eval_prompts & {r["prompt"] for r in rows}
-    ckpt = tmp_path / "tok"
-    tok.save(ckpt)
-    out = tmp_path / "pk.jsonl"
-    assert (
-        main(
-            [
-                "synth",
-                "--passkey",
-                "--tokenizer",
-                str(ckpt),
-                "--lengths",
-                "128-192",
-                "--n",
-                "12",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    ckpt, out, argv = _synth_passkey_argv(tok, tmp_path, 12)
+    assert main(argv) == 0
     got = read_conversations(out)
     assert len(got) == 12 and all(set(r) == {"prompt", "completion"} for r in got)
     ids, mask = render(tok, got[0])  # trained on exactly the completion and its eos
@@ -190,14 +172,10 @@ def test_passkey_training_rows_are_prompt_completions_the_evaluation_scores(tok,
     assert "--lengths '64': expected MIN-MAX" in capsys.readouterr().err
 
 
-def test_passkey_rows_as_plain_documents_for_data_extra(tok, tmp_path):
-    from dsv3.cli import main
-    from dsv3.data.corpus import read_documents
-    from dsv3.evals.long_context import passkey_training_rows
-
-    ckpt = tmp_path / "tok"
+def _synth_passkey_argv(tok, tmp_path, n: int):
+    """A saved tokenizer, an output path and the `dsv3 synth --passkey` line writing n rows there."""
+    ckpt, out = tmp_path / "tok", tmp_path / "pk.jsonl"
     tok.save(ckpt)
-    out = tmp_path / "pk.jsonl"
     argv = [
         "synth",
         "--passkey",
@@ -206,10 +184,19 @@ def test_passkey_rows_as_plain_documents_for_data_extra(tok, tmp_path):
         "--lengths",
         "128-192",
         "--n",
-        "5",
+        str(n),
         "--out",
         str(out),
     ]
+    return ckpt, out, argv
+
+
+def test_passkey_rows_as_plain_documents_for_data_extra(tok, tmp_path):
+    from dsv3.cli import main
+    from dsv3.data.corpus import read_documents
+    from dsv3.evals.long_context import passkey_training_rows
+
+    _, out, argv = _synth_passkey_argv(tok, tmp_path, 5)
     assert main([*argv, "--text"]) == 0
     docs = [d.text for d in read_documents(out)]  # what `dsv3 train --data-extra` reads
     pairs = passkey_training_rows(tok, 5, 128, 192)  # same seed, same rows

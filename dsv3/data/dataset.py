@@ -109,8 +109,12 @@ def prepare_data(cfg: DataConfig) -> Dataset:
     t0 = time.perf_counter()
     # the special tokens enter the key: a tokenizer cached before the chat tokens were added is not reused
     specials = ",".join(SPECIAL_TOKENS)
-    tok_cache = root / "tokenizers" / f"{_digest(fingerprint, cfg.vocab_size, FORMAT_VERSION, specials)}.json"
-    texts = [d.text for d in corpus.train if not d.name.startswith(EXTRA_PREFIX)]  # the corpus's own
+    own = [
+        d for d in corpus.train if not d.name.startswith(EXTRA_PREFIX)
+    ]  # a tokenizer learns the corpus's own
+    own_print = fingerprint if len(own) == len(corpus.train) else Corpus(own, corpus.val, "").fingerprint()
+    tok_cache = root / "tokenizers" / f"{_digest(own_print, cfg.vocab_size, FORMAT_VERSION, specials)}.json"
+    texts = [d.text for d in own]
     tok, note = train_or_load(cfg.tokenizer, texts, cfg.vocab_size, tok_cache, show_progress=cfg.progress)
     stats["tokenizer_s"] = time.perf_counter() - t0
     stats["tokenizer"] = note
