@@ -7,10 +7,15 @@ Stages, each the documented command run in this process (dsv3.cli.main), timed:
    length), so it first learns the task inside its pre-training length: `dsv3 synth --passkey`
    prompt-completion rows of 40-160 tokens, `dsv3 sft` on them (loss on the key only);
 3. extend that model: `dsv3 train --init RETRIEVAL --phase ctx1 seq_len=1024` (the scaled §4.3
-   recipe, 4x here; the pre-training corpus, no passkey rows);
-4. passkey retrieval and loss by position, un-extended vs extended: `dsv3 eval --long-context`;
-5. `dsv3 synth` the demo chat set, then `dsv3 sft --init EXTENDED` (held-out chat loss before/after);
-6. `dsv3 eval --tasks smoke` on the base, extended and SFT models;
+   recipe, 4x here) on the pre-training corpus plus `dsv3 synth --passkey --text` rows of 64-1,024
+   tokens (`--data-extra`, the loss on every token); this restores the language model the key-only
+   fine-tune broke, and loses most of the retrieval;
+4. long retrieval: `dsv3 sft` on passkey rows of 64-960 tokens at seq_len 1,024, once from the
+   extended model and once, as the control, from the un-extended retrieval model (same rows, steps
+   and lr): what the YaRN extension adds is the difference between the two;
+5. passkey retrieval and loss by position of all four: `dsv3 eval --long-context`;
+6. `dsv3 synth` the demo chat set, then `dsv3 sft --init EXTENDED` (held-out chat loss before/after);
+7. `dsv3 eval --tasks smoke` on the base, extended and SFT models;
 then RESULTS.md in --work with every table (and the plots beside it).
 
     .venv/bin/python bench/post_training.py --work runs/post            # the demo scale: ~an hour, quiet machine
@@ -27,15 +32,20 @@ from pathlib import Path
 
 from dsv3.cli import main as dsv3
 
-DEMO = {"preset": "small", "steps": 500, "seq_len": 256, "extend_seq_len": 1024, "extend_steps": 200,
-        "lengths": "128,256,512,1024", "per_cell": 5, "chats": 600, "sft_steps": None, "eval_limit": None,
+DEMO = {"preset": "small", "steps": 500, "seq_len": 256, "extend_seq_len": 1024, "extend_steps": 600,
+        "extend_extra": ["lr=3e-4", "eval_every=200", "ckpt_every=200"], "extend_passkey_rows": 3000,
+        "extend_passkey_lengths": "64-1024", "lengths": "128,256,512,1024", "per_cell": 5, "chats": 600,
+        "sft_steps": None, "eval_limit": None, "long_rows": 1200, "long_lengths": "64-960",
+        "long_retrieval": ["--lr", "3e-4", "--batch", "8", "--epochs", "1", "--max-steps", "120", "--seq-len", "1024"],
         "temperatures": None, "passkey_rows": 30000, "passkey_lengths": "40-160",
         "retrieval": ["--lr", "1.5e-3", "--batch", "16", "--epochs", "1", "--max-steps", "1500", "--seq-len", "256"],
         "train_extra": ["micro_batch=8", "batch_start=8", "batch_end=8", "lr=2e-3",
         "eval_every=125", "eval_batches=16", "ckpt_every=250", "keep_last=1"]}  # fmt: skip
 TOY = {"preset": "tiny", "steps": 3, "seq_len": 32, "extend_seq_len": 128, "extend_steps": 2,
+       "extend_extra": ["eval_every=2", "ckpt_every=2"], "extend_passkey_rows": 8, "extend_passkey_lengths": "100-128",
        "lengths": "128,192", "per_cell": 1, "chats": 24, "sft_steps": 2, "eval_limit": 1, "temperatures": "0",
-       "passkey_rows": 24, "passkey_lengths": "100-128",
+       "passkey_rows": 24, "passkey_lengths": "100-128", "long_rows": 24, "long_lengths": "100-120",
+       "long_retrieval": ["--lr", "1e-3", "--batch", "4", "--epochs", "1", "--max-steps", "2", "--seq-len", "128"],
        "retrieval": ["--lr", "1e-3", "--batch", "4", "--epochs", "1", "--max-steps", "2", "--seq-len", "128"],
        "train_extra": ["micro_batch=2", "batch_start=2", "batch_end=2", "eval_every=3", "eval_batches=1",
        "ckpt_every=3", "precision=fp32", "tensorboard=false"]}  # fmt: skip
@@ -82,10 +92,25 @@ def stages(args: argparse.Namespace, s: dict) -> dict:
                           *s["retrieval"], *threads], times)  # fmt: skip
     retrieval = newest(work / "retrieval")
     if not reusable(args, work / "extended", "extend"):
+        long_keys = work / "passkeys_long.jsonl"
+        run("passkey_text", ["synth", "--passkey", "--text", "--tokenizer", str(base), "--n",
+                             str(s["extend_passkey_rows"]), "--lengths", s["extend_passkey_lengths"], "--seed", "1",
+                             "--out", str(long_keys)], times)  # fmt: skip
         run("extend", ["train", "--init", str(retrieval), "--phase", "ctx1", "--out", str(work / "extended"), "--quiet",
-                       "--force", *threads, f"seq_len={s['extend_seq_len']}", f"steps={s['extend_steps']}"], times)  # fmt: skip
+                       "--force", "--data-extra", str(long_keys), *threads, f"seq_len={s['extend_seq_len']}",
+                       f"steps={s['extend_steps']}", *s["extend_extra"]], times)  # fmt: skip
     extended = newest(work / "extended")
-    run("long_context", ["eval", "--long-context", "--ckpt", str(retrieval), str(extended), "--lengths", s["lengths"],
+    long_rows = work / "passkeys_long_rows.jsonl"
+    run("passkey_rows_long", ["synth", "--passkey", "--tokenizer", str(base), "--n", str(s["long_rows"]),
+                              "--lengths", s["long_lengths"], "--seed", "2", "--out", str(long_rows)], times)  # fmt: skip
+    long = {}
+    for name, init in (("retrieval_long", retrieval), ("extended_long", extended)):
+        if not reusable(args, work / name, name):
+            run(name, ["sft", "--init", str(init), "--data", str(long_rows), "--out", str(work / name),
+                       *s["long_retrieval"], *threads], times)  # fmt: skip
+        long[name] = newest(work / name)
+    run("long_context", ["eval", "--long-context", "--ckpt", str(retrieval), str(extended),
+                         *(str(c) for c in long.values()), "--lengths", s["lengths"],
                          "--per-cell", str(s["per_cell"]), "--seq-len", str(s["extend_seq_len"]),
                          "--out", str(work / "long_context"), *threads], times)  # fmt: skip
     chats = work / "chats.jsonl"
@@ -101,7 +126,7 @@ def stages(args: argparse.Namespace, s: dict) -> dict:
         run(f"eval_{name}", ["eval", "--tasks", "smoke", "--ckpt", str(ckpt), "--report", str(work / f"eval_{name}.json"),
                              *limit, *temps, *threads], times)  # fmt: skip
     return {"base": str(base), "retrieval": str(retrieval), "extended": str(extended), "sft": str(sft),
-            "times": times}  # fmt: skip
+            **{k: str(v) for k, v in long.items()}, "times": times}  # fmt: skip
 
 
 def length_table(lc: dict, names: list[str], lengths: list[int], key: str) -> list[str]:
@@ -121,9 +146,14 @@ def results_markdown(work: Path, info: dict) -> str:
              f"extended `{info['extended']}`, SFT `{info['sft']}`.", "", "## Passkey accuracy by prompt length", ""]  # fmt: skip
     names = list(lc)
     ret = json.loads((Path(info["retrieval"]) / "trainer.json").read_text())
-    lines[-2:-2] = ["## Retrieval (passkey rows, loss on the key)", "", "| held-out loss | nats per key token |",
-                    "|---|---:|", f"| before (base) | {ret['val_chat_loss_before']:.4f} |",
-                    f"| after | {ret['val_chat_loss_after']:.4f} |", ""]  # fmt: skip
+    rows = ["## Retrieval (passkey rows, loss on the key)", "", "| stage | held-out loss before | after |",
+            "|---|---:|---:|", f"| retrieval (from base, 40-160 tokens) | {ret['val_chat_loss_before']:.4f} | "
+            f"{ret['val_chat_loss_after']:.4f} |"]  # fmt: skip
+    for name in ("retrieval_long", "extended_long"):
+        st = json.loads((Path(info[name]) / "trainer.json").read_text())
+        rows.append(f"| {name} (64-960 tokens at 1,024) | {st['val_chat_loss_before']:.4f} | "
+                    f"{st['val_chat_loss_after']:.4f} |")  # fmt: skip
+    lines[-2:-2] = [*rows, ""]
     lengths = sorted(
         {n for name in names for n in lc[name]["passkey"]["lengths"]}
     )  # the extended model's go further

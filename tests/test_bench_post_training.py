@@ -37,6 +37,8 @@ def test_post_training_script_at_a_toy_size(tmp_path):
         "| base |",
         "| retrieval |",
         "| extended |",
+        "| retrieval_long |",
+        "| extended_long |",
         "| sft |",
         "| random baseline |",
         "| after SFT |",
