@@ -18,7 +18,7 @@ Stages, each the documented command run in this process (dsv3.cli.main), timed:
 7. `dsv3 eval --tasks smoke` on the base, extended and SFT models;
 then RESULTS.md in --work with every table (and the plots beside it).
 
-    .venv/bin/python bench/post_training.py --work runs/post            # the demo scale: ~an hour, quiet machine
+    .venv/bin/python bench/post_training.py --work runs/post            # the demo scale: ~1.7 hours on 2 cores, quiet
     .venv/bin/python bench/post_training.py --toy --work /tmp/post      # a few steps of `tiny`: the smoke test
 """
 
