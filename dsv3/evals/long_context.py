@@ -161,6 +161,9 @@ def plot_passkey(grids: dict[str, dict[str, Any]], path: str | Path, chance: flo
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", label="chance")
     ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), xscale="log")
+    ticks = sorted({x for g in grids.values() for x in g["lengths"]})
+    ax.set_xticks(ticks, [str(x) for x in ticks])  # the lengths themselves, not 10^k and overlapping minors
+    ax.minorticks_off()
     ax.legend()
     for ax, (name, g) in zip(axes[0][1:], grids.items()):
         im = ax.imshow(
