@@ -19,13 +19,15 @@ def row_decoder(
     attn: list[AttnWeights],
     ffn: list[FfnWeights],
     pools: list[torch.Tensor],
+    head: torch.Tensor | None = None,
 ):
-    """A RowDecoder over these layers' weights and cache pools (dims: H, R, P), or None where
-    `kernels` has none (the torch reference)."""
+    """A RowDecoder over these layers' weights and cache pools (dims: H, R, P), with the output
+    `head` [D, V] for its `logits` where given, or None where `kernels` has none (the torch
+    reference). Where `kernels.stream`, it keeps every matrix packed for streaming (csrc/streamed.h)."""
     make = getattr(kernels, "RowDecoder", None)
     if make is None:
         return None
-    row = make(*dims)
+    row = make(*dims, stream=getattr(kernels, "stream", False))
     for a, f, pool in zip(attn, ffn, pools):
         a = row_attention(a)
         row.add_attention(
@@ -44,6 +46,8 @@ def row_decoder(
             0.0 if gate is None else gate.route_scale,
             f.norm_eps,
         )  # fmt: skip
+    if head is not None:
+        row.set_head(head)
     return row
 
 

@@ -117,9 +117,10 @@ class FastDecoder:
         self._native_expert_rows = KERNEL_ROWS if isinstance(self._aten, AmxPacked) else NATIVE_EXPERT_ROWS
         if fp32_cpu:
             attention = self.kernels.attention if isinstance(self.kernels, Native) else "torch"
+            stream = getattr(self.kernels, "stream", False)
             log.info(
                 plan.line(
-                    self.kernels.name,
+                    self.kernels.name + (" (a lone row on weights packed for streaming)" if stream else ""),
                     bf16,
                     self.bf16_gemm,
                     self._packed,
@@ -298,7 +299,8 @@ class FastDecoder:
         xn = torch.mul(x * self._inv_rms(x, norm.eps), norm.weight)
         head = self.weights.head  # (D, Vo)
         if vocab is None or vocab >= head.shape[1]:
-            return self._mm(xn, head)
+            row = self._row_decoders()[0] if x.shape[0] <= KERNEL_ROWS and xn.dtype == torch.float32 else None
+            return self._mm(xn, head) if row is None else row.logits(xn)  # the row decoder's (streamed) head
         out = xn.new_full((x.shape[0], head.shape[1]), float("-inf"))
         out[:, :vocab] = self._mm(xn, head[:, :vocab])
         return out
@@ -329,7 +331,7 @@ class FastDecoder:
         ffns = [*w.ffn, *([w.mtp.ffn] if w.mtp else [])]
         gates = [(f.moe.gate, f.moe.gate.e_score_correction_bias) for f in ffns if f.moe is not None]
         dims = (self.H, self.R, self.P)
-        main = row_decoder(self.kernels, dims, w.attn, w.ffn, self.pools)
+        main = row_decoder(self.kernels, dims, w.attn, w.ffn, self.pools, w.head)
         mtp = (
             row_decoder(self.kernels, dims, [w.mtp.attn], [w.mtp.ffn], self.mtp_pools)
             if self.can_draft()

@@ -18,6 +18,7 @@
 
 #include <immintrin.h>
 
+#include "streamed.h"
 #include "widen.h"
 
 #include <algorithm>
@@ -30,6 +31,7 @@ namespace {
 
 using dsv3::load1;
 using dsv3::load8;
+using dsv3::Packed;
 
 // y[m][0:N] = (acc ? y[m] : 0) + alpha * x[m][0:K] @ w for M <= 4 rows, w row r at w + r * ldw.
 // Weight rows are read in order, four at a time, each as one contiguous run per panel of up to
@@ -236,10 +238,26 @@ void product(const float* const* x, int64_t M, const torch::Tensor& w, float* co
   }
 }
 
+// product on w's streamed copy where the RowDecoder made one (`p` defined), else on w
+void product(const float* const* x, int64_t M, const torch::Tensor& w, const Packed& p, float* const* y, float alpha,
+             bool acc, int64_t index = -1, bool serial = false) {
+  if (p.defined())
+    dsv3::packed_product(x, M, p, y, alpha, acc, index < 0 ? 0 : index, serial, kMinWeights);
+  else
+    product(x, M, w, y, alpha, acc, index, serial);
+}
+
 // y[m] (+)= alpha * x[m] @ w[:, n0:n1] into y[m] + n0 .. n1 for M rows, on the calling thread (w 2-d,
-// or with `index` the matrix `index` of a contiguous 3-d w)
+// or with `index` the matrix `index` of a contiguous 3-d w;
+// or its streamed copy `p` where not null: n0 a multiple of the panel width, as every caller's runs are)
 void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
-                  int64_t index, int64_t n0, int64_t n1) {
+                  int64_t index, int64_t n0, int64_t n1, const Packed* p = nullptr) {
+  static_assert(kCols % dsv3::kPanelCols == 0, "column runs must be whole panels");
+  if (p != nullptr) {
+    dsv3::packed_serial(x, M, *p, index, y, alpha, acc, n0 / dsv3::kPanelCols,
+                        (n1 + dsv3::kPanelCols - 1) / dsv3::kPanelCols);
+    return;
+  }
   std::vector<float*> ys(M);
   for (int64_t m = 0; m < M; ++m) ys[m] = y[m] + n0;
   const int64_t K = w.size(-2), N = w.size(-1), ld = w.stride(-2), off = (index < 0 ? 0 : index * K * N) + n0;
@@ -255,8 +273,10 @@ void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, floa
 // per expert: every chosen expert's w1 | w3 columns (in runs of kCols) split across the threads,
 // then w2's output columns, each thread adding the experts into its columns in the order of first
 // use (the order, and so the sums, of one thread).
+// p13, p2: w13's and w2's streamed copies where the RowDecoder made them (else null)
 void experts_rows(float* const* y, const float* const* xn, int64_t M, const torch::Tensor& w13,
-                  const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J) {
+                  const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J,
+                  const Packed* p13 = nullptr, const Packed* p2 = nullptr) {
   std::vector<std::vector<std::pair<int64_t, double>>> users(w13.size(0));  // expert -> (row, gate)
   std::vector<int64_t> order;  // experts in order of first use
   for (int64_t i = 0; i < M * J; ++i) {
@@ -287,7 +307,7 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
       const int64_t k = task / runs, last = std::min(e, (k + 1) * runs);
       const int64_t n0 = (task % runs) * kCols, n1 = std::min(2 * I, ((last - 1) % runs + 1) * kCols);
       product_cols(xs.data() + first[k], first[k + 1] - first[k], w13, ts.data() + first[k], 1.f, false, order[k],
-                   n0, n1);
+                   n0, n1, p13);
       task = last;
     }
   });
@@ -299,7 +319,7 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
     const int64_t n0 = b * kCols, n1 = std::min(D, e * kCols);
     for (int64_t k = 0; k < n_e; ++k)
       product_cols(hs.data() + first[k], first[k + 1] - first[k], w2, ys.data() + first[k], 1.f, true, order[k], n0,
-                   n1);
+                   n1, p2);
   });
 }
 
@@ -333,6 +353,7 @@ struct Attn {  // dsv3.infer.decode.weights.AttnWeights
   torch::Tensor w_uk, w_uv;  // [H, N, R], [H, R, V] when not folded (undefined when folded)
   int64_t q_rank, Qn, Vo;    // per-head query width before W_UK (N, or R folded), value width (V, or R)
   double norm_eps, q_eps, kv_eps;
+  Packed p_in, p_q, p_o, p_uk, p_uv;  // the streamed copies (RowDecoder's `stream`), else undefined
 };
 
 struct Ffn {  // dsv3.infer.decode.weights.FfnWeights plus the MoE gate's settings (E = 0: a dense MLP)
@@ -340,11 +361,49 @@ struct Ffn {  // dsv3.infer.decode.weights.FfnWeights plus the MoE gate's settin
   int64_t hidden, E, fused_gate, top_k, n_groups, topk_groups;
   bool sigmoid;
   double route_scale, norm_eps;
+  Packed p_in, p_down, p_gate, p13, p2;  // the streamed copies (RowDecoder's `stream`), else undefined
 };
 
 class RowDecoder {
  public:
-  RowDecoder(int64_t heads, int64_t rank, int64_t rope) : H(heads), R(rank), P(rope) {}
+  // stream: keep a copy of every matrix packed for streaming (streamed.h; needs AVX-512F) and read
+  // that instead of the tensors given
+  RowDecoder(int64_t heads, int64_t rank, int64_t rope, bool stream)
+      : H(heads), R(rank), P(rope), stream_(stream) {}
+
+  // the output head w [D, V] (logits = head(x)), streamed too with `stream`
+  void set_head(torch::Tensor w) {
+    check_weight(w, w.size(0));
+    head_ = w;
+    if (stream_) p_head_ = dsv3::pack(w);
+  }
+
+  // x [M, D] -> x @ head [M, V]
+  torch::Tensor logits(const torch::Tensor& x) {
+    TORCH_CHECK(head_.defined(), "no head: set_head first");
+    check_rows(x, "x");
+    TORCH_CHECK(x.size(1) == head_.size(0), "x: expected [M, ", head_.size(0), "], got ", x.sizes());
+    const int64_t M = x.size(0);
+    auto out = torch::empty({M, head_.size(1)}, x.options());
+    std::vector<const float*> xs(M);
+    std::vector<float*> ys(M);
+    for (int64_t m = 0; m < M; ++m) {
+      xs[m] = x.data_ptr<float>() + m * x.stride(0);
+      ys[m] = out.data_ptr<float>() + m * out.stride(0);
+    }
+    product(xs.data(), M, head_, p_head_, ys.data(), 1.f, false);
+    return out;
+  }
+
+  // the bytes of the streamed copies (0 without `stream`)
+  int64_t streamed_bytes() const {
+    int64_t n = 0;
+    auto add = [&](const Packed& p) { n += p.defined() ? p.data.numel() * p.data.element_size() : 0; };
+    for (const auto& a : attn) for (const auto* p : {&a.p_in, &a.p_q, &a.p_o, &a.p_uk, &a.p_uv}) add(*p);
+    for (const auto& f : ffn) for (const auto* p : {&f.p_in, &f.p_down, &f.p_gate, &f.p13, &f.p2}) add(*p);
+    add(p_head_);
+    return n;
+  }
 
   // w_uk [H, N, R] / w_uv [H, R, V]: the absorbed MLA products per head when W_UK / W_UV are not
   // folded into the query projection / o_proj (None when folded)
@@ -368,7 +427,15 @@ class RowDecoder {
     const int64_t Qin = q_rank ? w_q.size(1) : w_in.size(1) - q_rank - R - 2 * P;
     TORCH_CHECK(Qin == H * (Qn + 2 * P), "w_q: expected ", H * (Qn + 2 * P), " query columns, got ", Qin);
     TORCH_CHECK(w_o.size(0) == H * Vo, "w_o: expected ", H * Vo, " rows, got ", w_o.size(0));
-    attn.push_back({w_in, w_q, kv_norm.contiguous(), w_o, pool, uk, uv, q_rank, Qn, Vo, norm_eps, q_eps, kv_eps});
+    Attn a{w_in, w_q, kv_norm.contiguous(), w_o, pool, uk, uv, q_rank, Qn, Vo, norm_eps, q_eps, kv_eps};
+    if (stream_) {
+      a.p_in = dsv3::pack(w_in);
+      a.p_o = dsv3::pack(w_o);
+      if (q_rank) a.p_q = dsv3::pack(w_q);
+      if (uk.defined()) a.p_uk = dsv3::pack(uk);
+      if (uv.defined()) a.p_uv = dsv3::pack(uv);
+    }
+    attn.push_back(a);
   }
 
   void add_ffn(c10::optional<torch::Tensor> w_in, c10::optional<torch::Tensor> w_down,
@@ -386,6 +453,11 @@ class RowDecoder {
     if (f.norm_w.defined()) f.norm_w = f.norm_w.to(torch::kFloat32).contiguous();
     if (f.bias.defined()) TORCH_CHECK(f.bias.scalar_type() == torch::kFloat32 && f.bias.is_contiguous(),
                                       "bias: expected contiguous float32");
+    if (stream_) {
+      auto pack = [](const torch::Tensor& t) { return t.defined() ? dsv3::pack(t) : Packed(); };
+      f.p_in = pack(f.w_in), f.p_down = pack(f.w_down), f.p_gate = pack(f.gate_w);
+      f.p13 = pack(f.w13), f.p2 = pack(f.w2);
+    }
     ffn.push_back(f);
   }
 
@@ -431,6 +503,9 @@ class RowDecoder {
 
  private:
   int64_t H, R, P;
+  bool stream_;
+  torch::Tensor head_;
+  Packed p_head_;
   std::vector<Attn> attn;
   std::vector<Ffn> ffn;
   std::vector<float> xn, xg, a, q, ql, scores, o, v, h;
@@ -472,14 +547,14 @@ class RowDecoder {
     float* sp = grow(scores, T * H * S);
     normalise(x, xnp, T, Dm, w.norm_eps);
     auto arows = at(ap, T, C);
-    product(in(at(xnp, T, Dm)), T, w.w_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
+    product(in(at(xnp, T, Dm)), T, w.w_in, w.p_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
     if (w.q_rank) {
       for (int64_t t = 0; t < T; ++t) {  // a[t, :q_rank] is not read again
         const float rq = inv_rms(ap + t * C, w.q_rank, w.q_eps);
         for (int64_t i = 0; i < w.q_rank; ++i) ap[t * C + i] *= rq;
       }
       auto qrows = at(qp, T, H * Qw);
-      product(in(arows), T, w.w_q, qrows.data(), 1.f, false);
+      product(in(arows), T, w.w_q, w.p_q, qrows.data(), 1.f, false);
     } else {
       for (int64_t t = 0; t < T; ++t)
         std::copy(ap + t * C + R + 2 * P, ap + t * C + R + 2 * P + H * Qw, qp + t * H * Qw);
@@ -489,7 +564,7 @@ class RowDecoder {
                           ? attend(reinterpret_cast<uint16_t*>(w.pool.data_ptr()), T, w, ap, qp, op, sp, cos, sin, pos)
                           : attend(w.pool.data_ptr<float>(), T, w, ap, qp, op, sp, cos, sin, pos);
     auto xrows = at(x, T, Dm);
-    product(in(at(vp, T, H * w.Vo)), T, w.w_o, xrows.data(), 1.f, true);  // residual + o_proj
+    product(in(at(vp, T, H * w.Vo)), T, w.w_o, w.p_o, xrows.data(), 1.f, true);  // residual + o_proj
   }
 
   // attention's cache part, over a pool of FP32 or BF16 rows (Pool: float or uint16_t; BF16 rows are
@@ -529,7 +604,7 @@ class RowDecoder {
             xs[t] = qp + (t * H + hd) * Qw;
             ys[t] = qlp + (t * H + hd) * W;
           }
-          product(xs.data(), T, w.w_uk, ys.data(), 1.f, false, hd, true);
+          product(xs.data(), T, w.w_uk, w.p_uk, ys.data(), 1.f, false, hd, true);
         }
         for (int64_t t = 0; t < T; ++t) {
           const int64_t St = pos + t + 1;  // causal: this token and those before it
@@ -554,7 +629,7 @@ class RowDecoder {
             xs[t] = op + (t * H + hd) * R;
             ys[t] = vp + (t * H + hd) * w.Vo;
           }
-          product(xs.data(), T, w.w_uv, ys.data(), 1.f, false, hd, true);
+          product(xs.data(), T, w.w_uv, w.p_uv, ys.data(), 1.f, false, hd, true);
         }
       }
     });
@@ -576,14 +651,14 @@ class RowDecoder {
     float* ap = grow(a, T * C);
     if (C) {
       auto arows = at(ap, T, C);
-      product(in(xgrows), T, w.w_in, arows.data(), 1.f, false);  // gate logits | shared gate | shared up
+      product(in(xgrows), T, w.w_in, w.p_in, arows.data(), 1.f, false);  // gate logits | shared gate | shared up
     }
     if (w.hidden) {
       float* hp = grow(h, T * w.hidden);
       for (int64_t t = 0; t < T; ++t)
         for (int64_t i = 0; i < w.hidden; ++i)
           hp[t * w.hidden + i] = silu(ap[t * C + Ef + i]) * ap[t * C + Ef + w.hidden + i];
-      product(in(at(hp, T, w.hidden)), T, w.w_down, xrows.data(), 1.f, true);
+      product(in(at(hp, T, w.hidden)), T, w.w_down, w.p_down, xrows.data(), 1.f, true);
     }
     if (w.E == 0) return;
     float* lp = grow(scores, T * w.E);  // gate logits per token
@@ -591,7 +666,7 @@ class RowDecoder {
       for (int64_t t = 0; t < T; ++t) std::copy(ap + t * C, ap + t * C + w.E, lp + t * w.E);
     } else {
       auto lrows = at(lp, T, w.E);
-      product(in(at(xnp, T, Dm)), T, w.gate_w, lrows.data(), 1.f, false);
+      product(in(at(xnp, T, Dm)), T, w.gate_w, w.p_gate, lrows.data(), 1.f, false);
     }
     std::vector<int64_t> ids(T * w.top_k);  // route every token, then run the experts grouped
     std::vector<double> gates(T * w.top_k);
@@ -603,7 +678,8 @@ class RowDecoder {
       std::copy(g.begin(), g.end(), gates.begin() + tk * w.top_k);
       for (int64_t e : chosen) ++counts[e];
     }
-    experts_rows(xrows.data(), in(xgrows), T, w.w13, w.w2, ids.data(), gates.data(), w.top_k);
+    experts_rows(xrows.data(), in(xgrows), T, w.w13, w.w2, ids.data(), gates.data(), w.top_k,
+                 w.p13.defined() ? &w.p13 : nullptr, w.p2.defined() ? &w.p2 : nullptr);
   }
 
   // dsv3.model.moe.route on one token's logits: the same order of operations and the same ties (lower id first)
@@ -664,7 +740,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("addmm_", &addmm_, "out += alpha * x @ w, in place", nogil());
   m.def("experts_", &experts_, "out += the routed experts of xn, in place", nogil());
   py::class_<RowDecoder>(m, "RowDecoder")
-      .def(py::init<int64_t, int64_t, int64_t>())
+      .def(py::init<int64_t, int64_t, int64_t, bool>(), py::arg("heads"), py::arg("rank"), py::arg("rope"),
+           py::arg("stream") = false)
+      .def("streamed_bytes", &RowDecoder::streamed_bytes)
+      .def("set_head", &RowDecoder::set_head)
+      .def("logits", &RowDecoder::logits, nogil())
       .def("add_attention", &RowDecoder::add_attention)
       .def("add_ffn", &RowDecoder::add_ffn)
       .def("forward", &RowDecoder::forward, nogil());

@@ -1,0 +1,124 @@
+"""The one-row decoder's streamed weights (csrc/streamed.h, `RowDecoder(stream=True)`), held to
+float64 products and to the row-major loop it replaces: odd shapes (K and N off the 64-column
+panels, a strided matrix), FP32 and BF16 weights, 1-6 rows, 1 and 2 threads bit-identical; and the
+whole RowDecoder with and without it on the V3 attention geometry. Needs the native kernels and
+AVX-512F; skipped with the reason elsewhere."""
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig, Transformer
+from dsv3.infer.decode import kernels as cpu_kernels
+from dsv3.infer.decode.step import FastDecoder
+from dsv3.infer.paged_cache import PagedLatentCache, make_context
+
+K_N = [(1, 1), (7, 63), (64, 64), (300, 65), (512, 200), (33, 1000)]
+
+
+@pytest.fixture(scope="module")
+def native():
+    k = cpu_kernels.kernels()
+    if k.name != "native":
+        pytest.skip(f"no native kernels here ({cpu_kernels.why_not_native})")
+    if "avx512f" not in cpu_kernels.cpu_flags():
+        pytest.skip(
+            "the streamed layout needs AVX-512F (CPU flags: " + " ".join(cpu_kernels.cpu_flags()) + ")"
+        )
+    return k
+
+
+def _logits(native, w: torch.Tensor, x: torch.Tensor, stream: bool) -> torch.Tensor:
+    row = native.RowDecoder(1, 1, 1, stream=stream)
+    row.set_head(w)
+    assert (row.streamed_bytes() > 0) == stream
+    return row.logits(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k,n", K_N)
+def test_streamed_products_equal_float64(native, k, n, dtype):
+    torch.manual_seed(k * 1000 + n)
+    w = torch.randn(k, n).to(dtype)
+    for m in (1, 2, 3, 4, 5, 6):
+        x = torch.randn(m, k)
+        got = _logits(native, w, x, stream=True)
+        want = (x.double() @ w.double()).float()
+        scale = (x.abs().double() @ w.abs().double()).max().item() + 1e-30
+        assert ((got - want).abs().max().item() / scale) <= 1e-6, (k, n, m)
+        # the same fma chain as the row-major loop's vector columns: equal to rounding of its tail
+        old = _logits(native, w, x, stream=False)
+        assert ((got - old).abs().max().item() / scale) <= 1e-6
+
+
+def test_a_strided_matrix_is_packed_from_its_rows(native):
+    """A column slice (row stride > N) is read row by row, not as if contiguous."""
+    torch.manual_seed(1)
+    big = torch.randn(96, 300)
+    w = big[:, 17:217]
+    assert w.stride(0) == 300
+    x = torch.randn(2, 96)
+    got = _logits(native, w, x, stream=True)
+    torch.testing.assert_close(got, x @ w.contiguous(), rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_products_do_not_depend_on_the_thread_count(native):
+    torch.manual_seed(2)
+    w, x = torch.randn(512, 1000).bfloat16(), torch.randn(3, 512)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out.append(_logits(native, w, x, stream=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1])
+
+
+def test_logits_errors_are_one_line(native):
+    row = native.RowDecoder(1, 1, 1, stream=True)
+    with pytest.raises(RuntimeError, match="no head"):
+        row.logits(torch.randn(1, 4))
+    row.set_head(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match=r"x: expected \[M, 4\]"):
+        row.logits(torch.randn(1, 5))
+
+
+V3_ATTENTION = dict(
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_layers=2, vocab_size=300, n_mtp_layers=0,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_row_decoder_streamed_equals_row_major(native, monkeypatch, weights):
+    """The whole one-row step (attention with W_UK / W_UV per head, dense and MoE layers, the head)
+    on streamed weights against the row-major loop: the same logits to 1e-6 of their scale, the
+    same expert counts, T = 1 and 3."""
+    cfg = ModelConfig.from_preset("tiny").replace(**V3_ATTENTION)
+    torch.manual_seed(3)
+    model = Transformer(cfg).eval()
+    if weights == "bf16":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+    outs = {}
+    for stream in (True, False):
+        monkeypatch.setattr(native, "stream", stream)
+        cache = PagedLatentCache(cfg, num_blocks=16, block_size=4)
+        fast = FastDecoder(model, cache, weight_dtype=torch.bfloat16 if weights == "bf16" else None)
+        row = fast._row_decoders()[0]
+        assert (row.streamed_bytes() > 0) == stream
+        table = cache.allocator.allocate(4)
+        ids = torch.arange(10)[None] % cfg.vocab_size
+        with torch.no_grad():
+            pos = torch.arange(5)[None]
+            cache.bind(make_context([table], pos, [5], 4))
+            model.hidden_states(ids[:, :5], pos, cache, absorb=False)
+            got = []
+            for p, T in ((5, 1), (6, 3)):
+                got.append(fast.logits(fast.forward([ids[0, p : p + T].tolist()], [p], [table])))
+                got.append(torch.stack([m.last_counts for m in model.moe_layers()]).float())
+        outs[stream] = got
+    for a, b in zip(outs[True], outs[False]):
+        assert (a - b).abs().max().item() <= 1e-6 * max(1.0, b.abs().max().item())
