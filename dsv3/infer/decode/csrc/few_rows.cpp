@@ -431,7 +431,7 @@ class RowDecoder {
     if (stream_) {
       a.p_in = dsv3::pack(w_in);
       a.p_o = dsv3::pack(w_o);
-      if (q_rank) a.p_q = dsv3::pack(w_q);
+      if (q_rank) a.p_q = dsv3::pack(without_rotated(w_q, Qn));
       if (uk.defined()) a.p_uk = dsv3::pack(uk);
       if (uv.defined()) a.p_uv = dsv3::pack(uv);
     }
@@ -455,7 +455,9 @@ class RowDecoder {
                                       "bias: expected contiguous float32");
     if (stream_) {
       auto pack = [](const torch::Tensor& t) { return t.defined() ? dsv3::pack(t) : Packed(); };
-      f.p_in = pack(f.w_in), f.p_down = pack(f.w_down), f.p_gate = pack(f.gate_w);
+      f.p_in = pack(f.w_in), f.p_down = pack(f.w_down);
+      // a router narrower than a panel (v3-mini's 16 experts) would read 64 / E times its bytes packed
+      if (f.gate_w.defined() && f.gate_w.size(1) >= dsv3::kPanelCols) f.p_gate = pack(f.gate_w);
       f.p13 = pack(f.w13), f.p2 = pack(f.w2);
     }
     ffn.push_back(f);
@@ -508,10 +510,22 @@ class RowDecoder {
   Packed p_head_;
   std::vector<Attn> attn;
   std::vector<Ffn> ffn;
-  std::vector<float> xn, xg, a, q, ql, scores, o, v, h;
+  std::vector<float> xn, xg, a, q, qc, ql, scores, o, v, h;
   std::vector<int64_t> rows_;  // pool row of each position of the current sequence
 
   int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
+
+  // w_q [in, H * (Qn + 2P)] (per head q_lat | q_pe | rot(q_pe)) without its rot(q_pe) columns,
+  // [in, H * (Qn + P)]: those are q_pe's pairs (x0, x1) -> (-x1, x0) exactly (weights.py
+  // _rotated_pairs), which `attention` recomputes from q_pe, bit for bit, instead of reading them
+  torch::Tensor without_rotated(const torch::Tensor& w_q, int64_t Qn) const {
+    const auto heads = w_q.reshape({w_q.size(0), H, Qn + 2 * P});
+    const auto pe = heads.slice(2, Qn, Qn + P), rot = heads.slice(2, Qn + P, Qn + 2 * P);
+    const auto pairs = pe.reshape({w_q.size(0), H, P / 2, 2});
+    TORCH_CHECK(P % 2 == 0 && torch::equal(rot, torch::stack({-pairs.select(3, 1), pairs.select(3, 0)}, 3).reshape(rot.sizes())),
+                "w_q: its rot(q_pe) columns are not q_pe's pairs rotated");
+    return heads.slice(2, 0, Qn + P).reshape({w_q.size(0), H * (Qn + P)}).contiguous();
+  }
 
   static float* grow(std::vector<float>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
@@ -553,8 +567,25 @@ class RowDecoder {
         const float rq = inv_rms(ap + t * C, w.q_rank, w.q_eps);
         for (int64_t i = 0; i < w.q_rank; ++i) ap[t * C + i] *= rq;
       }
-      auto qrows = at(qp, T, H * Qw);
-      product(in(arows), T, w.w_q, w.p_q, qrows.data(), 1.f, false);
+      if (w.p_q.defined()) {  // the streamed copy has no rot(q_pe) columns: [T, H * (Qn + P)], then spread out
+        const int64_t Qc = w.Qn + P;
+        float* cp = grow(qc, T * H * Qc);
+        auto crows = at(cp, T, H * Qc);
+        product(in(arows), T, w.w_q, w.p_q, crows.data(), 1.f, false);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t hd = 0; hd < H; ++hd) {
+            const float* src = cp + (t * H + hd) * Qc;
+            float* dst = qp + (t * H + hd) * Qw;
+            std::copy(src, src + Qc, dst);
+            for (int64_t i = 0; i < P; i += 2) {  // rot(q_pe): (x0, x1) -> (-x1, x0)
+              dst[Qc + i] = -src[w.Qn + i + 1];
+              dst[Qc + i + 1] = src[w.Qn + i];
+            }
+          }
+      } else {
+        auto qrows = at(qp, T, H * Qw);
+        product(in(arows), T, w.w_q, w.p_q, qrows.data(), 1.f, false);
+      }
     } else {
       for (int64_t t = 0; t < T; ++t)
         std::copy(ap + t * C + R + 2 * P, ap + t * C + R + 2 * P + H * Qw, qp + t * H * Qw);
