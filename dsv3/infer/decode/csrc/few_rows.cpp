@@ -249,12 +249,12 @@ void product(const float* const* x, int64_t M, const torch::Tensor& w, const Pac
 
 // y[m] (+)= alpha * x[m] @ w[:, n0:n1] into y[m] + n0 .. n1 for M rows, on the calling thread (w 2-d,
 // or with `index` the matrix `index` of a contiguous 3-d w;
-// or its streamed copy `p` where not null: n0 a multiple of the panel width, as every caller's runs are)
+// or its streamed copy `p` where defined: n0 a multiple of the panel width, as every caller's runs are)
 void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
-                  int64_t index, int64_t n0, int64_t n1, const Packed* p = nullptr) {
+                  int64_t index, int64_t n0, int64_t n1, const Packed& p = {}) {
   static_assert(kCols % dsv3::kPanelCols == 0, "column runs must be whole panels");
-  if (p != nullptr) {
-    dsv3::packed_serial(x, M, *p, index, y, alpha, acc, n0 / dsv3::kPanelCols,
+  if (p.defined()) {
+    dsv3::packed_serial(x, M, p, index, y, alpha, acc, n0 / dsv3::kPanelCols,
                         (n1 + dsv3::kPanelCols - 1) / dsv3::kPanelCols);
     return;
   }
@@ -273,10 +273,10 @@ void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, floa
 // per expert: every chosen expert's w1 | w3 columns (in runs of kCols) split across the threads,
 // then w2's output columns, each thread adding the experts into its columns in the order of first
 // use (the order, and so the sums, of one thread).
-// p13, p2: w13's and w2's streamed copies where the RowDecoder made them (else null)
+// p13, p2: w13's and w2's streamed copies where the RowDecoder made them (else undefined)
 void experts_rows(float* const* y, const float* const* xn, int64_t M, const torch::Tensor& w13,
                   const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J,
-                  const Packed* p13 = nullptr, const Packed* p2 = nullptr) {
+                  const Packed& p13 = {}, const Packed& p2 = {}) {
   std::vector<std::vector<std::pair<int64_t, double>>> users(w13.size(0));  // expert -> (row, gate)
   std::vector<int64_t> order;  // experts in order of first use
   for (int64_t i = 0; i < M * J; ++i) {
@@ -398,7 +398,7 @@ class RowDecoder {
   // the bytes of the streamed copies (0 without `stream`)
   int64_t streamed_bytes() const {
     int64_t n = 0;
-    auto add = [&](const Packed& p) { n += p.defined() ? p.data.numel() * p.data.element_size() : 0; };
+    auto add = [&](const Packed& p) { n += p.defined() ? static_cast<int64_t>(p.data.nbytes()) : 0; };
     for (const auto& a : attn) for (const auto* p : {&a.p_in, &a.p_q, &a.p_o, &a.p_uk, &a.p_uv}) add(*p);
     for (const auto& f : ffn) for (const auto* p : {&f.p_in, &f.p_down, &f.p_gate, &f.p13, &f.p2}) add(*p);
     add(p_head_);
@@ -584,7 +584,7 @@ class RowDecoder {
           }
       } else {
         auto qrows = at(qp, T, H * Qw);
-        product(in(arows), T, w.w_q, w.p_q, qrows.data(), 1.f, false);
+        product(in(arows), T, w.w_q, qrows.data(), 1.f, false);
       }
     } else {
       for (int64_t t = 0; t < T; ++t)
@@ -709,8 +709,7 @@ class RowDecoder {
       std::copy(g.begin(), g.end(), gates.begin() + tk * w.top_k);
       for (int64_t e : chosen) ++counts[e];
     }
-    experts_rows(xrows.data(), in(xgrows), T, w.w13, w.w2, ids.data(), gates.data(), w.top_k,
-                 w.p13.defined() ? &w.p13 : nullptr, w.p2.defined() ? &w.p2 : nullptr);
+    experts_rows(xrows.data(), in(xgrows), T, w.w13, w.w2, ids.data(), gates.data(), w.top_k, w.p13, w.p2);
   }
 
   // dsv3.model.moe.route on one token's logits: the same order of operations and the same ties (lower id first)
