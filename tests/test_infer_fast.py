@@ -32,6 +32,9 @@ VARIANTS = {
     "v3_geometry": dict(
         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128
     ),
+    # widths off every vector multiple and an odd head count (the attention's head groups and
+    # scalar tails: cache rows of 30, latents of 22)
+    "odd_widths": dict(n_heads=5, kv_lora_rank=22, qk_rope_head_dim=6),
 }
 
 
@@ -332,11 +335,13 @@ def _check_row_decoder(cfg: ModelConfig, weights: str) -> None:
         assert worst > 1e-6
 
 
+@pytest.mark.parametrize("variant", ["v3_geometry", "odd_widths"])
 @pytest.mark.parametrize("fold", [None, False], ids=["uv_folded", "unfolded"])
-def test_row_decoder_does_not_depend_on_the_thread_count(tiny, fold):
+def test_row_decoder_does_not_depend_on_the_thread_count(tiny, fold, variant):
     """The native RowDecoder splits columns, heads and W_UK / W_UV across torch's threads: 1 and 2
-    threads give bit-identical outputs (T = 1 and T = 3, the V3 attention geometry)."""
-    model = _model(tiny.replace(**VARIANTS["v3_geometry"]))
+    threads give bit-identical outputs (T = 1 and T = 3; the V3 attention geometry, and 5 heads
+    split 3 + 2)."""
+    model = _model(tiny.replace(**VARIANTS[variant]))
     cache = PagedLatentCache(model.config, num_blocks=40, block_size=4)
     fast = FastDecoder(model, cache, fold=fold)
     if fast._row_decoders()[0] is None:
