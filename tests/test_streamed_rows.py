@@ -122,3 +122,35 @@ def test_row_decoder_streamed_equals_row_major(native, monkeypatch, weights):
         outs[stream] = got
     for a, b in zip(outs[True], outs[False]):
         assert (a - b).abs().max().item() <= 1e-6 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_decoder_experts_on_streamed_copies(native, dtype):
+    """`RowDecoder.experts_` (many-row decoding's few-row experts on the one-row decoder's streamed
+    copies) against float64 and against the free `experts_` on the row-major experts, 1-9 rows with
+    2 experts each (an expert's rows past four take a second pass); D and I off the 64-column panels."""
+    torch.manual_seed(4)
+    E, D, I, J = 6, 96, 40, 2  # noqa: E741 (the expert hidden size, as in csrc)
+    w13, w2 = torch.randn(E, D, 2 * I).to(dtype) / 8, torch.randn(E, I, D).to(dtype) / 6
+    row = native.RowDecoder(1, 1, 1, stream=True)
+    ffn = dict(w13=w13, w2=w2, bias=torch.zeros(E))
+    row.add_ffn(None, None, None, torch.randn(D, E), ffn["bias"], w13, w2, 0, E, J, 1, 1, True, 1.0, 1e-6)
+    assert row.streamed_bytes() > 0
+    for M in (1, 2, 5, 9):
+        xn = torch.randn(M, D)
+        ids = [int(e) for _ in range(M) for e in torch.randperm(E)[:J]]
+        gates = torch.rand(M * J).tolist()
+        got, old = torch.ones(M, D), torch.ones(M, D)
+        row.experts_(0, got, xn, ids, gates)
+        native.experts_(old, xn, w13, w2, ids, gates)
+        want = torch.ones(M, D, dtype=torch.float64)
+        for m in range(M):
+            for j in range(J):
+                e, g = ids[m * J + j], gates[m * J + j]
+                t = xn[m].double() @ w13[e].double()
+                h = torch.nn.functional.silu(t[:I]) * t[I:]
+                want[m] += g * (h @ w2[e].double())
+        assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item(), M
+        assert (got - old).abs().max().item() <= 1e-6 * old.abs().max().item(), M
+    with pytest.raises(RuntimeError, match="layer: 1 is not a MoE layer"):
+        row.experts_(1, got, xn, ids, gates)

@@ -166,9 +166,10 @@ class FastDecoder:
         keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables, gather=naive)
         cos, sin = self._rope_rows(positions)
         routed: list = []
+        row = self._streamed_experts(0)
         for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
             x = self._attention(x, aw, layer, [(x.shape[0], keys, naive)], cos, sin)
-            x = self._ffn(x, fw, routed)
+            x = self._ffn(x, fw, routed, row, layer)
         keys.finish()
         self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
         return x
@@ -229,8 +230,9 @@ class FastDecoder:
             positions += pos
         x, (cos, sin) = torch.cat(xs), self._rope_rows(positions)
         routed: list = []
+        row = self._streamed_experts(0)
         for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
-            x = self._ffn(self._attention(x, aw, layer, parts, cos, sin), fw, routed)
+            x = self._ffn(self._attention(x, aw, layer, parts, cos, sin), fw, routed, row, layer)
         for _, keys, _ in parts:
             keys.finish()
         self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
@@ -272,9 +274,8 @@ class FastDecoder:
             x, counts = row.forward(x, cos, sin, tables[0], self.cache.block_size, starts[0])
         else:
             routed: list = []
-            x = self._ffn(
-                self._attention(x, m.attn, 0, [(x.shape[0], keys, prefill)], cos, sin), m.ffn, routed
-            )
+            x = self._attention(x, m.attn, 0, [(x.shape[0], keys, prefill)], cos, sin)
+            x = self._ffn(x, m.ffn, routed, self._streamed_experts(1), 0)
             counts = decode_moe.counts(routed, self.n_experts) if routed else []
             keys.finish()
         if m.ffn.moe is not None:
@@ -339,6 +340,17 @@ class FastDecoder:
         )
         self._rows = (main, mtp, w.attn, gates)
         return self._rows
+
+    def _streamed_experts(self, which: int):
+        """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies of the routed
+        experts the native few-row experts read (csrc/streamed.h: each expert's w1 | w3 and w2 as
+        contiguous slabs of 64 columns; out of cache they stream ~1.5x faster than the row-major
+        matrices), or None where the kernels do not stream (no AVX-512F, DSV3_ROW_STREAM=0, the
+        torch reference). Built here when a batch comes before any lone sequence: one set of
+        copies serves both."""
+        if not getattr(self.kernels, "stream", False):
+            return None
+        return self._row_decoders()[which]
 
     def _few(self, rows: int) -> Kernels:
         return self.kernels if rows <= KERNEL_ROWS else self._aten
@@ -456,8 +468,10 @@ class FastDecoder:
         )
         return o[..., :V].transpose(1, 2).reshape(q.shape[0], -1)  # (B, T, H, V) -> (B*T, H * V)
 
-    def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list) -> torch.Tensor:
-        """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`."""
+    def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list, row=None, layer: int = -1) -> torch.Tensor:
+        """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`. row, layer: the
+        one-row decoder holding this layer (number `layer` in it) whose streamed expert copies the
+        native few-row experts read (`_streamed_experts`), or None."""
         xn = x * self._inv_rms(x, w.norm_eps)  # the gate reads xn (its norm weight folded in)
         xg = xn if w.norm_w is None else xn * w.norm_w  # the other matrices, when not folded
         a = self._mm(xg, w.w_in) if w.w_in is not None else None  # gate logits | shared gate | up
@@ -475,8 +489,11 @@ class FastDecoder:
         if B <= few:  # the routing to Python once, then the few selected experts
             routes = list(zip(idx.tolist(), weights.tolist()))
             if native:  # every row's experts in one call
-                ids = [e for r, _ in routes for e in r]
-                self.kernels.experts_(x, xg, w.w13_all, w.w2_all, ids, [g for _, gs in routes for g in gs])
+                ids, gates = [e for r, _ in routes for e in r], [g for _, gs in routes for g in gs]
+                if row is not None:
+                    row.experts_(layer, x, xg, ids, gates)
+                else:
+                    self.kernels.experts_(x, xg, w.w13_all, w.w2_all, ids, gates)
             elif B == 1:
                 decode_moe.experts_one(x, xg, w, *routes[0])
             else:

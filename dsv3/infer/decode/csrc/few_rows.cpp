@@ -408,9 +408,11 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
 }
 
 // out [M, D] += sum_j gates[m, j] * w2[e] (silu(xn[m] @ w1[e]) * (xn[m] @ w3[e])), e = ids[m, j];
-// w13 [E, D, 2I] holds w1 | w3, w2 [E, I, D]; ids and gates row-major [M, J]
+// w13 [E, D, 2I] holds w1 | w3, w2 [E, I, D]; ids and gates row-major [M, J]; p13, p2: their
+// streamed copies where defined (RowDecoder::experts_)
 void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
-              const std::vector<int64_t>& ids, const std::vector<double>& gates) {
+              const std::vector<int64_t>& ids, const std::vector<double>& gates, const Packed& p13 = {},
+              const Packed& p2 = {}) {
   check_rows(out, "out");
   check_rows(xn, "xn");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
@@ -429,7 +431,7 @@ void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w
     ys[m] = out.data_ptr<float>() + m * out.stride(0);
     xs[m] = xn.data_ptr<float>() + m * xn.stride(0);
   }
-  experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J);
+  experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J, p13, p2);
 }
 
 struct Attn {  // dsv3.infer.decode.weights.AttnWeights
@@ -477,6 +479,17 @@ class RowDecoder {
     }
     product(xs.data(), M, head_, p_head_, ys.data(), 1.f, false);
     return out;
+  }
+
+  // out [M, D] += the routed experts of xn [M, D] on MoE layer `layer`'s experts (the free experts_,
+  // on this decoder's streamed copies where it keeps them): many-row decoding's few-row experts
+  // (step.py FastDecoder._ffn) share the copies the one-row step reads
+  void experts(int64_t layer, torch::Tensor out, const torch::Tensor& xn, const std::vector<int64_t>& ids,
+               const std::vector<double>& gates) const {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(ffn.size()) && ffn[layer].E > 0,
+                "layer: ", layer, " is not a MoE layer of this decoder (", ffn.size(), " layers)");
+    const Ffn& f = ffn[layer];
+    experts_(out, xn, f.w13, f.w2, ids, gates, f.p13, f.p2);
   }
 
   // the bytes of the streamed copies (0 without `stream`)
@@ -862,13 +875,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
         nogil());
   m.def("addmm_", &addmm_, "out += alpha * x @ w, in place", nogil());
-  m.def("experts_", &experts_, "out += the routed experts of xn, in place", nogil());
+  m.def(
+      "experts_",
+      [](torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
+         const std::vector<int64_t>& ids, const std::vector<double>& gates) { experts_(out, xn, w13, w2, ids, gates); },
+      "out += the routed experts of xn, in place", nogil());
   py::class_<RowDecoder>(m, "RowDecoder")
       .def(py::init<int64_t, int64_t, int64_t, bool>(), py::arg("heads"), py::arg("rank"), py::arg("rope"),
            py::arg("stream") = false)
       .def("streamed_bytes", &RowDecoder::streamed_bytes)
       .def("set_head", &RowDecoder::set_head)
       .def("logits", &RowDecoder::logits, nogil())
+      .def("experts_", &RowDecoder::experts, py::arg("layer"), py::arg("out"), py::arg("xn"), py::arg("ids"),
+           py::arg("gates"), nogil())
       .def("add_attention", &RowDecoder::add_attention)
       .def("add_ffn", &RowDecoder::add_ffn)
       .def("forward", &RowDecoder::forward, nogil());

@@ -76,39 +76,55 @@ inline Packed pack(const torch::Tensor& w) {
 }
 
 // panels b0 .. b1 - 1 of matrix `index` for M <= 4 rows: y[m][c] (+)= alpha * x[m] @ w[:, c]
+// (every pointer read once before the loops and the sums in registers: with the tensor's data_ptr
+// and the rows read per k, gcc 12 kept the sums in memory, a store and a load per FMA)
 template <int M, bool BF16>
 __attribute__((target("avx512f"))) void panels(const float* const* x, const Packed& p, int64_t index, float* const* y,
                                                float alpha, bool acc, int64_t b0, int64_t b1) {
-  const int64_t K = p.K;
+  const int64_t K = p.K, N = p.N;
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const float* xr[M];
+  float* yr[M];
+  for (int m = 0; m < M; ++m) xr[m] = x[m], yr[m] = y[m];
+  const int64_t first = index * p.matrix_size();
+  const uint16_t* wb = BF16 ? reinterpret_cast<const uint16_t*>(p.data.data_ptr()) + first : nullptr;
+  const float* wf = BF16 ? nullptr : p.data.data_ptr<float>() + first;
   for (int64_t b = b0; b < b1; ++b) {
-    __m512 s[M][4];
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < 4; ++j) s[m][j] = _mm512_setzero_ps();
-    const int64_t off = index * p.matrix_size() + b * K * kPanelCols;
+    __m512 s0[M], s1[M], s2[M], s3[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) s0[m] = s1[m] = s2[m] = s3[m] = _mm512_setzero_ps();
+    const int64_t off = b * K * kPanelCols;
     for (int64_t k = 0; k < K; ++k) {
-      __m512 w[4];
+      __m512 w0, w1, w2, w3;
       if constexpr (BF16) {
-        const auto* q = reinterpret_cast<const uint16_t*>(p.data.data_ptr()) + off + k * kPanelCols;
+        const uint16_t* q = wb + off + k * kPanelCols;
         const __m512i v0 = _mm512_loadu_si512(q), v1 = _mm512_loadu_si512(q + 32);
-        w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
-        w[1] = _mm512_castsi512_ps(_mm512_and_si512(v0, high));
-        w[2] = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));
-        w[3] = _mm512_castsi512_ps(_mm512_and_si512(v1, high));
+        w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
+        w1 = _mm512_castsi512_ps(_mm512_and_si512(v0, high));
+        w2 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));
+        w3 = _mm512_castsi512_ps(_mm512_and_si512(v1, high));
       } else {
-        const float* q = p.data.data_ptr<float>() + off + k * kPanelCols;
-        for (int j = 0; j < 4; ++j) w[j] = _mm512_loadu_ps(q + 16 * j);
+        const float* q = wf + off + k * kPanelCols;
+        w0 = _mm512_loadu_ps(q), w1 = _mm512_loadu_ps(q + 16), w2 = _mm512_loadu_ps(q + 32);
+        w3 = _mm512_loadu_ps(q + 48);
       }
+#pragma GCC unroll 4
       for (int m = 0; m < M; ++m) {
-        const __m512 xk = _mm512_set1_ps(x[m][k]);
-        for (int j = 0; j < 4; ++j) s[m][j] = _mm512_fmadd_ps(xk, w[j], s[m][j]);
+        const __m512 xk = _mm512_set1_ps(xr[m][k]);
+        s0[m] = _mm512_fmadd_ps(xk, w0, s0[m]);
+        s1[m] = _mm512_fmadd_ps(xk, w1, s1[m]);
+        s2[m] = _mm512_fmadd_ps(xk, w2, s2[m]);
+        s3[m] = _mm512_fmadd_ps(xk, w3, s3[m]);
       }
     }
-    const int64_t c0 = b * kPanelCols, nw = std::min(kPanelCols, p.N - c0);
+    const int64_t c0 = b * kPanelCols, nw = std::min(kPanelCols, N - c0);
     for (int m = 0; m < M; ++m) {
       alignas(64) float t[kPanelCols];
-      for (int j = 0; j < 4; ++j) _mm512_store_ps(t + 16 * j, s[m][j]);
-      float* out = y[m] + c0;
+      _mm512_store_ps(t, s0[m]);
+      _mm512_store_ps(t + 16, s1[m]);
+      _mm512_store_ps(t + 32, s2[m]);
+      _mm512_store_ps(t + 48, s3[m]);
+      float* out = yr[m] + c0;
       for (int64_t n = 0; n < nw; ++n) out[n] = acc ? out[n] + alpha * t[n] : alpha * t[n];
     }
   }
