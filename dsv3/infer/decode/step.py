@@ -74,6 +74,11 @@ GEMM_GAIN = {"bf16": 4.0, "packed": 2.0}  # this path's GEMM rate over the model
 # call, FP32 compute), not per-expert GEMMs: v3-mini decode at batch 16 +11% (FP32) and +24% (BF16
 # GEMMs), at batch 64 +4% / -1% (1 thread, medians of 8 alternating runs)
 NATIVE_EXPERT_ROWS = 32
+# the same on the one-row decoder's streamed expert copies (AVX-512F), up to this many rows: against
+# the oneDNN-packed grouped GEMMs, v3-mini's routed experts (1 thread, Zen 4, out of cache) 1.3-3x
+# faster in FP32 from 16 to 512 rows; with BF16 GEMMs 3.2x at 16 rows, 1.5x at 64, even at 128 and
+# 0.74x at 512
+STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
 # logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
 # rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
@@ -113,8 +118,6 @@ class FastDecoder:
         # more than KERNEL_ROWS rows: oneDNN GEMMs on packed weights (BF16 with BF16 GEMMs), or ATen's
         self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu, self.kernels)
         self._packed = isinstance(self._aten, Packed)
-        # the AMX grouped GEMMs beat the native FP32 experts_ from 5 rows on (batch 16 1.07x, 8 1.02x)
-        self._native_expert_rows = KERNEL_ROWS if isinstance(self._aten, AmxPacked) else NATIVE_EXPERT_ROWS
         if fp32_cpu:
             attention = self.kernels.attention if isinstance(self.kernels, Native) else "torch"
             stream = getattr(self.kernels, "stream", False)
@@ -341,6 +344,14 @@ class FastDecoder:
         self._rows = (main, mtp, w.attn, gates)
         return self._rows
 
+    def _native_expert_rows(self) -> int:
+        """Up to this many rows the native kernels run the routed experts, more: grouped GEMMs."""
+        if isinstance(self._aten, AmxPacked):  # its grouped GEMMs beat the FP32 experts_ from 5 rows on
+            return KERNEL_ROWS  # (batch 16 1.07x, 8 1.02x)
+        if getattr(self.kernels, "stream", False):
+            return STREAMED_EXPERT_ROWS["bf16_gemm" if self.bf16_gemm else "fp32"]
+        return NATIVE_EXPERT_ROWS
+
     def _streamed_experts(self, which: int):
         """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies of the routed
         experts the native few-row experts read (csrc/streamed.h: each expert's w1 | w3 and w2 as
@@ -420,10 +431,12 @@ class FastDecoder:
             q = self._mm(cq * self._inv_rms(cq, w.q_eps), w.w_q)
         else:
             q = a[:, R + 2 * P :]
-        q = q.view(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe | rot(q_pe)
-        n = q.shape[-1] - 2 * P
-        q_pe = q[..., n : n + P]
-        torch.addcmul(q_pe * cos[:, None], q[..., n + P :], sin[:, None], out=q_pe)  # RoPE in place
+        q = q.view(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe
+        n = q.shape[-1] - P
+        q_pe = q[..., n:]
+        pairs = q_pe.unflatten(-1, (P // 2, 2))
+        rot = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
+        torch.addcmul(q_pe * cos[:, None], rot, sin[:, None], out=q_pe)  # RoPE in place
         outs, lo = [], 0
         for rows, keys, naive in parts:
             hi, naive = lo + rows, naive and w.w_kvb is not None
@@ -431,7 +444,7 @@ class FastDecoder:
             kv, pe = a[lo:hi, :R], a[lo:hi, R : R + 2 * P]
             torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
             torch.addcmul(pe[:, :P] * cos[lo:hi], pe[:, P:], sin[lo:hi], out=row[:, R:])
-            qs = q[lo:hi, :, : n + P]  # [q_lat | q_pe], or [q_nope | q_pe] where W_UK is apart
+            qs = q[lo:hi]  # [q_lat | q_pe], or [q_nope | q_pe] where W_UK is apart
             if naive:
                 outs.append(self._naive_attend(layer, keys, qs, w.w_kvb))  # (rows, H * V)
             else:
@@ -485,7 +498,7 @@ class FastDecoder:
         logits = a[:, :E] if w.gate_w is None else xn.float() @ w.gate_w
         B, native = x.shape[0], self.kernels is not _ATEN
         weights, idx, _ = w.moe.gate.route_logits(logits)
-        few = self._native_expert_rows if isinstance(self.kernels, Native) else decode_moe.FEW_ROWS
+        few = self._native_expert_rows() if isinstance(self.kernels, Native) else decode_moe.FEW_ROWS
         if B <= few:  # the routing to Python once, then the few selected experts
             routes = list(zip(idx.tolist(), weights.tolist()))
             if native:  # every row's experts in one call

@@ -17,8 +17,10 @@ matmuls as possible, each [in, out] contiguous (a row-vector product against tha
   rows, where the GEMMs are bound by multiply-adds rather than operators, only when it costs no
   more (`FOLD_MAX_GROWTH_MANY`, `AttnWeights.many`: v3-mini's folded o_proj is 2x the pair);
 - the softmax scale is folded into the query projection;
-- RoPE's pair rotation x -> (-x1, x0) is linear, so it is folded in as extra output columns
-  (`_rotated_pairs`): rope(x) = x * cos + rot(x) * sin is then two elementwise operators.
+- RoPE's pair rotation x -> (-x1, x0) is linear: for the one rope key it is folded in as extra
+  output columns of w_in (`_rotated_pairs`), so rope(k_pe) = k_pe * cos + rot(k_pe) * sin is two
+  elementwise operators; the query's, over H heads, would be a quarter of V3's w_q multiply-adds
+  (its P rot columns beside each head's N + P), so rot(q_pe) is taken from q_pe after the product.
 Folding is done in FP64 and rounded once. With `weight_dtype` (BF16 for a BF16 checkpoint) the
 feed-forward matrices and the head are stored in that dtype instead, and exactly: nothing is folded
 into them (the norm weight is applied to the activations, `FfnWeights.norm_w`), the router stays a
@@ -82,7 +84,7 @@ def _in_out(rows: list[torch.Tensor], norm: RMSNorm | None, dtype: torch.dtype) 
 @dataclass
 class AttnWeights:
     w_in: torch.Tensor  # [D, C] q_a (Qr) | c_kv (R) | k_pe (P) | rot(k_pe) (P) [| query without q_lora]
-    w_q: torch.Tensor  # [Qr or D, H * Qw]: per head q_lat (R, or N) | q_pe (P) | rot(q_pe) (P)
+    w_q: torch.Tensor  # [Qr, H * Qw]: per head q_lat (R, or N) | q_pe (P); empty without q_lora
     kv_norm: torch.Tensor  # kv_a_layernorm weight [R] (live: its output is cached)
     w_uk: torch.Tensor | None  # [H, N, R] when W_UK is not folded into w_q
     w_uv: torch.Tensor | None  # [H, R, V] when W_UV is not folded into w_o
@@ -165,8 +167,7 @@ def _attention_folded(
         q_lin = mla.q_b_proj if lora else mla.q_proj
         wq = q_lin.weight.to(F64).view(H, N + P, -1) * mla.softmax_scale  # (H, N + P, in)
         q_lat = torch.einsum("hnr,hni->hri", w_uk, wq[:, :N]) if fold_q else wq[:, :N]  # (H, R or N, in)
-        rot = torch.stack([_rotated_pairs(w) for w in wq[:, N:]])  # (H, P, in)
-        q_rows = torch.cat([q_lat, wq[:, N:], rot], dim=1).flatten(0, 1)  # (H * Qw, in)
+        q_rows = torch.cat([q_lat, wq[:, N:]], dim=1).flatten(0, 1)  # (H * Qw, in)
         kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
         rows = [kv_a, _rotated_pairs(kv_a[R:])]
         rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]

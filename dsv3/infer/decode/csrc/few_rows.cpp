@@ -522,13 +522,14 @@ class RowDecoder {
     const torch::Tensor uk = per_head(w_uk, "w_uk", -1, R), uv = per_head(w_uv, "w_uv", R, -1);
     const int64_t Qn = uk.defined() ? uk.size(1) : R, Vo = uv.defined() ? uv.size(2) : R;
     const int64_t Qin = q_rank ? w_q.size(1) : w_in.size(1) - q_rank - R - 2 * P;
-    TORCH_CHECK(Qin == H * (Qn + 2 * P), "w_q: expected ", H * (Qn + 2 * P), " query columns, got ", Qin);
+    TORCH_CHECK(Qin == H * (Qn + P), "w_q: expected ", H * (Qn + P), " query columns (per head q_lat | q_pe), got ",
+                Qin);
     TORCH_CHECK(w_o.size(0) == H * Vo, "w_o: expected ", H * Vo, " rows, got ", w_o.size(0));
     Attn a{w_in, w_q, kv_norm.contiguous(), w_o, pool, uk, uv, q_rank, Qn, Vo, norm_eps, q_eps, kv_eps};
     if (stream_) {
       a.p_in = dsv3::pack(w_in);
       a.p_o = dsv3::pack(w_o);
-      if (q_rank) a.p_q = dsv3::pack(without_rotated(w_q, Qn));
+      if (q_rank) a.p_q = dsv3::pack(w_q);
       if (uk.defined()) a.p_uk = dsv3::pack(uk);
       if (uv.defined()) a.p_uv = dsv3::pack(uv);
     }
@@ -612,18 +613,6 @@ class RowDecoder {
 
   int64_t D() const { return attn.empty() ? 0 : attn[0].w_in.size(0); }
 
-  // w_q [in, H * (Qn + 2P)] (per head q_lat | q_pe | rot(q_pe)) without its rot(q_pe) columns,
-  // [in, H * (Qn + P)]: those are q_pe's pairs (x0, x1) -> (-x1, x0) exactly (weights.py
-  // _rotated_pairs), which `attention` recomputes from q_pe, bit for bit, instead of reading them
-  torch::Tensor without_rotated(const torch::Tensor& w_q, int64_t Qn) const {
-    const auto heads = w_q.reshape({w_q.size(0), H, Qn + 2 * P});
-    const auto pe = heads.slice(2, Qn, Qn + P), rot = heads.slice(2, Qn + P, Qn + 2 * P);
-    const auto pairs = pe.reshape({w_q.size(0), H, P / 2, 2});
-    TORCH_CHECK(P % 2 == 0 && torch::equal(rot, torch::stack({-pairs.select(3, 1), pairs.select(3, 0)}, 3).reshape(rot.sizes())),
-                "w_q: its rot(q_pe) columns are not q_pe's pairs rotated");
-    return heads.slice(2, 0, Qn + P).reshape({w_q.size(0), H * (Qn + P)}).contiguous();
-  }
-
   static float* grow(std::vector<float>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
     return v.data();
@@ -659,34 +648,31 @@ class RowDecoder {
     normalise(x, xnp, T, Dm, w.norm_eps);
     auto arows = at(ap, T, C);
     product(in(at(xnp, T, Dm)), T, w.w_in, w.p_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
+    // the query per head, q_lat | q_pe (w_q's columns, or w_in's last ones without q_lora), spread out
+    // into q as q_lat | q_pe | rot(q_pe), rot(q_pe) = q_pe's pairs (x0, x1) -> (-x1, x0)
+    const int64_t Qc = w.Qn + P;
+    const float* src = ap + R + 2 * P;
+    int64_t ld = C;
     if (w.q_rank) {
       for (int64_t t = 0; t < T; ++t) {  // a[t, :q_rank] is not read again
         const float rq = inv_rms(ap + t * C, w.q_rank, w.q_eps);
         for (int64_t i = 0; i < w.q_rank; ++i) ap[t * C + i] *= rq;
       }
-      if (w.p_q.defined()) {  // the streamed copy has no rot(q_pe) columns: [T, H * (Qn + P)], then spread out
-        const int64_t Qc = w.Qn + P;
-        float* cp = grow(qc, T * H * Qc);
-        auto crows = at(cp, T, H * Qc);
-        product(in(arows), T, w.w_q, w.p_q, crows.data(), 1.f, false);
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t hd = 0; hd < H; ++hd) {
-            const float* src = cp + (t * H + hd) * Qc;
-            float* dst = qp + (t * H + hd) * Qw;
-            std::copy(src, src + Qc, dst);
-            for (int64_t i = 0; i < P; i += 2) {  // rot(q_pe): (x0, x1) -> (-x1, x0)
-              dst[Qc + i] = -src[w.Qn + i + 1];
-              dst[Qc + i + 1] = src[w.Qn + i];
-            }
-          }
-      } else {
-        auto qrows = at(qp, T, H * Qw);
-        product(in(arows), T, w.w_q, qrows.data(), 1.f, false);
-      }
-    } else {
-      for (int64_t t = 0; t < T; ++t)
-        std::copy(ap + t * C + R + 2 * P, ap + t * C + R + 2 * P + H * Qw, qp + t * H * Qw);
+      float* cp = grow(qc, T * H * Qc);
+      auto crows = at(cp, T, H * Qc);
+      product(in(arows), T, w.w_q, w.p_q, crows.data(), 1.f, false);
+      src = cp, ld = H * Qc;
     }
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const float* sh = src + t * ld + hd * Qc;
+        float* dst = qp + (t * H + hd) * Qw;
+        std::copy(sh, sh + Qc, dst);
+        for (int64_t i = 0; i < P; i += 2) {
+          dst[Qc + i] = -sh[w.Qn + i + 1];
+          dst[Qc + i + 1] = sh[w.Qn + i];
+        }
+      }
     // the attention output fed to o_proj: the latent [T, H * R], or values [T, H * V] through W_UV
     float* vp = w.pool.scalar_type() == torch::kBFloat16
                           ? attend(reinterpret_cast<uint16_t*>(w.pool.data_ptr()), T, w, ap, qp, op, sp, cos, sin, pos)
