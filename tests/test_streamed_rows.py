@@ -154,3 +154,33 @@ def test_row_decoder_experts_on_streamed_copies(native, dtype):
         assert (got - old).abs().max().item() <= 1e-6 * old.abs().max().item(), M
     with pytest.raises(RuntimeError, match="layer: 1 is not a MoE layer"):
         row.experts_(1, got, xn, ids, gates)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_row_decoder_heads_on_streamed_copies(native, dtype):
+    """`RowDecoder.heads` (many-row decoding's per-head W_UK / W_UV on the streamed copies) against
+    float64 per head, for 1-9 rows from a transposed (strided) query, and its one-line errors."""
+    torch.manual_seed(5)
+    H, R, P, N, V, D = 3, 70, 4, 20, 12, 16
+    w_uk, w_uv = torch.randn(H, N, R).to(dtype), torch.randn(H, R, V).to(dtype)
+    row = native.RowDecoder(H, R, P, stream=True)
+    pool = torch.zeros(8, R + P)
+    w_in, w_q, w_o = torch.randn(D, 8 + R + 2 * P), torch.randn(8, H * (N + P)), torch.randn(H * V, D)
+    row.add_attention(w_in, w_q, torch.ones(R), w_o, pool, w_uk, w_uv, 8, 1e-6, 1e-6, 1e-6)
+    for M in (1, 4, 9):
+        for uv, w in ((False, w_uk), (True, w_uv)):
+            x = torch.randn(M, H, w.shape[1]).transpose(0, 1)  # (H, M, K), as step.py passes it
+            got = row.heads(0, uv, x)
+            want = torch.bmm(x.double(), w.double())
+            assert got.shape == (H, M, w.shape[2])
+            assert (got.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item(), (M, uv)
+    with pytest.raises(RuntimeError, match=r"x: expected float32 \[3, M, 20\]"):
+        row.heads(0, False, torch.randn(H, 2, 21))
+    with pytest.raises(RuntimeError, match="layer: 1 out of range"):
+        row.heads(1, False, torch.randn(H, 2, N))
+    folded = native.RowDecoder(H, R, P, stream=True)
+    folded.add_attention(
+        w_in, torch.randn(8, H * (R + P)), torch.ones(R), w_o, pool, None, w_uv, 8, 1e-6, 1e-6, 1e-6
+    )
+    with pytest.raises(RuntimeError, match="W_UK is folded"):
+        folded.heads(0, False, torch.randn(H, 2, R))

@@ -62,7 +62,7 @@ from dsv3.infer.decode import moe as decode_moe
 from dsv3.infer.decode.gemm import AMX_ROWS, AmxPacked, Packed, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
-from dsv3.infer.decode.rows import row_decoder
+from dsv3.infer.decode.rows import row_attention, row_decoder
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
@@ -79,6 +79,11 @@ NATIVE_EXPERT_ROWS = 32
 # faster in FP32 from 16 to 512 rows; with BF16 GEMMs 3.2x at 16 rows, 1.5x at 64, even at 128 and
 # 0.74x at 512
 STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
+# the per-head W_UK / W_UV of many rows on those streamed copies, up to this many rows: against
+# ATen's bmm (v3-mini, 1 thread, Zen 4) FP32 1.42x at 16 rows, 1.17x at 64, 1.1x at 512 (the same
+# values: sums in the same order); against the BF16 bmm of BF16 GEMMs 1.23x at 16, even at 32,
+# 0.9x at 64
+STREAMED_HEAD_ROWS = {"fp32": 512, "bf16_gemm": 16}
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
 # logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
 # rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
@@ -169,9 +174,9 @@ class FastDecoder:
         keys, x, positions = self._inputs(self.data, self.pools, tokens, starts, tables, gather=naive)
         cos, sin = self._rope_rows(positions)
         routed: list = []
-        row = self._streamed_experts(0)
+        row = self._streamed(0)
         for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
-            x = self._attention(x, aw, layer, [(x.shape[0], keys, naive)], cos, sin)
+            x = self._attention(x, aw, layer, [(x.shape[0], keys, naive)], cos, sin, row)
             x = self._ffn(x, fw, routed, row, layer)
         keys.finish()
         self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
@@ -233,9 +238,9 @@ class FastDecoder:
             positions += pos
         x, (cos, sin) = torch.cat(xs), self._rope_rows(positions)
         routed: list = []
-        row = self._streamed_experts(0)
+        row = self._streamed(0)
         for layer, (aw, fw) in enumerate(zip(self.weights.attn, self.weights.ffn)):
-            x = self._ffn(self._attention(x, aw, layer, parts, cos, sin), fw, routed, row, layer)
+            x = self._ffn(self._attention(x, aw, layer, parts, cos, sin, row), fw, routed, row, layer)
         for _, keys, _ in parts:
             keys.finish()
         self._record(decode_moe.counts(routed, self.n_experts).unbind(0) if routed else [])
@@ -277,8 +282,9 @@ class FastDecoder:
             x, counts = row.forward(x, cos, sin, tables[0], self.cache.block_size, starts[0])
         else:
             routed: list = []
-            x = self._attention(x, m.attn, 0, [(x.shape[0], keys, prefill)], cos, sin)
-            x = self._ffn(x, m.ffn, routed, self._streamed_experts(1), 0)
+            mtp_row = self._streamed(1)
+            x = self._attention(x, m.attn, 0, [(x.shape[0], keys, prefill)], cos, sin, mtp_row)
+            x = self._ffn(x, m.ffn, routed, mtp_row, 0)
             counts = decode_moe.counts(routed, self.n_experts) if routed else []
             keys.finish()
         if m.ffn.moe is not None:
@@ -352,12 +358,13 @@ class FastDecoder:
             return STREAMED_EXPERT_ROWS["bf16_gemm" if self.bf16_gemm else "fp32"]
         return NATIVE_EXPERT_ROWS
 
-    def _streamed_experts(self, which: int):
-        """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies of the routed
-        experts the native few-row experts read (csrc/streamed.h: each expert's w1 | w3 and w2 as
-        contiguous slabs of 64 columns; out of cache they stream ~1.5x faster than the row-major
-        matrices), or None where the kernels do not stream (no AVX-512F, DSV3_ROW_STREAM=0, the
-        torch reference). Built here when a batch comes before any lone sequence: one set of
+    def _streamed(self, which: int):
+        """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies the many-row
+        step reads for the native few-row routed experts and the per-head W_UK / W_UV (csrc/streamed.h:
+        contiguous slabs of 64 columns, sums in registers; v3-mini at 16 rows: the experts ~2x faster
+        than the row-major loop and ~3x than oneDNN's grouped GEMMs, the per-head products ~2x
+        than ATen's bmm), or None where the kernels do not stream (no AVX-512F, DSV3_ROW_STREAM=0,
+        the torch reference). Built here when a batch comes before any lone sequence: one set of
         copies serves both."""
         if not getattr(self.kernels, "stream", False):
             return None
@@ -417,14 +424,22 @@ class FastDecoder:
         ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(1 / x.shape[1])
         return ms.add_(eps).rsqrt_()
 
-    def _attention(self, x, w: AttnWeights, layer: int, parts: list, cos, sin) -> torch.Tensor:
+    def _attention(self, x, w: AttnWeights, layer: int, parts: list, cos, sin, streamed=None) -> torch.Tensor:
         """x [B, D] -> x + MLA(norm(x)) [B, D], writing the new cache rows. parts: consecutive row
         ranges as (rows, keys, naive), each attending over its own keys (`mixed`: plain decodes, then
         prefill chunks); naive (prefill, with `GatheredKeys`): K and V per head from the latents
-        where the weights have `w_kvb`. The projections run once over all rows."""
+        where the weights have `w_kvb`. The projections run once over all rows. streamed: the one-row
+        decoder holding this layer (`_streamed`), whose streamed W_UK / W_UV per head the absorbed
+        products read where it was built from the same weights, or None."""
         B, R, P = x.shape[0], self.R, self.P
+        given = w
         if B > KERNEL_ROWS and w.many is not None:  # the folds that pay for many rows
             w = w.many
+        if streamed is not None and (
+            row_attention(given) is not w  # the one-row decoder streams the other layout
+            or B > STREAMED_HEAD_ROWS["bf16_gemm" if self.bf16_gemm else "fp32"]
+        ):
+            streamed = None
         a = self._mm(x * self._inv_rms(x, w.norm_eps), w.w_in)  # (B, C)
         if w.q_rank:
             cq, a = a[:, : w.q_rank], a[:, w.q_rank :]
@@ -449,12 +464,19 @@ class FastDecoder:
                 outs.append(self._naive_attend(layer, keys, qs, w.w_kvb))  # (rows, H * V)
             else:
                 if w.w_uk is not None:  # W_UK per head: (H, rows, N) @ (H, N, R)
-                    qs = torch.cat(
-                        [self._aten.bmm(qs[..., :n].transpose(0, 1), w.w_uk).transpose(0, 1), qs[..., n:]], -1
+                    qn = qs[..., :n].transpose(0, 1)
+                    qn = (
+                        streamed.heads(layer, False, qn)
+                        if streamed is not None
+                        else self._aten.bmm(qn, w.w_uk)
                     )
+                    qs = torch.cat([qn.transpose(0, 1), qs[..., n:]], -1)
                 o = keys.attend(layer, qs)  # (rows, H, R)
                 if w.w_uv is not None:  # W_UV per head: (H, rows, R) @ (H, R, V)
-                    o = self._aten.bmm(o.transpose(0, 1), w.w_uv).transpose(0, 1)
+                    o = o.transpose(0, 1)
+                    o = (
+                        streamed.heads(layer, True, o) if streamed is not None else self._aten.bmm(o, w.w_uv)
+                    ).transpose(0, 1)
                 outs.append(o.reshape(rows, -1))
             lo = hi
         return self._mm(outs[0] if len(outs) == 1 else torch.cat(outs), w.w_o, x)  # residual + o_proj

@@ -492,6 +492,36 @@ class RowDecoder {
     experts_(out, xn, f.w13, f.w2, ids, gates, f.p13, f.p2);
   }
 
+  // x [H, M, K] -> [H, M, N]: attention layer `layer`'s W_UK (uv false) or W_UV per head, x[h] @ w[h],
+  // on this decoder's streamed copies where it keeps them (many-row decoding's absorbed MLA,
+  // step.py FastDecoder._attention); the heads split across torch's threads
+  torch::Tensor heads(int64_t layer, bool uv, const torch::Tensor& x) const {
+    TORCH_CHECK(layer >= 0 && layer < static_cast<int64_t>(attn.size()), "layer: ", layer, " out of range (",
+                attn.size(), " layers)");
+    const Attn& a = attn[layer];
+    const torch::Tensor& w = uv ? a.w_uv : a.w_uk;
+    const Packed& p = uv ? a.p_uv : a.p_uk;
+    TORCH_CHECK(w.defined(), "layer ", layer, ": W_", uv ? "UV" : "UK", " is folded (no per-head matrices)");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.size(0) == H && x.size(2) == w.size(1) &&
+                    x.stride(2) == 1,
+                "x: expected float32 [", H, ", M, ", w.size(1), "], got ", x.scalar_type(), " ", x.sizes(),
+                " (unit stride in the last)");
+    const int64_t M = x.size(1), N = w.size(2);
+    auto out = torch::empty({H, M, N}, x.options());
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<const float*> xs(M);
+      std::vector<float*> ys(M);
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t m = 0; m < M; ++m) {
+          xs[m] = x.data_ptr<float>() + h * x.stride(0) + m * x.stride(1);
+          ys[m] = out.data_ptr<float>() + (h * M + m) * N;
+        }
+        product(xs.data(), M, w, p, ys.data(), 1.f, false, h, true);
+      }
+    });
+    return out;
+  }
+
   // the bytes of the streamed copies (0 without `stream`)
   int64_t streamed_bytes() const {
     int64_t n = 0;
@@ -872,6 +902,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("streamed_bytes", &RowDecoder::streamed_bytes)
       .def("set_head", &RowDecoder::set_head)
       .def("logits", &RowDecoder::logits, nogil())
+      .def("heads", &RowDecoder::heads, py::arg("layer"), py::arg("uv"), py::arg("x"), nogil())
       .def("experts_", &RowDecoder::experts, py::arg("layer"), py::arg("out"), py::arg("xn"), py::arg("ids"),
            py::arg("gates"), nogil())
       .def("add_attention", &RowDecoder::add_attention)
