@@ -14,6 +14,7 @@ import torch
 
 from dsv3.cli import positive_int
 from dsv3.config import ConfigError
+from dsv3.config.presets import PRESETS
 from dsv3.threads import add_threads_argument, configure_threads
 from dsv3.threads import oversubscription_warning as oversubscription_warning  # its old home
 
@@ -24,7 +25,7 @@ def _train_parser() -> argparse.ArgumentParser:
         description="Train a DeepSeek-V3-architecture model with the V3 recipe. Any TrainConfig field can "
         "be set as key=value (model fields as model.<field>=value).",
     )
-    p.add_argument("--preset", help="model preset (tiny, small, 16b, 671b)")
+    p.add_argument("--preset", help=f"model preset ({', '.join(PRESETS)})")
     p.add_argument("--steps", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp8"])
     p.add_argument("--data", help="text/jsonl/parquet file or directory (default: the bundled corpus)")
