@@ -63,7 +63,7 @@ from dsv3.infer.decode.gemm import AMX_ROWS, AmxPacked, Packed, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
 from dsv3.infer.decode.rows import row_attention, row_decoder
-from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights
+from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights, rotated_pairs
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
 
@@ -123,6 +123,7 @@ class FastDecoder:
         # more than KERNEL_ROWS rows: oneDNN GEMMs on packed weights (BF16 with BF16 GEMMs), or ATen's
         self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu, self.kernels)
         self._packed = isinstance(self._aten, Packed)
+        self._gemm_kind = "bf16_gemm" if self.bf16_gemm else "fp32"  # the key of the STREAMED_*_ROWS limits
         if fp32_cpu:
             attention = self.kernels.attention if isinstance(self.kernels, Native) else "torch"
             stream = getattr(self.kernels, "stream", False)
@@ -355,7 +356,7 @@ class FastDecoder:
         if isinstance(self._aten, AmxPacked):  # its grouped GEMMs beat the FP32 experts_ from 5 rows on
             return KERNEL_ROWS  # (batch 16 1.07x, 8 1.02x)
         if getattr(self.kernels, "stream", False):
-            return STREAMED_EXPERT_ROWS["bf16_gemm" if self.bf16_gemm else "fp32"]
+            return STREAMED_EXPERT_ROWS[self._gemm_kind]
         return NATIVE_EXPERT_ROWS
 
     def _streamed(self, which: int):
@@ -437,7 +438,7 @@ class FastDecoder:
             w = w.many
         if streamed is not None and (
             row_attention(given) is not w  # the one-row decoder streams the other layout
-            or B > STREAMED_HEAD_ROWS["bf16_gemm" if self.bf16_gemm else "fp32"]
+            or B > STREAMED_HEAD_ROWS[self._gemm_kind]
         ):
             streamed = None
         a = self._mm(x * self._inv_rms(x, w.norm_eps), w.w_in)  # (B, C)
@@ -449,9 +450,7 @@ class FastDecoder:
         q = q.view(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe
         n = q.shape[-1] - P
         q_pe = q[..., n:]
-        pairs = q_pe.unflatten(-1, (P // 2, 2))
-        rot = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
-        torch.addcmul(q_pe * cos[:, None], rot, sin[:, None], out=q_pe)  # RoPE in place
+        torch.addcmul(q_pe * cos[:, None], rotated_pairs(q_pe), sin[:, None], out=q_pe)  # RoPE in place
         outs, lo = [], 0
         for rows, keys, naive in parts:
             hi, naive = lo + rows, naive and w.w_kvb is not None

@@ -18,7 +18,7 @@ matmuls as possible, each [in, out] contiguous (a row-vector product against tha
   more (`FOLD_MAX_GROWTH_MANY`, `AttnWeights.many`: v3-mini's folded o_proj is 2x the pair);
 - the softmax scale is folded into the query projection;
 - RoPE's pair rotation x -> (-x1, x0) is linear: for the one rope key it is folded in as extra
-  output columns of w_in (`_rotated_pairs`), so rope(k_pe) = k_pe * cos + rot(k_pe) * sin is two
+  output columns of w_in (`rotated_pairs`), so rope(k_pe) = k_pe * cos + rot(k_pe) * sin is two
   elementwise operators; the query's, over H heads, would be a quarter of V3's w_q multiply-adds
   (its P rot columns beside each head's N + P), so rot(q_pe) is taken from q_pe after the product.
 Folding is done in FP64 and rounded once. With `weight_dtype` (BF16 for a BF16 checkpoint) the
@@ -55,11 +55,13 @@ _VERSION = attrgetter("_version")
 F64 = torch.float64
 
 
-def _rotated_pairs(w: torch.Tensor) -> torch.Tensor:
-    """Rows [P, in] of a projection whose output RoPE rotates -> the rows giving rot(output):
-    (x0, x1) -> (-x1, x0) per interleaved pair."""
-    pairs = w.unflatten(0, (-1, 2))  # (P/2, 2, in)
-    return torch.stack((-pairs[:, 1], pairs[:, 0]), dim=1).flatten(0, 1)
+def rotated_pairs(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """RoPE's pair rotation along `dim` (interleaved pairs): (x0, x1) -> (-x1, x0). On the rows
+    [P, in] of a projection whose output RoPE rotates (dim 0) it gives the rows of rot(output); on
+    activations [..., P] (dim -1), rot(x) itself."""
+    d = dim % x.dim()
+    pairs = x.unflatten(d, (-1, 2))
+    return torch.stack((-pairs.select(d + 1, 1), pairs.select(d + 1, 0)), dim=d + 1).flatten(d, d + 1)
 
 
 def folds(
@@ -169,7 +171,7 @@ def _attention_folded(
         q_lat = torch.einsum("hnr,hni->hri", w_uk, wq[:, :N]) if fold_q else wq[:, :N]  # (H, R or N, in)
         q_rows = torch.cat([q_lat, wq[:, N:]], dim=1).flatten(0, 1)  # (H * Qw, in)
         kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
-        rows = [kv_a, _rotated_pairs(kv_a[R:])]
+        rows = [kv_a, rotated_pairs(kv_a[R:], 0)]
         rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]
         w_in = _in_out(rows, norm, dtype)
         w_q = _in_out([q_rows], mla.q_a_layernorm, dtype) if lora else none
