@@ -166,7 +166,7 @@ def test_row_decoder_heads_on_streamed_copies(native, dtype):
     row = native.RowDecoder(H, R, P, stream=True)
     pool = torch.zeros(8, R + P)
     w_in, w_q, w_o = torch.randn(D, 8 + R + 2 * P), torch.randn(8, H * (N + P)), torch.randn(H * V, D)
-    row.add_attention(w_in, w_q, torch.ones(R), w_o, pool, w_uk, w_uv, 8, 1e-6, 1e-6, 1e-6)
+    row.add_attention(w_in, w_q, torch.ones(R), w_o, pool, w_uk, w_uv, 8, 1e-6, 1e-6, 1e-6, None, None, 1.0)
     for M in (1, 4, 9):
         for uv, w in ((False, w_uk), (True, w_uv)):
             x = torch.randn(M, H, w.shape[1]).transpose(0, 1)  # (H, M, K), as step.py passes it
@@ -180,7 +180,20 @@ def test_row_decoder_heads_on_streamed_copies(native, dtype):
         row.heads(1, False, torch.randn(H, 2, N))
     folded = native.RowDecoder(H, R, P, stream=True)
     folded.add_attention(
-        w_in, torch.randn(8, H * (R + P)), torch.ones(R), w_o, pool, None, w_uv, 8, 1e-6, 1e-6, 1e-6
+        w_in,
+        torch.randn(8, H * (R + P)),
+        torch.ones(R),
+        w_o,
+        pool,
+        None,
+        w_uv,
+        8,
+        1e-6,
+        1e-6,
+        1e-6,
+        None,
+        None,
+        1.0,
     )
     with pytest.raises(RuntimeError, match="W_UK is folded"):
         folded.heads(0, False, torch.randn(H, 2, R))

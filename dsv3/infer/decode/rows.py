@@ -31,8 +31,9 @@ def row_decoder(
     for a, f, pool in zip(attn, ffn, pools):
         a = row_attention(a)
         row.add_attention(
-            a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.w_uk, a.w_uv, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps
-        )
+            a.w_in, a.w_q, a.kv_norm, a.w_o, pool, a.w_uk, a.w_uv, a.q_rank, a.norm_eps, a.q_eps, a.kv_eps,
+            a.norm_w, a.q_norm_w, a.q_scale,
+        )  # fmt: skip
         gate = f.moe.gate if f.moe is not None else None
         row.add_ffn(
             f.w_in, f.w_down, f.norm_w, f.gate_w,
@@ -53,15 +54,13 @@ def row_decoder(
 
 def row_attention(a: AttnWeights) -> AttnWeights:
     """The attention weights the one-row decoder streams: a lone token reads every matrix once, so
-    its time is their bytes. Of the few-row layout and the many-row one (`AttnWeights.many`: other
-    folds, and rounded to BF16 where BF16 GEMMs run, `bf16_gemm`), the one with fewer bytes:
-    v3-mini's unfolded W_UV + o_proj is half its folded o_proj, and the BF16 copies halve the rest.
-    FP32 layouts compute the model's products (exact to rounding, 1e-5); the BF16 copies of the
-    folded matrices are rounded once (each weight within 2^-9 relative: logits within
-    `dsv3.infer.decode.step.ROW_BF16_BOUND`), the activations and the accumulation stay FP32."""
-    if a.many is None:
-        return a
-    return min((a, a.many), key=attention_bytes)
+    its time is their bytes. Of the stored copy (`AttnWeights.stored`: unfolded in the checkpoint's
+    BF16, exact), the few-row layout and the many-row one (`AttnWeights.many`: other folds), the one
+    with the fewest bytes, the stored copy on a tie: v3-mini's unfolded W_UV + o_proj is half its
+    folded o_proj, and BF16 halves the rest. Every layout computes the model's products (exact to
+    FP32 rounding, 1e-5): the activations and the accumulation are FP32, BF16 weights widened exactly."""
+    layouts = [t for t in (a.stored, a, a.many) if t is not None]
+    return min(layouts, key=attention_bytes)
 
 
 def attention_bytes(a: AttnWeights) -> int:

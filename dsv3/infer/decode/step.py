@@ -27,8 +27,8 @@ dsv3.infer.decode.weights:
   read through the block table, so its blocks need not be consecutive) whenever the kernels are
   native, on any geometry: where W_UK / W_UV are not folded (V3's shapes) it applies them per head
   to the query and to the attention output, as `_attention` does; it streams whichever attention
-  layout has fewer bytes (`dsv3.infer.decode.rows.row_attention`: the few- or many-row folds, the BF16 copies where BF16
-  GEMMs run, within ROW_BF16_BOUND). That removes the ~200 operator
+  layout has fewer bytes (`dsv3.infer.decode.rows.row_attention`: the few- or many-row folds, or,
+  for a BF16 checkpoint, its attention unfolded in BF16, exact, `AttnWeights.stored`). That removes the ~200 operator
   launches per token that otherwise cost as much as the weights, and it splits its work across
   torch's threads (dsv3.infer.decode.kernels).
 Prefill chunks run here too where this path's GEMMs beat the model's (`prefill`, `prefill_pays`;
@@ -85,10 +85,6 @@ STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
 # 0.9x at 64
 STREAMED_HEAD_ROWS = {"fp32": 512, "bf16_gemm": 16}
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
-# logits of the one-row decoder on the attention's BF16 copies, relative to the largest: each weight
-# rounded once (within 2^-9 relative), FP32 activations and sums; measured <= 6e-4 (small, v3-mini,
-# one 671B layer: tests/test_infer_fast.py::test_row_decoder_layouts_on_the_presets)
-ROW_BF16_BOUND = 5e-3
 _ATEN = Reference()
 log = logging.getLogger(__name__)
 
@@ -118,7 +114,8 @@ class FastDecoder:
         plan = plan_kernels()
         bf16 = weight_dtype == torch.bfloat16 and fp32_cpu
         self.bf16_gemm = bf16 and (plan.bf16_gemm if bf16_gemm is None else bf16_gemm)
-        # with BF16 GEMMs the attention's many-row matrices are stored in BF16 too (rounded once)
+        # BF16 weights: the attention unfolded in BF16 too (`AttnWeights.stored`, exact: the one-row
+        # decoder's layout), with BF16 GEMMs also the many-row one
         self.weights = DecodeWeights(model, fold, weight_dtype, torch.bfloat16 if self.bf16_gemm else None)
         # more than KERNEL_ROWS rows: oneDNN GEMMs on packed weights (BF16 with BF16 GEMMs), or ATen's
         self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu, self.kernels)
@@ -441,13 +438,17 @@ class FastDecoder:
             or B > STREAMED_HEAD_ROWS[self._gemm_kind]
         ):
             streamed = None
-        a = self._mm(x * self._inv_rms(x, w.norm_eps), w.w_in)  # (B, C)
+        xn = x * self._inv_rms(x, w.norm_eps)
+        a = self._mm(xn if w.norm_w is None else xn * w.norm_w, w.w_in)  # (B, C)
         if w.q_rank:
             cq, a = a[:, : w.q_rank], a[:, w.q_rank :]
-            q = self._mm(cq * self._inv_rms(cq, w.q_eps), w.w_q)
+            cq = cq * self._inv_rms(cq, w.q_eps)
+            q = self._mm(cq if w.q_norm_w is None else cq * w.q_norm_w, w.w_q)
         else:
             q = a[:, R + 2 * P :]
-        q = q.view(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe
+        q = q.reshape(B, self.H, -1)  # (B, H, Qw): q_lat (or q_nope) | q_pe
+        if w.q_scale != 1.0:  # the softmax scale, where not folded into the query's columns
+            q = q * w.q_scale
         n = q.shape[-1] - P
         q_pe = q[..., n:]
         torch.addcmul(q_pe * cos[:, None], rotated_pairs(q_pe), sin[:, None], out=q_pe)  # RoPE in place

@@ -24,10 +24,14 @@ matmuls as possible, each [in, out] contiguous (a row-vector product against tha
 Folding is done in FP64 and rounded once. With `weight_dtype` (BF16 for a BF16 checkpoint) the
 feed-forward matrices and the head are stored in that dtype instead, and exactly: nothing is folded
 into them (the norm weight is applied to the activations, `FfnWeights.norm_w`), the router stays a
-separate FP32 matrix (routing never sees the storage dtype), and the attention matrices, which are
-folded, keep the model's dtype (their many-row copies, `AttnWeights.many`, are rounded to BF16 once
-where BF16 GEMMs run many rows: `many_dtype`; not exact, like those GEMMs' BF16 activations). The routing bias and the experts' w2 are used in place (w2 copied
-when `weight_dtype` differs);
+separate FP32 matrix (routing never sees the storage dtype). The attention's folded matrices keep
+the model's dtype; beside them `AttnWeights.stored` holds the attention unfolded in that dtype,
+exactly as well (q_a | kv_a | rot(k_pe), q_b, W_UK, W_UV and o_proj as the checkpoint has them,
+the norm weights and the softmax scale applied to the activations: `norm_w`, `q_norm_w`,
+`q_scale`; a BF16 checkpoint's values are BF16, so nothing is rounded): the one-row decoder
+streams it (half the bytes of the FP32 layouts, on every CPU), and where BF16 GEMMs run many rows
+it is their layout too (`many_dtype`). The routing bias and the experts' w2 are used in place (w2
+copied when `weight_dtype` differs);
 the copies are checked against the parameters they came from (`stale`) and rebuilt when the model
 was changed in place. The model's modules and checkpoint keys are untouched.
 
@@ -101,6 +105,15 @@ class AttnWeights:
     # [R, H * (N + V)] kv_b_proj as [in, out] (per head k_nope | v), set where neither W_UK nor W_UV
     # is folded: prefill chunks then compute K and V per head from the latents (the naive MLA)
     w_kvb: torch.Tensor | None = None
+    # where the norms' weights and the softmax scale are not folded into the matrices (`stored`):
+    # the input norm's weight [D], q_a_layernorm's [Qr] (applied to the activations) and the scale
+    # the query is multiplied by after its projection (1.0 where folded)
+    norm_w: torch.Tensor | None = None
+    q_norm_w: torch.Tensor | None = None
+    q_scale: float = 1.0
+    # the same attention unfolded in the feed-forward's storage dtype, exactly (`_attention_stored`),
+    # where that differs from the model's: the one-row decoder's layout (dsv3.infer.decode.rows)
+    stored: AttnWeights | None = None
 
 
 @dataclass
@@ -119,11 +132,17 @@ class FfnWeights:
 
 
 def _attention(
-    mla: MLA, norm: RMSNorm, fold: bool | None, many_dtype: torch.dtype | None = None
+    mla: MLA,
+    norm: RMSNorm,
+    fold: bool | None,
+    many_dtype: torch.dtype | None = None,
+    weight_dtype: torch.dtype | None = None,
 ) -> AttnWeights:
     """The attention's decode weights; with `fold` None the folds are chosen per row count (few rows:
-    `FOLD_MAX_GROWTH`; many rows: `FOLD_MAX_GROWTH_MANY`, in `many` where they differ). many_dtype:
-    the storage dtype of the many-row matrices (BF16 for BF16 GEMMs; None: the model's)."""
+    `FOLD_MAX_GROWTH`; many rows: `FOLD_MAX_GROWTH_MANY`, in `many` where they differ). weight_dtype:
+    the feed-forward's storage dtype, in which `stored` keeps the attention unfolded where it differs
+    from the model's; many_dtype: the storage dtype of the many-row matrices (BF16 for BF16 GEMMs, whose
+    layout is then `stored`; None: the model's)."""
     N, V, R = mla.nope_dim, mla.v_dim, mla.kv_lora_rank
     q_in = (mla.q_proj if hasattr(mla, "q_proj") else mla.q_b_proj).weight.shape[1]
     D = mla.o_proj.weight.shape[0]
@@ -142,15 +161,44 @@ def _attention(
         H, NV = mla.n_heads, N + V
         w_kvb = mla.kv_b_weight().reshape(H * NV, R).T.contiguous()  # (R, H * (N + V))
         base = w.many = replace(base, w_kvb=w_kvb)
-    if many_dtype is not None and many_dtype != w.w_o.dtype:  # rounded once, for BF16 GEMMs
-        names = ("w_in", "w_q", "w_o", "w_uk", "w_uv", "w_kvb")
-        w.many = replace(base, **{k: _stored(getattr(base, k), many_dtype) for k in names})
+    model_dtype = w.w_o.dtype
+    stored = next((d for d in (weight_dtype, many_dtype) if d is not None and d != model_dtype), None)
+    if stored is not None:
+        w.stored = _attention_stored(mla, norm, stored)
+        if many_dtype == stored:  # BF16 GEMMs: many rows on the stored matrices
+            w.many = w.stored
     return w
 
 
-def _stored(w: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """w in `dtype` (None and empty placeholders as they are)."""
-    return w if w is None or not w.numel() else w.to(dtype)
+def _attention_stored(mla: MLA, norm: RMSNorm, dtype: torch.dtype) -> AttnWeights:
+    """The attention unfolded, its matrices in `dtype` as the module holds them (a transpose, a
+    concatenation, a pair rotation, a reshape: nothing multiplied, so exact where the values are of
+    `dtype`, a BF16 checkpoint's in BF16): W_UK and W_UV per head (`w_kvb` for the naive prefill),
+    the input norm's and q_a_layernorm's weights and the softmax scale applied to the activations."""
+    H, N, V, R = mla.n_heads, mla.nope_dim, mla.v_dim, mla.kv_lora_rank
+    lora = not hasattr(mla, "q_proj")
+    kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
+    q_lin = mla.q_b_proj if lora else mla.q_proj  # rows per head: q_nope (N) | q_pe (P)
+    rows = [kv_a, rotated_pairs(kv_a[R:], 0)]
+    rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_lin.weight]
+    w_ukv = mla.kv_b_weight()  # (H, N + V, R)
+    to = dict(dtype=dtype, memory_format=torch.contiguous_format)
+    return AttnWeights(
+        w_in=torch.cat(rows).T.to(**to),
+        w_q=q_lin.weight.T.to(**to) if lora else torch.empty(0),
+        kv_norm=mla.kv_a_layernorm.weight,
+        w_uk=w_ukv[:, :N].to(**to),
+        w_uv=w_ukv[:, N:].transpose(1, 2).to(**to),
+        w_o=mla.o_proj.weight.T.to(**to),
+        q_rank=mla.q_a_proj.weight.shape[0] if lora else 0,
+        norm_eps=norm.eps,
+        q_eps=mla.q_a_layernorm.eps if lora else 0.0,
+        kv_eps=mla.kv_a_layernorm.eps,
+        w_kvb=w_ukv.reshape(H * (N + V), R).T.to(**to),
+        norm_w=norm.weight.float().contiguous(),
+        q_norm_w=mla.q_a_layernorm.weight.float().contiguous() if lora else None,
+        q_scale=float(mla.softmax_scale),
+    )
 
 
 def _attention_folded(
@@ -254,7 +302,7 @@ def _mtp(
         w_hid=_in_out([w[:, D:]], module.hnorm, w.dtype),
         e_eps=module.enorm.eps,
         h_eps=module.hnorm.eps,
-        attn=_attention(block.self_attn, block.input_layernorm, fold, many_dtype),
+        attn=_attention(block.self_attn, block.input_layernorm, fold, many_dtype, weight_dtype),
         ffn=_ffn(block.mlp, block.post_attention_layernorm, weight_dtype),
     )
 
@@ -299,8 +347,9 @@ def supported(model: Transformer) -> str | None:
 class DecodeWeights:
     """Decode weights of the main model (layers, and the head as [D, Vo]) and,
     when the fast path can run it, of MTP module 1 (`mtp`, else None). weight_dtype: the storage
-    dtype of the feed-forward matrices and the head (None: the model's); many_dtype: that of the
-    attention's many-row matrices (`AttnWeights.many`: BF16 where BF16 GEMMs run them)."""
+    dtype of the feed-forward matrices and the head (None: the model's), and of the attention's
+    unfolded copy (`AttnWeights.stored`); many_dtype: that of the attention's many-row matrices
+    (`AttnWeights.many`: BF16 where BF16 GEMMs run them, on the stored copy)."""
 
     def __init__(
         self,
@@ -316,7 +365,8 @@ class DecodeWeights:
     def build(self) -> None:
         model = self.model
         self.attn = [
-            _attention(b.self_attn, b.input_layernorm, self.fold, self.many_dtype) for b in model.layers
+            _attention(b.self_attn, b.input_layernorm, self.fold, self.many_dtype, self.weight_dtype)
+            for b in model.layers
         ]
         self.ffn = [_ffn(b.mlp, b.post_attention_layernorm, self.weight_dtype) for b in model.layers]
         # the head [D, Vo] unfolded: the final norm and MTP's shared_head.norm both read it

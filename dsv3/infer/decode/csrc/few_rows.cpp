@@ -439,6 +439,10 @@ struct Attn {  // dsv3.infer.decode.weights.AttnWeights
   torch::Tensor w_uk, w_uv;  // [H, N, R], [H, R, V] when not folded (undefined when folded)
   int64_t q_rank, Qn, Vo;    // per-head query width before W_UK (N, or R folded), value width (V, or R)
   double norm_eps, q_eps, kv_eps;
+  // where not folded into w_in / w_q (AttnWeights.stored): the input norm's weight [D] and
+  // q_a_layernorm's [q_rank], FP32 (undefined when folded), and the query's scale after w_q (1 when folded)
+  torch::Tensor norm_w, q_norm_w;
+  float q_scale = 1.f;
   Packed p_in, p_q, p_o, p_uk, p_uv;  // the streamed copies (RowDecoder's `stream`), else undefined
 };
 
@@ -533,10 +537,13 @@ class RowDecoder {
   }
 
   // w_uk [H, N, R] / w_uv [H, R, V]: the absorbed MLA products per head when W_UK / W_UV are not
-  // folded into the query projection / o_proj (None when folded)
+  // folded into the query projection / o_proj (None when folded); norm_w [D] / q_norm_w [q_rank]: the
+  // input norm's and q_a_layernorm's weights when not folded into w_in / w_q (None when folded),
+  // q_scale: the softmax scale when not folded into the query's columns (1 when folded)
   void add_attention(torch::Tensor w_in, torch::Tensor w_q, torch::Tensor kv_norm, torch::Tensor w_o,
                      torch::Tensor pool, c10::optional<torch::Tensor> w_uk, c10::optional<torch::Tensor> w_uv,
-                     int64_t q_rank, double norm_eps, double q_eps, double kv_eps) {
+                     int64_t q_rank, double norm_eps, double q_eps, double kv_eps,
+                     c10::optional<torch::Tensor> norm_w, c10::optional<torch::Tensor> q_norm_w, double q_scale) {
     TORCH_CHECK(pool.dim() == 2 && pool.size(1) == R + P && pool.is_contiguous() &&
                     (pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kBFloat16),
                 "pool: expected contiguous float32 or bfloat16 [slots, ", R + P, "], got ", pool.scalar_type(), " ",
@@ -556,6 +563,14 @@ class RowDecoder {
                 Qin);
     TORCH_CHECK(w_o.size(0) == H * Vo, "w_o: expected ", H * Vo, " rows, got ", w_o.size(0));
     Attn a{w_in, w_q, kv_norm.contiguous(), w_o, pool, uk, uv, q_rank, Qn, Vo, norm_eps, q_eps, kv_eps};
+    auto vec = [](const c10::optional<torch::Tensor>& t, const char* name, int64_t n) {
+      if (!t.has_value()) return torch::Tensor();
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == n, name, ": expected [", n, "], got ", t->sizes());
+      return t->to(torch::kFloat32).contiguous();
+    };
+    a.norm_w = vec(norm_w, "norm_w", w_in.size(0));
+    a.q_norm_w = vec(q_norm_w, "q_norm_w", q_rank);
+    a.q_scale = static_cast<float>(q_scale);
     if (stream_) {
       a.p_in = dsv3::pack(w_in);
       a.p_o = dsv3::pack(w_o);
@@ -665,6 +680,12 @@ class RowDecoder {
     }
   }
 
+  // row t's first n values of x (rows ld apart) times g, for T rows
+  static void scale_columns(float* x, int64_t T, int64_t n, int64_t ld, const float* g) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < n; ++i) x[t * ld + i] *= g[i];
+  }
+
   // x[t] += o_proj(MLA(norm(x[t]))), writing the new cache rows (step.py FastDecoder._attention).
   // Absorbed MLA: scores against the cached latents [c_kv | k_pe], so without folds the query's
   // nope part goes through W_UK first (per head) and the latent output through W_UV after.
@@ -676,6 +697,7 @@ class RowDecoder {
     float* op = grow(o, T * H * R);
     float* sp = grow(scores, T * H * S);
     normalise(x, xnp, T, Dm, w.norm_eps);
+    if (w.norm_w.defined()) scale_columns(xnp, T, Dm, Dm, w.norm_w.data_ptr<float>());
     auto arows = at(ap, T, C);
     product(in(at(xnp, T, Dm)), T, w.w_in, w.p_in, arows.data(), 1.f, false);  // q_a | c_kv | k_pe | rot(k_pe) [| q]
     // the query per head, q_lat | q_pe (w_q's columns, or w_in's last ones without q_lora), spread out
@@ -688,6 +710,7 @@ class RowDecoder {
         const float rq = inv_rms(ap + t * C, w.q_rank, w.q_eps);
         for (int64_t i = 0; i < w.q_rank; ++i) ap[t * C + i] *= rq;
       }
+      if (w.q_norm_w.defined()) scale_columns(ap, T, w.q_rank, C, w.q_norm_w.data_ptr<float>());
       float* cp = grow(qc, T * H * Qc);
       auto crows = at(cp, T, H * Qc);
       product(in(arows), T, w.w_q, w.p_q, crows.data(), 1.f, false);
@@ -697,10 +720,11 @@ class RowDecoder {
       for (int64_t hd = 0; hd < H; ++hd) {
         const float* sh = src + t * ld + hd * Qc;
         float* dst = qp + (t * H + hd) * Qw;
-        std::copy(sh, sh + Qc, dst);
+        const float sc = w.q_scale;
+        for (int64_t i = 0; i < Qc; ++i) dst[i] = sh[i] * sc;
         for (int64_t i = 0; i < P; i += 2) {
-          dst[Qc + i] = -sh[w.Qn + i + 1];
-          dst[Qc + i + 1] = sh[w.Qn + i];
+          dst[Qc + i] = -dst[w.Qn + i + 1];
+          dst[Qc + i + 1] = dst[w.Qn + i];
         }
       }
     // the attention output fed to o_proj: the latent [T, H * R], or values [T, H * V] through W_UV
