@@ -148,6 +148,13 @@ def _attention(
     D = mla.o_proj.weight.shape[0]
     few = folds(q_in, D, N, V, R) if fold is None else (fold, fold)
     w = _attention_folded(mla, norm, *few)
+    model_dtype = w.w_o.dtype
+    stored = next((d for d in (weight_dtype, many_dtype) if d is not None and d != model_dtype), None)
+    if stored is not None:
+        w.stored = _attention_stored(mla, norm, stored)
+        if many_dtype == stored:  # BF16 GEMMs: many rows on the stored matrices
+            w.many = w.stored
+            return w
     many = folds(q_in, D, N, V, R, FOLD_MAX_GROWTH_MANY) if fold is None else few
     if many != few:  # rebuild only the parts whose fold differs (the others are shared)
         m = _attention_folded(mla, norm, *many, query=many[0] != few[0], output=many[1] != few[1])
@@ -158,16 +165,21 @@ def _attention(
         )
     base = w.many or w
     if base.w_uk is not None and base.w_uv is not None:  # unfolded for many rows: naive prefill
-        H, NV = mla.n_heads, N + V
-        w_kvb = mla.kv_b_weight().reshape(H * NV, R).T.contiguous()  # (R, H * (N + V))
-        base = w.many = replace(base, w_kvb=w_kvb)
-    model_dtype = w.w_o.dtype
-    stored = next((d for d in (weight_dtype, many_dtype) if d is not None and d != model_dtype), None)
-    if stored is not None:
-        w.stored = _attention_stored(mla, norm, stored)
-        if many_dtype == stored:  # BF16 GEMMs: many rows on the stored matrices
-            w.many = w.stored
+        w.many = replace(base, w_kvb=_kv_b(mla).contiguous())
     return w
+
+
+def _kv_b(mla: MLA) -> torch.Tensor:
+    """kv_b_proj as [in, out]: [R, H * (N + V)], per head k_nope | v (a view)."""
+    return mla.kv_b_weight().flatten(0, 1).T
+
+
+def _in_rows(mla: MLA, q_rows: torch.Tensor) -> list[torch.Tensor]:
+    """w_in's rows [out, D]: q_a | kv_a (c_kv | k_pe) | rot(k_pe), or without q_lora kv_a | rot(k_pe)
+    | the query's rows `q_rows`."""
+    R, kv_a = mla.kv_lora_rank, mla.kv_a_proj_with_mqa.weight  # (R + P, D)
+    rows = [kv_a, rotated_pairs(kv_a[R:], 0)]
+    return [mla.q_a_proj.weight, *rows] if not hasattr(mla, "q_proj") else [*rows, q_rows]
 
 
 def _attention_stored(mla: MLA, norm: RMSNorm, dtype: torch.dtype) -> AttnWeights:
@@ -175,16 +187,13 @@ def _attention_stored(mla: MLA, norm: RMSNorm, dtype: torch.dtype) -> AttnWeight
     concatenation, a pair rotation, a reshape: nothing multiplied, so exact where the values are of
     `dtype`, a BF16 checkpoint's in BF16): W_UK and W_UV per head (`w_kvb` for the naive prefill),
     the input norm's and q_a_layernorm's weights and the softmax scale applied to the activations."""
-    H, N, V, R = mla.n_heads, mla.nope_dim, mla.v_dim, mla.kv_lora_rank
+    N = mla.nope_dim
     lora = not hasattr(mla, "q_proj")
-    kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
     q_lin = mla.q_b_proj if lora else mla.q_proj  # rows per head: q_nope (N) | q_pe (P)
-    rows = [kv_a, rotated_pairs(kv_a[R:], 0)]
-    rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_lin.weight]
     w_ukv = mla.kv_b_weight()  # (H, N + V, R)
     to = dict(dtype=dtype, memory_format=torch.contiguous_format)
     return AttnWeights(
-        w_in=torch.cat(rows).T.to(**to),
+        w_in=torch.cat(_in_rows(mla, q_lin.weight)).T.to(**to),
         w_q=q_lin.weight.T.to(**to) if lora else torch.empty(0),
         kv_norm=mla.kv_a_layernorm.weight,
         w_uk=w_ukv[:, :N].to(**to),
@@ -194,7 +203,7 @@ def _attention_stored(mla: MLA, norm: RMSNorm, dtype: torch.dtype) -> AttnWeight
         norm_eps=norm.eps,
         q_eps=mla.q_a_layernorm.eps if lora else 0.0,
         kv_eps=mla.kv_a_layernorm.eps,
-        w_kvb=w_ukv.reshape(H * (N + V), R).T.to(**to),
+        w_kvb=_kv_b(mla).to(**to),
         norm_w=norm.weight.float().contiguous(),
         q_norm_w=mla.q_a_layernorm.weight.float().contiguous() if lora else None,
         q_scale=float(mla.softmax_scale),
@@ -206,7 +215,7 @@ def _attention_folded(
 ) -> AttnWeights:
     """The weights with W_UK folded into the query (fold_q) and W_UV into o_proj (fold_o); the query
     side (w_in, w_q, w_uk) is built only with `query`, the output side (w_o, w_uv) with `output`."""
-    H, N, P, V, R = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim, mla.kv_lora_rank
+    H, N, P, V = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim
     dtype = mla.kv_a_proj_with_mqa.weight.dtype
     w_ukv = mla.kv_b_weight().to(F64)  # (H, N + V, R)
     w_uk, w_uv = w_ukv[:, :N], w_ukv[:, N:]  # (H, N, R), (H, V, R)
@@ -218,10 +227,7 @@ def _attention_folded(
         wq = q_lin.weight.to(F64).view(H, N + P, -1) * mla.softmax_scale  # (H, N + P, in)
         q_lat = torch.einsum("hnr,hni->hri", w_uk, wq[:, :N]) if fold_q else wq[:, :N]  # (H, R or N, in)
         q_rows = torch.cat([q_lat, wq[:, N:]], dim=1).flatten(0, 1)  # (H * Qw, in)
-        kv_a = mla.kv_a_proj_with_mqa.weight  # (R + P, D)
-        rows = [kv_a, rotated_pairs(kv_a[R:], 0)]
-        rows = [mla.q_a_proj.weight, *rows] if lora else [*rows, q_rows]
-        w_in = _in_out(rows, norm, dtype)
+        w_in = _in_out(_in_rows(mla, q_rows), norm, dtype)
         w_q = _in_out([q_rows], mla.q_a_layernorm, dtype) if lora else none
     if output:
         D = mla.o_proj.weight.shape[0]

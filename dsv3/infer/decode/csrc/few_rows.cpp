@@ -716,11 +716,11 @@ class RowDecoder {
       product(in(arows), T, w.w_q, w.p_q, crows.data(), 1.f, false);
       src = cp, ld = H * Qc;
     }
+    const float sc = w.q_scale;
     for (int64_t t = 0; t < T; ++t)
       for (int64_t hd = 0; hd < H; ++hd) {
         const float* sh = src + t * ld + hd * Qc;
         float* dst = qp + (t * H + hd) * Qw;
-        const float sc = w.q_scale;
         for (int64_t i = 0; i < Qc; ++i) dst[i] = sh[i] * sc;
         for (int64_t i = 0; i < P; i += 2) {
           dst[Qc + i] = -dst[w.Qn + i + 1];
