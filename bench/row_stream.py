@@ -6,7 +6,7 @@ without, alternating (the order flipping every repeat), batch-1 greedy decode to
     python bench/row_stream.py CKPT [--threads 1] [--batch 1] [--new 64] [--repeats 6]
 
 CKPT: a Hugging Face checkpoint directory (bench/vs_engines.py leaves random `v3-mini` ones in
-its --work directory). Needs the native kernels and AVX-512F.
+its --work directory). Needs the native kernels (AVX2; the AVX-512F loops where the CPU has it).
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     native = kernels()
-    if native.name != "native" or "avx512f" not in cpu_flags():
-        sys.exit(
-            "row_stream: needs the native kernels and AVX-512F (CPU flags: " + " ".join(cpu_flags()) + ")"
-        )
+    if native.name != "native":
+        sys.exit(f"row_stream: needs the native kernels (CPU flags: {' '.join(cpu_flags())})")
     prompts = [[(100 + b + i) % 1000 for i in range(args.prompt_len)] for b in range(args.batch)]
 
     def run(llm, n: int):

@@ -1,8 +1,9 @@
 """The one-row decoder's streamed weights (csrc/streamed.h, `RowDecoder(stream=True)`), held to
 float64 products and to the row-major loop it replaces: odd shapes (K and N off the 64-column
 panels, a strided matrix), FP32 and BF16 weights, 1-6 rows, 1 and 2 threads bit-identical; and the
-whole RowDecoder with and without it on the V3 attention geometry. Needs the native kernels and
-AVX-512F; skipped with the reason elsewhere."""
+whole RowDecoder with and without it on the V3 attention geometry. Each on both loop widths (`wide`:
+the AVX2 loops everywhere the native kernels build, the AVX-512F ones where the CPU has it; skipped
+with the reason elsewhere)."""
 
 import pytest
 import torch
@@ -20,15 +21,27 @@ def native():
     k = cpu_kernels.kernels()
     if k.name != "native":
         pytest.skip(f"no native kernels here ({cpu_kernels.why_not_native})")
-    if "avx512f" not in cpu_kernels.cpu_flags():
-        pytest.skip(
-            "the streamed layout needs AVX-512F (CPU flags: " + " ".join(cpu_kernels.cpu_flags()) + ")"
-        )
     return k
 
 
-def _logits(native, w: torch.Tensor, x: torch.Tensor, stream: bool) -> torch.Tensor:
-    row = native.RowDecoder(1, 1, 1, stream=stream)
+NO_AVX512 = "the AVX-512F loops need AVX-512F (CPU flags: " + " ".join(cpu_kernels.cpu_flags()) + ")"
+
+
+@pytest.fixture(
+    params=[
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif("avx512f" not in cpu_kernels.cpu_flags(), reason=NO_AVX512)
+        ),
+    ],
+    ids=["avx2", "avx512"],
+)
+def wide(request) -> bool:
+    return request.param
+
+
+def _logits(native, w: torch.Tensor, x: torch.Tensor, stream: bool, wide: bool = False) -> torch.Tensor:
+    row = native.RowDecoder(1, 1, 1, stream=stream, wide=wide)
     row.set_head(w)
     assert (row.streamed_bytes() > 0) == stream
     return row.logits(x)
@@ -36,12 +49,12 @@ def _logits(native, w: torch.Tensor, x: torch.Tensor, stream: bool) -> torch.Ten
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("k,n", K_N)
-def test_streamed_products_equal_float64(native, k, n, dtype):
+def test_streamed_products_equal_float64(native, wide, k, n, dtype):
     torch.manual_seed(k * 1000 + n)
     w = torch.randn(k, n).to(dtype)
     for m in (1, 2, 3, 4, 5, 6):
         x = torch.randn(m, k)
-        got = _logits(native, w, x, stream=True)
+        got = _logits(native, w, x, stream=True, wide=wide)
         want = (x.double() @ w.double()).float()
         scale = (x.abs().double() @ w.abs().double()).max().item() + 1e-30
         assert ((got - want).abs().max().item() / scale) <= 1e-6, (k, n, m)
@@ -50,18 +63,18 @@ def test_streamed_products_equal_float64(native, k, n, dtype):
         assert ((got - old).abs().max().item() / scale) <= 1e-6
 
 
-def test_a_strided_matrix_is_packed_from_its_rows(native):
+def test_a_strided_matrix_is_packed_from_its_rows(native, wide):
     """A column slice (row stride > N) is read row by row, not as if contiguous."""
     torch.manual_seed(1)
     big = torch.randn(96, 300)
     w = big[:, 17:217]
     assert w.stride(0) == 300
     x = torch.randn(2, 96)
-    got = _logits(native, w, x, stream=True)
+    got = _logits(native, w, x, stream=True, wide=wide)
     torch.testing.assert_close(got, x @ w.contiguous(), rtol=1e-5, atol=1e-5)
 
 
-def test_streamed_products_do_not_depend_on_the_thread_count(native):
+def test_streamed_products_do_not_depend_on_the_thread_count(native, wide):
     torch.manual_seed(2)
     w, x = torch.randn(512, 1000).bfloat16(), torch.randn(3, 512)
     threads = torch.get_num_threads()
@@ -69,7 +82,7 @@ def test_streamed_products_do_not_depend_on_the_thread_count(native):
         out = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            out.append(_logits(native, w, x, stream=True))
+            out.append(_logits(native, w, x, stream=True, wide=wide))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out[0], out[1])
@@ -91,7 +104,7 @@ V3_ATTENTION = dict(
 
 
 @pytest.mark.parametrize("weights", ["fp32", "bf16"])
-def test_row_decoder_streamed_equals_row_major(native, monkeypatch, weights):
+def test_row_decoder_streamed_equals_row_major(native, wide, monkeypatch, weights):
     """The whole one-row step (attention with W_UK / W_UV per head, dense and MoE layers, the head)
     on streamed weights against the row-major loop: the same logits to 1e-6 of their scale, the
     same expert counts, T = 1 and 3."""
@@ -102,6 +115,7 @@ def test_row_decoder_streamed_equals_row_major(native, monkeypatch, weights):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
+    monkeypatch.setattr(native, "wide", wide)
     outs = {}
     for stream in (True, False):
         monkeypatch.setattr(native, "stream", stream)
@@ -125,14 +139,14 @@ def test_row_decoder_streamed_equals_row_major(native, monkeypatch, weights):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_row_decoder_experts_on_streamed_copies(native, dtype):
+def test_row_decoder_experts_on_streamed_copies(native, wide, dtype):
     """`RowDecoder.experts_` (many-row decoding's few-row experts on the one-row decoder's streamed
     copies) against float64 and against the free `experts_` on the row-major experts, 1-9 rows with
     2 experts each (an expert's rows past four take a second pass); D and I off the 64-column panels."""
     torch.manual_seed(4)
     E, D, I, J = 6, 96, 40, 2  # noqa: E741 (the expert hidden size, as in csrc)
     w13, w2 = torch.randn(E, D, 2 * I).to(dtype) / 8, torch.randn(E, I, D).to(dtype) / 6
-    row = native.RowDecoder(1, 1, 1, stream=True)
+    row = native.RowDecoder(1, 1, 1, stream=True, wide=wide)
     ffn = dict(w13=w13, w2=w2, bias=torch.zeros(E))
     row.add_ffn(None, None, None, torch.randn(D, E), ffn["bias"], w13, w2, 0, E, J, 1, 1, True, 1.0, 1e-6)
     assert row.streamed_bytes() > 0
@@ -157,13 +171,13 @@ def test_row_decoder_experts_on_streamed_copies(native, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_row_decoder_heads_on_streamed_copies(native, dtype):
+def test_row_decoder_heads_on_streamed_copies(native, wide, dtype):
     """`RowDecoder.heads` (many-row decoding's per-head W_UK / W_UV on the streamed copies) against
     float64 per head, for 1-9 rows from a transposed (strided) query, and its one-line errors."""
     torch.manual_seed(5)
     H, R, P, N, V, D = 3, 70, 4, 20, 12, 16
     w_uk, w_uv = torch.randn(H, N, R).to(dtype), torch.randn(H, R, V).to(dtype)
-    row = native.RowDecoder(H, R, P, stream=True)
+    row = native.RowDecoder(H, R, P, stream=True, wide=wide)
     pool = torch.zeros(8, R + P)
     w_in, w_q, w_o = torch.randn(D, 8 + R + 2 * P), torch.randn(8, H * (N + P)), torch.randn(H * V, D)
     row.add_attention(w_in, w_q, torch.ones(R), w_o, pool, w_uk, w_uv, 8, 1e-6, 1e-6, 1e-6, None, None, 1.0)
@@ -178,7 +192,7 @@ def test_row_decoder_heads_on_streamed_copies(native, dtype):
         row.heads(0, False, torch.randn(H, 2, 21))
     with pytest.raises(RuntimeError, match="layer: 1 out of range"):
         row.heads(1, False, torch.randn(H, 2, N))
-    folded = native.RowDecoder(H, R, P, stream=True)
+    folded = native.RowDecoder(H, R, P, stream=True, wide=wide)
     folded.add_attention(
         w_in,
         torch.randn(8, H * (R + P)),
@@ -197,3 +211,9 @@ def test_row_decoder_heads_on_streamed_copies(native, dtype):
     )
     with pytest.raises(RuntimeError, match="W_UK is folded"):
         folded.heads(0, False, torch.randn(H, 2, R))
+
+
+@pytest.mark.skipif("avx512f" in cpu_kernels.cpu_flags(), reason="this CPU has AVX-512F")
+def test_the_avx512_loops_are_refused_without_avx512f(native):
+    with pytest.raises(RuntimeError, match="wide: this CPU lacks AVX-512F"):
+        native.RowDecoder(1, 1, 1, stream=True, wide=True)

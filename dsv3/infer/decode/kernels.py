@@ -51,7 +51,7 @@ PAGED_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"  # Gathere
 HEADER = Path(__file__).parent / "csrc" / "widen.h"  # the loads and the BF16 rounding the sources include
 ATTEND = Path(__file__).parent / "csrc" / "attend_impl.h"  # paged_attention.cpp's row loop, both widths
 AMX_SOURCE = Path(__file__).parent / "csrc" / "amx_gemm.cpp"  # dsv3.infer.decode.gemm.AmxPacked's GEMMs
-STREAMED = Path(__file__).parent / "csrc" / "streamed.h"  # the one-row decoder's packed matrices (AVX-512F)
+STREAMED = Path(__file__).parent / "csrc" / "streamed.h"  # the one-row decoder's packed matrices
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")  # OpenMP: at::parallel_for runs on torch's threads
 LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the runtime torch has already loaded (one thread pool)
 BASE_NAME = "dsv3_few_rows"
@@ -161,10 +161,11 @@ _DTYPE_NAMES = {torch.float32: "FP32", torch.bfloat16: "BF16"}
 class Native:
     """The C++ kernel (csrc/few_rows.cpp). `wide`: the paged attention runs its AVX-512 width
     (16 FP32 lanes: the attention 1.17-1.20x faster than AVX2's 8 on v3-mini's geometry, batch 8-64,
-    100-1,000 keys; a decode step ~1.05x) where the CPU has AVX-512F. `stream`: there too, the one-row
-    decoder (`RowDecoder`) keeps its matrices packed for streaming (csrc/streamed.h: one contiguous
-    slab per 64 output columns; BF16 GEMVs from memory 1.7-2.7x the row-major loop's on the AMD EPYC),
-    a second copy of the feed-forward and attention weights; DSV3_ROW_STREAM=0 turns it off."""
+    100-1,000 keys; a decode step ~1.05x), and the streamed products their AVX-512F loops, where the
+    CPU has AVX-512F. `stream`: the one-row decoder (`RowDecoder`) keeps its matrices packed for
+    streaming (csrc/streamed.h: one contiguous slab per 64 output columns; BF16 GEMVs from memory
+    1.7-2.7x the row-major loop's on the AMD EPYC Zen 4, 1.3-1.85x with the AVX2 loops on Zen 3), a
+    second copy of the feed-forward and attention weights; DSV3_ROW_STREAM=0 turns it off."""
 
     name = "native"
 
@@ -173,11 +174,19 @@ class Native:
         self.RowDecoder = module.RowDecoder
         self._paged = module.paged_attend  # csrc/paged_attention.cpp (dsv3.infer.decode.keys)
         self.wide = "avx512f" in cpu_flags() if wide is None else wide
-        self.stream = self.wide and os.environ.get("DSV3_ROW_STREAM", "1") != "0"
+        self.stream = os.environ.get("DSV3_ROW_STREAM", "1") != "0"
         # csrc/amx_gemm.cpp (dsv3.infer.decode.gemm.AmxPacked): where the CPU has AMX-BF16 and the
         # OS grants this process the tile state
         self.amx = "amx_bf16" in cpu_flags() and module.amx_ready()
         self.amx_pack, self.amx_mm, self.amx_grouped = module.amx_pack, module.amx_mm, module.amx_grouped
+
+    @property
+    def stream_rows(self) -> bool:
+        """Whether many-row decoding reads the one-row decoder's streamed copies too (routed experts,
+        per-head W_UK / W_UV; dsv3.infer.decode.step): with the AVX-512F loops, where they were
+        measured faster than the alternatives. With AVX2's, v3-mini batch 16 and 64 (Zen 3, 1-2
+        threads, alternating) ran 0.97-1.11x the row-major kernels and GEMMs: noise, so not there."""
+        return self.stream and self.wide
 
     @property
     def attention(self) -> str:

@@ -27,7 +27,7 @@ def row_decoder(
     make = getattr(kernels, "RowDecoder", None)
     if make is None:
         return None
-    row = make(*dims, stream=getattr(kernels, "stream", False))
+    row = make(*dims, stream=getattr(kernels, "stream", False), wide=getattr(kernels, "wide", False))
     for a, f, pool in zip(attn, ffn, pools):
         a = row_attention(a)
         row.add_attention(

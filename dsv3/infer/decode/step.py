@@ -74,7 +74,7 @@ GEMM_GAIN = {"bf16": 4.0, "packed": 2.0}  # this path's GEMM rate over the model
 # call, FP32 compute), not per-expert GEMMs: v3-mini decode at batch 16 +11% (FP32) and +24% (BF16
 # GEMMs), at batch 64 +4% / -1% (1 thread, medians of 8 alternating runs)
 NATIVE_EXPERT_ROWS = 32
-# the same on the one-row decoder's streamed expert copies (AVX-512F), up to this many rows: against
+# the same on the one-row decoder's streamed expert copies (`Native.stream_rows`), up to this many rows: against
 # the oneDNN-packed grouped GEMMs, v3-mini's routed experts (1 thread, Zen 4, out of cache) 1.3-3x
 # faster in FP32 from 16 to 512 rows; with BF16 GEMMs 3.2x at 16 rows, 1.5x at 64, even at 128 and
 # 0.74x at 512
@@ -352,7 +352,7 @@ class FastDecoder:
         """Up to this many rows the native kernels run the routed experts, more: grouped GEMMs."""
         if isinstance(self._aten, AmxPacked):  # its grouped GEMMs beat the FP32 experts_ from 5 rows on
             return KERNEL_ROWS  # (batch 16 1.07x, 8 1.02x)
-        if getattr(self.kernels, "stream", False):
+        if getattr(self.kernels, "stream_rows", False):
             return STREAMED_EXPERT_ROWS[self._gemm_kind]
         return NATIVE_EXPERT_ROWS
 
@@ -361,10 +361,10 @@ class FastDecoder:
         step reads for the native few-row routed experts and the per-head W_UK / W_UV (csrc/streamed.h:
         contiguous slabs of 64 columns, sums in registers; v3-mini at 16 rows: the experts ~2x faster
         than the row-major loop and ~3x than oneDNN's grouped GEMMs, the per-head products ~2x
-        than ATen's bmm), or None where the kernels do not stream (no AVX-512F, DSV3_ROW_STREAM=0,
-        the torch reference). Built here when a batch comes before any lone sequence: one set of
-        copies serves both."""
-        if not getattr(self.kernels, "stream", False):
+        than ATen's bmm), or None where many rows do not read them (`Native.stream_rows`: no
+        AVX-512F, DSV3_ROW_STREAM=0, the torch reference). Built here when a batch comes before any
+        lone sequence: one set of copies serves both."""
+        if not getattr(self.kernels, "stream_rows", False):
             return None
         return self._row_decoders()[which]
 

@@ -456,16 +456,18 @@ struct Ffn {  // dsv3.infer.decode.weights.FfnWeights plus the MoE gate's settin
 
 class RowDecoder {
  public:
-  // stream: keep a copy of every matrix packed for streaming (streamed.h; needs AVX-512F) and read
-  // that instead of the tensors given
-  RowDecoder(int64_t heads, int64_t rank, int64_t rope, bool stream)
-      : H(heads), R(rank), P(rope), stream_(stream) {}
+  // stream: keep a copy of every matrix packed for streaming (streamed.h) and read that instead of
+  // the tensors given, with the AVX-512F loop where `wide` (the CPU must have it), else AVX2's
+  RowDecoder(int64_t heads, int64_t rank, int64_t rope, bool stream, bool wide)
+      : H(heads), R(rank), P(rope), stream_(stream), wide_(wide) {
+    TORCH_CHECK(!wide || __builtin_cpu_supports("avx512f"), "wide: this CPU lacks AVX-512F");
+  }
 
   // the output head w [D, V] (logits = head(x)), streamed too with `stream`
   void set_head(torch::Tensor w) {
     check_weight(w, w.size(0));
     head_ = w;
-    if (stream_) p_head_ = dsv3::pack(w);
+    if (stream_) p_head_ = dsv3::pack(w, wide_);
   }
 
   // x [M, D] -> x @ head [M, V]
@@ -572,11 +574,11 @@ class RowDecoder {
     a.q_norm_w = vec(q_norm_w, "q_norm_w", q_rank);
     a.q_scale = static_cast<float>(q_scale);
     if (stream_) {
-      a.p_in = dsv3::pack(w_in);
-      a.p_o = dsv3::pack(w_o);
-      if (q_rank) a.p_q = dsv3::pack(w_q);
-      if (uk.defined()) a.p_uk = dsv3::pack(uk);
-      if (uv.defined()) a.p_uv = dsv3::pack(uv);
+      a.p_in = dsv3::pack(w_in, wide_);
+      a.p_o = dsv3::pack(w_o, wide_);
+      if (q_rank) a.p_q = dsv3::pack(w_q, wide_);
+      if (uk.defined()) a.p_uk = dsv3::pack(uk, wide_);
+      if (uv.defined()) a.p_uv = dsv3::pack(uv, wide_);
     }
     attn.push_back(a);
   }
@@ -597,7 +599,7 @@ class RowDecoder {
     if (f.bias.defined()) TORCH_CHECK(f.bias.scalar_type() == torch::kFloat32 && f.bias.is_contiguous(),
                                       "bias: expected contiguous float32");
     if (stream_) {
-      auto pack = [](const torch::Tensor& t) { return t.defined() ? dsv3::pack(t) : Packed(); };
+      auto pack = [&](const torch::Tensor& t) { return t.defined() ? dsv3::pack(t, wide_) : Packed(); };
       f.p_in = pack(f.w_in), f.p_down = pack(f.w_down);
       // a router narrower than a panel (v3-mini's 16 experts) would read 64 / E times its bytes packed
       if (f.gate_w.defined() && f.gate_w.size(1) >= dsv3::kPanelCols) f.p_gate = pack(f.gate_w);
@@ -648,7 +650,7 @@ class RowDecoder {
 
  private:
   int64_t H, R, P;
-  bool stream_;
+  bool stream_, wide_;
   torch::Tensor head_;
   Packed p_head_;
   std::vector<Attn> attn;
@@ -921,8 +923,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::vector<int64_t>& ids, const std::vector<double>& gates) { experts_(out, xn, w13, w2, ids, gates); },
       "out += the routed experts of xn, in place", nogil());
   py::class_<RowDecoder>(m, "RowDecoder")
-      .def(py::init<int64_t, int64_t, int64_t, bool>(), py::arg("heads"), py::arg("rank"), py::arg("rope"),
-           py::arg("stream") = false)
+      .def(py::init<int64_t, int64_t, int64_t, bool, bool>(), py::arg("heads"), py::arg("rank"), py::arg("rope"),
+           py::arg("stream") = false, py::arg("wide") = false)
       .def("streamed_bytes", &RowDecoder::streamed_bytes)
       .def("set_head", &RowDecoder::set_head)
       .def("logits", &RowDecoder::logits, nogil())

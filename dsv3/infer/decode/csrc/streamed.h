@@ -1,5 +1,5 @@
-// Weights packed for streaming: the one-row decoder's matrices (few_rows.cpp RowDecoder) on CPUs
-// with AVX-512F.
+// Weights packed for streaming: the one-row decoder's matrices (few_rows.cpp RowDecoder), read
+// with AVX-512F loops where the CPU has it, else AVX2 ones.
 //
 // A lone token reads every matrix once, so a step's time is its bytes over the memory bandwidth
 // one core draws. On the row-major [K, N] layout the few-row loop (few_rows.cpp `block`) reads four
@@ -8,7 +8,8 @@
 // the same bytes runs at 21-25 GB/s: the memory waits and the arithmetic do not overlap.
 // Packed, each run of 64 output columns (a panel) is one contiguous [K, 64] slab read front to
 // back, its 64 sums per row in four AVX-512 registers: 21-28 GB/s on the same matrices (e.g.
-// [2048, 512] 200 -> 74 us, [1536, 2048] 435 -> 300 us).
+// [2048, 512] 200 -> 74 us, [1536, 2048] 435 -> 300 us). With AVX2 only (Zen 3) the row-major loop
+// streams BF16 at 9-13 GB/s, packed at 17-19 (the plain read's 17-20); see `panel_row8`.
 //
 // Layout: [count, panels, K, 64], panels = ceil(N / 64), the columns past N zero. FP32 weights in
 // column order. BF16 weights with each 32-column half of a panel row as 16 dwords, dword i holding
@@ -36,13 +37,14 @@ struct Packed {
   torch::Tensor data;  // [count, panels, K, 64]: float32, or BF16 bits (interleaved as above) in an int16 tensor
   int64_t K = 0, N = 0, panels = 0;
   bool bf16 = false;
+  bool wide = false;  // read with the AVX-512F loop (`panels`), else the AVX2 ones (`panel_row8`, `panels_rows8`)
 
   bool defined() const { return data.defined(); }
   int64_t matrix_size() const { return panels * K * kPanelCols; }
 };
 
 // w [K, N] (unit column stride, any row stride) or a contiguous [count, K, N], FP32 or BF16
-inline Packed pack(const torch::Tensor& w) {
+inline Packed pack(const torch::Tensor& w, bool wide) {
   TORCH_CHECK((w.dim() == 2 && w.stride(1) == 1) || (w.dim() == 3 && w.is_contiguous()),
               "pack: expected [K, N] with unit column stride or a contiguous [count, K, N], got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16,
@@ -52,6 +54,7 @@ inline Packed pack(const torch::Tensor& w) {
   p.N = w.size(-1);
   p.panels = (p.N + kPanelCols - 1) / kPanelCols;
   p.bf16 = w.scalar_type() == torch::kBFloat16;
+  p.wide = wide;
   const int64_t count = w.dim() == 3 ? w.size(0) : 1, ld = w.stride(-2), K = p.K, N = p.N;
   p.data = torch::zeros({count, p.panels, K, kPanelCols}, p.bf16 ? torch::kInt16 : torch::kFloat32);
   at::parallel_for(0, count * p.panels, 1, [&](int64_t b0, int64_t b1) {
@@ -130,17 +133,149 @@ __attribute__((target("avx512f"))) void panels(const float* const* x, const Pack
   }
 }
 
-// all M rows (four per read of a panel) against panels b0 .. b1 - 1, on the calling thread
+// The AVX2 loops (16 ymm registers: one row's 64 sums of a panel fill 8). They read pack's layout
+// unchanged: an 8-lane load j of a panel row holds FP32 columns 8j .. 8j + 7, or BF16 dwords
+// 8j .. 8j + 7, columns 32 (j / 2) + 8 (j % 2) + (0 .. 7) in the low halves and those + 16 in the
+// high ones. Software prefetch kAheadRows panel rows ahead, measured on the AMD EPYC (Zen 3, AVX2
+// only, weights out of cache, alternating runs): one BF16 row ~1.1x faster with it (8 rows ahead;
+// 4 and 16 less), one FP32 row ~1.2x slower (so not there), 2-4 rows of either 1.1-1.7x faster.
+constexpr int64_t kAheadRows = 8;
+
+template <bool BF16>
+inline void load_row8(const uint16_t* wb, const float* wf, int64_t at, int j, __m256& lo, __m256& hi) {
+  if constexpr (BF16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + at + 16 * j));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else {
+    lo = _mm256_loadu_ps(wf + at + 8 * j);
+    hi = lo;  // FP32: one 8-column load per j
+  }
+}
+
+template <bool BF16>
+constexpr int row_column(int j, bool high) {  // the first of the 8 columns load j's low / high half holds
+  return BF16 ? 32 * (j / 2) + 8 * (j % 2) + (high ? 16 : 0) : 8 * j;
+}
+
+// one row, AVX2: panels b0 .. b1 - 1 of matrix `index`, the panel's 64 sums in 8 registers, its
+// slab read front to back. The same Zen 3 against `block` (1 thread): BF16 1.3-1.85x (17-19 GB/s,
+// a plain read's speed), FP32 0.9-1.4x (both near the read's 17-20 GB/s)
+template <bool BF16>
+void panel_row8(const float* x, const Packed& p, int64_t index, float* y, float alpha, bool acc, int64_t b0,
+                int64_t b1) {
+  constexpr int kLoads = BF16 ? 4 : 8;  // 8-lane loads per panel row
+  constexpr int64_t kBytes = kPanelCols * (BF16 ? 2 : 4);
+  const int64_t K = p.K, N = p.N, first = index * p.matrix_size();
+  const uint16_t* wb = BF16 ? reinterpret_cast<const uint16_t*>(p.data.data_ptr()) + first : nullptr;
+  const float* wf = BF16 ? nullptr : p.data.data_ptr<float>() + first;
+  const char* base = BF16 ? reinterpret_cast<const char*>(wb) : reinterpret_cast<const char*>(wf);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t off = b * K * kPanelCols, c0 = b * kPanelCols, nw = std::min(kPanelCols, N - c0);
+    __m256 s[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) s[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      if (BF16 && k + kAheadRows < K)
+        for (int64_t l = 0; l < kBytes; l += 64)
+          _mm_prefetch(base + (off + (k + kAheadRows) * kPanelCols) * (BF16 ? 2 : 4) + l, _MM_HINT_T0);
+      const __m256 xk = _mm256_set1_ps(x[k]);
+#pragma GCC unroll 8
+      for (int j = 0; j < kLoads; ++j) {
+        __m256 lo, hi;
+        load_row8<BF16>(wb, wf, off + k * kPanelCols, j, lo, hi);
+        if constexpr (BF16) {
+          s[2 * j] = _mm256_fmadd_ps(xk, lo, s[2 * j]);
+          s[2 * j + 1] = _mm256_fmadd_ps(xk, hi, s[2 * j + 1]);
+        } else {
+          s[j] = _mm256_fmadd_ps(xk, lo, s[j]);
+        }
+      }
+    }
+    alignas(32) float t[kPanelCols];
+    for (int j = 0; j < kLoads; ++j) {
+      _mm256_store_ps(t + row_column<BF16>(j, false), s[BF16 ? 2 * j : j]);
+      if (BF16) _mm256_store_ps(t + row_column<BF16>(j, true), s[2 * j + 1]);
+    }
+    float* out = y + c0;
+    for (int64_t n = 0; n < nw; ++n) out[n] = acc ? out[n] + alpha * t[n] : alpha * t[n];
+  }
+}
+
+// M = 2 .. 4 rows, AVX2: a panel's slab read once front to back, four of its rows (k .. k + 3) at a
+// time, the M x 64 sums in L1, loaded and stored once per four weight rows as `block` does (the
+// sums of two rows would take all 16 registers). The same Zen 3 against `block`: BF16 two rows
+// 1.15-1.6x, four 0.8-1.1x; FP32 0.85-1.45x.
+template <int M, bool BF16>
+void panels_rows8(const float* const* x, const Packed& p, int64_t index, float* const* y, float alpha, bool acc,
+                  int64_t b0, int64_t b1) {
+  constexpr int kLoads = BF16 ? 4 : 8;
+  constexpr int64_t kBytes = 4 * kPanelCols * (BF16 ? 2 : 4);  // four panel rows
+  const int64_t K = p.K, N = p.N, first = index * p.matrix_size();
+  const float* xr[M];
+  float* yr[M];
+  for (int m = 0; m < M; ++m) xr[m] = x[m], yr[m] = y[m];
+  const uint16_t* wb = BF16 ? reinterpret_cast<const uint16_t*>(p.data.data_ptr()) + first : nullptr;
+  const float* wf = BF16 ? nullptr : p.data.data_ptr<float>() + first;
+  const char* base = BF16 ? reinterpret_cast<const char*>(wb) : reinterpret_cast<const char*>(wf);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t off = b * K * kPanelCols, c0 = b * kPanelCols, nw = std::min(kPanelCols, N - c0);
+    alignas(32) float t[M][kPanelCols] = {};
+    for (int64_t k = 0; k < K; k += 4) {
+      const int r = static_cast<int>(std::min<int64_t>(4, K - k));  // weight rows in this step
+      if (k + 4 + kAheadRows <= K)
+        for (int64_t l = 0; l < kBytes; l += 64)
+          _mm_prefetch(base + (off + (k + kAheadRows) * kPanelCols) * (BF16 ? 2 : 4) + l, _MM_HINT_T0);
+      __m256 xb[M][4];
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i) xb[m][i] = _mm256_set1_ps(i < r ? xr[m][k + i] : 0.f);
+#pragma GCC unroll 8
+      for (int j = 0; j < kLoads; ++j) {
+        __m256 lo[4], hi[4];
+        for (int i = 0; i < r; ++i) load_row8<BF16>(wb, wf, off + (k + i) * kPanelCols, j, lo[i], hi[i]);
+        for (int m = 0; m < M; ++m) {
+          float* sl = t[m] + row_column<BF16>(j, false);
+          __m256 a = _mm256_load_ps(sl);
+          for (int i = 0; i < r; ++i) a = _mm256_fmadd_ps(xb[m][i], lo[i], a);
+          _mm256_store_ps(sl, a);
+          if constexpr (BF16) {
+            float* sh = t[m] + row_column<BF16>(j, true);
+            __m256 c = _mm256_load_ps(sh);
+            for (int i = 0; i < r; ++i) c = _mm256_fmadd_ps(xb[m][i], hi[i], c);
+            _mm256_store_ps(sh, c);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float* out = yr[m] + c0;
+      for (int64_t n = 0; n < nw; ++n) out[n] = acc ? out[n] + alpha * t[m][n] : alpha * t[m][n];
+    }
+  }
+}
+
+// all M rows (four per read of a panel) against panels b0 .. b1 - 1, on the calling thread: the
+// AVX-512 loop where the pack asked for it (`wide`), else AVX2's
 inline void packed_serial(const float* const* x, int64_t M, const Packed& p, int64_t index, float* const* y,
                           float alpha, bool acc, int64_t b0, int64_t b1) {
   for (int64_t m = 0; m < M; m += 4) {
     const int64_t r = std::min<int64_t>(4, M - m);
     auto run = [&](auto fn) { fn(x + m, p, index, y + m, alpha, acc, b0, b1); };
-    if (p.bf16) {
+    if (p.wide && p.bf16) {
       r == 1 ? run(panels<1, true>) : r == 2 ? run(panels<2, true>) : r == 3 ? run(panels<3, true>) : run(panels<4, true>);
-    } else {
+    } else if (p.wide) {
       r == 1 ? run(panels<1, false>) : r == 2 ? run(panels<2, false>) : r == 3 ? run(panels<3, false>)
              : run(panels<4, false>);
+    } else if (p.bf16) {
+      r == 1   ? panel_row8<true>(x[m], p, index, y[m], alpha, acc, b0, b1)
+      : r == 2 ? run(panels_rows8<2, true>)
+      : r == 3 ? run(panels_rows8<3, true>)
+               : run(panels_rows8<4, true>);
+    } else {
+      r == 1   ? panel_row8<false>(x[m], p, index, y[m], alpha, acc, b0, b1)
+      : r == 2 ? run(panels_rows8<2, false>)
+      : r == 3 ? run(panels_rows8<3, false>)
+               : run(panels_rows8<4, false>);
     }
   }
 }
