@@ -72,8 +72,11 @@ PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention may cost this x GEMM
 GEMM_GAIN = {"bf16": 4.0, "packed": 2.0}  # this path's GEMM rate over the model's FP32 one (ATen): measured
 # up to this many rows the native kernels run the routed experts (each row's selected experts in one
 # call, FP32 compute), not per-expert GEMMs: v3-mini decode at batch 16 +11% (FP32) and +24% (BF16
-# GEMMs), at batch 64 +4% / -1% (1 thread, medians of 8 alternating runs)
-NATIVE_EXPERT_ROWS = 32
+# GEMMs), at batch 64 +4% / -1% (Zen 4, 1 thread, medians of 8 alternating runs); with FP32 GEMMs
+# the limit is 128 rows: on the AVX2-only Zen 3 one MoE layer's experts at 64 rows take 5.2 ms
+# native vs 7.1 on the oneDNN-packed GEMMs (1 thread; 2.8 vs 5.7 at 2), even at 128 rows (1 thread),
+# and v3-mini decode at batch 64 ran 1.06x / 1.11x (FP32, 1 / 2 threads) and 1.08x (BF16 weights)
+NATIVE_EXPERT_ROWS = {"fp32": 128, "bf16_gemm": 32}
 # the same on the one-row decoder's streamed expert copies (`Native.stream_rows`), up to this many rows: against
 # the oneDNN-packed grouped GEMMs, v3-mini's routed experts (1 thread, Zen 4, out of cache) 1.3-3x
 # faster in FP32 from 16 to 512 rows; with BF16 GEMMs 3.2x at 16 rows, 1.5x at 64, even at 128 and
@@ -354,7 +357,7 @@ class FastDecoder:
             return KERNEL_ROWS  # (batch 16 1.07x, 8 1.02x)
         if getattr(self.kernels, "stream_rows", False):
             return STREAMED_EXPERT_ROWS[self._gemm_kind]
-        return NATIVE_EXPERT_ROWS
+        return NATIVE_EXPERT_ROWS[self._gemm_kind]
 
     def _streamed(self, which: int):
         """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies the many-row
