@@ -62,32 +62,18 @@ from dsv3.infer.decode import moe as decode_moe
 from dsv3.infer.decode.gemm import AMX_ROWS, AmxPacked, Packed, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
+from dsv3.infer.decode.limits import (
+    GEMM_GAIN,
+    KERNEL_ROWS,
+    STREAMED_HEAD_ROWS,
+    expert_rows,
+    prefill_pays,
+)
 from dsv3.infer.decode.rows import row_attention, row_decoder
 from dsv3.infer.decode.weights import AttnWeights, DecodeWeights, FfnWeights, rotated_pairs
 from dsv3.infer.paged_cache import PagedLatentCache
 from dsv3.model.transformer import Transformer
 
-PREFILL_SCORES = 2**24  # most attention scores (rows x tokens x heads x keys) of a fast prefill chunk
-PREFILL_GROWTH = 1.5  # a fast prefill's absorbed attention may cost this x GEMM_GAIN the naive one's (FP32)
-GEMM_GAIN = {"bf16": 4.0, "packed": 2.0}  # this path's GEMM rate over the model's FP32 one (ATen): measured
-# up to this many rows the native kernels run the routed experts (each row's selected experts in one
-# call, FP32 compute), not per-expert GEMMs: v3-mini decode at batch 16 +11% (FP32) and +24% (BF16
-# GEMMs), at batch 64 +4% / -1% (Zen 4, 1 thread, medians of 8 alternating runs); with FP32 GEMMs
-# the limit is 128 rows: on the AVX2-only Zen 3 one MoE layer's experts at 64 rows take 5.2 ms
-# native vs 7.1 on the oneDNN-packed GEMMs (1 thread; 2.8 vs 5.7 at 2), even at 128 rows (1 thread),
-# and v3-mini decode at batch 64 ran 1.06x / 1.11x (FP32, 1 / 2 threads) and 1.08x (BF16 weights)
-NATIVE_EXPERT_ROWS = {"fp32": 128, "bf16_gemm": 32}
-# the same on the one-row decoder's streamed expert copies (`Native.stream_rows`), up to this many rows: against
-# the oneDNN-packed grouped GEMMs, v3-mini's routed experts (1 thread, Zen 4, out of cache) 1.3-3x
-# faster in FP32 from 16 to 512 rows; with BF16 GEMMs 3.2x at 16 rows, 1.5x at 64, even at 128 and
-# 0.74x at 512
-STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
-# the per-head W_UK / W_UV of many rows on those streamed copies, up to this many rows: against
-# ATen's bmm (v3-mini, 1 thread, Zen 4) FP32 1.42x at 16 rows, 1.17x at 64, 1.1x at 512 (the same
-# values: sums in the same order); against the BF16 bmm of BF16 GEMMs 1.23x at 16, even at 32,
-# 0.9x at 64
-STREAMED_HEAD_ROWS = {"fp32": 512, "bf16_gemm": 16}
-KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
 _ATEN = Reference()
 log = logging.getLogger(__name__)
 
@@ -190,22 +176,13 @@ class FastDecoder:
     def prefill_pays(self, B: int, T: int, S: int) -> bool:
         """Whether a prefill chunk of B rows x T new tokens, S key positions (the longest row's
         context), runs on this path (`prefill`) rather than the model's forward: where this path's
-        GEMMs are faster than the model's (BF16 GEMMs, ~4x FP32 here; FP32 on oneDNN-packed weights,
-        ~2x; with ATen's FP32 GEMMs the model's forward runs the same multiply-adds as fast:
-        measured), when its attention scores fit in PREFILL_SCORES entries and, where the weights
-        fold W_UK / W_UV (no naive form, `w_kvb`), the absorbed attention costs at most
-        PREFILL_GROWTH x GEMM_GAIN times the FP32 naive one's multiply-adds."""
-        H, R, P = self.H, self.R, self.P
-        N, V = self.model.config.qk_nope_head_dim, self.model.config.v_head_dim
+        GEMMs are faster than the model's (BF16 GEMMs; FP32 on oneDNN-packed weights) and the chunk's
+        attention costs little more (dsv3.infer.decode.limits.prefill_pays)."""
+        cfg = self.model.config
+        dims = (self.H, self.R, self.P, cfg.qk_nope_head_dim, cfg.v_head_dim)
         gain = GEMM_GAIN["bf16"] if self.bf16_gemm else GEMM_GAIN["packed"] if self._packed else None
-        if gain is None or B * T <= KERNEL_ROWS or B * T * H * S > PREFILL_SCORES:
-            return False
         many = self.weights.attn[0].many
-        if many is not None and many.w_kvb is not None:
-            return True  # the naive attention, as the model's, on this path's fused GEMMs
-        absorbed = B * T * H * (R * (N + V) + S * (2 * R + P))  # W_UK, W_UV per query; scores over latents
-        naive = B * S * H * R * (N + V) + B * T * H * S * (N + P + V)  # K, V per key; per-head scores
-        return absorbed <= PREFILL_GROWTH * gain * naive
+        return prefill_pays(B, T, S, dims, gain, many is not None and many.w_kvb is not None)
 
     @torch.no_grad()
     def prefill(self, tokens: list[list[int]], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
@@ -353,11 +330,8 @@ class FastDecoder:
 
     def _native_expert_rows(self) -> int:
         """Up to this many rows the native kernels run the routed experts, more: grouped GEMMs."""
-        if isinstance(self._aten, AmxPacked):  # its grouped GEMMs beat the FP32 experts_ from 5 rows on
-            return KERNEL_ROWS  # (batch 16 1.07x, 8 1.02x)
-        if getattr(self.kernels, "stream_rows", False):
-            return STREAMED_EXPERT_ROWS[self._gemm_kind]
-        return NATIVE_EXPERT_ROWS[self._gemm_kind]
+        stream_rows = getattr(self.kernels, "stream_rows", False)
+        return expert_rows(self._gemm_kind, stream_rows, isinstance(self._aten, AmxPacked))
 
     def _streamed(self, which: int):
         """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies the many-row
@@ -464,7 +438,7 @@ class FastDecoder:
             torch.addcmul(pe[:, :P] * cos[lo:hi], pe[:, P:], sin[lo:hi], out=row[:, R:])
             qs = q[lo:hi]  # [q_lat | q_pe], or [q_nope | q_pe] where W_UK is apart
             if naive:
-                outs.append(self._naive_attend(layer, keys, qs, w.w_kvb))  # (rows, H * V)
+                outs.append(keys.attend_naive(layer, qs, w.w_kvb, self._mm))  # (rows, H * V)
             else:
                 if w.w_uk is not None:  # W_UK per head: (H, rows, N) @ (H, N, R)
                     qn = qs[..., :n].transpose(0, 1)
@@ -484,32 +458,10 @@ class FastDecoder:
             lo = hi
         return self._mm(outs[0] if len(outs) == 1 else torch.cat(outs), w.w_o, x)  # residual + o_proj
 
-    def _naive_attend(
-        self, layer: int, keys: GatheredKeys, q: torch.Tensor, w_kvb: torch.Tensor
-    ) -> torch.Tensor:
-        """q [B*T, H, N + P] (q_nope | rope(q_pe), the softmax scale folded in) -> attention output
-        [B*T, H * V]: each key position's k_nope | v per head from its latent in one GEMM (the model's
-        naive MLA, dsv3.model.attention), then causal attention per head (SDPA)."""
-        k = keys.keys(layer)  # (B, S, W)
-        B, S, _ = k.shape
-        H, R, P = self.H, self.R, self.P
-        N = q.shape[-1] - P
-        kv = self._mm(k[..., :R].reshape(B * S, R), w_kvb).view(B, S, H, -1)  # (B, S, H, N + V)
-        k_h = torch.cat([kv[..., :N], k[:, :, None, R:].expand(B, S, H, P)], dim=-1)  # (B, S, H, N + P)
-        q_h = q.view(B, -1, H, N + P).transpose(1, 2)  # (B, H, T, N + P)
-        v = kv[..., N:].transpose(1, 2)  # (B, H, S, V)
-        V = v.shape[-1]
-        if V < N + P:  # SDPA's fused CPU kernel needs one head width for q, k and v, else it runs its
-            v = F.pad(v, (0, N + P - V))  # math path: zero columns, dropped (512 FP32 tokens: 1.8x)
-        o = F.scaled_dot_product_attention(
-            q_h, k_h.transpose(1, 2), v, attn_mask=keys.causal[:, None], scale=1.0
-        )
-        return o[..., :V].transpose(1, 2).reshape(q.shape[0], -1)  # (B, T, H, V) -> (B*T, H * V)
-
     def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list, row=None, layer: int = -1) -> torch.Tensor:
         """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`. row, layer: the
         one-row decoder holding this layer (number `layer` in it) whose streamed expert copies the
-        native few-row experts read (`_streamed_experts`), or None."""
+        native few-row experts read (`_streamed`), or None."""
         xn = x * self._inv_rms(x, w.norm_eps)  # the gate reads xn (its norm weight folded in)
         xg = xn if w.norm_w is None else xn * w.norm_w  # the other matrices, when not folded
         a = self._mm(xg, w.w_in) if w.w_in is not None else None  # gate logits | shared gate | up
