@@ -414,33 +414,43 @@ def test_fast_mtp_draft_equals_the_model_mtp_module(tiny, variant, native):
         assert torch.equal(model.mtp[0].block.mlp.last_counts, ref_model.mtp[0].block.mlp.last_counts)
 
 
+@pytest.mark.parametrize("n", [3, 1], ids=["batched", "lone"])
 @pytest.mark.parametrize("variant", ["tiny", "v3_geometry"])
-def test_fast_mtp_prefill_equals_the_model_mtp_module(tiny, variant):
-    """A prompt chunk through MTP module 1 on the fast path (`mtp_forward(prefill=True)`, the many-row
-    operators and the prefill attention, as the engine runs it where `prefill_pays`) against the
-    model's MTP module: 3 rows (one with its blocks out of order), 6 tokens then 4 over the cached
-    6: outputs and the MTP layer's cache rows within 1e-5, the same `last_counts`."""
+def test_fast_mtp_latents_and_the_taken_row_equal_the_model_mtp_module(tiny, variant, n):
+    """Prompt chunks through MTP module 1 as the engine runs them (`ModelRunner.mtp_hidden`): a chunk
+    that drafts nothing writes every position's cache row alone (`mtp_latents`); the chunk a draft is
+    taken from writes the rows before its last position alone and runs the module on the last
+    (`mtp_forward`). Against the model's MTP module over the whole chunks: n rows (of 3, one with its
+    blocks out of order), 6 tokens then 4 over the cached 6: the MTP layer's cache rows and the last
+    position's output within 1e-5, the same `last_counts` as the model's on that position."""
     model = _model(tiny.replace(**VARIANTS[variant]))
     ref_model = copy.deepcopy(model)
     caches = [PagedLatentCache(model.config, num_blocks=20, block_size=4) for _ in range(2)]
     fast = FastDecoder(model, caches[0])
     tables = [caches[0].allocator.allocate(3) for _ in range(3)]
     tables[1] = tables[1][::-1]
-    ids = torch.randint(0, tiny.vocab_size, (3, 11))
+    tables = tables[:n] if n > 1 else tables[1:2]
+    ids = torch.randint(0, tiny.vocab_size, (n, 11))
     with torch.no_grad():
         h = ref_model.hidden_states(ids[:, :10])
-        for a, b in ((0, 6), (6, 10)):
-            got = fast.mtp_forward(
-                h[:, a:b].flatten(0, 1), ids[:, a + 1 : b + 1].tolist(), [a] * 3, tables, True
-            )
-            pos = torch.arange(a, b).expand(3, -1)
-            caches[1].bind(make_context(tables, pos, [b] * 3, 4))
+        for a, b, take in ((0, 6, None), (6, 10, [3] * n)):
+            nxt = ids[:, a + 1 : b + 1].tolist()
+            fast.mtp_latents(h[:, a:b].flatten(0, 1), nxt, [a] * n, tables, take)
+            pos = torch.arange(a, b).expand(n, -1)
+            caches[1].bind(make_context(tables, pos, [b] * n, 4))
             want = ref_model.mtp_hidden(1, h[:, a:b], ids[:, a + 1 : b + 1], pos, caches[1], absorb=False)
-            assert (got - want.flatten(0, 1)).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
-            assert torch.equal(model.mtp[0].block.mlp.last_counts, ref_model.mtp[0].block.mlp.last_counts)
+            if take is not None:
+                got = fast.mtp_forward(h[:, b - 1], [[t[-1]] for t in nxt], [b - 1] * n, tables)
+                last = want[:, -1]
+                assert (got - last).abs().max() <= 1e-5 * max(1.0, last.abs().max().item())
+                pos = torch.full((n, 1), b - 1)  # the model's counts on the last position alone
+                caches[1].bind(make_context(tables, pos, [b] * n, 4))
+                ref_model.mtp_hidden(1, h[:, b - 1 : b], ids[:, b : b + 1], pos, caches[1], absorb=True)
+                assert torch.equal(model.mtp[0].block.mlp.last_counts, ref_model.mtp[0].block.mlp.last_counts)
     L = model.config.n_layers  # the MTP layer's pool follows the main layers'
-    slots = torch.tensor([blk * 4 + i for t in tables for blk in t for i in range(4)])
+    slots = torch.tensor([t[p // 4] * 4 + p % 4 for t in tables for p in range(10)])
     rows, ref_rows = caches[0].data[L, slots], caches[1].data[L, slots]
+    assert rows.abs().sum() > 0
     assert (rows - ref_rows).abs().max() <= 1e-5 * max(1.0, ref_rows.abs().max().item())
 
 

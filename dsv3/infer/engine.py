@@ -415,7 +415,7 @@ class Engine:
         if draft:
             propose(self.runner, seqs, h, nxt, start, [b - a - 1 for a, b in zip(start, end)], self.k)
         else:
-            self.runner.mtp_hidden(seqs, h, nxt, start, absorb=False)
+            self.runner.mtp_hidden(seqs, h, nxt, start, None, absorb=False)  # its cache rows only
         for s, b in zip(seqs, end):
             s.mtp_computed = b
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from dsv3.infer.decode.limits import MTP_BLOCK_POSITIONS
 from dsv3.infer.decode.step import FastDecoder
 from dsv3.infer.decode.weights import supported
 from dsv3.infer.paged_cache import PagedLatentCache, make_context
@@ -148,22 +149,35 @@ class ModelRunner:
         h_prev: torch.Tensor,
         tokens: list[list[int]],
         start: list[int],
-        absorb: bool,
-    ) -> torch.Tensor:
-        """MTP module 1 at positions start[b] + 0..T-1: h_prev [B, T, D] and the tokens one ahead
-        [B, T] -> h^1 [B, T, D] (before its output norm). absorb: decoding-sized chunks (drafts);
-        otherwise a prompt chunk, on the fast path where its prefill pays (`FastDecoder.prefill_pays`)."""
+        take: list[int] | None,
+        absorb: bool = True,
+    ) -> torch.Tensor | None:
+        """MTP module 1 over positions start[b] + 0..T-1 (h_prev [B, T, D], the tokens one ahead
+        [B, T]), writing its cache rows -> h^1 [B, D] at position start[b] + take[b] of each row
+        (before its output norm), or None without take (a prompt chunk that drafts nothing). On the
+        fast path nothing runs past take[b] (provisional positions: the next step rewrites them); up
+        to MTP_BLOCK_POSITIONS positions the module's block runs on all those before, more (a prompt)
+        write their cache rows alone (`FastDecoder.mtp_latents`) and the block runs on the taken one.
+        absorb: the model's path, decode-sized."""
         fast = self._fast()
+        B, T, D = h_prev.shape
         if fast is not None and fast.can_draft():
-            B, T, D = h_prev.shape
-            if absorb or fast.prefill_pays(B, T, max(start) + T):
-                tables = [s.block_table for s in seqs]
-                x = fast.mtp_forward(h_prev.reshape(B * T, D), tokens, start, tables, prefill=not absorb)
-                return x.view(B, T, D)
+            tables, flat = [s.block_table for s in seqs], h_prev.reshape(B * T, D)
+            if take is not None and T <= MTP_BLOCK_POSITIONS:  # the block on positions 0..max(take)
+                n = max(take) + 1
+                x = fast.mtp_forward(h_prev[:, :n].reshape(B * n, D), [t[:n] for t in tokens], start, tables)
+                return x.view(B, n, D)[torch.arange(B), torch.tensor(take)]
+            fast.mtp_latents(flat, tokens, start, tables, take)
+            if take is None:
+                return None
+            rows = torch.tensor([b * T + t for b, t in enumerate(take)])
+            picked = [[tokens[b][t]] for b, t in enumerate(take)]
+            return fast.mtp_forward(flat[rows], picked, [s + t for s, t in zip(start, take)], tables)
         ids = self.tensor(tokens)
         positions = self.tensor(start)[:, None] + torch.arange(ids.shape[1], device=self.device)
         lens = [s + ids.shape[1] for s in start]
-        return self.model.mtp_hidden(1, h_prev, ids, positions, self._bind(seqs, positions, lens), absorb)
+        h = self.model.mtp_hidden(1, h_prev, ids, positions, self._bind(seqs, positions, lens), absorb)
+        return None if take is None else h[torch.arange(B), self.tensor(take)]
 
     @torch.no_grad()
     def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:

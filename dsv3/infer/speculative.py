@@ -139,9 +139,7 @@ def propose(
     """Run MTP over h_prev [B, T, D] with the tokens one ahead at positions start + 0..T-1 (writing
     its cache), then draft k tokens for each row from the output at index take[b] (the position
     just before the row's pending token). Sets seq.drafts and seq.draft_probs."""
-    T = h_prev.shape[1]
-    g = runner.mtp_hidden(seqs, h_prev, next_tokens, start, absorb=T <= 8)  # (B, T, D)
-    g = g[torch.arange(len(seqs)), torch.tensor(take)]  # (B, D)
+    g = runner.mtp_hidden(seqs, h_prev, next_tokens, start, take, absorb=h_prev.shape[1] <= 8)  # (B, D)
     params = [s.params for s in seqs]
     gens = [s.generator for s in seqs]
     drafts: list[list[int]] = [[] for _ in seqs]
@@ -153,7 +151,7 @@ def propose(
             qs[i].append(q[i])
         if j + 1 < k:  # the module once more, one position on, from its own hidden state
             pos = [s.num_computed + j for s in seqs]
-            g = runner.mtp_hidden(seqs, g[:, None], [[t] for t in tokens], pos, absorb=True)[:, 0]
+            g = runner.mtp_hidden(seqs, g[:, None], [[t] for t in tokens], pos, [0] * len(seqs))
     for i, s in enumerate(seqs):
         s.drafts = drafts[i]
         s.draft_probs = None if s.params.greedy else torch.stack(qs[i])  # (K, V)

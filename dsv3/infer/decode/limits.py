@@ -29,6 +29,12 @@ STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
 # 0.9x at 64
 STREAMED_HEAD_ROWS = {"fp32": 512, "bf16_gemm": 16}
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
+# up to this many positions per row (the verified ones after a speculative step), MTP module 1 runs
+# its block over all of them up to the one a draft is taken from: one read of its weights serves
+# them all (a lone sequence, v3-mini, Zen 3: 2 positions 2.0 ms, 1 position 1.8), where the cache
+# rows alone of the earlier ones (`mtp_latents`) cost a read of eh_proj and the latent columns more;
+# more positions (a prompt): the cache rows alone, the block on the last (64 tokens: 19 -> 4.6 ms)
+MTP_BLOCK_POSITIONS = 8
 
 
 def expert_rows(gemm_kind: str, stream_rows: bool, amx: bool) -> int:

@@ -44,7 +44,8 @@ GEMM over all their rows at once, the attention per part (`_attention`'s parts).
 (EPLB statistics).
 The same code runs speculative verification (T new tokens per row, causal among themselves) and
 MTP module 1 for drafting (`mtp_forward`: eh_proj with enorm / hnorm folded in, then its block over
-the MTP layer's cache). The model's forward stays the reference; tests hold this path to it
+the MTP layer's cache; `mtp_latents`: the cache rows alone, for positions whose output nobody reads).
+The model's forward stays the reference; tests hold this path to it
 (greedy tokens identical, logits within 1e-5 in FP32).
 
 Shapes: B rows, D dim, H heads, R kv_lora_rank, P qk_rope_head_dim, W = R + P cache width,
@@ -59,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
+from dsv3.infer.decode.draft import MtpDraft
 from dsv3.infer.decode.gemm import AMX_ROWS, AmxPacked, Packed, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
@@ -78,7 +80,7 @@ _ATEN = Reference()
 log = logging.getLogger(__name__)
 
 
-class FastDecoder:
+class FastDecoder(MtpDraft):
     """The main model on T new tokens per row (1 in plain decoding) over the engine's paged cache.
     weight_dtype: storage dtype of the feed-forward matrices and the head (dsv3.infer.decode.weights);
     native: use the C++ few-row kernels when they build (dsv3.infer.decode.kernels); bf16_gemm: run
@@ -226,57 +228,9 @@ class FastDecoder:
         decoded = outs.pop(0) if decode is not None else None
         return decoded, [self.hidden(o).view(len(c[0]), len(c[0][0]), -1) for o, c in zip(outs, prefills)]
 
-    def can_draft(self) -> bool:
-        """True when `mtp_forward` can run: MTP module 1 is supported and the cache holds its layer."""
-        return self.weights.mtp is not None and self.mtp_data.shape[0] > 0
-
-    @torch.no_grad()
-    def mtp_forward(
-        self,
-        h_prev: torch.Tensor,
-        tokens: list[list[int]],
-        starts: list[int],
-        tables: list[list[int]],
-        prefill: bool = False,
-    ) -> torch.Tensor:
-        """MTP module 1 (for drafting): the main model's final hidden states h_prev [B*T, D] and the
-        tokens one ahead [B, T] at positions starts[b] + 0..T-1 -> h^1 [B*T, D] (before
-        shared_head.norm). Writes the MTP layer's cache rows and sets its MoE's `last_counts`.
-        prefill: a prompt chunk (where `prefill_pays`), through the many-row operators and the
-        prefill form of `_attention`, as `prefill` runs the main layers."""
-        self._fresh()
-        if not self.can_draft():
-            raise RuntimeError("the fast path has no MTP module here (see DecodeWeights.mtp)")
-        m = self.weights.mtp
-        row = self._row_decoders()[1] if len(tokens) == 1 and not prefill else None
-        if row is not None:
-            e, positions = self._embed(tokens[0]), [starts[0] + t for t in range(len(tokens[0]))]
-        else:
-            keys, e, positions = self._inputs(self.mtp_data, self.mtp_pools, tokens, starts, tables, prefill)
-        cos, sin = self._rope_rows(positions)
-        x = self._mm(h_prev * self._inv_rms(h_prev, m.h_eps), m.w_hid)
-        x = self._mm(e * self._inv_rms(e, m.e_eps), m.w_emb, x)  # eh_proj([enorm(e); hnorm(h)])
-        if row is not None:
-            x, counts = row.forward(x, cos, sin, tables[0], self.cache.block_size, starts[0])
-        else:
-            routed: list = []
-            mtp_row = self._streamed(1)
-            x = self._attention(x, m.attn, 0, [(x.shape[0], keys, prefill)], cos, sin, mtp_row)
-            x = self._ffn(x, m.ffn, routed, mtp_row, 0)
-            counts = decode_moe.counts(routed, self.n_experts) if routed else []
-            keys.finish()
-        if m.ffn.moe is not None:
-            m.ffn.moe.record(counts[0])
-        return x
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Last layer's output [N, D] -> logits [N, Vo] (the final norm, then the head)."""
         return self._head(x, self.model.norm)
-
-    def mtp_logits(self, x: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
-        """MTP module 1's output [N, D] -> draft logits [N, Vo] (shared_head.norm, then the head);
-        with `vocab`, only the first `vocab` columns of the head are read and the rest are -inf."""
-        return self._head(x, self.model.mtp[0].shared_head.norm, vocab)
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The model's final hidden states [N, D] (after the final norm, as `prefill` returns them)
@@ -433,9 +387,7 @@ class FastDecoder:
         for rows, keys, naive in parts:
             hi, naive = lo + rows, naive and w.w_kvb is not None
             row = keys.new_rows(layer)  # (rows, W): kv_a_layernorm(c_kv) | rope(k_pe)
-            kv, pe = a[lo:hi, :R], a[lo:hi, R : R + 2 * P]
-            torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=row[:, :R])
-            torch.addcmul(pe[:, :P] * cos[lo:hi], pe[:, P:], sin[lo:hi], out=row[:, R:])
+            self._latent_rows(a[lo:hi], w, cos[lo:hi], sin[lo:hi], row)
             qs = q[lo:hi]  # [q_lat | q_pe], or [q_nope | q_pe] where W_UK is apart
             if naive:
                 outs.append(keys.attend_naive(layer, qs, w.w_kvb, self._mm))  # (rows, H * V)
@@ -457,6 +409,14 @@ class FastDecoder:
                 outs.append(o.reshape(rows, -1))
             lo = hi
         return self._mm(outs[0] if len(outs) == 1 else torch.cat(outs), w.w_o, x)  # residual + o_proj
+
+    def _latent_rows(self, a: torch.Tensor, w: AttnWeights, cos, sin, out: torch.Tensor) -> None:
+        """w_in's output a [N, C] (its c_kv | k_pe | rot(k_pe) columns first, after q_a's) -> the cache
+        rows kv_a_layernorm(c_kv) | rope(k_pe), written into out [N, W]."""
+        R, P = self.R, self.P
+        kv, pe = a[:, :R], a[:, R : R + 2 * P]
+        torch.mul(kv * self._inv_rms(kv, w.kv_eps), w.kv_norm, out=out[:, :R])
+        torch.addcmul(pe[:, :P] * cos, pe[:, P:], sin, out=out[:, R:])
 
     def _ffn(self, x: torch.Tensor, w: FfnWeights, routed: list, row=None, layer: int = -1) -> torch.Tensor:
         """x [B, D] -> x + FFN(norm(x)); appends the MoE's expert ids to `routed`. row, layer: the
