@@ -16,3 +16,15 @@ def _seed():
 @pytest.fixture
 def tiny() -> ModelConfig:
     return ModelConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The native decode kernels (dsv3.infer.decode.kernels.Native); the test skips, saying why, where
+    they do not build here."""
+    from dsv3.infer.decode import kernels as cpu_kernels
+
+    k = cpu_kernels.kernels()
+    if not isinstance(k, cpu_kernels.Native):
+        pytest.skip(f"native kernels unavailable: {cpu_kernels.why_not_native}")
+    return k

@@ -14,14 +14,6 @@ from dsv3.infer.decode import kernels as cpu_kernels
 REF = cpu_kernels.Reference()
 
 
-@pytest.fixture(scope="module")
-def native():
-    k = cpu_kernels.kernels()
-    if k.name != "native":
-        pytest.skip(f"native kernels unavailable: {cpu_kernels.why_not_native}")
-    return k
-
-
 def test_native_kernels_build_on_an_avx2_cpu():
     """Where the CPU qualifies the kernel must build: a silent fallback would hide a broken build."""
     if cpu_kernels._unavailable() is not None:
@@ -120,12 +112,16 @@ def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path, attr: str
             amx_pack=None,
             amx_mm=None,
             amx_grouped=None,
+            pack_strips=None,
+            strips_mm=None,
+            strips_bmm=None,
         )
 
     monkeypatch.setattr(ext, "load", fake_load)
     monkeypatch.setattr(cpu_kernels, attr, source)
     monkeypatch.setattr(cpu_kernels, "_unavailable", lambda: None)
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "why_not_native", cpu_kernels.why_not_native)  # restored after
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))  # not the real cache
     cpu_kernels.kernels()
     assert len(names) == 1

@@ -239,6 +239,8 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, lib, caplog, monke
         "packed": {"bf16": "onednn-packed-bf16", "fp32": "onednn-packed"},
         "aten": {"bf16": "torch-bf16", "fp32": "torch-widened"},
     }
+    if lib == "packed" and gemm == "fp32" and isinstance(fast.kernels, cpu_kernels.Native) and not wide:
+        names["packed"]["fp32"] = "avx2-strips + onednn-packed"  # AVX2 without AVX-512F: gemm.Strips
     assert fast._aten.name == names[lib][gemm]
     many = fast.weights.attn[0].many  # the many-row attention matrices: BF16 only with BF16 GEMMs
     assert (many is not None and many.w_q.dtype == torch.bfloat16) == (gemm == "bf16")
@@ -262,6 +264,13 @@ def test_batched_rows_on_the_kernel_plan(tiny, gemm, variant, lib, caplog, monke
             kept = {k: p for k, (w, p) in fast._aten._tiles.items()}
             assert kept and not fast._aten._packed
             assert all(w.dtype == torch.bfloat16 for w, _ in fast._aten._tiles.values())
+        elif isinstance(fast._aten, gemm_lib.Strips):  # 6 rows: packed once into 16-column strips, kept
+            kept = {k: p for k, (w, p) in fast._aten._strips.items()}
+            assert kept and not fast._aten._packed  # BF16-stored weights stay BF16 (int16 bits)
+            assert all(
+                p.dtype == (torch.int16 if w.dtype == torch.bfloat16 else torch.float32)
+                for w, p in fast._aten._strips.values()
+            )
         elif packed:  # every many-row matrix packed once (FP32, or BF16 with BF16 GEMMs), kept
             kept = {k: p for k, (w, p, dtype) in fast._aten._packed.items()}
             assert kept and all(

@@ -19,14 +19,6 @@ from dsv3.infer.decode.step import FastDecoder
 from dsv3.infer.paged_cache import PagedLatentCache
 
 
-@pytest.fixture(scope="module")
-def native():
-    k = cpu_kernels.kernels()
-    if not isinstance(k, cpu_kernels.Native):
-        pytest.skip(f"native kernels unavailable: {cpu_kernels.why_not_native}")
-    return k
-
-
 @pytest.fixture(params=["avx2", "avx512"])
 def attend(request, native):
     """The native paged attention at one width (skipped where this CPU lacks it)."""

@@ -16,14 +16,6 @@ from dsv3.infer.paged_cache import PagedLatentCache, make_context
 K_N = [(1, 1), (7, 63), (64, 64), (300, 65), (512, 200), (33, 1000)]
 
 
-@pytest.fixture(scope="module")
-def native():
-    k = cpu_kernels.kernels()
-    if k.name != "native":
-        pytest.skip(f"no native kernels here ({cpu_kernels.why_not_native})")
-    return k
-
-
 NO_AVX512 = "the AVX-512F loops need AVX-512F (CPU flags: " + " ".join(cpu_kernels.cpu_flags()) + ")"
 
 

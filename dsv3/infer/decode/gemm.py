@@ -25,8 +25,11 @@ multiplied in BF16 (activations rounded to BF16, FP32 accumulation, outputs roun
 `Packed`: every weight packed once into oneDNN's layout (`torch.ops.mkldnn`, the path inductor's
 CPU weight freezing takes), FP32, or BF16 for BF16-stored weights where BF16 GEMMs run; the packed
 copy is kept beside the plain one (which the few-row kernels read), so the many-row matrices cost a
-second copy of their bytes. `many_row_gemm` picks: `Packed` where oneDNN packing runs on this
-machine (a probe at first use; DSV3_ONEDNN_PACKED=0 turns it off), else the ATen classes.
+second copy of their bytes. `AmxPacked` (AMX CPUs, BF16 GEMMs) and `Strips` (AVX2 CPUs without
+AVX-512F, FP32) are `Packed` with the products of fewer rows on dsv3's own kernels. `many_row_gemm`
+picks: one of those where oneDNN packing runs on this machine (a probe at first use;
+DSV3_ONEDNN_PACKED=0 turns it off; DSV3_AMX=0 and DSV3_STRIPS=0 leave plain `Packed`), else the
+ATen classes.
 
 Shapes: M rows, K inputs, N outputs, E experts.
 """
@@ -197,6 +200,57 @@ class Packed:
         return self._widened.bmm(x, w)
 
 
+# up to this many rows Strips multiplies on its own AVX2 kernel; more: oneDNN's. Measured on the AMD
+# EPYC (Zen 3, AVX2 only, FP32, weights out of cache, alternating, bench/strips_vs_onednn.py, docs/
+# benchmarks.md): against oneDNN's packed linear, v3-mini's matrices 1.3-1.9x faster at 5-16 rows,
+# 1.1-1.4x at 32-64, 1.05-1.2x at 128 (w_in 1.1x, the head 1.06x), mixed at 256 (0.92-1.14x); the
+# real V3 geometry's 1.2-1.7x at 5-64 rows; 2 threads 1.2-2.2x at 8-64. Per-head W_UK / W_UV
+# against ATen's bmm: 1.4-1.5x at 8 rows, 1.0-1.07x at 128.
+STRIP_ROWS = 128
+
+
+class Strips(Packed):
+    """`Packed` (oneDNN, FP32), but the products of KERNEL_ROWS + 1 .. STRIP_ROWS rows and the per-head
+    W_UK / W_UV run on dsv3's AVX2 register-tiled kernel (csrc/streamed.h `strips_product`, through
+    dsv3.infer.decode.kernels.Native), on weights packed once into strips of 16 columns: for CPUs with
+    AVX2 and no AVX-512F, whose oneDNN FP32 GEMM streams a few rows' weights at ~8 GB/s there (the
+    sums of a strip's rows in registers, its weight rows read front to back and prefetched: 11-19
+    GB/s). BF16-stored weights stay BF16 in the strips (half the bytes), widened exactly in the
+    kernel. Arithmetic: FP32, each output a chain of FMAs over k in order. A matrix used at both row
+    counts is kept packed twice (strips and oneDNN), beside its plain copy."""
+
+    def __init__(self, native) -> None:
+        super().__init__(bf16=False)
+        self.name = "avx2-strips + onednn-packed"
+        self._native = native
+        self._strips: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def strips(self, w: torch.Tensor) -> torch.Tensor:
+        """w [K, N] or [G, K, N] (FP32 or BF16) in the kernel's strips, packed on first use."""
+        key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype)
+        if key not in self._strips:
+            self._strips[key] = (w, self._native.pack_strips(w if w.dim() == 2 else w.contiguous()))
+        return self._strips[key][1]
+
+    def clear(self) -> None:
+        super().clear()
+        self._strips.clear()
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.shape[0] > STRIP_ROWS or x.stride(-1) != 1:
+            return super().mm(x, w, bias)
+        exact = bias is not None and bias.dtype == x.dtype and bias.shape == (x.shape[0], w.shape[1])
+        y = self._native.strips_mm(x, self.strips(w), w.shape[1], bias if exact else None)
+        return y if bias is None or exact else y.add_(bias)
+
+    def bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.shape[1] > STRIP_ROWS or not x.numel():
+            return super().bmm(x, w)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        return self._native.strips_bmm(x, self.strips(w), w.shape[-1])
+
+
 AMX_ROWS = 32  # up to this many rows AmxPacked multiplies on its own AMX kernel; more: oneDNN's
 
 
@@ -300,5 +354,10 @@ def many_row_gemm(bf16_weights: bool, bf16_gemm: bool, packed: bool = True, nati
     (BF16-stored weights, FP32 compute) or `Aten`."""
     if packed and why_not_packed(bf16_gemm) is None:
         amx = getattr(native, "amx", False) and os.environ.get("DSV3_AMX", "1") != "0"
-        return AmxPacked(native) if bf16_gemm and amx else Packed(bf16_gemm)
+        if bf16_gemm:
+            return AmxPacked(native) if amx else Packed(True)
+        strips = (
+            hasattr(native, "pack_strips") and not native.wide and os.environ.get("DSV3_STRIPS", "1") != "0"
+        )
+        return Strips(native) if strips else Packed()
     return Bf16Gemm() if bf16_gemm else WidenOnce() if bf16_weights else Aten()

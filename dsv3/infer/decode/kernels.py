@@ -119,18 +119,23 @@ class KernelPlan:
         cache: torch.dtype | None = None,
         amx_rows: int = 0,
         kernel_rows: int = 4,
+        strip_rows: int = 0,
     ) -> str:
         """The one log line stating the choice (native: the few-row kernels' name, which run up to
         `kernel_rows` rows; packed: the many-row GEMMs run on oneDNN-packed weights,
         dsv3.infer.decode.gemm; attention: the batched attention's kernel; cache: the latent cache's
         dtype; amx_rows: products of up to this many rows, the routed experts and the per-head W_UK /
-        W_UV on dsv3's AMX kernel, dsv3.infer.decode.gemm.AmxPacked; 0: not used)."""
+        W_UV on dsv3's AMX kernel, dsv3.infer.decode.gemm.AmxPacked; strip_rows: products of up to
+        this many rows and the per-head W_UK / W_UV on dsv3's AVX2 strip kernel,
+        dsv3.infer.decode.gemm.Strips; 0: not used)."""
         lib = "oneDNN, packed weights" if packed else "oneDNN" if bf16_gemm else "ATen"
         if amx_rows:
             lib = (
                 f"AMX tiles up to {amx_rows} rows, for the routed experts and per-head W_UK / W_UV, else "
                 + lib
             )
+        if strip_rows:
+            lib = f"AVX2 register-tiled strips up to {strip_rows} rows, per-head W_UK / W_UV too, else " + lib
         many = f"BF16 GEMMs ({lib}) on the BF16 weights" if bf16_gemm else f"FP32 GEMMs ({lib})"
         stored = "BF16" if bf16_weights else "model-dtype"
         return (
@@ -179,6 +184,12 @@ class Native:
         # OS grants this process the tile state
         self.amx = "amx_bf16" in cpu_flags() and module.amx_ready()
         self.amx_pack, self.amx_mm, self.amx_grouped = module.amx_pack, module.amx_mm, module.amx_grouped
+        # csrc/streamed.h's strips of 16 columns, for many rows on AVX2 (dsv3.infer.decode.gemm.Strips)
+        self.pack_strips, self.strips_mm, self.strips_bmm = (
+            module.pack_strips,
+            module.strips_mm,
+            module.strips_bmm,
+        )
 
     @property
     def stream_rows(self) -> bool:

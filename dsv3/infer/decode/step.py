@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from dsv3.infer.decode import moe as decode_moe
 from dsv3.infer.decode.draft import MtpDraft
-from dsv3.infer.decode.gemm import AMX_ROWS, AmxPacked, Packed, many_row_gemm
+from dsv3.infer.decode.gemm import AMX_ROWS, STRIP_ROWS, AmxPacked, Packed, Strips, many_row_gemm
 from dsv3.infer.decode.kernels import Kernels, Native, Reference, kernels, plan_kernels
 from dsv3.infer.decode.keys import GatheredKeys, SliceKeys, consecutive_start
 from dsv3.infer.decode.limits import (
@@ -125,6 +125,7 @@ class FastDecoder(MtpDraft):
                     cache.data.dtype,
                     amx_rows=AMX_ROWS if isinstance(self._aten, AmxPacked) else 0,
                     kernel_rows=KERNEL_ROWS,
+                    strip_rows=STRIP_ROWS if isinstance(self._aten, Strips) else 0,
                 )
             )
         self._rows: tuple | None = None  # native one-row decoders: (main layers, MTP module 1)

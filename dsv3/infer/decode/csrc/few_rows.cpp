@@ -184,6 +184,67 @@ void addmm_(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w, d
   rows(x, w, out, static_cast<float>(alpha), true);
 }
 
+// ---- many rows on weights packed in strips (streamed.h; dsv3.infer.decode.gemm.Strips) ----
+
+void check_strips(const torch::Tensor& data, int64_t N) {
+  TORCH_CHECK(data.dim() == 4 && data.size(3) == dsv3::kStripCols && data.is_contiguous() &&
+                  (data.scalar_type() == torch::kFloat32 || data.scalar_type() == torch::kInt16),
+              "packed: expected pack_strips' [count, strips, K, 16] tensor, got ", data.scalar_type(), " ",
+              data.sizes());
+  TORCH_CHECK(N > (data.size(1) - 1) * dsv3::kStripCols && N <= data.size(1) * dsv3::kStripCols, "n: ", N,
+              " columns do not fill ", data.size(1), " strips");
+}
+
+// x [M, K] @ the strip-packed w [K, N] (+ bias [M, N]) -> new [M, N]; the strips split across torch's threads
+torch::Tensor strips_mm(const torch::Tensor& x, const torch::Tensor& data, int64_t N,
+                        const c10::optional<torch::Tensor>& bias) {
+  check_rows(x, "x");
+  check_strips(data, N);
+  TORCH_CHECK(data.size(0) == 1, "packed: expected one matrix, got ", data.size(0));
+  TORCH_CHECK(x.size(1) == data.size(2), "x: expected [M, ", data.size(2), "], got ", x.sizes());
+  const int64_t M = x.size(0);
+  torch::Tensor out;
+  if (bias.has_value()) {
+    check_rows(*bias, "bias");
+    TORCH_CHECK(bias->size(0) == M && bias->size(1) == N, "bias: shape ", bias->sizes());
+    out = bias->clone(at::MemoryFormat::Contiguous);
+  } else {
+    out = torch::empty({M, N}, x.options());
+  }
+  std::vector<const float*> xs(M);
+  std::vector<float*> ys(M);
+  for (int64_t m = 0; m < M; ++m) {
+    xs[m] = x.data_ptr<float>() + m * x.stride(0);
+    ys[m] = out.data_ptr<float>() + m * N;
+  }
+  dsv3::strips_product(xs.data(), M, data, N, 0, ys.data(), 1.f, bias.has_value(), false, kMinWeights);
+  return out;
+}
+
+// x [G, M, K] @ the strip-packed w [G, K, N] -> [G, M, N], group g's rows times matrix g (MLA's W_UK
+// and W_UV per head); the groups split across torch's threads
+torch::Tensor strips_bmm(const torch::Tensor& x, const torch::Tensor& data, int64_t N) {
+  check_strips(data, N);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.size(0) == data.size(0) &&
+                  x.size(2) == data.size(2) && x.stride(2) == 1,
+              "x: expected float32 [", data.size(0), ", M, ", data.size(2), "] (unit stride in the last), got ",
+              x.scalar_type(), " ", x.sizes());
+  const int64_t G = x.size(0), M = x.size(1);
+  auto out = torch::empty({G, M, N}, x.options());
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<const float*> xs(M);
+    std::vector<float*> ys(M);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t m = 0; m < M; ++m) {
+        xs[m] = x.data_ptr<float>() + g * x.stride(0) + m * x.stride(1);
+        ys[m] = out.data_ptr<float>() + (g * M + m) * N;
+      }
+      dsv3::strips_product(xs.data(), M, data, N, g, ys.data(), 1.f, false, true, kMinWeights);
+    }
+  });
+  return out;
+}
+
 // ---- one row through the whole model: dsv3/infer/decode/step.py's single-sequence step in one call ----
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -917,6 +978,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "x @ w (+ bias) for a few rows", py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
         nogil());
   m.def("addmm_", &addmm_, "out += alpha * x @ w, in place", nogil());
+  m.def("pack_strips", &dsv3::pack_strips, "w packed in strips of 16 columns (streamed.h)", py::arg("w"));
+  m.def("strips_mm", &strips_mm, "x @ a strip-packed w (+ bias)", py::arg("x"), py::arg("packed"), py::arg("n"),
+        py::arg("bias") = py::none(), nogil());
+  m.def("strips_bmm", &strips_bmm, "x[g] @ strip-packed w[g] per group", py::arg("x"), py::arg("packed"),
+        py::arg("n"), nogil());
   m.def(
       "experts_",
       [](torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
