@@ -201,11 +201,12 @@ class Packed:
 
 
 # up to this many rows Strips multiplies on its own AVX2 kernel; more: oneDNN's. Measured on the AMD
-# EPYC (Zen 3, AVX2 only, FP32, weights out of cache, alternating, bench/strips_vs_onednn.py, docs/
-# benchmarks.md): against oneDNN's packed linear, v3-mini's matrices 1.3-1.9x faster at 5-16 rows,
-# 1.1-1.4x at 32-64, 1.05-1.2x at 128 (w_in 1.1x, the head 1.06x), mixed at 256 (0.92-1.14x); the
-# real V3 geometry's 1.2-1.7x at 5-64 rows; 2 threads 1.2-2.2x at 8-64. Per-head W_UK / W_UV
-# against ATen's bmm: 1.4-1.5x at 8 rows, 1.0-1.07x at 128.
+# EPYC (Zen 3, AVX2 only, FP32, 1 thread, weights out of cache, alternating, bench/strips_vs_onednn.py,
+# docs/data/strips_vs_onednn_s22_epyc_avx2.json): against oneDNN's packed linear, v3-mini's matrices
+# 1.5-2.1x faster at 5-16 rows, 1.2-1.9x at 32-64, 0.97-1.22x at 128; one layer of the real V3
+# geometry 1.4-1.8x at 5-16, 0.98-1.4x at 32-64, 0.96-1.15x at 128 (a first run, older prefetch:
+# mixed at 256 rows, 0.92-1.14x). Per-head W_UK / W_UV against ATen's bmm: 1.4-1.5x at 8 rows,
+# 1.0-1.07x at 128.
 STRIP_ROWS = 128
 
 

@@ -296,16 +296,21 @@ inline torch::Tensor pack_strips(const torch::Tensor& w) {
 }
 
 constexpr int kTileRows = 6;  // the tile's most rows: 12 sums, 2 weights and a broadcast of 16 registers
-constexpr int64_t kTileK = 256;  // strip rows per block (16 KB of FP32): later row groups find them in L1
-// the first row group prefetches this many strip rows ahead (2 KB of FP32): on the Zen 3 above, 5-16
-// rows against v3-mini's matrices 1.1-1.5x faster than without (alternating runs; 8 and 16 rows ahead
-// less)
-constexpr int64_t kStripAhead = 32;
+// strip rows per block (8 KB of FP32): the row groups after the first find them in L1. While a
+// block is read, the next one (the strip's next rows, else the next strip's first: the layout is
+// contiguous) is prefetched into L2, one line per step of each row group's pass, spread over the
+// passes: memory streams while the later groups compute. Measured on the AMD EPYC (Zen 3, 1 thread,
+// v3-mini's matrices out of cache, bench/strips_vs_onednn.py, alternating): 8-16 rows ~1.2-1.5x
+// faster than prefetching 32 rows ahead in the first pass only (the memory idle during the others);
+// into L1 instead of L2, or 256-row blocks, slower
+constexpr int64_t kTileK = 128;
 
 // R = 1 .. 6 rows against the rows k0 .. k0 + n - 1 of one strip (`w` at row k0), the sums taken from
-// and put back into t (16 per row)
+// and put back into t (16 per row); every `every` steps the line at `ahead` prefetched into L2 (and
+// `ahead` moved on by a line)
 template <int R, bool BF16>
-inline void strip_rows(const float* const* x, const void* w, int64_t k0, int64_t n, float* t, bool pre) {
+inline void strip_rows(const float* const* x, const void* w, int64_t k0, int64_t n, float* t, const char* ahead,
+                       int64_t every) {
   __m256 s0[R], s1[R];
   const float* xr[R];
 #pragma GCC unroll 6
@@ -315,9 +320,12 @@ inline void strip_rows(const float* const* x, const void* w, int64_t k0, int64_t
     xr[m] = x[m] + k0;
   }
   const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t k = 0; k < n; ++k) {
-    if (pre && (!BF16 || k % 2 == 0))  // a line holds one FP32 strip row, two BF16 ones
-      _mm_prefetch(static_cast<const char*>(w) + (k + kStripAhead) * kStripCols * (BF16 ? 2 : 4), _MM_HINT_T0);
+  for (int64_t k = 0, next = 0; k < n; ++k) {
+    if (k == next) {
+      _mm_prefetch(ahead, _MM_HINT_T1);
+      ahead += 64;
+      next += every;
+    }
     __m256 w0, w1;
     if constexpr (BF16) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + k * 16));
@@ -361,7 +369,12 @@ void strips_serial(const float* const* x, int64_t M, const torch::Tensor& data, 
       const int64_t n = std::min(kTileK, K - k0);
       for (int64_t q = 0, m = 0; q < groups; ++q) {
         const int64_t r = (M - m) / (groups - q);  // the rows left, spread evenly over the groups left
-        auto run = [&](auto fn) { fn(x + m, strip + k0 * kStripCols * es, k0, n, t + m * kStripCols, q == 0); };
+        // group q prefetches its share of the next block's lines, one every `groups` steps (FP32: a
+        // line a strip row; BF16 a line two rows, one every 2 x `groups`)
+        const char* ahead = strip + (k0 + kTileK + q * ((kTileK + groups - 1) / groups)) * kStripCols * es;
+        auto run = [&](auto fn) {
+          fn(x + m, strip + k0 * kStripCols * es, k0, n, t + m * kStripCols, ahead, groups * (BF16 ? 2 : 1));
+        };
         switch (r) {
           case 1: run(strip_rows<1, BF16>); break;
           case 2: run(strip_rows<2, BF16>); break;
