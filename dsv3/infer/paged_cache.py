@@ -146,6 +146,15 @@ class CacheContext:
     key_positions: torch.Tensor  # [B, S] s, or -1 past the sequence's context length
 
 
+def pool_rows(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The pool row of each position through the block tables: table [B, blocks] (each row's block
+    ids), positions [B, S], or [S] for every row -> [B, S], table[b, p // block_size] * block_size +
+    p % block_size (the layout of the module docstring)."""
+    if positions.dim() == 1:
+        positions = positions.expand(table.shape[0], -1)
+    return table.gather(1, positions // block_size) * block_size + positions % block_size
+
+
 def make_context(
     block_tables: list[list[int]],
     positions: torch.Tensor,
@@ -166,12 +175,12 @@ def make_context(
     if int(lens.max()) > width * block_size or int(positions.max()) >= width * block_size:
         raise ValueError(f"context_lens/positions: beyond the {width} blocks of the block tables")
     pos = positions.clamp(min=0)
-    slots = table.gather(1, pos // block_size) * block_size + pos % block_size  # (B, T)
+    slots = pool_rows(table, pos, block_size)  # (B, T)
     if valid is not None:
         slots = slots.masked_fill(~valid, -1)
     s = torch.arange(int(lens.max()), device=device)  # (S,)
     inside = s[None, :] < lens[:, None]  # (B, S)
-    gather = table[:, s // block_size] * block_size + s % block_size  # (B, S)
+    gather = pool_rows(table, s, block_size)  # (B, S)
     return CacheContext(
         slots=slots,
         gather=gather.masked_fill(~inside, 0),

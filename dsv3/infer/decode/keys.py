@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dsv3.infer.paged_cache import pool_rows
+
 
 class SliceKeys:
     """One sequence whose pool rows start .. start + pos + T - 1 are its positions 0 .. pos + T - 1
@@ -77,7 +79,7 @@ class GatheredKeys:
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # (B, blocks)
         s = torch.arange(S)
-        gather = table[:, s // block_size] * block_size + s % block_size  # (B, S) pool row per position
+        gather = pool_rows(table, s, block_size)  # (B, S) pool row per position
         pos = torch.tensor(starts)[:, None] + torch.arange(T)  # (B, T) the new tokens' positions
         # pool row of each (row, position), 0 past the row's last new token: gathered per layer in
         # `attend` by index_select (a row copy; ~8x faster than one advanced index over all layers)
