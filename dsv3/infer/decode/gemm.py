@@ -44,6 +44,16 @@ from dsv3.infer.decode.kernels import Reference
 from dsv3.model.moe import bucket, grouped_linear, pad_rows, unpad_rows
 
 
+def kept(store: dict, w: torch.Tensor, make) -> torch.Tensor:
+    """w's copy in `store` (a packed layout), made by make() on first use; keyed by w's storage,
+    shape, strides and dtype (a view taken again finds its copy), w held beside it so that its
+    storage is not reused while the copy is kept."""
+    key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype)
+    if key not in store:
+        store[key] = (w, make())
+    return store[key][1]
+
+
 class Aten(Reference):
     """ATen's GEMMs in the activations' dtype (the few-row reference, plus `grouped`)."""
 
@@ -228,10 +238,7 @@ class Strips(Packed):
 
     def strips(self, w: torch.Tensor) -> torch.Tensor:
         """w [K, N] or [G, K, N] (FP32 or BF16) in the kernel's strips, packed on first use."""
-        key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype)
-        if key not in self._strips:
-            self._strips[key] = (w, self._native.pack_strips(w if w.dim() == 2 else w.contiguous()))
-        return self._strips[key][1]
+        return kept(self._strips, w, lambda: self._native.pack_strips(w if w.dim() == 2 else w.contiguous()))
 
     def clear(self) -> None:
         super().clear()
@@ -275,10 +282,7 @@ class AmxPacked(Packed):
 
     def tiles(self, w: torch.Tensor) -> torch.Tensor:
         """w [K, N] or [E, K, N] (BF16) in the AMX kernel's layout, packed on first use."""
-        key = (w.data_ptr(), tuple(w.shape), w.stride())
-        if key not in self._tiles:
-            self._tiles[key] = (w, self._native.amx_pack(w))
-        return self._tiles[key][1]
+        return kept(self._tiles, w, lambda: self._native.amx_pack(w))
 
     def clear(self) -> None:
         super().clear()

@@ -184,6 +184,26 @@ void addmm_(torch::Tensor out, const torch::Tensor& x, const torch::Tensor& w, d
   rows(x, w, out, static_cast<float>(alpha), true);
 }
 
+// out [G, M, N] with f(g, xs, ys) run for each group g of x [G, M, K] (xs: its M rows, ys: out[g]'s),
+// the groups split across torch's threads
+template <typename F>
+torch::Tensor per_group(const torch::Tensor& x, int64_t N, F&& f) {
+  const int64_t G = x.size(0), M = x.size(1);
+  auto out = torch::empty({G, M, N}, x.options());
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<const float*> xs(M);
+    std::vector<float*> ys(M);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t m = 0; m < M; ++m) {
+        xs[m] = x.data_ptr<float>() + g * x.stride(0) + m * x.stride(1);
+        ys[m] = out.data_ptr<float>() + (g * M + m) * N;
+      }
+      f(g, xs.data(), ys.data());
+    }
+  });
+  return out;
+}
+
 // ---- many rows on weights packed in strips (streamed.h; dsv3.infer.decode.gemm.Strips) ----
 
 void check_strips(const torch::Tensor& data, int64_t N) {
@@ -229,20 +249,10 @@ torch::Tensor strips_bmm(const torch::Tensor& x, const torch::Tensor& data, int6
                   x.size(2) == data.size(2) && x.stride(2) == 1,
               "x: expected float32 [", data.size(0), ", M, ", data.size(2), "] (unit stride in the last), got ",
               x.scalar_type(), " ", x.sizes());
-  const int64_t G = x.size(0), M = x.size(1);
-  auto out = torch::empty({G, M, N}, x.options());
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<const float*> xs(M);
-    std::vector<float*> ys(M);
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t m = 0; m < M; ++m) {
-        xs[m] = x.data_ptr<float>() + g * x.stride(0) + m * x.stride(1);
-        ys[m] = out.data_ptr<float>() + (g * M + m) * N;
-      }
-      dsv3::strips_product(xs.data(), M, data, N, g, ys.data(), 1.f, false, true, kMinWeights);
-    }
+  const int64_t M = x.size(1);
+  return per_group(x, N, [&](int64_t g, const float* const* xs, float* const* ys) {
+    dsv3::strips_product(xs, M, data, N, g, ys, 1.f, false, true, kMinWeights);
   });
-  return out;
 }
 
 // ---- one row through the whole model: dsv3/infer/decode/step.py's single-sequence step in one call ----
@@ -573,20 +583,10 @@ class RowDecoder {
                     x.stride(2) == 1,
                 "x: expected float32 [", H, ", M, ", w.size(1), "], got ", x.scalar_type(), " ", x.sizes(),
                 " (unit stride in the last)");
-    const int64_t M = x.size(1), N = w.size(2);
-    auto out = torch::empty({H, M, N}, x.options());
-    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-      std::vector<const float*> xs(M);
-      std::vector<float*> ys(M);
-      for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t m = 0; m < M; ++m) {
-          xs[m] = x.data_ptr<float>() + h * x.stride(0) + m * x.stride(1);
-          ys[m] = out.data_ptr<float>() + (h * M + m) * N;
-        }
-        product(xs.data(), M, w, p, ys.data(), 1.f, false, h, true);
-      }
+    const int64_t M = x.size(1);
+    return per_group(x, w.size(2), [&](int64_t h, const float* const* xs, float* const* ys) {
+      product(xs, M, w, p, ys, 1.f, false, h, true);
     });
-    return out;
   }
 
   // the bytes of the streamed copies (0 without `stream`)
