@@ -115,6 +115,7 @@ def _name_kernels_would_build(monkeypatch, source_text: str, tmp_path, attr: str
             pack_strips=None,
             strips_mm=None,
             strips_bmm=None,
+            strips_experts_=None,
         )
 
     monkeypatch.setattr(ext, "load", fake_load)

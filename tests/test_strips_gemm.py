@@ -80,6 +80,56 @@ def test_bmm_per_head_on_the_decode_views(native, dtype, rows):
     assert _rel(out, torch.stack([lat[h].double() @ w_uv[h].double() for h in range(4)])) <= BOUND
 
 
+def _routed(rows: int, E: int, K: int) -> tuple[list[int], list[float]]:
+    """K distinct experts of E per row (expert E - 1 chosen by nobody), and their gate values."""
+    ids = [e for _ in range(rows) for e in torch.randperm(E - 1, generator=G)[:K].tolist()]
+    return ids, (torch.rand(rows * K, generator=G) + 0.1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 8, 33, 130])
+def test_experts_are_the_routed_sum(native, dtype, rows):
+    """`Strips.experts_`: out += sum_j gate_j * w2[e] (silu(xn @ w1[e]) * (xn @ w3[e])) on the experts'
+    strips, against float64 sums over the routed experts; widths off the 16-column strips and the
+    64-column runs the threads split (D 100, hidden 40: w1 | w3 80 columns), an expert nobody chose, one
+    chosen by every row (rows 1: each expert's rows a single one; 130: up to ~90 rows an expert)."""
+    E, D, hid, K = 6, 100, 40, 3
+    xn = torch.randn(rows, D, generator=G)
+    w13 = (torch.randn(E, D, 2 * hid, generator=G) / 10).to(dtype)
+    w2 = (torch.randn(E, hid, D, generator=G) / 6).to(dtype)
+    ids, gates = _routed(rows, E, K)
+    out = torch.randn(rows, D, generator=G)
+    want = out.double().clone()
+    for m in range(rows):
+        for e, g in zip(ids[m * K : (m + 1) * K], gates[m * K : (m + 1) * K]):
+            t = xn[m].double() @ w13[e].double()
+            want[m] += g * (torch.nn.functional.silu(t[:hid]) * t[hid:]) @ w2[e].double()
+    g = Strips(native)
+    g.experts_(out, xn, w13, w2, ids, gates)
+    assert _rel(out, want) <= BOUND
+    assert len(g._strips) == 2  # w13's and w2's strips, packed once and kept
+    g.experts_(torch.zeros(rows, D), xn, w13, w2, ids, gates)
+    assert len(g._strips) == 2
+
+
+def test_experts_do_not_depend_on_the_threads(native):
+    """Each output column of an expert's product is one thread's FMA chain (whole strips per thread):
+    the routed sum is the same bitwise with 1 and 2 threads."""
+    E, D, hid, K, rows = 8, 256, 96, 2, 40
+    xn = torch.randn(rows, D, generator=G)
+    w13, w2 = torch.randn(E, D, 2 * hid, generator=G) / 16, torch.randn(E, hid, D, generator=G) / 10
+    ids, gates = _routed(rows, E, K)
+    g, threads, outs = Strips(native), torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(torch.zeros(rows, D))
+            g.experts_(outs[-1], xn, w13, w2, ids, gates)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_bad_inputs_fail_in_one_line(native):
     p = native.pack_strips(torch.randn(64, 40))
     with pytest.raises(RuntimeError, match=r"x: expected \[M, 64\]"):
@@ -96,6 +146,15 @@ def test_bad_inputs_fail_in_one_line(native):
         native.strips_bmm(torch.randn(3, 2, 64), native.pack_strips(torch.randn(2, 64, 40)), 40)
     with pytest.raises(RuntimeError, match="pack_strips: expected float32 or bfloat16"):
         native.pack_strips(torch.randn(8, 8).half())
+    w13, w2 = torch.randn(3, 64, 32), torch.randn(3, 16, 64)
+    s13, s2 = native.pack_strips(w13), native.pack_strips(w2)
+    out, xn = torch.zeros(2, 64), torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="n: 32 columns do not fill 4 strips"):  # the strips swapped
+        native.strips_experts_(out, xn, w13, w2, s2, s13, [0, 1], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"strips: expected w13's and w2's pack_strips"):
+        native.strips_experts_(out, xn, w13, w2, s13[:2].contiguous(), s2, [0, 1], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"ids: expert 3 out of range \[0, 3\)"):
+        native.strips_experts_(out, xn, w13, w2, s13, s2, [0, 3], [1.0, 1.0])
 
 
 def test_strips_keeps_onednn_above_its_rows(native):
@@ -120,6 +179,37 @@ def test_strips_keeps_onednn_above_its_rows(native):
     assert len(g._packed) == 1
     g.clear()
     assert not g._strips and not g._packed
+
+
+def test_the_decode_step_runs_many_rows_experts_on_the_strips(native, monkeypatch):
+    """Where the many-row GEMMs are Strips, the routed experts of more than KERNEL_ROWS rows (decode
+    batches, prefill chunks up to STRIP_EXPERT_ROWS rows) run `Strips.experts_`; DSV3_STRIP_EXPERTS=0
+    leaves them on the row-major loop (up to NATIVE_EXPERT_ROWS) and grouped GEMMs."""
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.infer.decode.limits import NATIVE_EXPERT_ROWS, STRIP_EXPERT_ROWS, expert_rows
+    from dsv3.infer.decode.step import FastDecoder
+    from dsv3.infer.paged_cache import PagedLatentCache
+
+    assert expert_rows("fp32", False, False, strips=True) == STRIP_EXPERT_ROWS
+    assert expert_rows("fp32", False, False) == NATIVE_EXPERT_ROWS["fp32"]
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg).eval()
+    cache = PagedLatentCache(cfg, num_blocks=8, block_size=4)
+    calls = []
+    monkeypatch.setattr(Strips, "experts_", lambda self, *a: calls.append(a[0].shape[0]))
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("DSV3_STRIP_EXPERTS", env)
+        fast = FastDecoder(model, cache)
+        if not isinstance(fast._aten, Strips):
+            pytest.skip(f"the many-row GEMMs here are {fast._aten.name}, not the AVX2 strips")
+        assert fast._strips_experts == want
+        assert fast._native_expert_rows() == (STRIP_EXPERT_ROWS if want else NATIVE_EXPERT_ROWS["fp32"])
+    monkeypatch.setenv("DSV3_STRIP_EXPERTS", "1")
+    fast = FastDecoder(model, cache)
+    x = torch.randn(7, cfg.dim)
+    ffn = next(f for f in fast.weights.ffn if f.moe is not None)
+    fast._ffn(x, ffn, [])
+    assert calls == [7]
 
 
 def test_many_row_gemm_picks_strips_without_avx512(monkeypatch):

@@ -228,7 +228,8 @@ class Strips(Packed):
     sums of a strip's rows in registers, its weight rows read front to back and prefetched: 11-19
     GB/s). BF16-stored weights stay BF16 in the strips (half the bytes), widened exactly in the
     kernel. Arithmetic: FP32, each output a chain of FMAs over k in order. A matrix used at both row
-    counts is kept packed twice (strips and oneDNN), beside its plain copy."""
+    counts is kept packed twice (strips and oneDNN), beside its plain copy. `experts_` runs many rows'
+    routed experts on the experts' strips (dsv3.infer.decode.step: up to STRIP_EXPERT_ROWS rows)."""
 
     def __init__(self, native) -> None:
         super().__init__(bf16=False)
@@ -250,6 +251,14 @@ class Strips(Packed):
         exact = bias is not None and bias.dtype == x.dtype and bias.shape == (x.shape[0], w.shape[1])
         y = self._native.strips_mm(x, self.strips(w), w.shape[1], bias if exact else None)
         return y if bias is None or exact else y.add_(bias)
+
+    def experts_(
+        self, out: torch.Tensor, xn: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: list, gates: list
+    ) -> None:
+        """The native `experts_` (out [M, D] += each row's routed experts, each chosen expert once for
+        all its rows) with the products on w13's and w2's strips: the experts' weights are read once
+        per step, where the row-major loop reads them once per four of their rows."""
+        self._native.strips_experts_(out, xn, w13, w2, self.strips(w13), self.strips(w2), ids, gates)
 
     def bmm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.shape[1] > STRIP_ROWS or not x.numel():

@@ -185,10 +185,11 @@ class Native:
         self.amx = "amx_bf16" in cpu_flags() and module.amx_ready()
         self.amx_pack, self.amx_mm, self.amx_grouped = module.amx_pack, module.amx_mm, module.amx_grouped
         # csrc/streamed.h's strips of 16 columns, for many rows on AVX2 (dsv3.infer.decode.gemm.Strips)
-        self.pack_strips, self.strips_mm, self.strips_bmm = (
+        self.pack_strips, self.strips_mm, self.strips_bmm, self.strips_experts_ = (
             module.pack_strips,
             module.strips_mm,
             module.strips_bmm,
+            module.strips_experts_,
         )
 
     @property

@@ -28,6 +28,11 @@ STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
 # values: sums in the same order); against the BF16 bmm of BF16 GEMMs 1.23x at 16, even at 32,
 # 0.9x at 64
 STREAMED_HEAD_ROWS = {"fp32": 512, "bf16_gemm": 16}
+# the same on the AVX2 strips (gemm.Strips: CPUs with AVX2 and no AVX-512F), up to this many rows:
+# one MoE layer of v3-mini's experts (16 x [512, 512] + [256, 512], top 4) out of cache, Zen 3, 1
+# thread, against the row-major loop 1.2x at 8 rows, 1.3-1.8x from 16 to 512; against the grouped
+# oneDNN GEMMs 2.1x at 64 rows, 1.5-1.8x at 128-256, 1.0-1.2x at 512-1,024
+STRIP_EXPERT_ROWS = 1024
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
 # up to this many positions per row (the verified ones after a speculative step), MTP module 1 runs
 # its block over all of them up to the one a draft is taken from: one read of its weights serves
@@ -37,12 +42,15 @@ KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernel
 MTP_BLOCK_POSITIONS = 8
 
 
-def expert_rows(gemm_kind: str, stream_rows: bool, amx: bool) -> int:
+def expert_rows(gemm_kind: str, stream_rows: bool, amx: bool, strips: bool = False) -> int:
     """Up to this many rows the native kernels run the routed experts, more: grouped GEMMs.
     gemm_kind: "fp32" or "bf16_gemm" (the many-row GEMMs' kind); stream_rows: many rows read the
-    one-row decoder's streamed copies (`Native.stream_rows`); amx: the AMX grouped GEMMs run them."""
+    one-row decoder's streamed copies (`Native.stream_rows`); amx: the AMX grouped GEMMs run them;
+    strips: the native experts multiply on the AVX2 strips (`gemm.Strips.experts_`)."""
     if amx:  # its grouped GEMMs beat the FP32 experts_ from 5 rows on (batch 16 1.07x, 8 1.02x)
         return KERNEL_ROWS
+    if strips:
+        return STRIP_EXPERT_ROWS
     return (STREAMED_EXPERT_ROWS if stream_rows else NATIVE_EXPERT_ROWS)[gemm_kind]
 
 

@@ -55,6 +55,7 @@ Qw per-head query width, S key positions, L layers, Vo vocabulary.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,10 @@ class FastDecoder(MtpDraft):
         # more than KERNEL_ROWS rows: oneDNN GEMMs on packed weights (BF16 with BF16 GEMMs), or ATen's
         self._aten = many_row_gemm(bf16, self.bf16_gemm, packed and fp32_cpu, self.kernels)
         self._packed = isinstance(self._aten, Packed)
+        # many rows' routed experts on the strips too (DSV3_STRIP_EXPERTS=0: the row-major loop)
+        self._strips_experts = (
+            isinstance(self._aten, Strips) and os.environ.get("DSV3_STRIP_EXPERTS", "1") != "0"
+        )
         self._gemm_kind = "bf16_gemm" if self.bf16_gemm else "fp32"  # the key of the STREAMED_*_ROWS limits
         if fp32_cpu:
             attention = self.kernels.attention if isinstance(self.kernels, Native) else "torch"
@@ -286,7 +291,9 @@ class FastDecoder(MtpDraft):
     def _native_expert_rows(self) -> int:
         """Up to this many rows the native kernels run the routed experts, more: grouped GEMMs."""
         stream_rows = getattr(self.kernels, "stream_rows", False)
-        return expert_rows(self._gemm_kind, stream_rows, isinstance(self._aten, AmxPacked))
+        return expert_rows(
+            self._gemm_kind, stream_rows, isinstance(self._aten, AmxPacked), self._strips_experts
+        )
 
     def _streamed(self, which: int):
         """The one-row decoder (0: main layers, 1: MTP module 1) whose streamed copies the many-row
@@ -443,13 +450,15 @@ class FastDecoder(MtpDraft):
                 ids, gates = [e for r, _ in routes for e in r], [g for _, gs in routes for g in gs]
                 if row is not None:
                     row.experts_(layer, x, xg, ids, gates)
+                elif self._strips_experts and B > KERNEL_ROWS:
+                    self._aten.experts_(x, xg, w.w13_all, w.w2_all, ids, gates)
                 else:
                     self.kernels.experts_(x, xg, w.w13_all, w.w2_all, ids, gates)
             elif B == 1:
                 decode_moe.experts_one(x, xg, w, *routes[0])
             else:
                 decode_moe.experts_few(x, xg, w, routes)
-            routed.append(routes[0][0] if B == 1 else torch.tensor([r for r, _ in routes]))
+            routed.append(routes[0][0] if B == 1 else idx)
         else:
             decode_moe.experts(x, xg, w, weights, idx, self._aten)
             routed.append(idx)

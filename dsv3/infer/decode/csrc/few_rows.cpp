@@ -110,6 +110,10 @@ void few_serial(const float* const* x, int64_t M, const T* w, int64_t ldw, float
 }
 
 constexpr int64_t kCols = 64;               // columns per unit of work split across threads (multiple of 8)
+// an expert's rows on its strips from this many rows (experts_rows), fewer on the row-major loop: one
+// to three rows through a V3-shaped expert ([7168, 4096], [2048, 7168]) ran 0.88-0.99x the loop's
+// speed on the strips, four 1.0-1.07x, six 1.9-2.3x (Zen 3, 1 thread, out of cache)
+constexpr int64_t kStripMinRows = 4;
 constexpr int64_t kMinWeights = 1 << 15;  // weights per thread below which a fork costs more than it saves
 
 // few_serial with the columns split across torch's threads, in runs of kCols: each thread reads its
@@ -404,10 +408,18 @@ void product(const float* const* x, int64_t M, const torch::Tensor& w, const Pac
 
 // y[m] (+)= alpha * x[m] @ w[:, n0:n1] into y[m] + n0 .. n1 for M rows, on the calling thread (w 2-d,
 // or with `index` the matrix `index` of a contiguous 3-d w;
-// or its streamed copy `p` where defined: n0 a multiple of the panel width, as every caller's runs are)
+// or its streamed copy `p` where defined, or its strips `strips` (pack_strips) where defined: n0 a
+// multiple of the panel and strip widths, as every caller's runs are)
 void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, float* const* y, float alpha, bool acc,
-                  int64_t index, int64_t n0, int64_t n1, const Packed& p = {}) {
-  static_assert(kCols % dsv3::kPanelCols == 0, "column runs must be whole panels");
+                  int64_t index, int64_t n0, int64_t n1, const Packed& p = {}, const torch::Tensor& strips = {}) {
+  static_assert(kCols % dsv3::kPanelCols == 0 && kCols % dsv3::kStripCols == 0, "column runs must be whole panels");
+  if (strips.defined()) {
+    const int64_t N = w.size(-1), s0 = n0 / dsv3::kStripCols, s1 = (n1 + dsv3::kStripCols - 1) / dsv3::kStripCols;
+    index = index < 0 ? 0 : index;
+    strips.scalar_type() == torch::kInt16 ? dsv3::strips_serial<true>(x, M, strips, N, index, y, alpha, acc, s0, s1)
+                                          : dsv3::strips_serial<false>(x, M, strips, N, index, y, alpha, acc, s0, s1);
+    return;
+  }
   if (p.defined()) {
     dsv3::packed_serial(x, M, p, index, y, alpha, acc, n0 / dsv3::kPanelCols,
                         (n1 + dsv3::kPanelCols - 1) / dsv3::kPanelCols);
@@ -428,10 +440,13 @@ void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, floa
 // per expert: every chosen expert's w1 | w3 columns (in runs of kCols) split across the threads,
 // then w2's output columns, each thread adding the experts into its columns in the order of first
 // use (the order, and so the sums, of one thread).
-// p13, p2: w13's and w2's streamed copies where the RowDecoder made them (else undefined)
+// p13, p2: w13's and w2's streamed copies where the RowDecoder made them (else undefined); s13, s2:
+// their strips (pack_strips: the AVX2 register-tiled products of gemm.Strips) where given (else
+// undefined), used for the experts chosen by at least kStripMinRows rows
 void experts_rows(float* const* y, const float* const* xn, int64_t M, const torch::Tensor& w13,
                   const torch::Tensor& w2, const int64_t* ids, const double* gates, int64_t J,
-                  const Packed& p13 = {}, const Packed& p2 = {}) {
+                  const Packed& p13 = {}, const Packed& p2 = {}, const torch::Tensor& s13 = {},
+                  const torch::Tensor& s2 = {}) {
   std::vector<std::vector<std::pair<int64_t, double>>> users(w13.size(0));  // expert -> (row, gate)
   std::vector<int64_t> order;  // experts in order of first use
   for (int64_t i = 0; i < M * J; ++i) {
@@ -461,8 +476,9 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
     for (int64_t task = b; task < e;) {  // the consecutive runs of one expert in one call: a contiguous slab
       const int64_t k = task / runs, last = std::min(e, (k + 1) * runs);
       const int64_t n0 = (task % runs) * kCols, n1 = std::min(2 * I, ((last - 1) % runs + 1) * kCols);
-      product_cols(xs.data() + first[k], first[k + 1] - first[k], w13, ts.data() + first[k], 1.f, false, order[k],
-                   n0, n1, p13);
+      const int64_t n = first[k + 1] - first[k];
+      product_cols(xs.data() + first[k], n, w13, ts.data() + first[k], 1.f, false, order[k], n0, n1, p13,
+                   n >= kStripMinRows ? s13 : torch::Tensor());
       task = last;
     }
   });
@@ -472,18 +488,20 @@ void experts_rows(float* const* y, const float* const* xn, int64_t M, const torc
   const int64_t grain = std::max<int64_t>(1, kMinWeights / std::max<int64_t>(1, n_e * I * kCols));
   at::parallel_for(0, cols, grain, [&](int64_t b, int64_t e) {
     const int64_t n0 = b * kCols, n1 = std::min(D, e * kCols);
-    for (int64_t k = 0; k < n_e; ++k)
-      product_cols(hs.data() + first[k], first[k + 1] - first[k], w2, ys.data() + first[k], 1.f, true, order[k], n0,
-                   n1, p2);
+    for (int64_t k = 0; k < n_e; ++k) {
+      const int64_t n = first[k + 1] - first[k];
+      product_cols(hs.data() + first[k], n, w2, ys.data() + first[k], 1.f, true, order[k], n0, n1, p2,
+                   n >= kStripMinRows ? s2 : torch::Tensor());
+    }
   });
 }
 
 // out [M, D] += sum_j gates[m, j] * w2[e] (silu(xn[m] @ w1[e]) * (xn[m] @ w3[e])), e = ids[m, j];
 // w13 [E, D, 2I] holds w1 | w3, w2 [E, I, D]; ids and gates row-major [M, J]; p13, p2: their
-// streamed copies where defined (RowDecoder::experts_)
+// streamed copies where defined (RowDecoder::experts_); s13, s2: their strips where defined (strips_experts_)
 void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
               const std::vector<int64_t>& ids, const std::vector<double>& gates, const Packed& p13 = {},
-              const Packed& p2 = {}) {
+              const Packed& p2 = {}, const torch::Tensor& s13 = {}, const torch::Tensor& s2 = {}) {
   check_rows(out, "out");
   check_rows(xn, "xn");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.is_contiguous() && w2.is_contiguous(),
@@ -502,7 +520,13 @@ void experts_(torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w
     ys[m] = out.data_ptr<float>() + m * out.stride(0);
     xs[m] = xn.data_ptr<float>() + m * xn.stride(0);
   }
-  experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J, p13, p2);
+  if (s13.defined()) {
+    check_strips(s13, 2 * I);
+    check_strips(s2, D);
+    TORCH_CHECK(s13.size(0) == E && s13.size(2) == D && s2.size(0) == E && s2.size(2) == I,
+                "strips: expected w13's and w2's pack_strips, got ", s13.sizes(), " and ", s2.sizes());
+  }
+  experts_rows(ys.data(), xs.data(), M, w13, w2, ids.data(), gates.data(), J, p13, p2, s13, s2);
 }
 
 struct Attn {  // dsv3.infer.decode.weights.AttnWeights
@@ -988,6 +1012,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
          const std::vector<int64_t>& ids, const std::vector<double>& gates) { experts_(out, xn, w13, w2, ids, gates); },
       "out += the routed experts of xn, in place", nogil());
+  m.def(
+      "strips_experts_",
+      [](torch::Tensor out, const torch::Tensor& xn, const torch::Tensor& w13, const torch::Tensor& w2,
+         const torch::Tensor& s13, const torch::Tensor& s2, const std::vector<int64_t>& ids,
+         const std::vector<double>& gates) { experts_(out, xn, w13, w2, ids, gates, {}, {}, s13, s2); },
+      "out += the routed experts of xn, in place, on w13's and w2's strips (pack_strips)", py::arg("out"),
+      py::arg("xn"), py::arg("w13"), py::arg("w2"), py::arg("s13"), py::arg("s2"), py::arg("ids"), py::arg("gates"),
+      nogil());
   py::class_<RowDecoder>(m, "RowDecoder")
       .def(py::init<int64_t, int64_t, int64_t, bool, bool>(), py::arg("heads"), py::arg("rank"), py::arg("rope"),
            py::arg("stream") = false, py::arg("wide") = false)
