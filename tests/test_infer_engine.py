@@ -268,3 +268,28 @@ def test_abort_request_frees_its_blocks(model, tiny):
     assert engine.cache.allocator.num_free < engine.cache.num_blocks
     assert engine.abort_request(rid) and not engine.abort_request(rid)
     assert engine.cache.allocator.num_free == engine.cache.num_blocks and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_warmup_leaves_no_trace(model, tiny, prefix_caching):
+    """`Engine.warmup` (what `dsv3 serve` runs before it is ready) runs its throwaway requests, then
+    leaves the engine as a new one: the same outputs for the same requests (greedy and unseeded
+    sampling: no seed or request id drawn), every block free in the first order, no prefix-cache
+    key, hit counter or stats kept; refused while requests are queued."""
+    cfg = EngineConfig(num_blocks=40, block_size=4, prefix_caching=prefix_caching, max_num_seqs=8)
+    prompts = _prompts(tiny.vocab_size, [9, 6])
+    sampled = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    arrivals = {0: [(prompts[0], GREEDY), (prompts[1], sampled)]}
+    fresh = Engine(model, cfg)
+    want = _run(fresh, arrivals)
+    warmed = Engine(model, cfg)
+    warmed.warmup()
+    alloc = warmed.scheduler.allocator
+    assert alloc.num_free == cfg.num_blocks and alloc._free == list(range(cfg.num_blocks - 1, -1, -1))
+    assert warmed.stats.steps == 0 and warmed.stats.prefill_tokens == 0
+    if prefix_caching:
+        assert not alloc.block_of and not alloc.evictable and alloc.queries == alloc.hits == 0
+    assert _run(warmed, arrivals) == want  # the same ids ("0", "1") and the same tokens
+    warmed.add_request(prompts[0], GREEDY)
+    with pytest.raises(RuntimeError, match="warmup: the engine has requests"):
+        warmed.warmup()

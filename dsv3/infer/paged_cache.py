@@ -60,6 +60,13 @@ class BlockAllocator:
         if len(self._free) > self.num_blocks:
             raise RuntimeError("free: more blocks returned than allocated (double free)")
 
+    def reset(self) -> None:
+        """Back to the state of a new allocator (every block free, in the first order); no block may
+        be held (Engine.warmup forgets its throwaway requests this way)."""
+        if self.num_free != self.num_blocks:
+            raise RuntimeError(f"reset: {self.num_blocks - self.num_free} blocks are still allocated")
+        self._free = list(range(self.num_blocks - 1, -1, -1))
+
 
 class PrefixCachingAllocator(BlockAllocator):
     """A BlockAllocator whose full blocks are shared between sequences with the same prefix.
@@ -110,6 +117,15 @@ class PrefixCachingAllocator(BlockAllocator):
                     self.evictable[b] = None  # most recently used last
                 else:
                     self._free.append(b)
+
+    def reset(self) -> None:
+        """As BlockAllocator.reset, the cached blocks' keys and the hit counters forgotten too."""
+        super().reset()
+        self.ref = [0] * self.num_blocks
+        self.key_of.clear()
+        self.block_of.clear()
+        self.evictable.clear()
+        self.queries = self.hits = 0
 
     def key(self, prev: bytes | None, tokens: list[int]) -> bytes:
         h = hashlib.blake2b(prev if prev is not None else self.root, digest_size=16)

@@ -14,6 +14,7 @@ import argparse
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-weights", action="store_true", help="keep an FP8 checkpoint's projections in FP8")
     g.add_argument("--no-verify", action="store_true", help="skip the checkpoint's SHA-256 manifest check")
     g.add_argument("--seed", type=int, default=0, help="seeds requests without their own seed")
+    g.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the throwaway requests run before the server is ready (Engine.warmup)",
+    )
     add_threads_argument(g)
     d = p.add_argument_group("prefill/decode disaggregation (dsv3.deploy)")
     d.add_argument("--prefill-ranks", type=positive_int, default=None,
@@ -142,6 +148,10 @@ def serve_main(argv: list[str] | None = None) -> int:
             **engine_options(args),
         )
         engine = llm.engine
+        if not args.no_warmup:  # weights packed and kernels built before the first request
+            t = time.monotonic()
+            engine.warmup()
+            print(f"dsv3 serve: warmed up in {time.monotonic() - t:.1f} s", flush=True)
         loop = EngineLoop(engine, args.max_queued_requests, args.max_queued_tokens)
     names = args.served_model_name or [Path(args.ckpt).resolve().name]
     host, port = sock.getsockname()[:2]
