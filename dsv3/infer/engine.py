@@ -283,7 +283,7 @@ class Engine:
         length = max(1, min(32, limit, self.scheduler.budget // batch))
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, seed=0)
         vocab = self.model.config.vocab_size
-        for n, rows in ((1, max(1, min(8, limit))), (batch, length)):
+        for n, rows in ((1, max(1, min(64, limit, self.scheduler.budget))), (batch, length)):
             prompts = [[(7 * i + 3 * j + 1) % vocab for j in range(rows)] for i in range(n)]
             self.add_requests(prompts, [params] * n, [f"warmup-{n}-{i}" for i in range(n)])
             while self.has_unfinished():
