@@ -30,8 +30,10 @@ STREAMED_EXPERT_ROWS = {"fp32": 512, "bf16_gemm": 128}
 STREAMED_HEAD_ROWS = {"fp32": 512, "bf16_gemm": 16}
 # the same on the AVX2 strips (gemm.Strips: CPUs with AVX2 and no AVX-512F), up to this many rows:
 # one MoE layer of v3-mini's experts (16 x [512, 512] + [256, 512], top 4) out of cache, Zen 3, 1
-# thread, against the row-major loop 1.2x at 8 rows, 1.3-1.8x from 16 to 512; against the grouped
-# oneDNN GEMMs 2.1x at 64 rows, 1.5-1.8x at 128-256, 1.0-1.2x at 512-1,024
+# thread (bench/strips_vs_onednn.py --experts), against the row-major loop 1.0x at 5-8 rows (most
+# experts' 1-3 rows stay on the loop), 1.3-1.8x from 16 to 512; against the grouped oneDNN GEMMs
+# 2.3-3x up to 64 rows, 1.5x at 128-256, 1.1x at 512 (a first run: 1.2x at 1,024); 8 V3-shaped
+# experts ([7168, 4096] + [2048, 7168], top 2) 1.3-2.6x the loop from 16 rows, 1.1-1.7x grouped
 STRIP_EXPERT_ROWS = 1024
 KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernels; more: decode.gemm
 # up to this many positions per row (the verified ones after a speculative step), MTP module 1 runs
