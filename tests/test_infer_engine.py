@@ -293,3 +293,14 @@ def test_warmup_leaves_no_trace(model, tiny, prefix_caching):
     warmed.add_request(prompts[0], GREEDY)
     with pytest.raises(RuntimeError, match="warmup: the engine has requests"):
         warmed.warmup()
+
+
+def test_warmup_fits_a_small_cache_and_a_short_context(model, tiny):
+    """The throwaway requests fit whatever the server was given: 3 blocks of 4 tokens (the lone
+    prompt cut to 5 tokens), a context of 3 tokens (nothing to warm: it returns at once)."""
+    small = Engine(model, EngineConfig(num_blocks=3, block_size=4))
+    small.warmup()
+    assert small.scheduler.allocator.num_free == 3 and small.stats.steps == 0
+    short = Engine(model, EngineConfig(num_blocks=8, block_size=4, max_model_len=3))
+    short.warmup()
+    assert short.stats.steps == 0

@@ -278,7 +278,11 @@ class Engine:
         request ids and the seeds of requests without their own are not drawn. Needs an idle engine."""
         if self.scheduler.has_unfinished():
             raise RuntimeError("warmup: the engine has requests; warm it up before adding any")
-        limit = self.max_model_len - 3  # prompt + 2 new tokens fit
+        # prompt + 2 new tokens (+ a block of slack for the drafts' lookahead) fit the context and the cache
+        bs = self.cache.block_size
+        limit = min(self.max_model_len, (self.cache.num_blocks - 1) * bs) - 3
+        if limit < 1:
+            return  # a context too short for a throwaway request: nothing to warm
         batch = min(5, self.scheduler.max_num_seqs)
         length = max(1, min(32, limit, self.scheduler.budget // batch))
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, seed=0)
