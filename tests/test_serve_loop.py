@@ -237,3 +237,17 @@ def test_the_demo_prints_a_serve_command_and_a_curl_line_that_parse():
     assert curl[2] == "http://127.0.0.1:8000/v1/completions"
     body = CompletionRequest.model_validate(json.loads(curl[curl.index("-d") + 1]))
     assert body.model == "demo"
+
+
+def test_the_server_step_budget_defaults_by_device():
+    """`dsv3 serve` without --max-num-batched-tokens: CPU_STEP_TOKENS per step on the CPU (smaller
+    prefill steps: earlier first tokens there), the engine's default elsewhere; a given value is kept."""
+    from dsv3.infer.engine import EngineConfig
+    from dsv3.serve.cli import CPU_STEP_TOKENS, build_parser, engine_options, step_tokens
+
+    assert step_tokens("cpu") == CPU_STEP_TOKENS == 256
+    assert step_tokens("cuda:0") == EngineConfig().max_num_batched_tokens
+    args = build_parser().parse_args(["ckpt"])
+    assert engine_options(args)["max_num_batched_tokens"] == CPU_STEP_TOKENS
+    args = build_parser().parse_args(["ckpt", "--max-num-batched-tokens", "96", "--device", "cuda"])
+    assert engine_options(args)["max_num_batched_tokens"] == 96
