@@ -268,32 +268,11 @@ class Engine:
         return rid
 
     def warmup(self) -> None:
-        """Run throwaway greedy requests through the paths a server's first requests take: a lone
-        sequence's prefill and decode, then a batch whose prefill chunk has more rows than the
-        many-row kernels' limits and its batched decode. Weights are packed and kernels built on
-        first use (a v3-mini `dsv3 serve` on the AVX2 Zen 3: a first 64-token request's time to first
-        token 318-324 ms without this, 79-87 ms after it, later ones ~60 ms), so this moves that cost
-        before the first real request. Then every trace is dropped: the
-        cache blocks back in their first order, the prefix cache's keys and counters, the stats;
-        request ids and the seeds of requests without their own are not drawn. Needs an idle engine."""
-        if self.scheduler.has_unfinished():
-            raise RuntimeError("warmup: the engine has requests; warm it up before adding any")
-        # prompt + 2 new tokens (+ a block of slack for the drafts' lookahead) fit the context and the cache
-        bs = self.cache.block_size
-        limit = min(self.max_model_len, (self.cache.num_blocks - 1) * bs) - 3
-        if limit < 1:
-            return  # a context too short for a throwaway request: nothing to warm
-        batch = min(5, self.scheduler.max_num_seqs)
-        length = max(1, min(32, limit, self.scheduler.budget // batch))
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, seed=0)
-        vocab = self.model.config.vocab_size
-        for n, rows in ((1, max(1, min(64, limit, self.scheduler.budget))), (batch, length)):
-            prompts = [[(7 * i + 3 * j + 1) % vocab for j in range(rows)] for i in range(n)]
-            self.add_requests(prompts, [params] * n, [f"warmup-{n}-{i}" for i in range(n)])
-            while self.has_unfinished():
-                self.step()
-        self.scheduler.allocator.reset()
-        self.stats, self.spec_stats = EngineStats(), SpecStats(self.k)
+        """Throwaway requests through the paths a server's first requests take, then every trace of
+        them dropped (dsv3.infer.warmup). Needs an idle engine."""
+        from dsv3.infer.warmup import warmup
+
+        warmup(self)
 
     def abort_request(self, request_id: str) -> bool:
         """End an unfinished request now (finish_reason "abort") and free its blocks; False if no

@@ -414,10 +414,8 @@ void product_cols(const float* const* x, int64_t M, const torch::Tensor& w, floa
                   int64_t index, int64_t n0, int64_t n1, const Packed& p = {}, const torch::Tensor& strips = {}) {
   static_assert(kCols % dsv3::kPanelCols == 0 && kCols % dsv3::kStripCols == 0, "column runs must be whole panels");
   if (strips.defined()) {
-    const int64_t N = w.size(-1), s0 = n0 / dsv3::kStripCols, s1 = (n1 + dsv3::kStripCols - 1) / dsv3::kStripCols;
-    index = index < 0 ? 0 : index;
-    strips.scalar_type() == torch::kInt16 ? dsv3::strips_serial<true>(x, M, strips, N, index, y, alpha, acc, s0, s1)
-                                          : dsv3::strips_serial<false>(x, M, strips, N, index, y, alpha, acc, s0, s1);
+    dsv3::strips_range(x, M, strips, w.size(-1), index < 0 ? 0 : index, y, alpha, acc, n0 / dsv3::kStripCols,
+                       (n1 + dsv3::kStripCols - 1) / dsv3::kStripCols);
     return;
   }
   if (p.defined()) {

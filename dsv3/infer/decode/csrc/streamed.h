@@ -394,16 +394,19 @@ void strips_serial(const float* const* x, int64_t M, const torch::Tensor& data, 
   }
 }
 
+// strips_serial for the strips' dtype (FP32, or BF16 bits in int16)
+inline void strips_range(const float* const* x, int64_t M, const torch::Tensor& data, int64_t N, int64_t index,
+                         float* const* y, float alpha, bool acc, int64_t s0, int64_t s1) {
+  data.scalar_type() == torch::kInt16 ? strips_serial<true>(x, M, data, N, index, y, alpha, acc, s0, s1)
+                                      : strips_serial<false>(x, M, data, N, index, y, alpha, acc, s0, s1);
+}
+
 // strips_serial over all strips, split across torch's threads (whole strips each: results independent
 // of the split) unless `serial`
 inline void strips_product(const float* const* x, int64_t M, const torch::Tensor& data, int64_t N, int64_t index,
                            float* const* y, float alpha, bool acc, bool serial, int64_t min_weights) {
-  const bool bf16 = data.scalar_type() == torch::kInt16;
   const int64_t strips = data.size(1), grain = std::max<int64_t>(1, min_weights / std::max<int64_t>(1, data.size(2) * kStripCols));
-  auto run = [&](int64_t a, int64_t b) {
-    bf16 ? strips_serial<true>(x, M, data, N, index, y, alpha, acc, a, b)
-         : strips_serial<false>(x, M, data, N, index, y, alpha, acc, a, b);
-  };
+  auto run = [&](int64_t a, int64_t b) { strips_range(x, M, data, N, index, y, alpha, acc, a, b); };
   if (serial || strips <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
     run(0, strips);
     return;
