@@ -2,13 +2,15 @@
 predictions against real dsv3 runs that were not used to build the profile.
 
 Fit (what the profile is made of):
-  matmul    FP32 GEMM FLOP/s of one thread (the CPU model computes in FP32) -> bf16/fp8_tflops
+  GEMM      FP32 FLOP/s of one thread over the model's own GEMM shapes at the fit training
+            step's tokens (`measure_model_gemms`; the CPU model computes in FP32) -> bf16/fp8_tflops
   copy      bytes/s of a large tensor copy -> hbm_gbps, halved: the cost model counts BF16 weights
             and activations (2 bytes), the CPU moves FP32 (4), so the profile is in BF16 units
-  overhead  kernel_us (per kernel) and seq_us (the engine's host work per sequence per decode
-            step: scheduling, sampling, the cache's bookkeeping), solved so that the engine's decode
-            steps at batch 1 and at `fit_batch` (32) are predicted exactly: two runs, two unknowns;
-            then block_us (host work per block per training pass: autograd's nodes, the losses,
+  overhead  kernel_us (per kernel), seq_us (the engine's host work per sequence per decode step:
+            scheduling, sampling, the cache's bookkeeping) and group_us (per expert a grouped GEMM
+            runs: ATen's grouped_mm is a GEMM per expert on CPUs), solved so that the engine's
+            decode steps at `fit_batches` (1, 8, 32) are predicted exactly: three runs, three
+            unknowns; then block_us (host work per block per training pass: autograd's nodes, the losses,
             the routing's bookkeeping; independent of the tokens) so that one training step of
             half the held-out batch (`fit_train_shape`: 1x128) is predicted exactly
   gloo      two processes exchange all_to_all_single payloads of two sizes -> bandwidth (IB and
@@ -23,11 +25,18 @@ Held out (predicted by the planner with the fitted profile, then measured):
             is counted from the same batches on one process, not fitted
   pp2       one 1F1B step over 2 gloo ranks (pipeline runtime), 4 micro-batches, predicted with
             per-stage costs: the runtime's split puts the head, the loss and MTP on the last stage
+  Both 2-rank runs are predicted with the profile slowed by the factor the fit training step
+  slows by when both ranks run it at once (`loaded`: a rank's compute with every core busy, shared
+  caches and memory; 1.05-1.35 here), reported as the last, fit row.
 
 Timings are the fastest of the repeats (wall clock): on a shared machine the other processes only
 ever add time, so the least-disturbed repeat is the closest to an idle run; a median would follow
-the load. On a loaded machine they still mean little (docs/planning.md). Run it
-on an idle machine with one thread per process:  dsv3 plan calibrate --out cpu.json
+the load. The single-process runs (every decode batch, both training shapes) are measured in
+interleaved rounds (`--rounds`, 3), each run's fastest round counting, so that a slow spell of the
+machine spoils one round of every run rather than the whole of the one run it fell on (one slow fit
+run skews every prediction the fit makes). On a loaded machine they still mean little
+(docs/planning.md). Run it on an idle machine with one thread per process:
+  dsv3 plan calibrate --out cpu.json
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -75,10 +85,30 @@ def _best_time(fn, repeats: int, warmup: int = 1, clock=time.perf_counter) -> fl
 
 
 # ---- micro-benchmarks --------------------------------------------------------------------------------
-def measure_matmul(n: int = 384, repeats: int = 5, clock=time.perf_counter) -> float:
-    """FP32 FLOP/s of an n x n x n matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best_time(lambda: a @ b, repeats, clock=clock)
+def measure_model_gemms(cfg: ModelConfig, tokens: int, repeats: int = 5, clock=time.perf_counter) -> float:
+    """FP32 FLOP/s over the GEMMs of one training step of `cfg` at `tokens` tokens: every weight
+    matrix's forward product [m, k] x [k, n] and its two backward ones (input and weight gradient),
+    m = tokens, or tokens x K / E for a routed expert's; each timed alone, rate = their FLOPs over
+    their summed times. A small model's GEMMs (k = 256, the head's n = 8192) run well below a square
+    GEMM's rate (here 55-90 against 95 GFLOP/s), and the cost model has one rate for all."""
+    model = _model(cfg)
+    shapes: list[tuple[int, int, int, int]] = []  # (m, k, n, copies)
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or "embed_tokens" in name:
+            continue
+        if p.dim() == 3:  # a routed expert stack [E, in, out]
+            m = max(1, round(tokens * cfg.n_activated_experts / p.shape[0]))
+            shapes.append((m, p.shape[1], p.shape[2], p.shape[0]))
+        else:  # nn.Linear [out, in]
+            shapes.append((tokens, p.shape[1], p.shape[0], 1))
+    flops = seconds = 0.0
+    for m, k, n, copies in sorted(set(shapes), key=shapes.index):
+        count = shapes.count((m, k, n, copies)) * copies
+        x, w, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
+        for a, b in ((x, w), (g, w.t()), (x.t(), g)):  # forward, input gradient, weight gradient
+            seconds += count * _best_time(lambda a=a, b=b: a @ b, repeats, clock=clock)
+            flops += count * 2.0 * m * k * n
+    return flops / seconds
 
 
 def measure_copy(mb: int = 64, repeats: int = 5, clock=time.perf_counter) -> float:
@@ -166,7 +196,20 @@ def measure_ep_balance(cfg: ModelConfig, batch: int, seq: int, ep: int = 2) -> f
     return float((per_rank.amax(1) / per_rank.mean(1)).mean())
 
 
-def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
+def _dist_worker(
+    rank: int,
+    world: int,
+    cfg: ModelConfig,
+    batch: int,
+    seq: int,
+    repeats: int,
+    rounds: int,
+    fit: tuple[int, int],
+) -> dict:
+    """The 2-rank runs' fastest steps over `rounds` rounds, interleaved: "ep2" (one forward +
+    backward with the routed experts over both ranks), "pp2" (a 1F1B step, 4 micro-batches) and
+    "loaded" (the single-process training step of the `fit` shape, run by both ranks at once: a
+    rank's speed while every core runs a rank)."""
     import torch.distributed as dist
 
     from dsv3.parallel.pipeline import PipelineRunner
@@ -182,7 +225,6 @@ def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, 
         model.loss(x[rank]).total.backward()
         model.zero_grad(set_to_none=True)
 
-    out = {"ep2": _best_time(ep_step, repeats)}
     chunks = 4
     runner = PipelineRunner(_model(cfg), "1f1b", chunks)
     mbs = torch.randint(0, cfg.vocab_size, (chunks, seq + 1), generator=torch.Generator().manual_seed(1))
@@ -193,8 +235,28 @@ def _dist_worker(rank: int, world: int, cfg: ModelConfig, batch: int, seq: int, 
         for p in runner.parameters():
             p.grad = None
 
-    out["pp2"] = _best_time(pp_step, repeats)
-    return out
+    plain = _model(cfg)
+    xf = torch.randint(
+        0, cfg.vocab_size, (fit[0], fit[1] + 1), generator=torch.Generator().manual_seed(2 + rank)
+    )
+
+    def loaded_step() -> None:
+        dist.barrier()  # both ranks compute at once; the barrier's wait is inside the timing, as
+        plain.loss(xf).total.backward()  # in ep_step and pp_step
+        plain.zero_grad(set_to_none=True)
+
+    runs = {"ep2": ep_step, "pp2": pp_step, "loaded": loaded_step}
+    return measure_rounds({k: (lambda f=f: _best_time(f, repeats)) for k, f in runs.items()}, rounds)
+
+
+def loaded(hw: Hardware, factor: float) -> Hardware:
+    """`hw` computing `factor` x slower (rates / factor, host overheads x factor): a rank of a run
+    that keeps every core of this CPU busy. The network terms are measured with both ranks busy
+    already."""
+    return replace(
+        hw, bf16_tflops=hw.bf16_tflops / factor, fp8_tflops=hw.fp8_tflops / factor, hbm_gbps=hw.hbm_gbps / factor,
+        **{n: getattr(hw, n) * factor for n in (*OVERHEADS, "block_us")},
+    )  # fmt: skip
 
 
 # ---- predictions ---------------------------------------------------------------------------------------
@@ -231,31 +293,33 @@ def predict_pipeline(cfg: ModelConfig, hw: Hardware, seq: int, chunks: int = 4) 
 
 
 # ---- the command ---------------------------------------------------------------------------------------
+OVERHEADS = ("kernel_us", "seq_us", "group_us")  # solved from 1, 2 or 3+ decode runs, in this order
+
+
 def solve_overheads(
     cfg: ModelConfig, hw: Hardware, fits: dict[int, float], prompt: int, steps: int
 ) -> Hardware:
-    """`hw` with kernel_us and seq_us solved so that the decode steps measured at the batches of
-    `fits` ({batch: seconds}, one or two) are predicted exactly. The prediction is linear in both
-    (step = base + kernel_us x kernels + seq_us x batch); a negative solution is clipped to 0 and
-    the other refitted on the batch-1 run."""
-    hw = replace(hw, kernel_us=0.0, seq_us=0.0)
-    rows = []
-    for b, measured in sorted(fits.items()):
-        base = predict_decode(cfg, hw, b, prompt, steps)
-        per_k = predict_decode(cfg, replace(hw, kernel_us=1.0), b, prompt, steps) - base  # s per us
-        per_s = predict_decode(cfg, replace(hw, seq_us=1.0), b, prompt, steps) - base
-        rows.append((per_k, per_s, measured - base))
-    if len(rows) == 1:
-        (a, _, y), seq = rows[0], 0.0
-        kernel = y / a
-    else:
-        (a1, b1, y1), (a2, b2, y2) = rows[:2]
-        det = a1 * b2 - a2 * b1
-        kernel, seq = (y1 * b2 - y2 * b1) / det, (a1 * y2 - a2 * y1) / det
-        if seq < 0 or kernel < 0:  # clip, then refit the other on the smallest batch
-            seq = max(0.0, seq) if kernel >= 0 else max(0.0, y1 / b1)
-            kernel = max(0.0, (y1 - seq * b1) / a1)
-    return replace(hw, kernel_us=max(0.0, kernel), seq_us=max(0.0, seq))
+    """`hw` with the decode overheads solved from the decode steps measured at the batches of
+    `fits` ({batch: seconds}): kernel_us from one run, + seq_us from two, + group_us from three
+    (least squares beyond). The prediction is linear in each (step = base + kernel_us x kernels +
+    seq_us x batch + group_us x the experts' groups the step runs), so three runs are predicted
+    exactly. An overhead that solves negative is set to 0 and the others solved again without it."""
+    names = list(OVERHEADS[: min(len(fits), len(OVERHEADS))])
+    hw = replace(hw, **dict.fromkeys(OVERHEADS, 0.0))
+    batches = sorted(fits)
+    base = torch.tensor([predict_decode(cfg, hw, b, prompt, steps) for b in batches], dtype=torch.float64)
+    unit = [[predict_decode(cfg, replace(hw, **{n: 1.0}), b, prompt, steps) for n in names] for b in batches]
+    per = torch.tensor(unit, dtype=torch.float64) - base[:, None]  # seconds per us of each overhead
+    y = torch.tensor([fits[b] for b in batches], dtype=torch.float64) - base
+    free = list(range(len(names)))
+    solved = torch.zeros(len(names), dtype=torch.float64)
+    while free:
+        x = torch.linalg.lstsq(per[:, free], y[:, None]).solution[:, 0]
+        if (x >= 0).all():
+            solved[free] = x
+            break
+        free.pop(int(x.argmin()))  # the most negative one is 0
+    return replace(hw, **{n: float(v) for n, v in zip(names, solved)})
 
 
 def fit_train_shape(batch: int, seq: int) -> tuple[int, int]:
@@ -273,12 +337,25 @@ def solve_block_us(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, measure
     return replace(hw, block_us=max(0.0, (measured - base) / per))
 
 
+def measure_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Each run's fastest time over `rounds` rounds that take every run once, in turn: a slow spell
+    of a shared machine then falls on one round of every run instead of on all of one run."""
+    best: dict[str, float] = {}
+    for _ in range(max(1, rounds)):
+        for name, run in runs.items():
+            best[name] = min(run(), best.get(name, float("inf")))
+    return best
+
+
 def fit_profile(
-    cfg: ModelConfig, prompt: int, steps: int, repeats: int, dist: bool, fit_batch: int = 32,
-    clock=time.perf_counter,
-) -> tuple[Hardware, dict[int, float]]:  # fmt: skip
-    """The fitted profile and the measured decode steps ({batch: seconds}) it was fitted on."""
-    flops, copy = measure_matmul(repeats=repeats, clock=clock), measure_copy(repeats=repeats, clock=clock)
+    cfg: ModelConfig, prompt: int, steps: int, repeats: int, dist: bool, fits: dict[int, float],
+    clock=time.perf_counter, gemm_tokens: int = 128,
+) -> Hardware:  # fmt: skip
+    """The fitted profile: the micro-benchmarks (the GEMM rate on the model's own shapes at
+    `gemm_tokens` tokens), then the overheads solved from the measured decode steps `fits`
+    ({batch: seconds})."""
+    flops = measure_model_gemms(cfg, gemm_tokens, repeats, clock)
+    copy = measure_copy(repeats=repeats, clock=clock)
     hw = replace(
         PRESETS["cpu"], bf16_tflops=flops / 1e12, fp8_tflops=flops / 1e12, hbm_gbps=copy / 2 / 1e9,
         kernel_us=0.0, gemm_eff=1.0, attn_eff=1.0, hbm_eff=1.0, net_eff=1.0,
@@ -286,71 +363,76 @@ def fit_profile(
     if dist:
         bw, lat = measure_gloo(repeats)
         hw = replace(hw, nvlink_gbps=bw / 1e9, ib_gbps=bw / 1e9, net_latency_us=lat * 1e6)
-    fits = {b: measure_decode(cfg, b, prompt, steps, clock) for b in sorted({1, fit_batch})}
-    return solve_overheads(cfg, hw, fits, prompt, steps), fits
+    return solve_overheads(cfg, hw, fits, prompt, steps)
 
 
 def calibrate(
     cfg: ModelConfig, batches: tuple[int, ...], prompt: int, steps: int, train: tuple[int, int], repeats: int,
-    dist: bool = True, fit_batch: int = 32, clock: str = "wall",
+    dist: bool = True, fit_batches: tuple[int, ...] = (1, 8, 32), clock: str = "wall", rounds: int = 3,
 ) -> tuple[Hardware, list[Row]]:  # fmt: skip
     """The fitted profile and the rows (fit and held-out). `clock` (CLOCKS) times the
-    single-process runs and micro-benchmarks; the 2-rank runs are always timed by the wall clock."""
+    single-process runs and micro-benchmarks; the 2-rank runs are always timed by the wall clock.
+    The single-process runs, fit and held-out alike, are measured in `rounds` interleaved rounds
+    (`measure_rounds`); the 2-rank runs once, `repeats` steps each."""
     tick = CLOCKS[clock]
-    if fit_batch in batches:
-        raise ValueError(f"fit_batch: {fit_batch} is also a held-out batch ({batches})")
-    hw, fits = fit_profile(cfg, prompt, steps, repeats, dist, fit_batch, tick)
+    if set(fit_batches) & set(batches) or not fit_batches:
+        raise ValueError(f"fit_batches: {fit_batches} must be given and not held-out batches ({batches})")
     tb, ts = train
     fb, fs = fit_train_shape(tb, ts)
-    fit_step = measure_train(cfg, fb, fs, repeats, tick)
-    hw = solve_block_us(cfg, hw, fb, fs, fit_step)
+    fit_batches = sorted(set(fit_batches))
+    runs: dict[str, Callable[[], float]] = {
+        f"decode-{b}": (lambda b=b: measure_decode(cfg, b, prompt, steps, tick))
+        for b in [*fit_batches, *batches]
+    }
+    runs["fit train"] = lambda: measure_train(cfg, fb, fs, repeats, tick)
+    runs["train"] = lambda: measure_train(cfg, tb, ts, repeats, tick)
+    measured = measure_rounds(runs, rounds)
+    fits = {b: measured[f"decode-{b}"] for b in fit_batches}
+    hw = fit_profile(cfg, prompt, steps, repeats, dist, fits, tick, gemm_tokens=fb * fs)
+    hw = solve_block_us(cfg, hw, fb, fs, measured["fit train"])
     rows = [
         Row(f"decode-{b} (fit)", predict_decode(cfg, hw, b, prompt, steps), m, False) for b, m in fits.items()
     ]
-    rows.append(Row(f"train {fb}x{fs} (fit)", sum(predict_train(cfg, hw, fb, fs)), fit_step, False))
+    rows.append(
+        Row(f"train {fb}x{fs} (fit)", sum(predict_train(cfg, hw, fb, fs)), measured["fit train"], False)
+    )
     for b in batches:
         rows.append(
-            Row(
-                f"decode-{b}",
-                predict_decode(cfg, hw, b, prompt, steps),
-                measure_decode(cfg, b, prompt, steps, tick),
-                True,
-            )
+            Row(f"decode-{b}", predict_decode(cfg, hw, b, prompt, steps), measured[f"decode-{b}"], True)
         )
-    rows.append(
-        Row(
-            f"train {tb}x{ts}",
-            sum(predict_train(cfg, hw, tb, ts)),
-            measure_train(cfg, tb, ts, repeats, tick),
-            True,
-        )
-    )
+    rows.append(Row(f"train {tb}x{ts}", sum(predict_train(cfg, hw, tb, ts)), measured["train"], True))
     if dist:
         from dsv3.parallel.launch import run_ranks
 
-        res = run_ranks(_dist_worker, 2, cfg, tb, ts, repeats, timeout=120, deadline=600)
+        res = run_ranks(_dist_worker, 2, cfg, tb, ts, repeats, rounds, (fb, fs), timeout=120, deadline=600)
+        # a rank's compute with both cores busy, against the same step alone (the fit run): >= 1
+        factor = max(1.0, max(r["loaded"] for r in res) / measured["fit train"])
+        hw2 = loaded(hw, factor)
         rows.append(
             Row(
                 f"ep2 train {tb}x{ts}",
-                sum(predict_train(cfg, hw, tb, ts, ep=2, balance=measure_ep_balance(cfg, tb, ts))),
+                sum(predict_train(cfg, hw2, tb, ts, ep=2, balance=measure_ep_balance(cfg, tb, ts))),
                 max(r["ep2"] for r in res),
                 True,
             )
         )
-        rows.append(Row(f"pp2 1f1b 4x{ts}", predict_pipeline(cfg, hw, ts), max(r["pp2"] for r in res), True))
+        rows.append(Row(f"pp2 1f1b 4x{ts}", predict_pipeline(cfg, hw2, ts), max(r["pp2"] for r in res), True))
+        rows.append(Row(f"train {fb}x{fs} 2 busy (fit)", sum(predict_train(cfg, hw2, fb, fs)),
+                        max(r["loaded"] for r in res), False))  # fmt: skip
     return hw, rows
 
 
 def format_rows(hw: Hardware, rows: list[Row]) -> str:
     lines = [
         f"profile: GEMM {hw.bf16_tflops * 1e3:.1f} GFLOP/s, memory {hw.hbm_gbps:.1f} GB/s (BF16 units), "
-        f"kernel {hw.kernel_us:.1f} us, host {hw.seq_us:.1f} us per decode sequence, "
+        f"kernel {hw.kernel_us:.1f} us, {hw.group_us:.1f} us per expert group, "
+        f"host {hw.seq_us:.1f} us per decode sequence, "
         f"{hw.block_us:.0f} us per block and pass, "
         f"gloo {hw.ib_gbps:.2f} GB/s + {hw.net_latency_us:.0f} us",
-        f"{'run':<22} {'predicted ms':>13} {'measured ms':>12} {'error':>7}",
+        f"{'run':<24} {'predicted ms':>13} {'measured ms':>12} {'error':>7}",
     ]
     for r in rows:
-        lines.append(f"{r.name:<22} {r.predicted * 1e3:>13.2f} {r.measured * 1e3:>12.2f} {r.error:>+7.1%}")
+        lines.append(f"{r.name:<24} {r.predicted * 1e3:>13.2f} {r.measured * 1e3:>12.2f} {r.error:>+7.1%}")
     held = [r for r in rows if r.held_out]
     within = sum(abs(r.error) <= 0.2 for r in held)
     lines.append(f"held-out runs within 20%: {within} of {len(held)}; load average {os.getloadavg()[0]:.2f} "
@@ -363,12 +445,16 @@ def plan_calibrate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small", help="model of the runs (small; tiny for a quick check)")
     p.add_argument("--batches", default="4,16,64", help="held-out decode batch sizes")
     p.add_argument(
-        "--fit-batch", type=int, default=32, help="the second decode batch the overheads are fitted on"
+        "--fit-batches", default="1,8,32", help="the decode batches the overheads are fitted on (1 to 3+)"
     )
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens per decode sequence")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
     p.add_argument("--train", default="2x128", help="training batch: SEQUENCESxTOKENS")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--repeats", type=int, default=7, help="timed steps of each training run and micro-benchmark"
+    )
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of the single-process runs (each run's fastest round counts)")  # fmt: skip
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                    help="time the single-process runs by elapsed (wall) or thread CPU time (cpu: a shared machine)")  # fmt: skip
     p.add_argument("--no-dist", action="store_true", help="skip the gloo measurements and runs")
@@ -378,16 +464,18 @@ def plan_calibrate_main(argv: list[str] | None = None) -> int:
 
     try:
         batches = tuple(int(b) for b in args.batches.split(",") if b)
+        fit_batches = tuple(int(b) for b in args.fit_batches.split(",") if b)
         tb, ts = (int(v) for v in args.train.lower().split("x"))
     except ValueError:
         raise UsageError(
-            f"--batches {args.batches!r} / --train {args.train!r}: expected 4,16 and 2x128"
+            f"--batches {args.batches!r} / --fit-batches {args.fit_batches!r} / --train {args.train!r}: "
+            "expected 4,16 / 1,8,32 and 2x128"
         ) from None
     torch.set_num_threads(1)
     cfg = ModelConfig.from_preset(args.preset)
-    if args.fit_batch < 2 or args.fit_batch in batches:
+    if not fit_batches or min(fit_batches) < 1 or set(fit_batches) & set(batches):
         raise UsageError(
-            f"--fit-batch {args.fit_batch}: must be >= 2 and not one of --batches {args.batches}"
+            f"--fit-batches {args.fit_batches}: batches >= 1, none of them one of --batches {args.batches}"
         )
     hw, rows = calibrate(
         cfg,
@@ -397,8 +485,9 @@ def plan_calibrate_main(argv: list[str] | None = None) -> int:
         (tb, ts),
         args.repeats,
         not args.no_dist,
-        args.fit_batch,
+        fit_batches,
         args.clock,
+        args.rounds,
     )
     print(format_rows(hw, rows))
     if args.out:

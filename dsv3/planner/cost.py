@@ -128,7 +128,9 @@ def gemm_time(hw: Hardware, m: float, k: int, n: int, fp8: bool, weights: int = 
     elt = 1 if fp8 else 2
     flops = 2.0 * m * k * n * weights
     moved = weights * (k * n * elt + m * (k * elt + n * 2))  # weights + inputs + BF16 outputs
-    return max(flops / hw.gemm_flops(fp8), moved / hw.hbm_bytes) + hw.kernel_us * 1e-6
+    return (
+        max(flops / hw.gemm_flops(fp8), moved / hw.hbm_bytes) + (hw.kernel_us + weights * hw.group_us) * 1e-6
+    )
 
 
 def roofline(hw: Hardware, flops: float, bytes_: float, rate: float, kernels: int = 1) -> float:

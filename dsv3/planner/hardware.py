@@ -25,6 +25,12 @@ from one training run.
 The NVLink and IB figures of the H800 are the paper's (§3.2.2, "NVLink 160 GB/s, IB 50 GB/s"); the
 other presets scale NVLink by their vendors' NVLink-to-H800 ratio.
 
+`group_us` is the cost per group (expert) of a grouped GEMM beyond its one `kernel_us`: 0 on GPUs
+(one grouped kernel runs every expert, as DeepGEMM's do); on CPUs ATen's `grouped_mm` runs a GEMM
+per expert with rows, and `dsv3 plan calibrate` fits it from a third decode run (the model's decode
+step on `small` grows by ~120 us per expert it touches from batch 1 to 16, where 3.6 -> 15.6 of the
+16 experts per layer run, and by ~0.23 ms per sequence after that).
+
 `cpu` is a placeholder for this machine: run `dsv3 plan calibrate --out cpu.json` to measure it and
 pass `--hardware cpu.json` to the planners.
 """
@@ -60,6 +66,7 @@ class Hardware:
     net_eff: float = 0.90  # of the NVLink and IB bandwidths
     # fixed latencies
     kernel_us: float = 5.0  # launch + tail of one kernel (a layer runs ~10)
+    group_us: float = 0.0  # per group (expert) a grouped GEMM runs, beyond its one kernel_us
     net_latency_us: float = 10.0  # one all-to-all round (RDMA setup, synchronisation)
     seq_us: float = 0.0  # host work per sequence per decode step not hidden behind the device
     block_us: float = 0.0  # host work per block per forward pass not hidden behind the device
@@ -78,7 +85,7 @@ class Hardware:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ConfigError(f"{name}: an efficiency must be in (0, 1], got {v!r}")
-        for name in ("kernel_us", "net_latency_us", "seq_us", "block_us", "price_per_gpu_hour"):
+        for name in ("kernel_us", "group_us", "net_latency_us", "seq_us", "block_us", "price_per_gpu_hour"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.gpus_per_node < 1:
