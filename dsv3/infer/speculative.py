@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3.infer.decode.limits import MTP_ABSORB_POSITIONS
 from dsv3.infer.runner import ModelRunner
 from dsv3.infer.sampling import SamplingParams, draw, target_probs, uniforms
 from dsv3.infer.scheduler import Sequence
@@ -139,7 +140,8 @@ def propose(
     """Run MTP over h_prev [B, T, D] with the tokens one ahead at positions start + 0..T-1 (writing
     its cache), then draft k tokens for each row from the output at index take[b] (the position
     just before the row's pending token). Sets seq.drafts and seq.draft_probs."""
-    g = runner.mtp_hidden(seqs, h_prev, next_tokens, start, take, absorb=h_prev.shape[1] <= 8)  # (B, D)
+    absorb = h_prev.shape[1] <= MTP_ABSORB_POSITIONS
+    g = runner.mtp_hidden(seqs, h_prev, next_tokens, start, take, absorb=absorb)  # (B, D)
     params = [s.params for s in seqs]
     gens = [s.generator for s in seqs]
     drafts: list[list[int]] = [[] for _ in seqs]

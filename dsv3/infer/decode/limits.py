@@ -42,6 +42,9 @@ KERNEL_ROWS = 4  # up to this many rows, matmuls run on dsv3.infer.decode.kernel
 # rows alone of the earlier ones (`mtp_latents`) cost a read of eh_proj and the latent columns more;
 # more positions (a prompt): the cache rows alone, the block on the last (64 tokens: 19 -> 4.6 ms)
 MTP_BLOCK_POSITIONS = 8
+# up to this many positions per row, the model's path runs MTP's attention absorbed (over the latent
+# cache, decode-sized); more (a prompt's positions): the naive per-head attention, prefill-sized
+MTP_ABSORB_POSITIONS = 8
 
 
 def expert_rows(gemm_kind: str, stream_rows: bool, amx: bool, strips: bool = False) -> int:
