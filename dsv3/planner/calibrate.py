@@ -52,6 +52,14 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.planner import cost
 from dsv3.planner.hardware import PRESETS, Hardware
+from dsv3.planner.microbench import (
+    CLOCKS,
+    best_time,
+    measure_copy,
+    measure_gloo,
+    measure_model_gemms,
+    measure_rounds,
+)
 from dsv3.planner.serve import ServeLayout, _decode_step
 from dsv3.planner.train import model_costs, stage_costs
 
@@ -66,82 +74,6 @@ class Row:
     @property
     def error(self) -> float:
         return self.predicted / self.measured - 1
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
-"""`wall`: elapsed time; `cpu`: the calling thread's CPU time, which a shared machine's other
-processes do not inflate (single-threaded runs only: it misses waits on another rank)."""
-
-
-def _best_time(fn, repeats: int, warmup: int = 1, clock=time.perf_counter) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = clock()
-        fn()
-        times.append(clock() - t)
-    return min(times)
-
-
-# ---- micro-benchmarks --------------------------------------------------------------------------------
-def measure_model_gemms(cfg: ModelConfig, tokens: int, repeats: int = 5, clock=time.perf_counter) -> float:
-    """FP32 FLOP/s over the GEMMs of one training step of `cfg` at `tokens` tokens: every weight
-    matrix's forward product [m, k] x [k, n] and its two backward ones (input and weight gradient),
-    m = tokens, or tokens x K / E for a routed expert's; each timed alone, rate = their FLOPs over
-    their summed times. A small model's GEMMs (k = 256, the head's n = 8192) run well below a square
-    GEMM's rate (here 55-90 against 95 GFLOP/s), and the cost model has one rate for all."""
-    model = _model(cfg)
-    shapes: list[tuple[int, int, int, int]] = []  # (m, k, n, copies)
-    for name, p in model.named_parameters():
-        if p.dim() < 2 or "embed_tokens" in name:
-            continue
-        if p.dim() == 3:  # a routed expert stack [E, in, out]
-            m = max(1, round(tokens * cfg.n_activated_experts / p.shape[0]))
-            shapes.append((m, p.shape[1], p.shape[2], p.shape[0]))
-        else:  # nn.Linear [out, in]
-            shapes.append((tokens, p.shape[1], p.shape[0], 1))
-    flops = seconds = 0.0
-    for m, k, n, copies in sorted(set(shapes), key=shapes.index):
-        count = shapes.count((m, k, n, copies)) * copies
-        x, w, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
-        for a, b in ((x, w), (g, w.t()), (x.t(), g)):  # forward, input gradient, weight gradient
-            seconds += count * _best_time(lambda a=a, b=b: a @ b, repeats, clock=clock)
-            flops += count * 2.0 * m * k * n
-    return flops / seconds
-
-
-def measure_copy(mb: int = 64, repeats: int = 5, clock=time.perf_counter) -> float:
-    """Bytes/s moved by a copy (read + write) of `mb` MB."""
-    x, y = torch.empty(mb * 2**18), torch.randn(mb * 2**18)
-    return 2 * x.numel() * 4 / _best_time(lambda: x.copy_(y), repeats, clock=clock)
-
-
-def _gloo_worker(rank: int, world: int, sizes: tuple[int, int], repeats: int) -> list[float]:
-    import torch.distributed as dist
-
-    out = []
-    for n in sizes:
-        x, y = torch.randn(world * n), torch.empty(world * n)
-
-        def run(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
-            dist.all_to_all_single(y, x)
-
-        dist.barrier()
-        out.append(_best_time(run, repeats))
-    return out
-
-
-def measure_gloo(repeats: int = 5) -> tuple[float, float]:
-    """(bytes/s, seconds per exchange) of a 2-rank all_to_all_single, from a small and a large one."""
-    from dsv3.parallel.launch import run_ranks
-
-    small, large = 16, 1 << 18  # FP32 values per peer
-    times = max(run_ranks(_gloo_worker, 2, (small, large), repeats, timeout=60, deadline=120))
-    # bytes sent to the peer over the extra time of the large exchange (at least a tenth of its
-    # time: on a noisy machine the difference can vanish)
-    bandwidth = (large - small) * 4 / max(times[1] - times[0], 0.1 * times[1])
-    return bandwidth, max(times[0], 1e-6)
 
 
 # ---- the real runs -------------------------------------------------------------------------------------
@@ -181,7 +113,7 @@ def measure_train(cfg: ModelConfig, batch: int, seq: int, repeats: int, clock=ti
         model.loss(x).total.backward()
         model.zero_grad(set_to_none=True)
 
-    return _best_time(step, repeats, clock=clock)
+    return best_time(step, repeats, clock=clock)
 
 
 def measure_ep_balance(cfg: ModelConfig, batch: int, seq: int, ep: int = 2) -> float:
@@ -246,7 +178,7 @@ def _dist_worker(
         plain.zero_grad(set_to_none=True)
 
     runs = {"ep2": ep_step, "pp2": pp_step, "loaded": loaded_step}
-    return measure_rounds({k: (lambda f=f: _best_time(f, repeats)) for k, f in runs.items()}, rounds)
+    return measure_rounds({k: (lambda f=f: best_time(f, repeats)) for k, f in runs.items()}, rounds)
 
 
 def loaded(hw: Hardware, factor: float) -> Hardware:
@@ -335,16 +267,6 @@ def solve_block_us(cfg: ModelConfig, hw: Hardware, batch: int, seq: int, measure
     base = sum(predict_train(cfg, hw, batch, seq))
     per = sum(predict_train(cfg, replace(hw, block_us=1.0), batch, seq)) - base
     return replace(hw, block_us=max(0.0, (measured - base) / per))
-
-
-def measure_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Each run's fastest time over `rounds` rounds that take every run once, in turn: a slow spell
-    of a shared machine then falls on one round of every run instead of on all of one run."""
-    best: dict[str, float] = {}
-    for _ in range(max(1, rounds)):
-        for name, run in runs.items():
-            best[name] = min(run(), best.get(name, float("inf")))
-    return best
 
 
 def fit_profile(
