@@ -120,7 +120,7 @@ def table(hw) -> str:
     return "\n".join(lines)
 
 
-EFFICIENCIES = ("gemm_eff", "attn_eff", "hbm_eff", "net_eff")
+EFFICIENCIES = ("gemm_eff", "attn_eff", "hbm_eff", "elt_eff", "net_eff")
 
 
 def scaled(hw, s: float):
@@ -154,7 +154,7 @@ def main() -> None:
         s = fit_scale(hw)
         hw = scaled(hw, s)
         print(f"one factor fitted on the pre-training GPU-hours: {s:.4f} x every efficiency")
-    eff = {f: getattr(hw, f) for f in ("gemm_eff", "attn_eff", "hbm_eff", "net_eff", "kernel_us")}
+    eff = {f: getattr(hw, f) for f in (*EFFICIENCIES, "flash_attention", "kernel_us")}
     print(f"profile {hw.name}: {eff}\n")
     print(table(hw))
     print()

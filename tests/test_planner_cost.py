@@ -219,6 +219,8 @@ def test_profiles_round_trip_and_validate(tmp_path, suffix):
     bad.write_text(json.dumps({"name": "x", "gemm_eff": 1.5}))
     with pytest.raises(ConfigError, match="gemm_eff"):
         Hardware.load(bad)
+    with pytest.raises(ConfigError, match="elt_eff"):
+        resolve_hardware("H800", ["elt_eff=0"])
     bad.write_text(json.dumps({"nvlnk_gbps": 1.0}))
     with pytest.raises(ConfigError, match="nvlink_gbps"):
         Hardware.load(bad)
@@ -233,3 +235,28 @@ def test_roofline_small_batches_are_memory_bound():
     one, many = cost.gemm_time(hw, 1, 7168, 2048, True), cost.gemm_time(hw, 4096, 7168, 2048, True)
     assert one == pytest.approx(7168 * 2048 / hw.hbm_bytes + hw.kernel_us * 1e-6, rel=0.01)
     assert many == pytest.approx(2 * 4096 * 7168 * 2048 / hw.gemm_flops(True) + hw.kernel_us * 1e-6, rel=0.01)
+
+
+def test_attention_backward_ratio_matches_torch_flop_formulas_and_the_cpu_model():
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    cfg = ModelConfig.from_preset("671b")
+    q, v = (1, cfg.n_heads, 64, cfg.qk_head_dim), (1, cfg.n_heads, 64, cfg.v_head_dim)
+    flash = sdpa_backward_flop_count(v, q, q, v) / sdpa_flop_count(q, q, v)  # recomputes Q K^T
+    assert cost.attention_backward_ratio(cfg) == pytest.approx(flash) == pytest.approx(2.6)
+    assert cost.attention_backward_ratio(cfg, flash=False) == 2.0
+    # the CPU model's attention (MLA: query and value widths differ) takes ATen's math path, which
+    # keeps P: its backward's batched matmuls are 2x the forward's, as the cpu preset says
+    small = ModelConfig.from_preset("small")
+    assert small.qk_head_dim != small.v_head_dim and not PRESETS["cpu"].flash_attention
+    torch.manual_seed(0)
+    model = Transformer(small)
+    x = torch.randint(0, small.vocab_size, (1, 32))
+    fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)  # bmm: attention only
+    with fwd:
+        out = model(x)
+    with bwd:
+        (out if torch.is_tensor(out) else out[0]).float().sum().backward()
+    bmm = torch.ops.aten.bmm
+    f, b = fwd.get_flop_counts()["Global"][bmm], bwd.get_flop_counts()["Global"][bmm]
+    assert f > 0 and b / f == cost.attention_backward_ratio(small, flash=False)

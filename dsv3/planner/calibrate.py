@@ -280,7 +280,7 @@ def fit_profile(
     copy = measure_copy(repeats=repeats, clock=clock)
     hw = replace(
         PRESETS["cpu"], bf16_tflops=flops / 1e12, fp8_tflops=flops / 1e12, hbm_gbps=copy / 2 / 1e9,
-        kernel_us=0.0, gemm_eff=1.0, attn_eff=1.0, hbm_eff=1.0, net_eff=1.0,
+        kernel_us=0.0, gemm_eff=1.0, attn_eff=1.0, hbm_eff=1.0, elt_eff=1.0, net_eff=1.0,
     )  # fmt: skip
     if dist:
         bw, lat = measure_gloo(repeats)

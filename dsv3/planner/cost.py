@@ -69,6 +69,17 @@ def attention_core_flops(cfg: ModelConfig, pairs: float, absorbed: bool = False)
     return 2.0 * H * per_pair * pairs
 
 
+def attention_backward_ratio(cfg: ModelConfig, flash: bool = True) -> float:
+    """Backward FLOPs of the (unabsorbed) attention core over its forward's. A flash-attention
+    backward (FlashAttention-3 on GPUs, which runs MLA's 192/128 head widths) recomputes Q K^T from
+    the saved log-sum-exp, then forms dV = P^T dO, dP = dO V^T, dQ = dS K and dK = dS^T Q: three
+    products over the query/key width and two over the value width, against the forward's one of
+    each (2.6x for DeepSeek-V3's 192/128). The math path keeps P and skips the recomputation (2x);
+    ATen's CPU SDPA takes it for MLA, whose query and value widths differ."""
+    qk, v = cfg.qk_head_dim, cfg.v_head_dim
+    return (3 * qk + 2 * v) / (qk + v) if flash else 2.0
+
+
 def causal_pairs(new_tokens: int, cached: int = 0, skip_masked: bool = True) -> float:
     """(query, key) pairs of a prefill of `new_tokens` after `cached` ones: each new token sees the
     cache and the new tokens up to itself; `skip_masked=False` counts the full square, as a plain
@@ -135,6 +146,11 @@ def gemm_time(hw: Hardware, m: float, k: int, n: int, fp8: bool, weights: int = 
 
 def roofline(hw: Hardware, flops: float, bytes_: float, rate: float, kernels: int = 1) -> float:
     return max(flops / rate, bytes_ / hw.hbm_bytes) + kernels * hw.kernel_us * 1e-6
+
+
+def elementwise_time(hw: Hardware, bytes_: float, kernels: int) -> float:
+    """Seconds for element-wise passes moving `bytes_` through HBM, as `kernels` kernels."""
+    return bytes_ / hw.elt_bytes + kernels * hw.kernel_us * 1e-6
 
 
 # ---- all-to-all -----------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ planner is validated against):
   attn_eff 0.55   FlashMLA's compute-bound decode reaches ~580 of 989 BF16 TFLOPS; prefill attention
                   kernels (FlashAttention-3) report similar fractions
   hbm_eff  0.85   FlashMLA's memory-bound decode reaches ~3000 of the 3350 GB/s of HBM3
+  elt_eff  0.85   the element-wise passes (norms, RoPE, SwiGLU, FP8 casts, the MoE permutation), as
+                  HBM-bound as FlashMLA's decode in a kernel benchmark; DeepSeek's own training trace
+                  (deepseek-ai/profile-data, `bench/planner_trace.py`) shows them far slower in a real
+                  step, which is why they have their own field
   net_eff  0.90   DeepEP reaches ~153 of 160 GB/s over NVLink and ~43-58 of 50 GB/s over IB
 `seq_us` is the serving engine's host work per sequence per decode step (scheduling, sampling,
 the cache's bookkeeping) that the device does not hide: 0 on GPUs, where an engine schedules the
@@ -62,8 +66,12 @@ class Hardware:
     # achievable fractions (see the module docstring for how they were chosen)
     gemm_eff: float = 0.70  # of the GEMM peak (BF16 or FP8) on large shapes
     attn_eff: float = 0.55  # of the BF16 peak, attention cores (softmax(QK^T)V)
-    hbm_eff: float = 0.85  # of the HBM bandwidth
+    hbm_eff: float = 0.85  # of the HBM bandwidth, streaming kernels (weights, the KV cache)
+    elt_eff: float = 0.85  # of the HBM bandwidth, the element-wise passes (norms, casts, SwiGLU, ...)
     net_eff: float = 0.90  # of the NVLink and IB bandwidths
+    # the attention backward recomputes Q K^T (flash kernels: 2.6x the forward's FLOPs for V3's
+    # head widths) or keeps P (the math path: 2x), `cost.attention_backward_ratio`
+    flash_attention: bool = True
     # fixed latencies
     kernel_us: float = 5.0  # launch + tail of one kernel (a layer runs ~10)
     group_us: float = 0.0  # per group (expert) a grouped GEMM runs, beyond its one kernel_us
@@ -81,7 +89,7 @@ class Hardware:
             v = getattr(self, name)
             if not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name}: must be a positive rate or size, got {v!r}")
-        for name in ("gemm_eff", "attn_eff", "hbm_eff", "net_eff"):
+        for name in ("gemm_eff", "attn_eff", "hbm_eff", "elt_eff", "net_eff"):
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ConfigError(f"{name}: an efficiency must be in (0, 1], got {v!r}")
@@ -103,6 +111,10 @@ class Hardware:
     @property
     def hbm_bytes(self) -> float:
         return self.hbm_gbps * 1e9 * self.hbm_eff
+
+    @property
+    def elt_bytes(self) -> float:
+        return self.hbm_gbps * 1e9 * self.elt_eff
 
     @property
     def nvlink_bytes(self) -> float:
@@ -183,7 +195,9 @@ PRESETS: dict[str, Hardware] = {
         gemm_eff=1.0,
         attn_eff=1.0,
         hbm_eff=1.0,
+        elt_eff=1.0,
         net_eff=1.0,
+        flash_attention=False,
         kernel_us=20.0,
         net_latency_us=200.0,
         price_per_gpu_hour=0.05,

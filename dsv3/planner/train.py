@@ -186,8 +186,8 @@ def forward_parts(
         t["attention_core"] = t.get("attention_core", 0.0) + cost.roofline(
             hw, cost.attention_core_flops(cfg, pairs, absorbed), 0.0, hw.attn_flops
         )
-        t["elementwise"] = t.get("elementwise", 0.0) + cost.roofline(
-            hw, 0.0, tokens * elementwise_bytes(cfg, layer), 1.0, kernels=8
+        t["elementwise"] = t.get("elementwise", 0.0) + cost.elementwise_time(
+            hw, tokens * elementwise_bytes(cfg, layer), kernels=8
         ) + hw.block_us * 1e-6  # fmt: skip
     if head:
         t["head"] = cost.gemm_time(hw, tokens, cfg.dim, cfg.vocab_size, False)
@@ -202,30 +202,43 @@ def model_costs(
     whose attention covers `pairs` (query, key) pairs per layer, on one GPU, no communication.
     One pipeline stage: `layers` its blocks, `last` whether it holds the head and the MTP modules;
     `balance` the busiest EP rank's expert rows over the mean."""
+    fwd, bwd, parts = costs_by_kind(cfg, hw, tokens, pairs, fp8, ep, recompute, layers, last, balance)
+    return sum(fwd.values()), sum(bwd.values()), fwd["gemm"], parts
+
+
+def costs_by_kind(
+    cfg: ModelConfig, hw: Hardware, tokens: int, pairs: float, fp8: bool, ep: int = 1, recompute: bool = True,
+    layers: range | None = None, last: bool = True, balance: float = 1.0,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:  # fmt: skip
+    """`model_costs`' forward and backward seconds by kind of kernel ("gemm", "attention_core",
+    "elementwise"), and the forward parts. The weight gradients are the backward's share of "gemm"
+    equal to the forward's GEMMs; the input gradients are the rest: a GEMM's costs as much as its
+    forward, the attention core's `cost.attention_backward_ratio` x, the element-wise passes' 2x
+    (they read and write twice the data). Recomputation (`recompute`) runs RMSNorm and the MLA
+    up-projections of every block again in the backward."""
     layers = range(cfg.n_layers) if layers is None else layers
     parts = forward_parts(cfg, hw, tokens, pairs, fp8, balance, ep, layers=layers, head=last)
-    gemm = sum(v for k, v in parts.items() if k not in ("attention_core", "elementwise"))
-    total = sum(parts.values())
-    mtp = gemm_mtp = 0.0
-    core, elt = parts["attention_core"], parts["elementwise"]  # their backward costs 2x, MTP's too
+    core, elt = parts["attention_core"], parts["elementwise"]
+    gemm = sum(parts.values()) - core - elt
+    mtp = 0.0
     if last:  # MTP: one more MoE block and the head again, for every token (§2.2)
         moe = forward_parts(
             cfg, hw, tokens, pairs, fp8, balance, ep, layers=range(cfg.n_layers - 1, cfg.n_layers)
         )
         block = sum(moe.values()) - moe["head"]
-        block_gemm = sum(v for k, v in moe.items() if k not in ("attention_core", "elementwise", "head"))
-        mtp = cfg.n_mtp_layers * (block + parts["head"])
-        gemm_mtp = cfg.n_mtp_layers * (block_gemm + parts["head"])
-        core += cfg.n_mtp_layers * moe["attention_core"]
-        elt += cfg.n_mtp_layers * moe["elementwise"]
-    f_all, w_all = total + mtp, gemm + gemm_mtp
-    redo = 0.0
-    if recompute:  # RMSNorm and the MLA up-projections run again in the backward
+        n = cfg.n_mtp_layers
+        mtp = n * (block + parts["head"])
+        gemm += n * (block - moe["attention_core"] - moe["elementwise"] + parts["head"])
+        core += n * moe["attention_core"]
+        elt += n * moe["elementwise"]
+    fwd = {"gemm": gemm, "attention_core": core, "elementwise": elt}
+    bwd = {"gemm": 2 * gemm, "attention_core": cost.attention_backward_ratio(cfg, hw.flash_attention) * core,
+           "elementwise": 2 * elt}  # fmt: skip
+    if recompute:
         ups = [n for n in ("q_b", "kv_b") if n in cost.attention_weights(cfg)]
-        redo = len(layers) * sum(cost.gemm_time(hw, tokens, *_kn(cfg, n), fp8) for n in ups)
-        redo += parts["elementwise"] / 4
-    i_all = w_all + 2 * core + 2 * elt + redo
-    return f_all, i_all + w_all, w_all, {**parts, "mtp": mtp}
+        bwd["gemm"] += len(layers) * sum(cost.gemm_time(hw, tokens, *_kn(cfg, n), fp8) for n in ups)
+        bwd["elementwise"] += parts["elementwise"] / 4
+    return fwd, bwd, {**parts, "mtp": mtp}
 
 
 def chunk_costs(cfg: ModelConfig, hw: Hardware, lay: TrainLayout) -> ChunkCosts:
