@@ -100,6 +100,8 @@ def main() -> None:
               + ", ".join(f"{f} {getattr(hw2, f)}" for f in pv.EFFICIENCIES) + ")\n")  # fmt: skip
         print(pv.table(hw2))
         print()
+        print(pv.full_load_table(hw2))
+        print()
         print("\n".join(pv.bubble_rows(hw2)))
 
 

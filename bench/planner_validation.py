@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 
 from dsv3 import ModelConfig
-from dsv3.planner.hardware import resolve_hardware
+from dsv3.planner.hardware import PRESETS, resolve_hardware
 from dsv3.planner.serve import ServeLayout, plan_serve
 from dsv3.planner.train import TrainLayout, plan_train
 
@@ -86,6 +86,48 @@ def rows(hw) -> list[tuple[str, float | None, float, str]]:
                 float("nan"), "share"))  # fmt: skip
     out.append(("DualPipe step time vs 1F1B", pre.step_time / f1.step_time, float("nan"), "ratio"))
     return out
+
+
+# Full-load measurements (no idle headroom, unlike the day's averages above): DeepSeek's own profile
+# (deepseek-ai/profile-data's prefill.json / decode.json, as LMSYS read them in their large-scale EP
+# blog of 2025-05-05) and SGLang's runs on 12 x 8 H100 in the same blog. Prefill: TP1/DP attention,
+# EP32, 16,384 tokens per GPU in two micro-batches, no cache hits; the planner's loads are uniform,
+# so SGLang's "simulated perfect EPLB" run is its like (its default-EPLB runs are shown too).
+# Decode: TP1, the shared expert on every GPU; KV length = input + output / 2.
+_PRE = dict(prefill_tp=1, prefill_tokens=16384, cache_hit=0.0)
+_DEC = dict(decode_tp=1, shared_as_routed=False)
+FULL_LOAD = [
+    ("H800", "p", dict(**_PRE, input_len=4096), 62713, "DeepSeek profile prefill, 4K prompts (balanced routing)"),
+    ("H100", "p", dict(**_PRE, input_len=4096), 59337, "SGLang prefill EP32, 4K, simulated perfect EPLB"),
+    ("H100", "p", dict(**_PRE, input_len=4096), 50302, "SGLang prefill EP32, 4K, default EPLB"),
+    ("H100", "p", dict(**_PRE, input_len=2048), 54543, "SGLang prefill EP32, 2K, default EPLB"),
+    ("H100", "p", dict(**_PRE, input_len=1024), 57674, "SGLang prefill EP32, 1K, default EPLB"),
+    ("H800", "d", dict(**_DEC, decode_gpus=128, decode_ep=128, decode_redundant=0, batch=128, input_len=4095,
+                       output_len=2, mtp=True, mtp_acceptance=0.6),
+     18598, "DeepSeek profile decode EP128, batch 128, KV 4K (MTP, 60% accepted: LMSYS's assumption)"),
+    ("H100", "d", dict(**_DEC, decode_gpus=72, decode_ep=72, decode_redundant=32, batch=256, input_len=1950,
+                       output_len=100, mtp=False),
+     22282, "SGLang decode EP72, batch 256, 2K input, no MTP"),
+]  # fmt: skip
+
+
+def on(hw, preset: str):
+    """The hardware `preset` with `hw`'s software terms (efficiencies and latencies)."""
+    soft = (*EFFICIENCIES, "flash_attention", "kernel_us", "net_latency_us")
+    return PRESETS[preset].replace(**{f: getattr(hw, f) for f in soft})
+
+
+def full_load_table(hw) -> str:
+    lines = [
+        "| full-load figure (per node) | planner | published | planner / published |",
+        "|---|---:|---:|---:|",
+    ]
+    for preset, kind, lay, want, what in FULL_LOAD:
+        r = plan_serve(V3, on(hw, preset), ServeLayout(**lay))
+        got = r.prefill.computed_tps_per_node if kind == "p" else r.decode.output_tps_per_node
+        miss = "" if abs(got / want - 1) <= 0.2 else " (misses 20%)"
+        lines.append(f"| {what} ({preset}) | {got / 1e3:.1f}K | {want / 1e3:.1f}K | {got / want:.2f}{miss} |")
+    return "\n".join(lines)
 
 
 def bubble_rows(hw) -> list[str]:
@@ -157,6 +199,8 @@ def main() -> None:
     eff = {f: getattr(hw, f) for f in (*EFFICIENCIES, "flash_attention", "kernel_us")}
     print(f"profile {hw.name}: {eff}\n")
     print(table(hw))
+    print()
+    print(full_load_table(hw))
     print()
     print("\n".join(bubble_rows(hw)))
 

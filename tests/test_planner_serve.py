@@ -59,6 +59,16 @@ def test_prefill_counts_cache_hits_as_input():
     assert cold.compute_s < p.compute_s  # with hits, each new token also attends to the cached prefix
 
 
+def test_overlapped_prefill_computes_on_the_sms_deepep_leaves():
+    free = plan_prefill(V3, H800, ServeLayout(prefill_comm_sm_fraction=0.0))
+    held = plan_prefill(V3, H800, ServeLayout())  # 24 of 132 SMs for the all-to-all
+    assert held.compute_s == pytest.approx(free.compute_s * 132 / 108)
+    assert held.comm_s == free.comm_s
+    serial = plan_prefill(V3, H800, ServeLayout(prefill_overlap=False))  # nothing runs beside it
+    assert serial.compute_s == pytest.approx(free.compute_s)
+    assert serial.batch_s == pytest.approx(serial.compute_s + serial.comm_s)
+
+
 def test_eplb_balance_is_the_real_planners_on_the_load_distribution():
     lay = ServeLayout(loads="zipf:0.8")
     p = plan_prefill(V3, H800, lay)
@@ -99,6 +109,8 @@ def test_layout_errors_name_the_field():
         ServeLayout(decode_gpus=320, decode_tp=3)
     with pytest.raises(ConfigError, match="cache_hit"):
         ServeLayout(cache_hit=1.0)
+    with pytest.raises(ConfigError, match="prefill_comm_sm_fraction"):
+        ServeLayout(prefill_comm_sm_fraction=1.0)
     with pytest.raises(ConfigError, match="decode_redundant"):
         plan_decode(V3, H800, ServeLayout(decode_redundant=33))
 

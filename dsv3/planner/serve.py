@@ -48,6 +48,9 @@ class ServeLayout:
     prefill_redundant: int = 32  # redundant expert slots of the unit
     prefill_tokens: int = 8192  # new tokens per GPU per micro-batch
     prefill_overlap: bool = True  # two micro-batches: one's compute hides the other's all-to-all
+    # SMs DeepEP holds while prefill's micro-batches overlap (DeepSeek's prefill profile: 24 of
+    # 132); the computation runs on the rest. Decode's all-to-all holds none (its profile: 0).
+    prefill_comm_sm_fraction: float = 24 / 132
     # decode unit
     decode_gpus: int = 320
     decode_tp: int = 4
@@ -94,6 +97,10 @@ class ServeLayout:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.tpot_ms <= 0:
             raise ConfigError(f"tpot_ms: must be > 0, got {self.tpot_ms}")
+        if not 0 <= self.prefill_comm_sm_fraction < 1:
+            raise ConfigError(
+                f"prefill_comm_sm_fraction: must be in [0, 1), got {self.prefill_comm_sm_fraction}"
+            )
 
 
 # ---- prefill ---------------------------------------------------------------------------------------------
@@ -163,6 +170,8 @@ def _prefill_at(cfg: ModelConfig, hw: Hardware, lay: ServeLayout, T: int) -> Pre
     tp = lay.prefill_tp
     tp_bytes = 2 * T * cfg.dim * 2 * (tp - 1)  # all-gather in, reduce-scatter out, BF16, per layer
     comm = cfg.n_moe_layers * a2a.seconds(hw) + cfg.n_layers * tp_bytes / hw.nvlink_bytes
+    if lay.prefill_overlap:
+        compute /= 1 - lay.prefill_comm_sm_fraction
     batch = max(compute, comm) if lay.prefill_overlap else compute + comm
     computed = hw.gpus_per_node * T / batch
     return PrefillResult(batch, compute, comm, bal, plain, noise, computed / (1 - lay.cache_hit), computed, T)
