@@ -170,9 +170,11 @@ def _prefill_at(cfg: ModelConfig, hw: Hardware, lay: ServeLayout, T: int) -> Pre
     tp = lay.prefill_tp
     tp_bytes = 2 * T * cfg.dim * 2 * (tp - 1)  # all-gather in, reduce-scatter out, BF16, per layer
     comm = cfg.n_moe_layers * a2a.seconds(hw) + cfg.n_layers * tp_bytes / hw.nvlink_bytes
-    if lay.prefill_overlap:
+    if lay.prefill_overlap:  # the computation runs on the SMs the all-to-all leaves
         compute /= 1 - lay.prefill_comm_sm_fraction
-    batch = max(compute, comm) if lay.prefill_overlap else compute + comm
+        batch = max(compute, comm)
+    else:
+        batch = compute + comm
     computed = hw.gpus_per_node * T / batch
     return PrefillResult(batch, compute, comm, bal, plain, noise, computed / (1 - lay.cache_hit), computed, T)
 

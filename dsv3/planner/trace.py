@@ -99,10 +99,13 @@ class TraceSummary:
     kernel_us: dict[str, float]  # sum of kernel durations, by kind
     busy_kind_us: dict[str, float]  # union of each kind's kernels
     compute_busy_us: float  # union of every kernel that is not communication
-    comm_busy_us: float
     span_us: float  # first kernel start to last kernel end
     count: dict[str, int]
     streams: dict[int, float]  # kernel time per CUDA stream
+
+    @property
+    def comm_busy_us(self) -> float:
+        return self.busy_kind_us["communication"]
 
     @property
     def exposed_comm_us(self) -> float:
@@ -116,12 +119,11 @@ def summarise(kernels: list[Kernel]) -> TraceSummary:
     for k in kernels:
         by[kind(k.name)].append(k)
         streams[k.stream] = streams.get(k.stream, 0.0) + k.dur_us
-    compute = [k for k in kernels if kind(k.name) != "communication"]
+    compute = [k for kk in KINDS if kk != "communication" for k in by[kk]]
     return TraceSummary(
         kernel_us={k: sum(x.dur_us for x in v) for k, v in by.items()},
         busy_kind_us={k: busy_us(v) for k, v in by.items()},
         compute_busy_us=busy_us(compute),
-        comm_busy_us=busy_us(by["communication"]),
         span_us=max(k.end_us for k in kernels) - min(k.start_us for k in kernels),
         count={k: len(v) for k, v in by.items()},
         streams=dict(sorted(streams.items())),
