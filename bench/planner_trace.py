@@ -21,8 +21,10 @@ row, taken from DeepSeek's kernel timings rather than from any published total.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dsv3 import ModelConfig
+from dsv3.config import ConfigError
 from dsv3.planner import cost
 from dsv3.planner.hardware import resolve_hardware
 from dsv3.planner.trace import load_kernels, summarise
@@ -106,4 +108,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a bad trace or --set: one line, exit 2
+        print(f"planner_trace: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
